@@ -1,1 +1,246 @@
-//! placeholder
+//! Round-robin balancing over named backend services, with passive health.
+//!
+//! [`Balance`] spreads requests over a list of backends (each a full tower stack of its own:
+//! auth, timeout, upstream) in strict rotation, one atomic counter, no lock. It learns from every
+//! answer: a backend that throttles (429) cools down for as long as its `Retry-After` asks; one
+//! that cannot be reached, or times out, cools down at once; one that fails with 5xx several
+//! times in a row cools down too. A cooling backend gets no traffic until its cooldown ends.
+//!
+//! It knows nothing of Azure beyond the default [`Classify`] rules; it works for any HTTP
+//! backends.
+//!
+//! # Example
+//!
+//! ```
+//! use aoai_balance::{Balance, ServedBy};
+//! use http::{Request, Response};
+//! use std::convert::Infallible;
+//! use tower::{service_fn, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower::BoxError> {
+//! let backend = |name: &'static str| {
+//!     service_fn(move |_req: Request<String>| async move {
+//!         Ok::<_, Infallible>(Response::new(format!("hello from {name}")))
+//!     })
+//! };
+//! let balance = Balance::new([("east", backend("east")), ("west", backend("west"))]);
+//!
+//! let first = balance.clone().oneshot(Request::new(String::new())).await?;
+//! let second = balance.clone().oneshot(Request::new(String::new())).await?;
+//! assert_eq!(first.extensions().get::<ServedBy>().unwrap().name(), "east");
+//! assert_eq!(second.extensions().get::<ServedBy>().unwrap().name(), "west");
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Contracts
+//!
+//! - Every response carries a [`ServedBy`] extension; every error is a [`BackendError`] naming
+//!   the backend (or [`AllCoolingDown`] / [`NoBackends`] when none was contacted).
+//! - A request carrying a [`TriedBackends`] extension goes to an untried, available backend
+//!   while one exists, else round-robin on after the last one tried.
+//! - When every backend cools down, the call fails at once with [`AllCoolingDown`], which
+//!   carries the soonest recovery.
+//! - [`Classify`] decides each outcome; give the retry policy the same classifier.
+
+#![forbid(unsafe_code)]
+
+pub mod classify;
+pub mod error;
+mod extensions;
+pub mod future;
+mod health;
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Request;
+use tower::{Service, ServiceExt};
+
+pub use crate::classify::{AzureOpenAiClassifier, Classify, Failure, Outcome};
+pub use crate::error::{AllCoolingDown, BackendError, NoBackends};
+pub use crate::extensions::{ServedBy, TriedBackends};
+pub use crate::future::ResponseFuture;
+pub use crate::health::{BackendSnapshot, HealthPolicy};
+
+use crate::health::{BackendHealth, Clock};
+
+/// A type-erased error, as tower uses.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Round-robin over named backend services, skipping those that cool down.
+///
+/// # Clone and readiness
+///
+/// `Balance` is cheap to clone; clones share the rotation and the health of every backend.
+/// The backend is chosen in `call`, from the request (which may say which backends were already
+/// tried), so `poll_ready` is always ready and reserves nothing: `call` clones the chosen backend
+/// service and drives it with [`Oneshot`](tower::util::Oneshot), which waits for its readiness.
+/// Backends must therefore be `Clone`, and cheap to clone.
+pub struct Balance<S, C = AzureOpenAiClassifier> {
+    services: Arc<[S]>,
+    shared: Arc<Shared>,
+    classifier: C,
+}
+
+/// The state every clone shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) backends: Box<[BackendHealth]>,
+    pub(crate) policy: HealthPolicy,
+    pub(crate) clock: Clock,
+    next: AtomicUsize,
+}
+
+impl<S> Balance<S> {
+    /// Balances over `backends`, `(name, service)` pairs, with the default [`HealthPolicy`]
+    /// and [`AzureOpenAiClassifier`].
+    pub fn new<N, I>(backends: I) -> Self
+    where
+        I: IntoIterator<Item = (N, S)>,
+        N: Into<Arc<str>>,
+    {
+        Self::with_policy(backends, HealthPolicy::new(), AzureOpenAiClassifier)
+    }
+}
+
+impl<S, C> Balance<S, C> {
+    /// Balances over `backends` with the given health policy and classifier.
+    pub fn with_policy<N, I>(backends: I, policy: HealthPolicy, classifier: C) -> Self
+    where
+        I: IntoIterator<Item = (N, S)>,
+        N: Into<Arc<str>>,
+    {
+        let (names, services): (Vec<Arc<str>>, Vec<S>) = backends
+            .into_iter()
+            .map(|(name, service)| (name.into(), service))
+            .unzip();
+        Self {
+            services: services.into(),
+            shared: Arc::new(Shared {
+                backends: names.into_iter().map(BackendHealth::new).collect(),
+                policy,
+                clock: Clock::new(),
+                next: AtomicUsize::new(0),
+            }),
+            classifier,
+        }
+    }
+
+    /// The backend services, in order.
+    pub fn get_ref(&self) -> &[S] {
+        &self.services
+    }
+
+    /// The classifier.
+    pub fn classifier(&self) -> &C {
+        &self.classifier
+    }
+
+    /// The health policy.
+    pub fn policy(&self) -> &HealthPolicy {
+        &self.shared.policy
+    }
+
+    /// Each backend's state now: cooldown, failures, counts.
+    pub fn snapshot(&self) -> Vec<BackendSnapshot> {
+        let now = self.shared.clock.now();
+        self.shared
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(index, backend)| backend.snapshot(index, now))
+            .collect()
+    }
+
+    /// Picks the backend for a request: the next in rotation that is not cooling and, when
+    /// `tried` is given, not tried yet; else the next available after the last one tried.
+    fn pick(&self, tried: Option<&TriedBackends>) -> Result<usize, BoxError> {
+        let backends = &self.shared.backends;
+        let count = backends.len();
+        if count == 0 {
+            return Err(Box::new(NoBackends));
+        }
+        let start = self.shared.next.fetch_add(1, Ordering::Relaxed) % count;
+        let now = self.shared.clock.now();
+        let available = |index: usize| backends[index].cooling_until() <= now;
+        let ring = |from: usize| (0..count).map(move |step| (from + step) % count);
+
+        if let Some(index) =
+            ring(start).find(|&i| available(i) && tried.is_none_or(|t| !t.contains(i)))
+        {
+            return Ok(index);
+        }
+        if let Some(index) = tried
+            .and_then(TriedBackends::last)
+            .and_then(|last| ring(last + 1).find(|&i| available(i)))
+        {
+            return Ok(index);
+        }
+        let soonest = backends
+            .iter()
+            .map(BackendHealth::cooling_until)
+            .min()
+            .unwrap_or(now);
+        Err(Box::new(AllCoolingDown::new(Duration::from_nanos(
+            soonest.saturating_sub(now),
+        ))))
+    }
+}
+
+impl<S, C: Clone> Clone for Balance<S, C> {
+    fn clone(&self) -> Self {
+        Self {
+            services: self.services.clone(),
+            shared: self.shared.clone(),
+            classifier: self.classifier.clone(),
+        }
+    }
+}
+
+impl<S, C: fmt::Debug> fmt::Debug for Balance<S, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.shared.backends.iter().map(|b| &*b.name).collect();
+        f.debug_struct("Balance")
+            .field("backends", &names)
+            .field("policy", &self.shared.policy)
+            .field("classifier", &self.classifier)
+            .finish()
+    }
+}
+
+impl<S, B, RB, C> Service<Request<B>> for Balance<S, C>
+where
+    S: Service<Request<B>, Response = http::Response<RB>> + Clone,
+    S::Error: Into<BoxError>,
+    C: Classify,
+{
+    type Response = http::Response<RB>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, B, C>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Always ready: the backend is chosen per request in `call`, and its own readiness is
+        // awaited by the `Oneshot` that drives it.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let shared = self.shared.clone();
+        let classifier = self.classifier.clone();
+        match self.pick(request.extensions().get::<TriedBackends>()) {
+            Ok(index) => {
+                let oneshot = self.services[index].clone().oneshot(request);
+                ResponseFuture::called(oneshot, index, shared, classifier)
+            }
+            Err(error) => ResponseFuture::refused(error, shared, classifier),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,83 @@
+//! Errors produced by [`Balance`](crate::Balance).
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::time::Duration;
+
+use crate::{BoxError, ServedBy};
+
+/// An error from one backend, naming the backend.
+#[derive(Debug)]
+pub struct BackendError {
+    served_by: ServedBy,
+    source: BoxError,
+}
+
+impl BackendError {
+    pub(crate) fn new(served_by: ServedBy, source: BoxError) -> Self {
+        Self { served_by, source }
+    }
+
+    /// The backend that failed.
+    pub fn served_by(&self) -> &ServedBy {
+        &self.served_by
+    }
+
+    /// The backend's own error.
+    pub fn into_source(self) -> BoxError {
+        self.source
+    }
+}
+
+impl fmt::Display for BackendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "backend {}: {}", self.served_by.name(), self.source)
+    }
+}
+
+impl StdError for BackendError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&*self.source)
+    }
+}
+
+/// Every backend is cooling down: answered at once, without contacting any backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllCoolingDown {
+    retry_after: Duration,
+}
+
+impl AllCoolingDown {
+    pub(crate) fn new(retry_after: Duration) -> Self {
+        Self { retry_after }
+    }
+
+    /// How long until the first backend becomes available again.
+    pub fn retry_after(&self) -> Duration {
+        self.retry_after
+    }
+}
+
+impl fmt::Display for AllCoolingDown {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "every backend is cooling down; the first is available again in {} ms",
+            self.retry_after.as_millis()
+        )
+    }
+}
+
+impl StdError for AllCoolingDown {}
+
+/// `Balance` was built with an empty list of backends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NoBackends;
+
+impl fmt::Display for NoBackends {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("no backend is configured")
+    }
+}
+
+impl StdError for NoBackends {}

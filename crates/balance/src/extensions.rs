@@ -1,0 +1,87 @@
+//! Per-request facts that travel in extensions.
+
+use std::fmt;
+use std::sync::Arc;
+
+/// Which backend served a response: a response extension set by [`Balance`](crate::Balance) on
+/// every response, and carried by every [`BackendError`](crate::error::BackendError).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct ServedBy {
+    name: Arc<str>,
+    index: usize,
+}
+
+impl ServedBy {
+    pub(crate) fn new(name: Arc<str>, index: usize) -> Self {
+        Self { name, index }
+    }
+
+    /// The backend's configured name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The backend's position in the list `Balance` was built from.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+}
+
+impl fmt::Debug for ServedBy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ServedBy({:?}, {})", self.name, self.index)
+    }
+}
+
+impl fmt::Display for ServedBy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+/// The backends already tried for one request: a request extension the retry policy keeps up to
+/// date between attempts. [`Balance`](crate::Balance) picks an untried, available backend while
+/// one exists, and otherwise goes on round-robin after the last one tried.
+///
+/// It tracks the first 128 backends; beyond that, a backend counts as untried.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TriedBackends {
+    mask: u128,
+    last: Option<usize>,
+    count: usize,
+}
+
+impl TriedBackends {
+    /// An empty set.
+    pub const fn new() -> Self {
+        Self {
+            mask: 0,
+            last: None,
+            count: 0,
+        }
+    }
+
+    /// Records that the backend at `index` was tried (it becomes [`last`](Self::last)).
+    pub fn insert(&mut self, index: usize) {
+        if index < 128 {
+            self.mask |= 1 << index;
+        }
+        self.last = Some(index);
+        self.count += 1;
+    }
+
+    /// Whether the backend at `index` was tried.
+    pub fn contains(&self, index: usize) -> bool {
+        index < 128 && self.mask & (1 << index) != 0
+    }
+
+    /// The backend tried most recently.
+    pub fn last(&self) -> Option<usize> {
+        self.last
+    }
+
+    /// How many attempts were recorded (a backend tried twice counts twice).
+    pub fn attempts(&self) -> usize {
+        self.count
+    }
+}
