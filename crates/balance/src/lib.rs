@@ -148,13 +148,15 @@ impl<S, C> Balance<S, C> {
 
     /// Each backend's state now: cooldown, failures, counts.
     pub fn snapshot(&self) -> Vec<BackendSnapshot> {
-        let now = self.shared.clock.now();
-        self.shared
-            .backends
-            .iter()
-            .enumerate()
-            .map(|(index, backend)| backend.snapshot(index, now))
-            .collect()
+        self.health().snapshot()
+    }
+
+    /// A read-only view of the backends' health, shared with this balance; the retry policy
+    /// uses it to tell whether a retry can go anywhere.
+    pub fn health(&self) -> BalanceHealth {
+        BalanceHealth {
+            shared: self.shared.clone(),
+        }
     }
 
     /// Picks the backend for a request: the next in rotation that is not cooling and, when
@@ -189,6 +191,57 @@ impl<S, C> Balance<S, C> {
         Err(Box::new(AllCoolingDown::new(Duration::from_nanos(
             soonest.saturating_sub(now),
         ))))
+    }
+}
+
+/// A read-only view of a [`Balance`]'s backends' health (see [`Balance::health`]).
+#[derive(Debug, Clone)]
+pub struct BalanceHealth {
+    shared: Arc<Shared>,
+}
+
+impl BalanceHealth {
+    /// How many backends there are.
+    pub fn len(&self) -> usize {
+        self.shared.backends.len()
+    }
+
+    /// Whether there are no backends at all.
+    pub fn is_empty(&self) -> bool {
+        self.shared.backends.is_empty()
+    }
+
+    /// Whether a backend that is neither cooling down nor in `tried` exists.
+    pub fn has_untried_available(&self, tried: &TriedBackends) -> bool {
+        let now = self.shared.clock.now();
+        self.shared
+            .backends
+            .iter()
+            .enumerate()
+            .any(|(index, backend)| backend.cooling_until() <= now && !tried.contains(index))
+    }
+
+    /// How long until a backend takes traffic again; `None` when one does now.
+    pub fn soonest_recovery(&self) -> Option<Duration> {
+        let now = self.shared.clock.now();
+        let soonest = self
+            .shared
+            .backends
+            .iter()
+            .map(BackendHealth::cooling_until)
+            .min()?;
+        (soonest > now).then(|| Duration::from_nanos(soonest - now))
+    }
+
+    /// Each backend's state now: cooldown, failures, counts.
+    pub fn snapshot(&self) -> Vec<BackendSnapshot> {
+        let now = self.shared.clock.now();
+        self.shared
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(index, backend)| backend.snapshot(index, now))
+            .collect()
     }
 }
 

@@ -1,1 +1,257 @@
-//! placeholder
+//! Retry a failed Azure OpenAI request on the next backend, honouring `Retry-After`.
+//!
+//! [`RetryNextBackendLayer`] goes in front of an [`aoai_balance::Balance`]. It reads the request
+//! body once into [`Bytes`](bytes::Bytes) (over the limit: [`BodyTooLarge`], and no backend is
+//! contacted), then hands it to tower's [`Retry`](tower::retry::Retry) with the
+//! [`RetryNextBackend`] policy, which replays the body on each attempt and sends each retry to a
+//! backend not tried yet.
+//!
+//! # Example
+//!
+//! ```
+//! use aoai_balance::{Balance, ServedBy};
+//! use aoai_retry::{ReplayBody, RetryNextBackendLayer};
+//! use http::{Request, Response, StatusCode};
+//! use std::convert::Infallible;
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower::BoxError> {
+//! let backend = |status: StatusCode| {
+//!     service_fn(move |_req: Request<ReplayBody>| async move {
+//!         let mut response = Response::new(String::new());
+//!         *response.status_mut() = status;
+//!         Ok::<_, Infallible>(response)
+//!     })
+//! };
+//! let balance = Balance::new([
+//!     ("east", backend(StatusCode::SERVICE_UNAVAILABLE)),
+//!     ("west", backend(StatusCode::OK)),
+//! ]);
+//! let service = ServiceBuilder::new()
+//!     .layer(RetryNextBackendLayer::new(balance.health()).max_attempts(3))
+//!     .service(balance);
+//!
+//! let response = service.oneshot(Request::new(String::from("{}"))).await?;
+//! assert_eq!(response.status(), StatusCode::OK);
+//! assert_eq!(response.extensions().get::<ServedBy>().unwrap().name(), "west");
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # What is retried, and where
+//!
+//! See [`RetryNextBackend`]. The classification is the same [`Classify`] the `Balance` uses for
+//! its cooldowns; pass your own with [`RetryNextBackendLayer::classifier`] (and give `Balance`
+//! the same one).
+//!
+//! # Timeouts
+//!
+//! Put a [`tower::timeout::TimeoutLayer`] on each backend for the per-attempt timeout to the
+//! response headers (the classifier treats its `Elapsed` as a retryable failure), and another in
+//! front of this layer for an overall deadline.
+
+#![forbid(unsafe_code)]
+
+mod body;
+pub mod error;
+pub mod future;
+mod policy;
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use aoai_balance::{AzureOpenAiClassifier, BalanceHealth, Classify};
+use http::{Request, Response};
+use http_body::Body;
+use tower::retry::Retry;
+use tower::retry::budget::{Budget, TpsBudget};
+use tower::{Layer, Service};
+
+pub use crate::body::ReplayBody;
+pub use crate::error::{BodyReadError, BodyTooLarge};
+pub use crate::future::ResponseFuture;
+pub use crate::policy::{Backoff, RetryNextBackend, set_retry_after};
+
+use crate::policy::RetrySettings;
+
+/// A type-erased error, as tower uses.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The default body limit: 16 MiB.
+pub const DEFAULT_BODY_LIMIT: usize = 16 * 1024 * 1024;
+
+/// The default number of attempts (the first one included): 3.
+pub const DEFAULT_MAX_ATTEMPTS: usize = 3;
+
+/// Layer that adds [`RetryNextBackendService`]: read the body once, retry on the next backend.
+///
+/// Built from the [`BalanceHealth`] of the [`Balance`](aoai_balance::Balance) it wraps, so it
+/// knows whether a retry can go anywhere.
+#[derive(Debug, Clone)]
+pub struct RetryNextBackendLayer<C = AzureOpenAiClassifier> {
+    health: BalanceHealth,
+    classifier: C,
+    max_attempts: usize,
+    body_limit: usize,
+    backoff_base: Duration,
+    backoff_max: Duration,
+    budget: Option<(Duration, u32, f32)>,
+}
+
+impl RetryNextBackendLayer {
+    /// Defaults: 3 attempts, a 16 MiB body limit, backoff 100 ms doubling to 2 s, and tower's
+    /// default retry budget (retries may add 20% to the traffic, at least 10 a second, over a
+    /// 10 s window).
+    pub fn new(health: BalanceHealth) -> Self {
+        Self {
+            health,
+            classifier: AzureOpenAiClassifier,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            body_limit: DEFAULT_BODY_LIMIT,
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(2),
+            budget: Some((Duration::from_secs(10), 10, 0.2)),
+        }
+    }
+}
+
+impl<C> RetryNextBackendLayer<C> {
+    /// Sets the number of attempts, the first one included (at least 1).
+    pub fn max_attempts(mut self, attempts: usize) -> Self {
+        self.max_attempts = attempts.max(1);
+        self
+    }
+
+    /// Sets the largest request body, in bytes, that is read and replayed.
+    pub fn body_limit(mut self, bytes: usize) -> Self {
+        self.body_limit = bytes;
+        self
+    }
+
+    /// Sets the backoff before a retry to an already-tried backend: a random wait up to `base`
+    /// doubled per attempt, capped at `max`.
+    pub fn backoff(mut self, base: Duration, max: Duration) -> Self {
+        self.backoff_base = base;
+        self.backoff_max = max;
+        self
+    }
+
+    /// Sets the retry budget, as tower's [`TpsBudget::new`]: retries may add `retry_percent`
+    /// of the requests seen over `ttl`, and at least `min_per_sec` a second.
+    pub fn budget(mut self, ttl: Duration, min_per_sec: u32, retry_percent: f32) -> Self {
+        self.budget = Some((ttl, min_per_sec, retry_percent));
+        self
+    }
+
+    /// Turns the retry budget off.
+    pub fn without_budget(mut self) -> Self {
+        self.budget = None;
+        self
+    }
+
+    /// Replaces the classifier (give the `Balance` the same one).
+    pub fn classifier<C2>(self, classifier: C2) -> RetryNextBackendLayer<C2> {
+        RetryNextBackendLayer {
+            health: self.health,
+            classifier,
+            max_attempts: self.max_attempts,
+            body_limit: self.body_limit,
+            backoff_base: self.backoff_base,
+            backoff_max: self.backoff_max,
+            budget: self.budget,
+        }
+    }
+}
+
+impl<S, C: Clone> Layer<S> for RetryNextBackendLayer<C> {
+    type Service = RetryNextBackendService<S, C>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        let settings = Arc::new(RetrySettings {
+            max_attempts: self.max_attempts,
+            backoff_base: self.backoff_base,
+            backoff_max: self.backoff_max,
+            budget: self
+                .budget
+                .map(|(ttl, min, percent)| TpsBudget::new(ttl, min, percent)),
+        });
+        let policy = RetryNextBackend::new(
+            self.health.clone(),
+            self.classifier.clone(),
+            settings.clone(),
+        );
+        RetryNextBackendService {
+            inner: Retry::new(policy, inner),
+            settings,
+            body_limit: self.body_limit,
+        }
+    }
+}
+
+/// Reads the request body once (up to a limit) and retries on the next backend.
+/// See [`RetryNextBackendLayer`].
+///
+/// # Clone and readiness
+///
+/// Reading the body is asynchronous, so `call` takes the inner service that `poll_ready` made
+/// ready and leaves a clone in its place (see "Be careful when cloning inner services" in the
+/// [`tower::Service`] docs). The inner service (a `Balance`) must be `Clone`.
+#[derive(Debug, Clone)]
+pub struct RetryNextBackendService<S, C = AzureOpenAiClassifier> {
+    inner: Retry<RetryNextBackend<C>, S>,
+    settings: Arc<RetrySettings>,
+    body_limit: usize,
+}
+
+impl<S, C> RetryNextBackendService<S, C> {
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        self.inner.get_ref()
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        self.inner.get_mut()
+    }
+
+    /// Unwraps the service.
+    pub fn into_inner(self) -> S {
+        self.inner.into_inner()
+    }
+}
+
+impl<S, B, RB, C> Service<Request<B>> for RetryNextBackendService<S, C>
+where
+    S: Service<Request<ReplayBody>, Response = Response<RB>, Error = BoxError> + Clone,
+    B: Body,
+    B::Error: Into<BoxError>,
+    C: Classify,
+{
+    type Response = Response<RB>;
+    type Error = BoxError;
+    type Future = ResponseFuture<Retry<RetryNextBackend<C>, S>, B>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let declared = request
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > self.body_limit as u64) {
+            return ResponseFuture::refused(Box::new(BodyTooLarge::new(self.body_limit)));
+        }
+        if let Some(budget) = &self.settings.budget {
+            budget.deposit();
+        }
+        // Take the service `poll_ready` readied; leave a clone (see the type's docs).
+        let clone = self.inner.clone();
+        let ready = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture::reading(request, ready, self.body_limit)
+    }
+}

@@ -1,0 +1,209 @@
+//! [`RetryNextBackend`]: the retry policy.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use aoai_balance::{
+    AllCoolingDown, AzureOpenAiClassifier, BackendError, BalanceHealth, Classify, NoBackends,
+    Outcome, ServedBy, TriedBackends,
+};
+use http::{HeaderValue, Request, Response};
+use pin_project_lite::pin_project;
+use tower::retry::Policy;
+use tower::retry::budget::{Budget, TpsBudget};
+
+use crate::{BoxError, ReplayBody};
+
+/// Retries a failed Azure OpenAI request on the next backend of a
+/// [`Balance`](aoai_balance::Balance).
+///
+/// - Retried: what the [`Classify`]er calls retryable: connect errors, attempt timeouts, 408,
+///   429, 500, 502, 503, 504, and a 401 once (after [`AzureAuth`]'s token refresh). Never: other
+///   4xx, and nothing once the response has been handed on.
+/// - Where: each attempt records its backend in the request's [`TriedBackends`], so `Balance`
+///   sends the retry to a backend not tried yet, never the one that just failed while another
+///   is available. A retry to an untried backend goes at once; one to an already-tried backend
+///   waits a jittered exponential backoff.
+/// - When not: after `max_attempts` attempts, when the retry budget is spent, or when every
+///   backend cools down. A 429 that meets every backend cooling down goes back to the caller
+///   with `Retry-After` and `retry-after-ms` set to the soonest recovery.
+///
+/// Per-request state (the attempt count) lives in the clone tower's `Retry` makes for each
+/// request, so one policy serves every request.
+///
+/// [`AzureAuth`]: https://docs.rs/aoai-auth
+#[derive(Debug, Clone)]
+pub struct RetryNextBackend<C = AzureOpenAiClassifier> {
+    health: BalanceHealth,
+    classifier: C,
+    settings: Arc<RetrySettings>,
+    attempts: usize,
+    unauthorized_retried: bool,
+}
+
+/// What every clone of the policy shares.
+#[derive(Debug)]
+pub(crate) struct RetrySettings {
+    pub(crate) max_attempts: usize,
+    pub(crate) backoff_base: Duration,
+    pub(crate) backoff_max: Duration,
+    pub(crate) budget: Option<TpsBudget>,
+}
+
+impl<C> RetryNextBackend<C> {
+    pub(crate) fn new(health: BalanceHealth, classifier: C, settings: Arc<RetrySettings>) -> Self {
+        Self {
+            health,
+            classifier,
+            settings,
+            attempts: 0,
+            unauthorized_retried: false,
+        }
+    }
+
+    /// A full-jitter exponential backoff for a retry after `attempts` attempts.
+    fn backoff(&self) -> Duration {
+        let exponent = u32::try_from(self.attempts.saturating_sub(1)).unwrap_or(u32::MAX);
+        let ceiling = self
+            .settings
+            .backoff_base
+            .saturating_mul(2u32.saturating_pow(exponent.min(16)))
+            .min(self.settings.backoff_max);
+        ceiling.mul_f64(rand::random::<f64>())
+    }
+}
+
+impl<C, RB> Policy<Request<ReplayBody>, Response<RB>, BoxError> for RetryNextBackend<C>
+where
+    C: Classify,
+{
+    type Future = Backoff;
+
+    fn retry(
+        &mut self,
+        request: &mut Request<ReplayBody>,
+        result: &mut Result<Response<RB>, BoxError>,
+    ) -> Option<Backoff> {
+        self.attempts += 1;
+        let (outcome, served_by) = match result {
+            Ok(response) => (
+                self.classifier
+                    .classify_response(response.status(), response.headers()),
+                response.extensions().get::<ServedBy>().cloned(),
+            ),
+            Err(error) if error.is::<AllCoolingDown>() || error.is::<NoBackends>() => return None,
+            Err(error) => (
+                self.classifier.classify_error(&**error),
+                error
+                    .downcast_ref::<BackendError>()
+                    .map(|e| e.served_by().clone()),
+            ),
+        };
+        let backend = served_by.as_ref().map_or("", ServedBy::name);
+        let tried = request
+            .extensions_mut()
+            .get_or_insert_default::<TriedBackends>();
+        if let Some(served_by) = &served_by {
+            tried.insert(served_by.index());
+        }
+        if !outcome.is_retryable() {
+            return None;
+        }
+        if let Some(recovery) = self.health.soonest_recovery() {
+            if let Ok(response) = result
+                && matches!(outcome, Outcome::Throttled { .. })
+            {
+                set_retry_after(response, recovery);
+            }
+            tracing::warn!(
+                backend,
+                attempt = self.attempts,
+                reason = outcome.reason(),
+                recovery_ms = millis(recovery),
+                "every backend is cooling down; not retrying"
+            );
+            return None;
+        }
+        if matches!(outcome, Outcome::Unauthorized) {
+            if self.unauthorized_retried {
+                return None;
+            }
+            self.unauthorized_retried = true;
+        }
+        if self.attempts >= self.settings.max_attempts {
+            return None;
+        }
+        if let Some(budget) = &self.settings.budget
+            && !budget.withdraw()
+        {
+            tracing::warn!(
+                backend,
+                attempt = self.attempts,
+                "retry budget spent; not retrying"
+            );
+            return None;
+        }
+        let delay = (!self.health.has_untried_available(tried)).then(|| self.backoff());
+        tracing::info!(
+            backend,
+            attempt = self.attempts,
+            reason = outcome.reason(),
+            delay_ms = delay.map_or(0, millis),
+            "retrying on the next backend"
+        );
+        Some(Backoff::new(delay))
+    }
+
+    fn clone_request(&mut self, request: &Request<ReplayBody>) -> Option<Request<ReplayBody>> {
+        let mut clone = Request::new(request.body().clone());
+        *clone.method_mut() = request.method().clone();
+        *clone.uri_mut() = request.uri().clone();
+        *clone.version_mut() = request.version();
+        *clone.headers_mut() = request.headers().clone();
+        *clone.extensions_mut() = request.extensions().clone();
+        Some(clone)
+    }
+}
+
+/// Sets `Retry-After` (whole seconds, rounded up) and `retry-after-ms` on a response.
+pub fn set_retry_after<B>(response: &mut Response<B>, wait: Duration) {
+    let millis = millis(wait);
+    let headers = response.headers_mut();
+    headers.insert("retry-after", HeaderValue::from(millis.div_ceil(1000)));
+    headers.insert("retry-after-ms", HeaderValue::from(millis));
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+pin_project! {
+    /// The wait before a retry: none for an untried backend, a jittered backoff otherwise.
+    #[derive(Debug)]
+    pub struct Backoff {
+        #[pin]
+        sleep: Option<tokio::time::Sleep>,
+    }
+}
+
+impl Backoff {
+    fn new(delay: Option<Duration>) -> Self {
+        Self {
+            sleep: delay.map(tokio::time::sleep),
+        }
+    }
+}
+
+impl Future for Backoff {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        match self.project().sleep.as_pin_mut() {
+            Some(sleep) => sleep.poll(cx),
+            None => Poll::Ready(()),
+        }
+    }
+}
