@@ -1,0 +1,104 @@
+//! Hop-by-hop header removal (RFC 9110, section 7.6.1).
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// Hop-by-hop headers removed by name, besides `Connection`, the headers it lists, and `Proxy-*`.
+const HOP_BY_HOP: [HeaderName; 5] = [
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes the headers that describe one connection rather than the message: `Connection` and
+/// every header it names, `Keep-Alive`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`, and every
+/// `Proxy-*` header (`Proxy-Authorization`, `Proxy-Authenticate`, `Proxy-Connection`, ...).
+///
+/// Allocates only when a `Connection` or `Proxy-*` header is present.
+pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Cloning a `HeaderValue` clones `Bytes`, not the data; an empty `collect` does not allocate.
+    let connection: Vec<HeaderValue> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .cloned()
+        .collect();
+    for value in &connection {
+        let Ok(value) = value.to_str() else { continue };
+        for name in value.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            // Lookup by `&str` is case-insensitive; a token that is not a header name matches none.
+            headers.remove(name);
+        }
+    }
+    headers.remove(header::CONNECTION);
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if headers.keys().any(is_proxy_header) {
+        let proxy: Vec<HeaderName> = headers
+            .keys()
+            .filter(|n| is_proxy_header(n))
+            .cloned()
+            .collect();
+        for name in &proxy {
+            headers.remove(name);
+        }
+    }
+}
+
+fn is_proxy_header(name: &HeaderName) -> bool {
+    // Header names are stored in lowercase.
+    name.as_str().starts_with("proxy-")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            headers.append(*name, HeaderValue::from_static(value));
+        }
+        headers
+    }
+
+    #[test]
+    fn removes_hop_by_hop_and_connection_listed_headers() {
+        let mut headers = map(&[
+            ("connection", "X-Foo, keep-alive"),
+            ("connection", " x-bar ,,"),
+            ("x-foo", "1"),
+            ("x-bar", "2"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("trailer", "x-checksum"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("proxy-authorization", "Basic eA=="),
+            ("proxy-authenticate", "Basic"),
+            ("proxy-connection", "keep-alive"),
+            ("proxy-anything", "1"),
+            ("content-length", "3"),
+            ("x-keep", "a"),
+            ("x-keep", "b"),
+        ]);
+        remove_hop_by_hop(&mut headers);
+        assert_eq!(
+            headers,
+            map(&[("content-length", "3"), ("x-keep", "a"), ("x-keep", "b")])
+        );
+    }
+
+    #[test]
+    fn leaves_end_to_end_headers_alone() {
+        let original = map(&[
+            ("content-type", "application/json"),
+            ("authorization", "Bearer x"),
+            ("x-proxy-note", "not a proxy header"),
+        ]);
+        let mut headers = original.clone();
+        remove_hop_by_hop(&mut headers);
+        assert_eq!(headers, original);
+    }
+}
