@@ -1,1 +1,65 @@
-//! placeholder
+//! Tower middleware that spreads Azure OpenAI traffic over several Azure OpenAI instances
+//! behind one endpoint: round-robin, retry on the next instance, Entra ID auth.
+//!
+//! This facade re-exports the crates ([`balance`], [`retry`], [`auth`], [`upstream`]) and
+//! composes the standard stack in [`Gateway`], ready to mount in an axum app.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use aoai_tower::Gateway;
+//! use aoai_tower::auth::AzureAuthLayer;
+//! use azure_identity::ManagedIdentityCredential;
+//! use axum::{Router, routing::get};
+//!
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let credential = ManagedIdentityCredential::new(None)?;
+//! let auth = AzureAuthLayer::from_credential(credential);
+//! let gateway = Gateway::builder()
+//!     .backend_with_auth("eastus", "https://eastus.openai.azure.com", auth.clone())
+//!     .backend_with_auth("swedencentral", "https://swedencentral.openai.azure.com", auth)
+//!     .build()?;
+//!
+//! let app = Router::new()
+//!     .route("/healthz", get(|| async { "ok" }))
+//!     .nest_service("/openai", gateway);
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! axum::serve(listener, app).await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # The stack, outer to inner
+//!
+//! ```text
+//! Gateway                 errors -> Azure-shaped responses, `x-served-by`, one log line
+//!   Timeout               overall deadline
+//!   RetryNextBackend      read the body once (limit -> 413), retry on the next backend
+//!     Balance             round-robin, skip tried and cooling backends
+//!       per backend:
+//!       Timeout           per attempt, to the response headers
+//!       AzureAuth         bearer token or api-key; the caller's credentials removed
+//!       Upstream          onto the backend's base URL; the response streams back
+//! ```
+//!
+//! Each piece is a plain tower layer or service: compose your own stack from the crates when
+//! `Gateway` does not fit, and turn errors into responses with [`error_response`].
+
+#![forbid(unsafe_code)]
+
+mod client_key;
+mod error;
+mod gateway;
+
+pub use aoai_auth as auth;
+pub use aoai_balance as balance;
+pub use aoai_retry as retry;
+pub use aoai_upstream as upstream;
+
+pub use crate::client_key::{RequireClientKey, RequireClientKeyLayer};
+pub use crate::error::{azure_error, error_response};
+pub use crate::gateway::{Gateway, GatewayBuilder, GatewayError, GatewayFuture};
+
+/// A type-erased error, as tower uses.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -1,0 +1,252 @@
+//! The aoai-tower gateway: one endpoint in front of several Azure OpenAI instances.
+//!
+//! ```text
+//! cargo run --example gateway                     # two emulated instances, on loopback
+//! cargo run --example gateway -- \
+//!     --backend https://eastus.openai.azure.com \
+//!     --backend https://swedencentral.openai.azure.com \
+//!     --auth managed-identity
+//! ```
+//!
+//! Callers use the gateway as if it were one Azure OpenAI endpoint: `/openai/...` maps 1:1 onto
+//! each backend's `/openai/...`. `GET /admin/backends` shows each backend's health as JSON.
+
+mod settings;
+
+use std::sync::Arc;
+
+use aoai_tower::auth::AzureAuthLayer;
+use aoai_tower::{Gateway, RequireClientKeyLayer};
+use axum::routing::get;
+use axum::{Json, Router};
+use azure_core::credentials::TokenCredential;
+use clap::Parser;
+use serde_json::json;
+
+use crate::settings::{AuthMode, Backend, Flags, Settings, is_loopback_url};
+
+fn main() {
+    let flags = match Flags::try_parse() {
+        Ok(flags) => flags,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => fail(
+            e.to_string()
+                .lines()
+                .next()
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: "),
+        ),
+    };
+    let settings = Settings::from_flags(flags).unwrap_or_else(|e| fail(&e));
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let runtime = tokio::runtime::Runtime::new().unwrap_or_else(|e| fail(&e.to_string()));
+    if let Err(e) = runtime.block_on(run(settings)) {
+        fail(&e);
+    }
+}
+
+/// Prints a one-line error and exits with status 2.
+fn fail(message: &str) -> ! {
+    eprintln!("gateway: error: {message}");
+    std::process::exit(2)
+}
+
+async fn run(mut settings: Settings) -> Result<(), String> {
+    let mut emulators = Vec::new();
+    if settings.backends.is_empty() {
+        for name in ["sim-a", "sim-b"] {
+            let sim = aoai_sim::start(aoai_sim::SimConfig::new(name)).await;
+            settings.backends.push(Backend {
+                name: name.to_owned(),
+                url: sim.url(),
+            });
+            emulators.push(sim);
+        }
+    }
+    let client_keys = match &settings.client_keys_env {
+        Some(var) => {
+            let keys = std::env::var(var).map_err(|_| {
+                format!("environment variable {var} (--client-keys-env) is not set")
+            })?;
+            let layer = RequireClientKeyLayer::new(keys.split(','));
+            if layer.is_empty() {
+                return Err(format!("environment variable {var} holds no client key"));
+            }
+            Some(layer)
+        }
+        None if settings.listen.ip().is_loopback() => None,
+        None => {
+            return Err(format!(
+                "refusing to listen on {} without client keys: set --client-keys-env",
+                settings.listen
+            ));
+        }
+    };
+
+    let gateway = build_gateway(&settings)?;
+    let health = gateway.health().clone();
+    let admin = Router::new().route(
+        "/admin/backends",
+        get(move || {
+            let health = health.clone();
+            async move { Json(backends_json(&health)) }
+        }),
+    );
+    let mut app = admin.nest_service("/openai", gateway);
+    if let Some(keys) = client_keys {
+        app = app.layer(keys);
+    }
+
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let names: Vec<&str> = settings.backends.iter().map(|b| b.name.as_str()).collect();
+    tracing::info!(%addr, backends = ?names, "gateway listening");
+    if !emulators.is_empty() {
+        println!(
+            "No --backend given: serving two emulated Azure OpenAI instances ({}).",
+            names.join(", ")
+        );
+        println!("Try:");
+        println!(
+            "  curl -i http://{addr}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21 \\\n    \
+             -H 'content-type: application/json' -d '{{\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'"
+        );
+    }
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())?;
+    for sim in emulators {
+        sim.shutdown().await;
+    }
+    tracing::info!("gateway stopped");
+    Ok(())
+}
+
+fn build_gateway(settings: &Settings) -> Result<Gateway, String> {
+    let all_loopback = settings.backends.iter().all(|b| is_loopback_url(&b.url));
+    let mode = settings.auth.clone().unwrap_or(if all_loopback {
+        AuthMode::None
+    } else {
+        AuthMode::ManagedIdentity(None)
+    });
+    let shared = credential(&mode)?.map(AzureAuthLayer::from_credential);
+    let mut builder = Gateway::builder()
+        .max_attempts(settings.max_attempts)
+        .body_limit(settings.body_limit)
+        .attempt_timeout(settings.attempt_timeout)
+        .max_cooldown(settings.cooldown_cap)
+        .served_by_header(settings.served_by_header);
+    for backend in &settings.backends {
+        let auth = match (&mode, &shared) {
+            (AuthMode::ApiKey, _) => Some(api_key_layer(&backend.name)?),
+            (_, Some(shared)) => Some(shared.clone()),
+            (_, None) => None,
+        };
+        builder = match auth {
+            Some(auth) => builder.backend_with_auth(&backend.name, &backend.url, auth),
+            None => builder.backend(&backend.name, &backend.url),
+        };
+    }
+    builder.build().map_err(|e| e.to_string())
+}
+
+/// The credential for an Entra ID mode; `None` for `api-key` and `none`.
+fn credential(mode: &AuthMode) -> Result<Option<Arc<dyn TokenCredential>>, String> {
+    use azure_identity::{
+        ClientSecretCredential, DeveloperToolsCredential, ManagedIdentityCredential,
+        ManagedIdentityCredentialOptions, UserAssignedId, WorkloadIdentityCredential,
+    };
+    let failed = |e: azure_core::Error| format!("cannot create the {mode:?} credential: {e}");
+    Ok(Some(match mode {
+        AuthMode::ManagedIdentity(client_id) => {
+            let options = ManagedIdentityCredentialOptions {
+                user_assigned_id: client_id.clone().map(UserAssignedId::ClientId),
+                ..Default::default()
+            };
+            ManagedIdentityCredential::new(Some(options)).map_err(failed)?
+        }
+        AuthMode::WorkloadIdentity => WorkloadIdentityCredential::new(None).map_err(failed)?,
+        AuthMode::DeveloperTools => DeveloperToolsCredential::new(None).map_err(failed)?,
+        AuthMode::ClientSecret => {
+            let var = |name: &str| {
+                std::env::var(name).map_err(|_| format!("--auth client-secret needs {name}"))
+            };
+            ClientSecretCredential::new(
+                &var("AZURE_TENANT_ID")?,
+                var("AZURE_CLIENT_ID")?,
+                var("AZURE_CLIENT_SECRET")?.into(),
+                None,
+            )
+            .map_err(failed)?
+        }
+        AuthMode::ApiKey | AuthMode::None => return Ok(None),
+    }))
+}
+
+/// The api-key layer for a backend, from `AOAI_KEY_<NAME>` (upper case, `_` for other
+/// characters).
+fn api_key_layer(name: &str) -> Result<AzureAuthLayer, String> {
+    let var: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let var = format!("AOAI_KEY_{var}");
+    let key = std::env::var(&var)
+        .map_err(|_| format!("--auth api-key: environment variable {var} is not set"))?;
+    AzureAuthLayer::from_api_key(&key).map_err(|e| format!("{var}: {e}"))
+}
+
+fn backends_json(health: &aoai_tower::balance::BalanceHealth) -> serde_json::Value {
+    let backends: Vec<_> = health
+        .snapshot()
+        .into_iter()
+        .map(|b| {
+            json!({
+                "name": &*b.name,
+                "index": b.index,
+                "available": b.cooling_down_for.is_none(),
+                "cooling_down_ms": b.cooling_down_for.map(|d| d.as_millis() as u64),
+                "consecutive_failures": b.consecutive_failures,
+                "attempts": b.attempts,
+                "throttled": b.throttled,
+                "failed": b.failed,
+            })
+        })
+        .collect();
+    json!({ "backends": backends })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutting down");
+}

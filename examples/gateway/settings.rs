@@ -1,0 +1,233 @@
+//! The gateway's settings: command-line flags, optionally on top of a TOML file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+/// Command-line flags. Every flag overrides the same setting from `--config`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "gateway",
+    about = "One endpoint in front of several Azure OpenAI instances: round-robin, retry on \
+             the next instance, Entra ID auth.",
+    after_help = "With no backend, two emulated instances start in-process on loopback."
+)]
+pub(crate) struct Flags {
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// A backend, as its endpoint URL (https://NAME.openai.azure.com), optionally named:
+    /// NAME=URL. Repeat for each instance.
+    #[arg(long = "backend", value_name = "[NAME=]URL")]
+    backends: Vec<String>,
+    /// A TOML file with the same settings (see examples/gateway.toml).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// How the gateway authenticates to the backends: managed-identity[=CLIENT_ID],
+    /// workload-identity, developer-tools, client-secret, api-key or none [default:
+    /// managed-identity for Azure endpoints, none for loopback ones].
+    #[arg(long, value_name = "MODE")]
+    auth: Option<String>,
+    /// Environment variable holding the comma-separated keys callers must present (as
+    /// `api-key` or `Authorization: Bearer`). Required unless listening on loopback.
+    #[arg(long, value_name = "VAR")]
+    client_keys_env: Option<String>,
+    /// Attempts per request, the first included [default: 3].
+    #[arg(long, value_name = "N")]
+    max_attempts: Option<usize>,
+    /// Largest request body in bytes [default: 16777216].
+    #[arg(long, value_name = "BYTES")]
+    body_limit: Option<usize>,
+    /// Seconds one attempt may wait for the response headers [default: 300].
+    #[arg(long, value_name = "SECS")]
+    attempt_timeout: Option<u64>,
+    /// Longest cooldown, in seconds, a 429 may cause [default: 300].
+    #[arg(long, value_name = "SECS")]
+    cooldown_cap: Option<u64>,
+    /// Do not add `x-served-by: NAME` to responses.
+    #[arg(long)]
+    no_served_by_header: bool,
+}
+
+/// The settings file; every field is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    listen: Option<SocketAddr>,
+    auth: Option<String>,
+    client_keys_env: Option<String>,
+    max_attempts: Option<usize>,
+    body_limit: Option<usize>,
+    attempt_timeout_secs: Option<u64>,
+    cooldown_cap_secs: Option<u64>,
+    served_by_header: Option<bool>,
+    #[serde(default)]
+    backends: Vec<FileBackend>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileBackend {
+    name: Option<String>,
+    url: String,
+}
+
+/// How the gateway authenticates to its backends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum AuthMode {
+    /// Managed identity: system-assigned, or user-assigned with this client ID.
+    ManagedIdentity(Option<String>),
+    /// Workload identity (AKS), from the AZURE_* variables the webhook sets.
+    WorkloadIdentity,
+    /// `az login` / `azd auth login`, for local development.
+    DeveloperTools,
+    /// A service principal, from AZURE_TENANT_ID, AZURE_CLIENT_ID and AZURE_CLIENT_SECRET.
+    ClientSecret,
+    /// A key per backend, from AOAI_KEY_<NAME>.
+    ApiKey,
+    /// No credential.
+    None,
+}
+
+impl AuthMode {
+    fn parse(text: &str) -> Result<Self, String> {
+        Ok(match text.split_once('=') {
+            Some(("managed-identity", id)) if !id.is_empty() => {
+                Self::ManagedIdentity(Some(id.to_owned()))
+            }
+            None => match text {
+                "managed-identity" => Self::ManagedIdentity(None),
+                "workload-identity" => Self::WorkloadIdentity,
+                "developer-tools" => Self::DeveloperTools,
+                "client-secret" => Self::ClientSecret,
+                "api-key" => Self::ApiKey,
+                "none" => Self::None,
+                _ => return Err(format!("unknown --auth mode {text:?}")),
+            },
+            _ => return Err(format!("unknown --auth mode {text:?}")),
+        })
+    }
+}
+
+/// One backend: a name and its endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Backend {
+    pub(crate) name: String,
+    pub(crate) url: String,
+}
+
+/// Everything the gateway needs, validated.
+#[derive(Debug)]
+pub(crate) struct Settings {
+    pub(crate) listen: SocketAddr,
+    pub(crate) backends: Vec<Backend>,
+    pub(crate) auth: Option<AuthMode>,
+    pub(crate) client_keys_env: Option<String>,
+    pub(crate) max_attempts: usize,
+    pub(crate) body_limit: usize,
+    pub(crate) attempt_timeout: Duration,
+    pub(crate) cooldown_cap: Duration,
+    pub(crate) served_by_header: bool,
+}
+
+impl Settings {
+    /// Reads the flags, and the file they name, into settings; the error is one line.
+    pub(crate) fn from_flags(flags: Flags) -> Result<Self, String> {
+        let file = match &flags.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+                toml::from_str::<File>(&text).map_err(|e| {
+                    let message = e.message().to_owned();
+                    format!("invalid config {}: {message}", path.display())
+                })?
+            }
+            None => File::default(),
+        };
+        let mut backends = Vec::new();
+        for backend in &file.backends {
+            backends.push(backend_from(backend.name.clone(), &backend.url)?);
+        }
+        for spec in &flags.backends {
+            backends.push(match spec.split_once('=') {
+                Some((name, url)) if !name.contains("://") => {
+                    backend_from(Some(name.to_owned()), url)?
+                }
+                _ => backend_from(None, spec)?,
+            });
+        }
+        let auth = flags.auth.as_deref().or(file.auth.as_deref());
+        let max_attempts = flags.max_attempts.or(file.max_attempts).unwrap_or(3);
+        if max_attempts == 0 {
+            return Err("max attempts must be at least 1".to_owned());
+        }
+        Ok(Self {
+            listen: flags
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
+            backends,
+            auth: auth.map(AuthMode::parse).transpose()?,
+            client_keys_env: flags.client_keys_env.or(file.client_keys_env),
+            max_attempts,
+            body_limit: flags
+                .body_limit
+                .or(file.body_limit)
+                .unwrap_or(aoai_tower::retry::DEFAULT_BODY_LIMIT),
+            attempt_timeout: Duration::from_secs(
+                flags
+                    .attempt_timeout
+                    .or(file.attempt_timeout_secs)
+                    .unwrap_or(300),
+            ),
+            cooldown_cap: Duration::from_secs(
+                flags.cooldown_cap.or(file.cooldown_cap_secs).unwrap_or(300),
+            ),
+            served_by_header: !flags.no_served_by_header && file.served_by_header.unwrap_or(true),
+        })
+    }
+}
+
+/// A backend from an endpoint URL; without a name, the first label of its host
+/// (`https://eastus.openai.azure.com` is `eastus`), or `host:port` for an IP address.
+fn backend_from(name: Option<String>, url: &str) -> Result<Backend, String> {
+    let parsed = url::Url::parse(url).map_err(|e| format!("invalid backend URL {url:?}: {e}"))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(format!(
+            "invalid backend URL {url:?}: the scheme must be https (or http)"
+        ));
+    }
+    let host = parsed
+        .host_str()
+        .ok_or_else(|| format!("invalid backend URL {url:?}: it has no host"))?;
+    let name = match name {
+        Some(name) => name,
+        None if parsed.domain().is_some() && host != "localhost" => {
+            host.split('.').next().unwrap_or(host).to_owned()
+        }
+        None => match parsed.port() {
+            Some(port) => format!("{host}:{port}"),
+            None => host.to_owned(),
+        },
+    };
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!("invalid backend name {name:?}"));
+    }
+    Ok(Backend {
+        name,
+        url: url.trim_end_matches('/').to_owned(),
+    })
+}
+
+/// Whether a URL points at this machine (an emulator), which needs no credential.
+pub(crate) fn is_loopback_url(url: &str) -> bool {
+    url::Url::parse(url).is_ok_and(|u| match u.host() {
+        Some(url::Host::Domain(d)) => d == "localhost",
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    })
+}

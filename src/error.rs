@@ -1,0 +1,97 @@
+//! Turning the stack's errors into the responses callers see, in Azure's error shape.
+
+use std::error::Error as StdError;
+use std::fmt::Write as _;
+
+use aoai_auth::error::TokenUnavailable;
+use aoai_balance::{AllCoolingDown, NoBackends};
+use aoai_retry::{BodyReadError, BodyTooLarge};
+use aoai_upstream::UpstreamError;
+use axum::body::Body;
+use http::{HeaderValue, Response, StatusCode, header};
+
+/// The response for an error of the stack, shaped like Azure's own errors
+/// (`{"error":{"code":"...","message":"..."}}`) so the OpenAI and Azure SDKs parse them.
+///
+/// | error | status |
+/// | --- | --- |
+/// | [`BodyTooLarge`] | 413 |
+/// | [`BodyReadError`], a refused request path | 400 |
+/// | [`AllCoolingDown`] | 429, with `Retry-After` and `retry-after-ms` |
+/// | [`TokenUnavailable`], [`NoBackends`] | 503 |
+/// | a timeout (attempt or deadline) | 504 |
+/// | a backend that cannot be reached, or any other error | 502 |
+///
+/// The message is the error's chain of `Display`s, which the crates keep free of secrets.
+pub fn error_response(error: &(dyn StdError + 'static)) -> Response<Body> {
+    let (status, code) = classify(error);
+    let mut response = azure_error(status, code, &message(error));
+    if let Some(cooling) = find::<AllCoolingDown>(error) {
+        aoai_retry::set_retry_after(&mut response, cooling.retry_after());
+    }
+    response
+}
+
+/// A response with Azure's error shape.
+pub fn azure_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    let body = serde_json::json!({ "error": { "code": code, "message": message } });
+    let mut response = Response::new(Body::from(body.to_string()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn classify(error: &(dyn StdError + 'static)) -> (StatusCode, &'static str) {
+    if find::<BodyTooLarge>(error).is_some() {
+        (StatusCode::PAYLOAD_TOO_LARGE, "request_body_too_large")
+    } else if find::<BodyReadError>(error).is_some() {
+        (StatusCode::BAD_REQUEST, "invalid_request_body")
+    } else if find::<AllCoolingDown>(error).is_some() {
+        (StatusCode::TOO_MANY_REQUESTS, "429")
+    } else if find::<TokenUnavailable>(error).is_some() {
+        (StatusCode::SERVICE_UNAVAILABLE, "token_unavailable")
+    } else if find::<NoBackends>(error).is_some() {
+        (StatusCode::SERVICE_UNAVAILABLE, "no_backends")
+    } else if matches!(
+        find::<UpstreamError>(error),
+        Some(UpstreamError::InvalidPath { .. })
+    ) {
+        (StatusCode::BAD_REQUEST, "invalid_path")
+    } else if find::<tower::timeout::error::Elapsed>(error).is_some() {
+        (StatusCode::GATEWAY_TIMEOUT, "timeout")
+    } else if find::<hyper_util::client::legacy::Error>(error).is_some_and(|e| e.is_connect()) {
+        (StatusCode::BAD_GATEWAY, "backend_unreachable")
+    } else {
+        (StatusCode::BAD_GATEWAY, "bad_gateway")
+    }
+}
+
+/// The first error of type `E` in the source chain of `error`.
+fn find<'a, E: StdError + 'static>(error: &'a (dyn StdError + 'static)) -> Option<&'a E> {
+    let mut current = Some(error);
+    while let Some(err) = current {
+        if let Some(found) = err.downcast_ref::<E>() {
+            return Some(found);
+        }
+        current = err.source();
+    }
+    None
+}
+
+/// The `Display`s of the chain, joined with ": ", skipping a source whose text its parent
+/// already shows.
+pub(crate) fn message(error: &(dyn StdError + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut current = error.source();
+    while let Some(err) = current {
+        let part = err.to_string();
+        if !text.contains(&part) {
+            let _ = write!(text, ": {part}");
+        }
+        current = err.source();
+    }
+    text
+}

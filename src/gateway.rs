@@ -1,0 +1,369 @@
+//! [`Gateway`]: the standard stack, composed.
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use aoai_auth::{AzureAuth, AzureAuthLayer};
+use aoai_balance::{BackendError, Balance, BalanceHealth, HealthPolicy, ServedBy};
+use aoai_retry::{ReplayBody, RetryNextBackendLayer, RetryNextBackendService};
+use aoai_upstream::{InvalidBaseUrl, Upstream, UpstreamClient, UpstreamError};
+use axum::body::Body;
+use http::{HeaderValue, Request, Response};
+use pin_project_lite::pin_project;
+use tokio::time::Instant;
+use tower::timeout::Timeout;
+use tower::util::{Either, MapErr};
+use tower::{Layer, Service};
+
+use crate::BoxError;
+use crate::error::error_response;
+
+/// One backend's own stack: attempt timeout, optional auth, upstream.
+type BackendStack = Timeout<Either<AzureAuth<Upstream<ReplayBody>>, Unauthenticated>>;
+/// A backend without auth; its error boxed like `AzureAuth`'s, as `Either` needs one error type.
+type Unauthenticated = MapErr<Upstream<ReplayBody>, fn(UpstreamError) -> BoxError>;
+type Stack = Timeout<RetryNextBackendService<Balance<BackendStack>>>;
+
+/// The standard aoai-tower stack as one axum-ready service: mount it with
+/// `Router::nest_service("/openai", gateway)`.
+///
+/// A request's path below the mount point is joined onto each backend's endpoint followed by
+/// `/openai` (see [`GatewayBuilder::backend_path`]), so a caller's `/openai/deployments/...`
+/// reaches `https://NAME.openai.azure.com/openai/deployments/...`.
+///
+/// The caller's `Authorization` and `api-key` headers are removed before any backend sees the
+/// request. Every response carries `x-served-by: NAME` (unless turned off); every error of the stack
+/// becomes an Azure-shaped response ([`error_response`]); one tracing event per request logs
+/// the backend, the status and the latency.
+///
+/// Cheap to clone: clones share the backends, their health and the connection pool.
+#[derive(Clone)]
+pub struct Gateway {
+    stack: Stack,
+    health: BalanceHealth,
+    served_by_values: Option<Arc<[HeaderValue]>>,
+}
+
+impl Gateway {
+    /// Starts configuring a gateway.
+    pub fn builder() -> GatewayBuilder {
+        GatewayBuilder::new()
+    }
+
+    /// A live view of the backends' health, for an admin route.
+    pub fn health(&self) -> &BalanceHealth {
+        &self.health
+    }
+}
+
+impl fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Gateway")
+            .field("backends", &self.health.len())
+            .field("served_by_header", &self.served_by_values.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Service<Request<Body>> for Gateway {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = GatewayFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // The stack is always ready: Balance picks per request and drives its choice with
+        // `Oneshot`, and the retry layer's readiness is Balance's.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut request: Request<Body>) -> GatewayFuture {
+        // The caller's credentials are never forwarded, whatever auth a backend has.
+        let headers = request.headers_mut();
+        headers.remove(http::header::AUTHORIZATION);
+        headers.remove("api-key");
+        let method = request.method().clone();
+        let path = request.uri().path().to_owned();
+        GatewayFuture {
+            inner: self.stack.call(request),
+            started: Instant::now(),
+            served_by_values: self.served_by_values.clone(),
+            method,
+            path,
+        }
+    }
+}
+
+type StackFuture = <Stack as Service<Request<Body>>>::Future;
+
+pin_project! {
+    /// Response future of [`Gateway`].
+    pub struct GatewayFuture {
+        #[pin]
+        inner: StackFuture,
+        started: Instant,
+        served_by_values: Option<Arc<[HeaderValue]>>,
+        method: http::Method,
+        path: String,
+    }
+}
+
+impl fmt::Debug for GatewayFuture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GatewayFuture")
+            .field("method", &self.method)
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Future for GatewayFuture {
+    type Output = Result<Response<Body>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let (mut response, served_by) = match ready!(this.inner.poll(cx)) {
+            Ok(response) => {
+                let served_by = response.extensions().get::<ServedBy>().cloned();
+                (response.map(Body::new), served_by)
+            }
+            Err(error) => {
+                let served_by = find_backend(&*error);
+                tracing::warn!(error = %crate::error::message(&*error), "request failed");
+                let mut response = error_response(&*error);
+                if let Some(served_by) = &served_by {
+                    response.extensions_mut().insert(served_by.clone());
+                }
+                (response, served_by)
+            }
+        };
+        if let (Some(values), Some(served_by)) = (this.served_by_values, &served_by) {
+            response
+                .headers_mut()
+                .insert("x-served-by", values[served_by.index()].clone());
+        }
+        tracing::info!(
+            method = %this.method,
+            path = %this.path,
+            backend = served_by.as_ref().map_or("-", ServedBy::name),
+            status = response.status().as_u16(),
+            latency_ms = this.started.elapsed().as_secs_f64() * 1000.0,
+            "request"
+        );
+        Poll::Ready(Ok(response))
+    }
+}
+
+fn find_backend(error: &(dyn std::error::Error + 'static)) -> Option<ServedBy> {
+    let mut current = Some(error);
+    while let Some(err) = current {
+        if let Some(backend) = err.downcast_ref::<BackendError>() {
+            return Some(backend.served_by().clone());
+        }
+        current = err.source();
+    }
+    None
+}
+
+/// Configures a [`Gateway`]; made by [`Gateway::builder`].
+#[derive(Debug, Clone)]
+pub struct GatewayBuilder {
+    backends: Vec<BackendSpec>,
+    backend_path: String,
+    max_attempts: usize,
+    body_limit: usize,
+    attempt_timeout: Duration,
+    deadline: Duration,
+    connect_timeout: Duration,
+    health: HealthPolicy,
+    served_by_header: bool,
+}
+
+#[derive(Debug, Clone)]
+struct BackendSpec {
+    name: String,
+    endpoint: String,
+    auth: Option<AzureAuthLayer>,
+}
+
+impl GatewayBuilder {
+    fn new() -> Self {
+        Self {
+            backends: Vec::new(),
+            backend_path: "/openai".to_owned(),
+            max_attempts: aoai_retry::DEFAULT_MAX_ATTEMPTS,
+            body_limit: aoai_retry::DEFAULT_BODY_LIMIT,
+            attempt_timeout: Duration::from_secs(300),
+            deadline: Duration::from_secs(900),
+            connect_timeout: Duration::from_secs(10),
+            health: HealthPolicy::new(),
+            served_by_header: true,
+        }
+    }
+
+    /// Adds a backend that needs no credential (an emulator, or one behind its own auth).
+    /// `endpoint` is the instance's endpoint as the Azure portal shows it,
+    /// `https://NAME.openai.azure.com`.
+    pub fn backend(mut self, name: impl Into<String>, endpoint: impl Into<String>) -> Self {
+        self.backends.push(BackendSpec {
+            name: name.into(),
+            endpoint: endpoint.into(),
+            auth: None,
+        });
+        self
+    }
+
+    /// Adds a backend authenticated by `auth`. Clones of one [`AzureAuthLayer`] share its
+    /// token cache, so give every backend a clone of the same layer.
+    pub fn backend_with_auth(
+        mut self,
+        name: impl Into<String>,
+        endpoint: impl Into<String>,
+        auth: AzureAuthLayer,
+    ) -> Self {
+        self.backends.push(BackendSpec {
+            name: name.into(),
+            endpoint: endpoint.into(),
+            auth: Some(auth),
+        });
+        self
+    }
+
+    /// The path joined onto each endpoint before the request's own path. Default: `/openai`,
+    /// to mount the gateway with `nest_service("/openai", gateway)`.
+    pub fn backend_path(mut self, path: impl Into<String>) -> Self {
+        self.backend_path = path.into();
+        self
+    }
+
+    /// Attempts per request, the first included. Default: 3.
+    pub fn max_attempts(mut self, attempts: usize) -> Self {
+        self.max_attempts = attempts;
+        self
+    }
+
+    /// The largest request body, in bytes. Default: 16 MiB.
+    pub fn body_limit(mut self, bytes: usize) -> Self {
+        self.body_limit = bytes;
+        self
+    }
+
+    /// How long one attempt may wait for the response headers. Default: 5 minutes
+    /// (completions can take minutes before their first byte).
+    pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.attempt_timeout = timeout;
+        self
+    }
+
+    /// How long a request may take, all attempts and backoffs included, to its response
+    /// headers. Default: 15 minutes.
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    /// How long to wait for a TCP connection to a backend. Default: 10 s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// The longest cooldown a 429 may cause. Default: 5 minutes.
+    pub fn max_cooldown(mut self, cap: Duration) -> Self {
+        self.health.max_cooldown = cap;
+        self
+    }
+
+    /// The whole passive-health policy.
+    pub fn health_policy(mut self, policy: HealthPolicy) -> Self {
+        self.health = policy;
+        self
+    }
+
+    /// Whether responses carry `x-served-by: NAME`. Default: on.
+    pub fn served_by_header(mut self, on: bool) -> Self {
+        self.served_by_header = on;
+        self
+    }
+
+    /// Builds the gateway.
+    ///
+    /// # Errors
+    ///
+    /// [`GatewayError`] when there is no backend, two share a name, a name is not a valid
+    /// header value, or an endpoint is not a valid base URL.
+    pub fn build(self) -> Result<Gateway, GatewayError> {
+        if self.backends.is_empty() {
+            return Err(GatewayError::NoBackends);
+        }
+        let mut names = HashSet::new();
+        let client: UpstreamClient<ReplayBody> = UpstreamClient::builder()
+            .connect_timeout(self.connect_timeout)
+            .build();
+        let mut stacks = Vec::with_capacity(self.backends.len());
+        let mut served_by_values = Vec::with_capacity(self.backends.len());
+        for spec in self.backends {
+            if !names.insert(spec.name.clone()) {
+                return Err(GatewayError::DuplicateName(spec.name));
+            }
+            let value = HeaderValue::from_str(&spec.name)
+                .map_err(|_| GatewayError::InvalidName(spec.name.clone()))?;
+            let base = format!(
+                "{}{}",
+                spec.endpoint.trim_end_matches('/'),
+                self.backend_path
+            );
+            let upstream = Upstream::new(&base, client.clone()).map_err(|source| {
+                GatewayError::InvalidEndpoint {
+                    name: spec.name.clone(),
+                    source,
+                }
+            })?;
+            let service = match spec.auth {
+                Some(auth) => Either::Left(auth.layer(upstream)),
+                None => Either::Right(MapErr::new(upstream, BoxError::from as fn(_) -> _)),
+            };
+            stacks.push((spec.name, Timeout::new(service, self.attempt_timeout)));
+            served_by_values.push(value);
+        }
+        let balance = Balance::with_policy(stacks, self.health, Default::default());
+        let health = balance.health();
+        let retry = RetryNextBackendLayer::new(health.clone())
+            .max_attempts(self.max_attempts)
+            .body_limit(self.body_limit)
+            .layer(balance);
+        Ok(Gateway {
+            stack: Timeout::new(retry, self.deadline),
+            health,
+            served_by_values: self.served_by_header.then(|| served_by_values.into()),
+        })
+    }
+}
+
+/// Why a [`GatewayBuilder`] could not build.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// No backend was configured.
+    #[error("no backend is configured")]
+    NoBackends,
+    /// Two backends share a name.
+    #[error("two backends are named {0:?}")]
+    DuplicateName(String),
+    /// A name cannot be sent as a header value.
+    #[error("backend name {0:?} is not a valid header value")]
+    InvalidName(String),
+    /// An endpoint is not a valid base URL.
+    #[error("backend {name:?}: {source}")]
+    InvalidEndpoint {
+        /// The backend's name.
+        name: String,
+        /// What is wrong with its endpoint.
+        #[source]
+        source: InvalidBaseUrl,
+    },
+}
