@@ -1,0 +1,83 @@
+//! Shared helpers for the end-to-end tests: emulated instances, a gateway in front of them on
+//! a loopback port, and a real HTTP client.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use aoai_sim::{SimConfig, SimHandle};
+use aoai_tower::{Gateway, GatewayBuilder};
+use axum::Router;
+use serde_json::{Value, json};
+
+/// The chat completions path a caller of the gateway uses.
+pub const CHAT: &str = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21";
+
+/// Every wait in a test is bounded by this.
+pub const BOUND: Duration = Duration::from_secs(10);
+
+/// Starts `n` emulated instances named `a`, `b`, `c`, ...
+pub async fn sims(n: usize) -> Vec<SimHandle> {
+    sims_with(n, |config| config).await
+}
+
+/// Starts `n` emulated instances named `a`, `b`, `c`, ..., each configured by `configure`.
+pub async fn sims_with(n: usize, configure: impl Fn(SimConfig) -> SimConfig) -> Vec<SimHandle> {
+    let mut sims = Vec::with_capacity(n);
+    for i in 0..n {
+        let name = char::from(b'a' + u8::try_from(i).unwrap()).to_string();
+        sims.push(aoai_sim::start(configure(SimConfig::new(name))).await);
+    }
+    sims
+}
+
+/// A builder with one backend per emulated instance, named after it.
+pub fn builder_over(sims: &[SimHandle]) -> GatewayBuilder {
+    sims.iter()
+        .fold(Gateway::builder(), |builder, sim| builder.backend(sim.name(), sim.url()))
+}
+
+/// Serves `app` on 127.0.0.1:0 in the background; returns its base URL.
+pub async fn serve(app: Router) -> String {
+    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}")
+}
+
+/// Serves `gateway` mounted at `/openai`; returns the base URL.
+pub async fn serve_gateway(gateway: Gateway) -> String {
+    serve(Router::new().nest_service("/openai", gateway)).await
+}
+
+/// A real HTTP client with a bounded timeout.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(BOUND).build().unwrap()
+}
+
+/// A small chat completions request body.
+pub fn chat_body() -> Value {
+    json!({ "messages": [{ "role": "user", "content": "Hello" }] })
+}
+
+/// Sends a chat completion to the gateway at `base`.
+pub async fn chat(client: &reqwest::Client, base: &str) -> reqwest::Response {
+    client
+        .post(format!("{base}{CHAT}"))
+        .json(&chat_body())
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The `x-served-by` header of a response.
+pub fn served_by(response: &reqwest::Response) -> String {
+    response
+        .headers()
+        .get("x-served-by")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default()
+}
