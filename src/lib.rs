@@ -63,3 +63,8 @@ pub use crate::gateway::{Gateway, GatewayBuilder, GatewayError, GatewayFuture};
 
 /// A type-erased error, as tower uses.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The README's examples, compiled as doctests so the README stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
