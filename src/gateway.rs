@@ -88,13 +88,13 @@ impl Service<Request<Body>> for Gateway {
         headers.remove(http::header::AUTHORIZATION);
         headers.remove("api-key");
         let method = request.method().clone();
-        let path = request.uri().path().to_owned();
+        let uri = request.uri().clone();
         GatewayFuture {
             inner: self.stack.call(request),
             started: Instant::now(),
             served_by_values: self.served_by_values.clone(),
             method,
-            path,
+            uri,
         }
     }
 }
@@ -109,7 +109,7 @@ pin_project! {
         started: Instant,
         served_by_values: Option<Arc<[HeaderValue]>>,
         method: http::Method,
-        path: String,
+        uri: http::Uri,
     }
 }
 
@@ -117,7 +117,7 @@ impl fmt::Debug for GatewayFuture {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GatewayFuture")
             .field("method", &self.method)
-            .field("path", &self.path)
+            .field("path", &self.uri.path())
             .finish_non_exhaustive()
     }
 }
@@ -149,7 +149,7 @@ impl Future for GatewayFuture {
         }
         tracing::info!(
             method = %this.method,
-            path = %this.path,
+            path = this.uri.path(),
             backend = served_by.as_ref().map_or("-", ServedBy::name),
             status = response.status().as_u16(),
             latency_ms = this.started.elapsed().as_secs_f64() * 1000.0,
