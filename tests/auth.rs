@@ -170,7 +170,7 @@ async fn a_token_endpoint_that_is_down_gives_503_and_contacts_no_backend() {
 
 #[tokio::test]
 async fn api_key_mode_sets_each_backends_own_key_once() {
-    let sims = vec![
+    let sims = [
         aoai_sim::start(aoai_sim::SimConfig::new("a").expect_api_key("key-a")).await,
         aoai_sim::start(aoai_sim::SimConfig::new("b").expect_api_key("key-b")).await,
     ];
