@@ -1,0 +1,294 @@
+#!/usr/bin/env python3
+"""Load benchmark: the gateway against nginx against direct, in one run, on loopback.
+
+    python3 benches/load/run.py [--duration 10] [--skip-build]
+
+Two backends are served by nginx (`return 200` with a canned chat completion), so the backend is
+not ours. Then, one after the other, oha loads: the backend directly; nginx as a round-robin
+upstream with proxy_next_upstream (the peer); and the aoai-tower gateway example (release build,
+RetryNextBackend + Balance + AzureAuth with an api-key). Each at concurrency 1 and 32.
+
+Reported per target: requests per second, p50 and p99 latency, CPU microseconds per request of
+the proxy process(es), and their peak RSS. It checks that every answer was 200 and that the two
+backends split the proxied traffic about 50/50.
+
+Needs nginx (`apt-get install nginx-light`) and oha (`cargo install oha`); it says so if either
+is missing.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PATH = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
+BODY = '{"messages":[{"role":"user","content":"Hello"}],"max_tokens":16}'
+CANNED = (
+    '{"id":"chatcmpl-bench","object":"chat.completion","created":1732500000,'
+    '"model":"gpt-4o-2024-08-06","choices":[{"index":0,"message":{"role":"assistant",'
+    '"content":"Hello! How can I help you today?"},"finish_reason":"stop"}],'
+    '"usage":{"prompt_tokens":9,"completion_tokens":9,"total_tokens":18}}'
+)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=30.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+def nginx_conf(workdir, name, servers_block):
+    path = os.path.join(workdir, f"{name}.conf")
+    with open(path, "w") as f:
+        f.write(
+            f"""daemon off;
+worker_processes auto;
+pid {workdir}/{name}.pid;
+error_log {workdir}/{name}.error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    client_body_temp_path {workdir}/{name}-body;
+    proxy_temp_path {workdir}/{name}-proxy;
+    fastcgi_temp_path {workdir}/{name}-fastcgi;
+    uwsgi_temp_path {workdir}/{name}-uwsgi;
+    scgi_temp_path {workdir}/{name}-scgi;
+    keepalive_requests 1000000;
+{servers_block}
+}}
+"""
+        )
+    return path
+
+
+def process_tree(pid):
+    """pid and its descendants."""
+    pids, frontier = [pid], [pid]
+    while frontier:
+        parent = frontier.pop()
+        try:
+            with open(f"/proc/{parent}/task/{parent}/children") as f:
+                children = [int(c) for c in f.read().split()]
+        except OSError:
+            children = []
+        pids += children
+        frontier += children
+    return pids
+
+
+def cpu_seconds(pids):
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime + stime
+        except OSError:
+            pass
+    return total / ticks
+
+
+def peak_rss_kib(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def count_lines(path):
+    try:
+        with open(path) as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 0
+
+
+def oha(url, concurrency, duration, headers):
+    cmd = [
+        "oha", "--no-tui", "--output-format", "json", "-z", f"{duration}s",
+        "-c", str(concurrency), "-m", "POST", "-d", BODY,
+        "-H", "content-type: application/json",
+    ]
+    for header in headers:
+        cmd += ["-H", header]
+    out = subprocess.run(cmd + [url], check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds per measurement")
+    parser.add_argument("--skip-build", action="store_true", help="use the existing release build")
+    args = parser.parse_args()
+    for tool, hint in (("nginx", "apt-get install nginx-light"), ("oha", "cargo install oha")):
+        if not shutil.which(tool):
+            raise SystemExit(f"{tool} is missing: {hint}")
+    if not args.skip_build:
+        subprocess.run(["cargo", "build", "--release", "--example", "gateway"], cwd=ROOT, check=True)
+    gateway_bin = os.path.join(ROOT, "target", "release", "examples", "gateway")
+
+    workdir = tempfile.mkdtemp(prefix="aoai-load-")
+    procs = []
+    try:
+        b1, b2, peer, gw = free_port(), free_port(), free_port(), free_port()
+        servers = "".join(
+            f"""    server {{
+        listen 127.0.0.1:{port} reuseport backlog=4096;
+        access_log {workdir}/backend-{port}.log;
+        location / {{ default_type application/json; return 200 '{CANNED}'; }}
+    }}
+"""
+            for port in (b1, b2)
+        )
+        backends_conf = nginx_conf(workdir, "backends", servers)
+        peer_conf = nginx_conf(
+            workdir,
+            "peer",
+            f"""    access_log off;
+    upstream azure_openai {{
+        server 127.0.0.1:{b1} max_fails=1 fail_timeout=10s;
+        server 127.0.0.1:{b2} max_fails=1 fail_timeout=10s;
+        keepalive 64;
+    }}
+    server {{
+        listen 127.0.0.1:{peer} reuseport backlog=4096;
+        location /openai/ {{
+            proxy_pass http://azure_openai;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header api-key "bench-key";
+            proxy_next_upstream error timeout http_429 http_500 http_502 http_503 http_504 non_idempotent;
+            proxy_next_upstream_tries 3;
+            proxy_buffering off;
+        }}
+    }}
+""",
+        )
+        procs.append(subprocess.Popen(["nginx", "-c", backends_conf, "-p", workdir]))
+        wait_port(b1)
+        wait_port(b2)
+        peer_proc = subprocess.Popen(["nginx", "-c", peer_conf, "-p", workdir])
+        procs.append(peer_proc)
+        wait_port(peer)
+        env = dict(os.environ, AOAI_KEY_B1="bench-key", AOAI_KEY_B2="bench-key", RUST_LOG="warn")
+        gateway_proc = subprocess.Popen(
+            [gateway_bin, "--listen", f"127.0.0.1:{gw}",
+             "--backend", f"b1=http://127.0.0.1:{b1}", "--backend", f"b2=http://127.0.0.1:{b2}",
+             "--auth", "api-key"],
+            env=env, stdout=subprocess.DEVNULL,
+        )
+        procs.append(gateway_proc)
+        wait_port(gw)
+        # Warm up keep-alive pools.
+        for port in (peer, gw):
+            urllib.request.urlopen(urllib.request.Request(
+                f"http://127.0.0.1:{port}{PATH}", data=BODY.encode(),
+                headers={"content-type": "application/json"})).read()
+
+        targets = [
+            ("direct", b1, None),
+            ("nginx", peer, peer_proc.pid),
+            ("gateway", gw, gateway_proc.pid),
+        ]
+        logs = [os.path.join(workdir, f"backend-{p}.log") for p in (b1, b2)]
+        rows = []
+        ok = True
+        for concurrency in (1, 32):
+            for name, port, pid in targets:
+                pids = process_tree(pid) if pid else []
+                before_cpu = cpu_seconds(pids)
+                before_counts = [count_lines(log) for log in logs]
+                result = oha(f"http://127.0.0.1:{port}{PATH}", concurrency, args.duration, [])
+                cpu = cpu_seconds(pids) - before_cpu
+                counts = [count_lines(log) - c for log, c in zip(logs, before_counts)]
+                summary = result["summary"]
+                statuses = result.get("statusCodeDistribution", {})
+                total = sum(statuses.values())
+                all_200 = total > 0 and set(statuses) == {"200"}
+                split = counts[0] / max(1, sum(counts))
+                balanced = name == "direct" or abs(split - 0.5) <= 0.02
+                ok &= all_200 and balanced
+                latency = result["latencyPercentiles"]
+                rows.append({
+                    "target": name,
+                    "concurrency": concurrency,
+                    "rps": summary["requestsPerSec"],
+                    "p50_ms": latency["p50"] * 1000,
+                    "p99_ms": latency["p99"] * 1000,
+                    "cpu_us_per_req": cpu * 1e6 / total if pid and total else None,
+                    "peak_rss_mib": peak_rss_kib(process_tree(pid)) / 1024 if pid else None,
+                    "all_200": all_200,
+                    "split": f"{counts[0]}/{counts[1]}",
+                })
+        print_table(rows)
+        print_ratios(rows)
+        if not ok:
+            print("FAILED: some answers were not 200, or the split was not about 50/50")
+            sys.exit(1)
+    finally:
+        for proc in reversed(procs):
+            proc.send_signal(signal.SIGTERM if proc.args[0] != "nginx" else signal.SIGQUIT)
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def print_table(rows):
+    print("| target | concurrency | RPS | p50 ms | p99 ms | proxy CPU µs/req | proxy peak RSS MiB | all 200 | split |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")
+    for r in rows:
+        print(
+            f"| {r['target']} | {r['concurrency']} | {r['rps']:.0f} | {r['p50_ms']:.3f} | "
+            f"{r['p99_ms']:.3f} | {fmt(r['cpu_us_per_req'], '.1f')} | "
+            f"{fmt(r['peak_rss_mib'], '.1f')} | {'yes' if r['all_200'] else 'NO'} | {r['split']} |"
+        )
+
+
+def print_ratios(rows):
+    by = {(r["target"], r["concurrency"]): r for r in rows}
+    g32, n32 = by[("gateway", 32)], by[("nginx", 32)]
+    g1, n1, d1 = by[("gateway", 1)], by[("nginx", 1)], by[("direct", 1)]
+    print()
+    print(f"gateway/nginx RPS at c=32: {g32['rps'] / n32['rps']:.2f} (target >= 1)")
+    print(f"gateway/nginx CPU per request at c=32: "
+          f"{g32['cpu_us_per_req'] / n32['cpu_us_per_req']:.2f} (target <= 1)")
+    added_g = g1["p99_ms"] - d1["p99_ms"]
+    added_n = n1["p99_ms"] - d1["p99_ms"]
+    print(f"added p99 at c=1: gateway {added_g:.3f} ms, nginx {added_n:.3f} ms (target: gateway <= nginx)")
+    print(f"gateway peak RSS at c=32: {g32['peak_rss_mib']:.1f} MiB (target < 32)")
+
+
+if __name__ == "__main__":
+    main()
