@@ -17,13 +17,15 @@ const CHAT: &str = "/openai/deployments/gpt-4o/chat/completions?api-version=2024
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let east = aoai_sim::start(SimConfig::new("eastus").region("East US")).await;
-    let west = aoai_sim::start(
-        SimConfig::new("westus")
-            .region("West US")
+    // Streams from eastus pause between chunks, so they visibly arrive one by one.
+    let east = aoai_sim::start(
+        SimConfig::new("eastus")
+            .region("East US")
+            .time_to_first_token(Duration::from_millis(300))
             .chunk_delay(Duration::from_millis(150)),
     )
     .await;
+    let west = aoai_sim::start(SimConfig::new("westus").region("West US")).await;
     let gateway = Gateway::builder()
         .backend("eastus", east.url())
         .backend("westus", west.url())
@@ -71,7 +73,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     println!("\nA streamed completion (the gateway forwards each chunk as it arrives):");
-    // The next request goes to westus, the instance with a delay between chunks.
+    // Twelve requests alternated; the thirteenth goes to eastus again.
     let started = Instant::now();
     let response = client
         .post(format!("{base}{CHAT}"))

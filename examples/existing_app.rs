@@ -18,6 +18,10 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 
 /// The app as it was before aoai-tower, plus one `nest_service` line.
+///
+/// The caller's `x-request-id` reaches Azure; on responses from Azure, Azure's own
+/// `x-request-id` (the id its support asks for) is kept: `PropagateRequestIdLayer` only sets
+/// the header when the response has none.
 pub fn app(gateway: Gateway) -> Router {
     Router::new()
         .route(
