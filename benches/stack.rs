@@ -51,11 +51,18 @@ fn backend() -> impl Service<
     Error = Infallible,
     Future = std::future::Ready<Result<Response<ReplayBody>, Infallible>>,
 > + Clone {
-    service_fn(|_req: Request<ReplayBody>| std::future::ready(Ok(Response::new(ReplayBody::default()))))
+    service_fn(|_req: Request<ReplayBody>| {
+        std::future::ready(Ok(Response::new(ReplayBody::default())))
+    })
 }
 
+/// A request as a caller sends it: a path, a few headers, a JSON body.
 fn request(body: &Bytes) -> Request<ReplayBody> {
     Request::post("/deployments/gpt-4o/chat/completions?api-version=2024-10-21")
+        .header("content-type", "application/json")
+        .header("accept", "application/json")
+        .header("user-agent", "AzureOpenAI/Python 1.54.0")
+        .header("api-key", "caller-key")
         .body(ReplayBody::new(body.clone()))
         .unwrap()
 }
@@ -99,27 +106,46 @@ fn benches(c: &mut Criterion) {
 
     let n = 10_000;
     println!("allocations per request (in-memory backend):");
-    println!("  backend alone   {:>5.2}", allocations_per_request(&rt, backend(), &body, n));
-    println!("  Balance         {:>5.2}", allocations_per_request(&rt, balance.clone(), &body, n));
-    println!("  AzureAuth       {:>5.2}", allocations_per_request(&rt, authed.clone(), &body, n));
-    println!("  RetryNextBackend + Balance {:>5.2}", allocations_per_request(&rt, retry.clone(), &body, n));
-    println!("  whole stack     {:>5.2}", allocations_per_request(&rt, whole.clone(), &body, n));
+    println!(
+        "  backend alone   {:>5.2}",
+        allocations_per_request(&rt, backend(), &body, n)
+    );
+    println!(
+        "  Balance         {:>5.2}",
+        allocations_per_request(&rt, balance.clone(), &body, n)
+    );
+    println!(
+        "  AzureAuth       {:>5.2}",
+        allocations_per_request(&rt, authed.clone(), &body, n)
+    );
+    println!(
+        "  RetryNextBackend + Balance {:>5.2}",
+        allocations_per_request(&rt, retry.clone(), &body, n)
+    );
+    println!(
+        "  whole stack     {:>5.2}",
+        allocations_per_request(&rt, whole.clone(), &body, n)
+    );
 
     let mut group = c.benchmark_group("per_request");
     group.bench_function("backend_alone", |b| {
         b.to_async(&rt).iter(|| backend().oneshot(request(&body)))
     });
     group.bench_function("balance", |b| {
-        b.to_async(&rt).iter(|| balance.clone().oneshot(request(&body)))
+        b.to_async(&rt)
+            .iter(|| balance.clone().oneshot(request(&body)))
     });
     group.bench_function("azure_auth", |b| {
-        b.to_async(&rt).iter(|| authed.clone().oneshot(request(&body)))
+        b.to_async(&rt)
+            .iter(|| authed.clone().oneshot(request(&body)))
     });
     group.bench_function("retry_balance", |b| {
-        b.to_async(&rt).iter(|| retry.clone().oneshot(request(&body)))
+        b.to_async(&rt)
+            .iter(|| retry.clone().oneshot(request(&body)))
     });
     group.bench_function("whole_stack", |b| {
-        b.to_async(&rt).iter(|| whole.clone().oneshot(request(&body)))
+        b.to_async(&rt)
+            .iter(|| whole.clone().oneshot(request(&body)))
     });
     group.finish();
 }

@@ -34,8 +34,9 @@ pub async fn sims_with(n: usize, configure: impl Fn(SimConfig) -> SimConfig) -> 
 
 /// A builder with one backend per emulated instance, named after it.
 pub fn builder_over(sims: &[SimHandle]) -> GatewayBuilder {
-    sims.iter()
-        .fold(Gateway::builder(), |builder, sim| builder.backend(sim.name(), sim.url()))
+    sims.iter().fold(Gateway::builder(), |builder, sim| {
+        builder.backend(sim.name(), sim.url())
+    })
 }
 
 /// Serves `app` on 127.0.0.1:0 in the background; returns its base URL.

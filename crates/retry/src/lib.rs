@@ -255,3 +255,6 @@ where
         ResponseFuture::reading(request, ready, self.body_limit)
     }
 }
+
+#[cfg(test)]
+mod tests;
