@@ -17,7 +17,7 @@ use aoai_tower::retry::{ReplayBody, RetryNextBackendLayer};
 use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
 use azure_core::time::OffsetDateTime;
 use bytes::Bytes;
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::Criterion;
 use http::{Request, Response};
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 use std::alloc::System;
@@ -150,5 +150,8 @@ fn benches(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(stack, benches);
-criterion_main!(stack);
+fn main() {
+    let mut criterion = Criterion::default().configure_from_args();
+    benches(&mut criterion);
+    criterion.final_summary();
+}
