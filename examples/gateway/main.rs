@@ -13,6 +13,11 @@
 
 mod settings;
 
+/// mimalloc: a proxy allocates and frees small buffers per request, from every worker thread.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use aoai_tower::auth::AzureAuthLayer;
@@ -22,6 +27,7 @@ use axum::{Json, Router};
 use azure_core::credentials::TokenCredential;
 use clap::Parser;
 use serde_json::json;
+use tokio::sync::watch;
 
 use crate::settings::{AuthMode, Backend, Flags, Settings, is_loopback_url};
 
@@ -101,10 +107,8 @@ async fn run(mut settings: Settings) -> Result<(), String> {
         app = app.layer(keys);
     }
 
-    let listener = tokio::net::TcpListener::bind(settings.listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let (addr, workers) = serve_per_core(settings.listen, app, &stopped)?;
     let names: Vec<&str> = settings.backends.iter().map(|b| b.name.as_str()).collect();
     tracing::info!(%addr, backends = ?names, "gateway listening");
     if !emulators.is_empty() {
@@ -118,8 +122,10 @@ async fn run(mut settings: Settings) -> Result<(), String> {
              -H 'content-type: application/json' -d '{{\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'"
         );
     }
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
+    shutdown_signal().await;
+    // Stop accepting, let requests in flight finish, then wait for every worker.
+    let _ = stop.send(true);
+    tokio::task::spawn_blocking(move || workers.into_iter().for_each(|w| drop(w.join())))
         .await
         .map_err(|e| e.to_string())?;
     for sim in emulators {
@@ -127,6 +133,73 @@ async fn run(mut settings: Settings) -> Result<(), String> {
     }
     tracing::info!("gateway stopped");
     Ok(())
+}
+
+/// Serves `app` on `listen` with one single-threaded runtime per core, each accepting on its own
+/// `SO_REUSEPORT` socket, the way nginx runs one event loop per worker: a request, its backend
+/// connection and their tasks stay on one thread, with no cross-thread wake-ups. Returns the
+/// bound address and the worker threads, which stop when `stopped` turns true.
+fn serve_per_core(
+    listen: SocketAddr,
+    app: Router,
+    stopped: &watch::Receiver<bool>,
+) -> Result<(SocketAddr, Vec<std::thread::JoinHandle<()>>), String> {
+    let count = std::thread::available_parallelism().map_or(1, usize::from);
+    let mut addr = listen;
+    let mut workers = Vec::with_capacity(count);
+    for index in 0..count {
+        let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+        let app = app.clone();
+        let mut stopped = stopped.clone();
+        let worker = std::thread::Builder::new()
+            .name(format!("gateway-{index}"))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => return drop(bound_tx.send(Err(e.to_string()))),
+                };
+                runtime.block_on(async move {
+                    let listener = match reuseport_listener(addr) {
+                        Ok(listener) => listener,
+                        Err(e) => {
+                            return drop(
+                                bound_tx.send(Err(format!("cannot listen on {addr}: {e}"))),
+                            );
+                        }
+                    };
+                    let _ = bound_tx.send(listener.local_addr().map_err(|e| e.to_string()));
+                    let shutdown = async move {
+                        let _ = stopped.wait_for(|stop| *stop).await;
+                    };
+                    if let Err(e) = axum::serve(listener, app)
+                        .with_graceful_shutdown(shutdown)
+                        .await
+                    {
+                        tracing::error!(error = %e, "worker stopped");
+                    }
+                });
+            })
+            .map_err(|e| e.to_string())?;
+        addr = bound_rx.recv().map_err(|e| e.to_string())??;
+        workers.push(worker);
+    }
+    Ok((addr, workers))
+}
+
+fn reuseport_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
 }
 
 fn build_gateway(settings: &Settings) -> Result<Gateway, String> {

@@ -88,19 +88,23 @@ where
         result: &mut Result<Response<RB>, BoxError>,
     ) -> Option<Backoff> {
         self.attempts += 1;
-        let (outcome, served_by) = match result {
-            Ok(response) => (
-                self.classifier
-                    .classify_response(response.status(), response.headers()),
-                response.extensions().get::<ServedBy>().cloned(),
-            ),
+        let outcome = match result {
+            Ok(response) => self
+                .classifier
+                .classify_response(response.status(), response.headers()),
             Err(error) if error.is::<AllCoolingDown>() || error.is::<NoBackends>() => return None,
-            Err(error) => (
-                self.classifier.classify_error(&**error),
-                error
-                    .downcast_ref::<BackendError>()
-                    .map(|e| e.served_by().clone()),
-            ),
+            Err(error) => self.classifier.classify_error(&**error),
+        };
+        // The common case, a success or a final answer, ends here, without touching the
+        // request's extensions.
+        if !outcome.is_retryable() {
+            return None;
+        }
+        let served_by = match result {
+            Ok(response) => response.extensions().get::<ServedBy>().cloned(),
+            Err(error) => error
+                .downcast_ref::<BackendError>()
+                .map(|e| e.served_by().clone()),
         };
         let backend = served_by.as_ref().map_or("", ServedBy::name);
         let tried = request
@@ -108,9 +112,6 @@ where
             .get_or_insert_default::<TriedBackends>();
         if let Some(served_by) = &served_by {
             tried.insert(served_by.index());
-        }
-        if !outcome.is_retryable() {
-            return None;
         }
         if let Some(recovery) = self.health.soonest_recovery() {
             if let Ok(response) = result

@@ -8,6 +8,7 @@ use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::{TokioExecutor, TokioTimer},
 };
+use thread_local::ThreadLocal;
 
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -16,9 +17,17 @@ const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// `https` with ALPN `h2` and `http/1.1`.
 type Connector = HttpsConnector<HttpConnector>;
 
-/// One HTTP client shared by every [`Upstream`](crate::Upstream): a keep-alive connection pool,
+/// One HTTP client shared by every [`Upstream`](crate::Upstream): keep-alive connection pools,
 /// HTTP/1.1 and HTTP/2 chosen by ALPN over rustls (ring, Mozilla roots from `webpki-roots`), plain
 /// HTTP/1.1 for loopback backends, `TCP_NODELAY`, and a connect timeout.
+///
+/// # One pool per thread
+///
+/// Each thread that sends gets its own connection pool, made on its first request. A hyper
+/// connection is driven by a task of its own, spawned where the connection was opened; with one
+/// pool per thread, a request and its connection's task stay on one thread, so under a runtime
+/// per core (the gateway example's) no request wakes another thread. Under a multi-thread
+/// runtime it costs at most one pool per worker thread.
 ///
 /// `B` is the request body type. It is sent as it streams, so no boxing is needed; use one body
 /// type per client, for example `http_body_util::Full<Bytes>` or
@@ -27,8 +36,15 @@ type Connector = HttpsConnector<HttpConnector>;
 /// # Clone
 ///
 /// Cloning is cheap and shares the pool: build one client and clone it into every backend.
-pub struct UpstreamClient<B> {
-    inner: Client<Connector, B>,
+pub struct UpstreamClient<B: Send> {
+    shared: Arc<Shared<B>>,
+}
+
+/// What every clone shares: how to make a pool, and each thread's pool.
+struct Shared<B: Send> {
+    connector: Connector,
+    pool_idle_timeout: Duration,
+    pools: ThreadLocal<Client<Connector, B>>,
 }
 
 impl UpstreamClient<()> {
@@ -64,14 +80,25 @@ where
     }
 }
 
-impl<B> UpstreamClient<B> {
-    /// The hyper-util client underneath.
+impl<B> UpstreamClient<B>
+where
+    B: Body + Send,
+    B::Data: Send,
+{
+    /// The calling thread's hyper-util client (its own pool), made on first use.
     pub fn get_ref(&self) -> &Client<Connector, B> {
-        &self.inner
+        let shared = &*self.shared;
+        shared.pools.get_or(|| {
+            Client::builder(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(shared.pool_idle_timeout)
+                .build(shared.connector.clone())
+        })
     }
 }
 
-impl<B> Default for UpstreamClient<B>
+impl<B: Send> Default for UpstreamClient<B>
 where
     B: Body + Send,
     B::Data: Send,
@@ -81,15 +108,15 @@ where
     }
 }
 
-impl<B> Clone for UpstreamClient<B> {
+impl<B: Send> Clone for UpstreamClient<B> {
     fn clone(&self) -> Self {
         Self {
-            inner: self.inner.clone(),
+            shared: self.shared.clone(),
         }
     }
 }
 
-impl<B> fmt::Debug for UpstreamClient<B> {
+impl<B: Send> fmt::Debug for UpstreamClient<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("UpstreamClient").finish_non_exhaustive()
     }
@@ -148,11 +175,12 @@ impl UpstreamClientBuilder {
             .enable_http2()
             .wrap_connector(http);
 
-        let inner = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(self.pool_idle_timeout)
-            .build(https);
-        UpstreamClient { inner }
+        UpstreamClient {
+            shared: Arc::new(Shared {
+                connector: https,
+                pool_idle_timeout: self.pool_idle_timeout,
+                pools: ThreadLocal::new(),
+            }),
+        }
     }
 }

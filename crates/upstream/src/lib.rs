@@ -104,7 +104,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 ///
 /// Cloning is cheap (a reference count and a client clone) and shares the connection pool, so
 /// middleware may clone an `Upstream` per request and drive the clone with `oneshot`.
-pub struct Upstream<B> {
+pub struct Upstream<B: Send> {
     base: Arc<Base>,
     client: UpstreamClient<B>,
 }
@@ -120,7 +120,7 @@ struct Base {
     host: HeaderValue,
 }
 
-impl<B> Upstream<B> {
+impl<B: Send> Upstream<B> {
     /// An `Upstream` sending to `base_url` over `client`.
     ///
     /// `base_url` is `https://host[:port][/base/path]`, or `http://` for a loopback host
@@ -255,7 +255,7 @@ where
     }
 }
 
-impl<B> Clone for Upstream<B> {
+impl<B: Send> Clone for Upstream<B> {
     fn clone(&self) -> Self {
         Self {
             base: Arc::clone(&self.base),
@@ -264,7 +264,7 @@ impl<B> Clone for Upstream<B> {
     }
 }
 
-impl<B> fmt::Debug for Upstream<B> {
+impl<B: Send> fmt::Debug for Upstream<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Upstream")
             .field("base_url", &self.base.url)
