@@ -484,3 +484,42 @@ async fn without_backends_it_serves_two_emulated_instances() {
         gateway.stdout()
     );
 }
+
+#[tokio::test]
+async fn sigterm_lets_the_stream_in_flight_finish_then_exits_cleanly() {
+    let sim =
+        aoai_sim::start(aoai_sim::SimConfig::new("slow").chunk_delay(Duration::from_millis(100)))
+            .await;
+    let addr = free_addr();
+    let base = format!("http://{addr}");
+    let mut gateway = Gateway::spawn(&["--listen", &addr, "--backend", &backend_flag(&sim)], &[]);
+    gateway.ready(&base, None).await;
+
+    let response = client()
+        .post(format!("{base}{CHAT}"))
+        .json(&serde_json::json!({ "messages": [{ "role": "user", "content": "Hi" }], "stream": true }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let terminated = Command::new("kill")
+        .args(["-TERM", &gateway.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(terminated.success());
+
+    let body = response
+        .text()
+        .await
+        .expect("the stream in flight completes");
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+    let status = gateway.exit().await;
+    assert!(status.success(), "{status}; stderr: {}", gateway.stderr());
+    assert!(
+        client()
+            .get(format!("{base}/admin/backends"))
+            .send()
+            .await
+            .is_err()
+    );
+}
