@@ -52,6 +52,17 @@ impl TokenCredential for CountingCredential {
     }
 }
 
+/// A gateway over `sims`, every backend authenticated with one token cache over `credential`.
+fn authenticated(sims: &[aoai_sim::SimHandle], credential: &Arc<CountingCredential>) -> Gateway {
+    let auth = AzureAuthLayer::from_credential(credential.clone());
+    sims.iter()
+        .fold(Gateway::builder(), |builder, sim| {
+            builder.backend_with_auth(sim.name(), sim.url(), auth.clone())
+        })
+        .build()
+        .unwrap()
+}
+
 fn authorization(sim: &aoai_sim::SimHandle, request: usize) -> Vec<String> {
     sim.requests()[request]
         .headers
@@ -65,13 +76,7 @@ fn authorization(sim: &aoai_sim::SimHandle, request: usize) -> Vec<String> {
 async fn backends_receive_the_bearer_token_and_never_the_callers_credentials() {
     let sims = sims_with(2, |c| c.expect_bearer("token-1")).await;
     let credential = Arc::new(CountingCredential::default());
-    let auth = AzureAuthLayer::from_credential(credential.clone());
-    let gateway = Gateway::builder()
-        .backend_with_auth("a", sims[0].url(), auth.clone())
-        .backend_with_auth("b", sims[1].url(), auth)
-        .build()
-        .unwrap();
-    let base = serve_gateway(gateway).await;
+    let base = serve_gateway(authenticated(&sims, &credential)).await;
     let client = client();
     for _ in 0..20 {
         let response = client
@@ -98,13 +103,7 @@ async fn backends_receive_the_bearer_token_and_never_the_callers_credentials() {
 async fn a_backend_401_refreshes_the_token_once_and_the_retry_succeeds() {
     let sims = sims_with(2, |c| c.expect_bearer("token-2")).await;
     let credential = Arc::new(CountingCredential::default());
-    let auth = AzureAuthLayer::from_credential(credential.clone());
-    let gateway = Gateway::builder()
-        .backend_with_auth("a", sims[0].url(), auth.clone())
-        .backend_with_auth("b", sims[1].url(), auth)
-        .build()
-        .unwrap();
-    let base = serve_gateway(gateway).await;
+    let base = serve_gateway(authenticated(&sims, &credential)).await;
 
     let response = chat(&client(), &base).await;
     assert_eq!(response.status(), 200);
@@ -124,15 +123,7 @@ async fn a_backend_401_refreshes_the_token_once_and_the_retry_succeeds() {
 async fn a_401_that_persists_is_retried_once_then_passed_to_the_caller() {
     let sims = sims_with(3, |c| c.expect_bearer("never-issued")).await;
     let credential = Arc::new(CountingCredential::default());
-    let auth = AzureAuthLayer::from_credential(credential.clone());
-    let gateway = sims
-        .iter()
-        .fold(Gateway::builder(), |b, sim| {
-            b.backend_with_auth(sim.name(), sim.url(), auth.clone())
-        })
-        .build()
-        .unwrap();
-    let base = serve_gateway(gateway).await;
+    let base = serve_gateway(authenticated(&sims, &credential)).await;
     let response = chat(&client(), &base).await;
     assert_eq!(response.status(), 401);
     let calls: usize = sims.iter().map(|s| s.request_count()).sum();
@@ -144,13 +135,7 @@ async fn a_token_endpoint_that_is_down_gives_503_and_contacts_no_backend() {
     let sims = sims_with(2, |c| c).await;
     let credential = Arc::new(CountingCredential::default());
     *credential.failing.lock().unwrap() = true;
-    let auth = AzureAuthLayer::from_credential(credential.clone());
-    let gateway = Gateway::builder()
-        .backend_with_auth("a", sims[0].url(), auth.clone())
-        .backend_with_auth("b", sims[1].url(), auth)
-        .build()
-        .unwrap();
-    let base = serve_gateway(gateway).await;
+    let base = serve_gateway(authenticated(&sims, &credential)).await;
 
     let response = chat(&client(), &base).await;
     assert_eq!(response.status(), 503);
