@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use aoai_sim::SimConfig;
 use aoai_tower::Gateway;
 use axum::Router;
+use axum::serve::ListenerExt;
 use futures_util::StreamExt;
 use serde_json::json;
 
@@ -32,6 +33,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build()?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
+    let listener = listener.tap_io(|tcp| drop(tcp.set_nodelay(true)));
     let server = tokio::spawn(async move {
         axum::serve(listener, Router::new().nest_service("/openai", gateway)).await
     });

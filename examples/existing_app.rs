@@ -11,6 +11,7 @@
 use aoai_sim::SimConfig;
 use aoai_tower::Gateway;
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use serde_json::json;
 use tower::ServiceBuilder;
@@ -54,6 +55,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build()?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
     tracing::info!(addr = %listener.local_addr()?, "existing app listening");
+    // TCP_NODELAY on accepted connections, so stream chunks leave at once.
+    let listener = listener.tap_io(|tcp| drop(tcp.set_nodelay(true)));
     axum::serve(listener, app(gateway))
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;

@@ -10,7 +10,7 @@
 //! use aoai_tower::Gateway;
 //! use aoai_tower::auth::AzureAuthLayer;
 //! use azure_identity::ManagedIdentityCredential;
-//! use axum::{Router, routing::get};
+//! use axum::{Router, routing::get, serve::ListenerExt};
 //!
 //! # #[tokio::main]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -24,7 +24,10 @@
 //! let app = Router::new()
 //!     .route("/healthz", get(|| async { "ok" }))
 //!     .nest_service("/openai", gateway);
-//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! // TCP_NODELAY on accepted connections, so stream chunks leave at once.
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080")
+//!     .await?
+//!     .tap_io(|tcp| drop(tcp.set_nodelay(true)));
 //! axum::serve(listener, app).await?;
 //! # Ok(())
 //! # }

@@ -13,10 +13,6 @@
 
 mod settings;
 
-/// mimalloc: a proxy allocates and frees small buffers per request, from every worker thread.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 

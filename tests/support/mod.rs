@@ -9,6 +9,7 @@ use std::time::Duration;
 use aoai_sim::{SimConfig, SimHandle};
 use aoai_tower::{Gateway, GatewayBuilder};
 use axum::Router;
+use axum::serve::ListenerExt;
 use serde_json::{Value, json};
 
 /// The chat completions path a caller of the gateway uses.
@@ -45,6 +46,7 @@ pub async fn serve(app: Router) -> String {
         .await
         .unwrap();
     let addr = listener.local_addr().unwrap();
+    let listener = listener.tap_io(|tcp| drop(tcp.set_nodelay(true)));
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     format!("http://{addr}")
 }
