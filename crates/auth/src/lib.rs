@@ -61,12 +61,6 @@
 //!   never contains a token or a key, and neither does anything this crate logs.
 //! - [`error::TokenUnavailable`] carries a summary of what failed (for example "the token endpoint
 //!   answered HTTP 500"), not the credential's message, which may quote the token endpoint.
-#![warn(
-    missing_docs,
-    missing_debug_implementations,
-    rust_2018_idioms,
-    unreachable_pub
-)]
 #![forbid(unsafe_code)]
 
 mod cache;

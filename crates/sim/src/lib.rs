@@ -57,12 +57,6 @@
 //! - [`SimHandle::hold_chunks`] and [`SimHandle::release_chunk`] step a stream chunk by chunk,
 //!   to prove a proxy forwards SSE without buffering.
 
-#![warn(
-    missing_docs,
-    missing_debug_implementations,
-    rust_2018_idioms,
-    unreachable_pub
-)]
 #![forbid(unsafe_code)]
 
 mod config;

@@ -55,12 +55,6 @@
 //! or escapes that decode to bytes that are not UTF-8 is refused with
 //! [`UpstreamError::InvalidPath`] before any backend is contacted, so a path can never climb out
 //! of the base path. So is a request target that is not a path (`*`, authority form).
-#![warn(
-    missing_docs,
-    missing_debug_implementations,
-    rust_2018_idioms,
-    unreachable_pub
-)]
 #![forbid(unsafe_code)]
 
 mod client;
