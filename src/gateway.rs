@@ -38,9 +38,10 @@ type Stack = Timeout<RetryNextBackendService<Balance<BackendStack>>>;
 /// reaches `https://NAME.openai.azure.com/openai/deployments/...`.
 ///
 /// The caller's `Authorization` and `api-key` headers are removed before any backend sees the
-/// request. Every response carries `x-served-by: NAME` (unless turned off); every error of the stack
-/// becomes an Azure-shaped response ([`error_response`]); one tracing event per request logs
-/// the backend, the status and the latency.
+/// request. Every response from a backend, and every error naming one, carries
+/// `x-served-by: NAME` (unless turned off); every error of the stack becomes an Azure-shaped
+/// response ([`error_response`]); one tracing event per request logs the backend, the status
+/// and the latency.
 ///
 /// Cheap to clone: clones share the backends, their health and the connection pool.
 #[derive(Clone)]
