@@ -24,8 +24,16 @@ use http::{HeaderValue, Response, StatusCode, header};
 ///
 /// The message is the error's chain of `Display`s, which the crates keep free of secrets.
 pub fn error_response(error: &(dyn StdError + 'static)) -> Response<Body> {
+    error_response_with(error, &message(error))
+}
+
+/// [`error_response`] with the message already made (the gateway logs it too).
+pub(crate) fn error_response_with(
+    error: &(dyn StdError + 'static),
+    message: &str,
+) -> Response<Body> {
     let (status, code) = classify(error);
-    let mut response = azure_error(status, code, &message(error));
+    let mut response = azure_error(status, code, message);
     if let Some(cooling) = find::<AllCoolingDown>(error) {
         aoai_retry::set_retry_after(&mut response, cooling.retry_after());
     }
@@ -70,7 +78,9 @@ fn classify(error: &(dyn StdError + 'static)) -> (StatusCode, &'static str) {
 }
 
 /// The first error of type `E` in the source chain of `error`.
-fn find<'a, E: StdError + 'static>(error: &'a (dyn StdError + 'static)) -> Option<&'a E> {
+pub(crate) fn find<'a, E: StdError + 'static>(
+    error: &'a (dyn StdError + 'static),
+) -> Option<&'a E> {
     let mut current = Some(error);
     while let Some(err) = current {
         if let Some(found) = err.downcast_ref::<E>() {

@@ -22,7 +22,7 @@ use tower::util::{Either, MapErr};
 use tower::{Layer, Service};
 
 use crate::BoxError;
-use crate::error::error_response;
+use crate::error::{error_response_with, find, message};
 
 /// One backend's own stack: attempt timeout, optional auth, upstream.
 type BackendStack = Timeout<Either<AzureAuth<Upstream<ReplayBody>>, Unauthenticated>>;
@@ -40,8 +40,8 @@ type Stack = Timeout<RetryNextBackendService<Balance<BackendStack>>>;
 /// The caller's `Authorization` and `api-key` headers are removed before any backend sees the
 /// request. Every response from a backend, and every error naming one, carries
 /// `x-served-by: NAME` (unless turned off); every error of the stack becomes an Azure-shaped
-/// response ([`error_response`]); one tracing event per request logs the backend, the status
-/// and the latency.
+/// response ([`error_response`](crate::error_response)); one tracing event per request logs
+/// the backend, the status and the latency.
 ///
 /// Cheap to clone: clones share the backends, their health and the connection pool.
 #[derive(Clone)]
@@ -134,9 +134,10 @@ impl Future for GatewayFuture {
                 (response.map(Body::new), served_by)
             }
             Err(error) => {
-                let served_by = find_backend(&*error);
-                tracing::warn!(error = %crate::error::message(&*error), "request failed");
-                let mut response = error_response(&*error);
+                let served_by = find::<BackendError>(&*error).map(|e| e.served_by().clone());
+                let message = message(&*error);
+                tracing::warn!(error = %message, "request failed");
+                let mut response = error_response_with(&*error, &message);
                 if let Some(served_by) = &served_by {
                     response.extensions_mut().insert(served_by.clone());
                 }
@@ -158,17 +159,6 @@ impl Future for GatewayFuture {
         );
         Poll::Ready(Ok(response))
     }
-}
-
-fn find_backend(error: &(dyn std::error::Error + 'static)) -> Option<ServedBy> {
-    let mut current = Some(error);
-    while let Some(err) = current {
-        if let Some(backend) = err.downcast_ref::<BackendError>() {
-            return Some(backend.served_by().clone());
-        }
-        current = err.source();
-    }
-    None
 }
 
 /// Configures a [`Gateway`]; made by [`Gateway::builder`].

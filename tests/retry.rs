@@ -16,7 +16,8 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use serde_json::{Value, json};
 use support::{
-    BOUND, CHAT, builder_over, chat, chat_body, client, serve, serve_gateway, served_by, sims,
+    BOUND, CHAT, assert_azure_error, builder_over, chat, chat_body, client, serve, serve_gateway,
+    served_by, sims,
 };
 use tokio::sync::Semaphore;
 
@@ -61,19 +62,6 @@ fn header<'a>(response: &'a reqwest::Response, name: &str) -> Option<&'a str> {
 /// An Azure-shaped error body.
 fn azure_body(code: &str, message: &str) -> String {
     json!({ "error": { "code": code, "message": message } }).to_string()
-}
-
-/// Parses `body` and asserts it is an Azure-shaped error with `code`.
-fn assert_azure_error(body: &str, code: &str) -> Value {
-    let value: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
-    assert_eq!(value["error"]["code"], code, "{body}");
-    assert!(
-        value["error"]["message"]
-            .as_str()
-            .is_some_and(|m| !m.is_empty()),
-        "not Azure-shaped: {body}"
-    );
-    value
 }
 
 /// A scripted answer: exactly this status, a JSON content type and this body.

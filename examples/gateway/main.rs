@@ -206,12 +206,19 @@ fn build_gateway(settings: &Settings) -> Result<Gateway, String> {
         AuthMode::ManagedIdentity(None)
     });
     let shared = credential(&mode)?.map(AzureAuthLayer::from_credential);
-    let mut builder = Gateway::builder()
-        .max_attempts(settings.max_attempts)
-        .body_limit(settings.body_limit)
-        .attempt_timeout(settings.attempt_timeout)
-        .max_cooldown(settings.cooldown_cap)
-        .served_by_header(settings.served_by_header);
+    let mut builder = Gateway::builder().served_by_header(settings.served_by_header);
+    if let Some(attempts) = settings.max_attempts {
+        builder = builder.max_attempts(attempts);
+    }
+    if let Some(bytes) = settings.body_limit {
+        builder = builder.body_limit(bytes);
+    }
+    if let Some(timeout) = settings.attempt_timeout {
+        builder = builder.attempt_timeout(timeout);
+    }
+    if let Some(cap) = settings.cooldown_cap {
+        builder = builder.max_cooldown(cap);
+    }
     for backend in &settings.backends {
         let auth = match (&mode, &shared) {
             (AuthMode::ApiKey, _) => Some(api_key_layer(&backend.name)?),

@@ -126,10 +126,12 @@ pub(crate) struct Settings {
     pub(crate) backends: Vec<Backend>,
     pub(crate) auth: Option<AuthMode>,
     pub(crate) client_keys_env: Option<String>,
-    pub(crate) max_attempts: usize,
-    pub(crate) body_limit: usize,
-    pub(crate) attempt_timeout: Duration,
-    pub(crate) cooldown_cap: Duration,
+    /// The settings below are `None` when neither the flags nor the file give them: the
+    /// `Gateway` builder's own defaults apply.
+    pub(crate) max_attempts: Option<usize>,
+    pub(crate) body_limit: Option<usize>,
+    pub(crate) attempt_timeout: Option<Duration>,
+    pub(crate) cooldown_cap: Option<Duration>,
     pub(crate) served_by_header: bool,
 }
 
@@ -160,8 +162,8 @@ impl Settings {
             });
         }
         let auth = flags.auth.as_deref().or(file.auth.as_deref());
-        let max_attempts = flags.max_attempts.or(file.max_attempts).unwrap_or(3);
-        if max_attempts == 0 {
+        let max_attempts = flags.max_attempts.or(file.max_attempts);
+        if max_attempts == Some(0) {
             return Err("max attempts must be at least 1".to_owned());
         }
         Ok(Self {
@@ -173,19 +175,15 @@ impl Settings {
             auth: auth.map(AuthMode::parse).transpose()?,
             client_keys_env: flags.client_keys_env.or(file.client_keys_env),
             max_attempts,
-            body_limit: flags
-                .body_limit
-                .or(file.body_limit)
-                .unwrap_or(aoai_tower::retry::DEFAULT_BODY_LIMIT),
-            attempt_timeout: Duration::from_secs(
-                flags
-                    .attempt_timeout
-                    .or(file.attempt_timeout_secs)
-                    .unwrap_or(300),
-            ),
-            cooldown_cap: Duration::from_secs(
-                flags.cooldown_cap.or(file.cooldown_cap_secs).unwrap_or(300),
-            ),
+            body_limit: flags.body_limit.or(file.body_limit),
+            attempt_timeout: flags
+                .attempt_timeout
+                .or(file.attempt_timeout_secs)
+                .map(Duration::from_secs),
+            cooldown_cap: flags
+                .cooldown_cap
+                .or(file.cooldown_cap_secs)
+                .map(Duration::from_secs),
             served_by_header: !flags.no_served_by_header && file.served_by_header.unwrap_or(true),
         })
     }

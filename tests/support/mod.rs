@@ -84,3 +84,17 @@ pub fn served_by(response: &reqwest::Response) -> String {
         .map(|v| v.to_str().unwrap().to_owned())
         .unwrap_or_default()
 }
+
+/// Parses `body` and asserts it is an Azure-shaped error (`{"error":{"code":..,"message":..}}`)
+/// with `code`.
+pub fn assert_azure_error(body: &str, code: &str) -> Value {
+    let value: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    assert_eq!(value["error"]["code"], code, "{body}");
+    assert!(
+        value["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "not Azure-shaped: {body}"
+    );
+    value
+}

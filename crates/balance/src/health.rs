@@ -91,6 +91,11 @@ impl BackendHealth {
         self.cooling_until.load(Ordering::Relaxed)
     }
 
+    /// Whether it takes traffic at `now`.
+    pub(crate) fn is_available(&self, now: u64) -> bool {
+        self.cooling_until() <= now
+    }
+
     /// Learns from one attempt's outcome; `now` is on the balance's clock.
     pub(crate) fn observe(&self, index: usize, outcome: &Outcome, policy: &HealthPolicy, now: u64) {
         self.attempts.fetch_add(1, Ordering::Relaxed);

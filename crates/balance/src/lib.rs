@@ -169,7 +169,7 @@ impl<S, C> Balance<S, C> {
         }
         let start = self.shared.next.fetch_add(1, Ordering::Relaxed) % count;
         let now = self.shared.clock.now();
-        let available = |index: usize| backends[index].cooling_until() <= now;
+        let available = |index: usize| backends[index].is_available(now);
         let ring = |from: usize| (0..count).map(move |step| (from + step) % count);
 
         if let Some(index) =
@@ -183,14 +183,8 @@ impl<S, C> Balance<S, C> {
         {
             return Ok(index);
         }
-        let soonest = backends
-            .iter()
-            .map(BackendHealth::cooling_until)
-            .min()
-            .unwrap_or(now);
-        Err(Box::new(AllCoolingDown::new(Duration::from_nanos(
-            soonest.saturating_sub(now),
-        ))))
+        let soonest = self.shared.soonest_recovery(now).unwrap_or(Duration::ZERO);
+        Err(Box::new(AllCoolingDown::new(soonest)))
     }
 }
 
@@ -218,19 +212,12 @@ impl BalanceHealth {
             .backends
             .iter()
             .enumerate()
-            .any(|(index, backend)| backend.cooling_until() <= now && !tried.contains(index))
+            .any(|(index, backend)| backend.is_available(now) && !tried.contains(index))
     }
 
     /// How long until a backend takes traffic again; `None` when one does now.
     pub fn soonest_recovery(&self) -> Option<Duration> {
-        let now = self.shared.clock.now();
-        let soonest = self
-            .shared
-            .backends
-            .iter()
-            .map(BackendHealth::cooling_until)
-            .min()?;
-        (soonest > now).then(|| Duration::from_nanos(soonest - now))
+        self.shared.soonest_recovery(self.shared.clock.now())
     }
 
     /// Each backend's state now: cooldown, failures, counts.
@@ -242,6 +229,19 @@ impl BalanceHealth {
             .enumerate()
             .map(|(index, backend)| backend.snapshot(index, now))
             .collect()
+    }
+}
+
+impl Shared {
+    /// How long after `now` the first cooling backend takes traffic again; `None` when one
+    /// takes traffic at `now`.
+    fn soonest_recovery(&self, now: u64) -> Option<Duration> {
+        let soonest = self
+            .backends
+            .iter()
+            .map(BackendHealth::cooling_until)
+            .min()?;
+        (soonest > now).then(|| Duration::from_nanos(soonest - now))
     }
 }
 
