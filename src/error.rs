@@ -70,7 +70,7 @@ fn classify(error: &(dyn StdError + 'static)) -> (StatusCode, &'static str) {
         (StatusCode::BAD_REQUEST, "invalid_path")
     } else if find::<tower::timeout::error::Elapsed>(error).is_some() {
         (StatusCode::GATEWAY_TIMEOUT, "timeout")
-    } else if find::<hyper_util::client::legacy::Error>(error).is_some_and(|e| e.is_connect()) {
+    } else if find::<UpstreamError>(error).is_some_and(UpstreamError::is_connect) {
         (StatusCode::BAD_GATEWAY, "backend_unreachable")
     } else {
         (StatusCode::BAD_GATEWAY, "bad_gateway")

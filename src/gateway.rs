@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use aoai_auth::{AzureAuth, AzureAuthLayer};
 use aoai_balance::{BackendError, Balance, BalanceHealth, HealthPolicy, ServedBy};
-use aoai_retry::{ReplayBody, RetryNextBackendLayer, RetryNextBackendService};
+use aoai_retry::{RetryNextBackendLayer, RetryNextBackendService};
 use aoai_upstream::{InvalidBaseUrl, Upstream, UpstreamClient, UpstreamError};
 use axum::body::Body;
 use http::{HeaderValue, Request, Response};
@@ -25,9 +25,9 @@ use crate::BoxError;
 use crate::error::{error_response_with, find, message};
 
 /// One backend's own stack: attempt timeout, optional auth, upstream.
-type BackendStack = Timeout<Either<AzureAuth<Upstream<ReplayBody>>, Unauthenticated>>;
+type BackendStack = Timeout<Either<AzureAuth<Upstream>, Unauthenticated>>;
 /// A backend without auth; its error boxed like `AzureAuth`'s, as `Either` needs one error type.
-type Unauthenticated = MapErr<Upstream<ReplayBody>, fn(UpstreamError) -> BoxError>;
+type Unauthenticated = MapErr<Upstream, fn(UpstreamError) -> BoxError>;
 type Stack = Timeout<RetryNextBackendService<Balance<BackendStack>>>;
 
 /// The standard aoai-tower stack as one axum-ready service: mount it with
@@ -293,7 +293,7 @@ impl GatewayBuilder {
             return Err(GatewayError::NoBackends);
         }
         let mut names = HashSet::new();
-        let client: UpstreamClient<ReplayBody> = UpstreamClient::builder()
+        let client = UpstreamClient::builder()
             .connect_timeout(self.connect_timeout)
             .build();
         let mut stacks = Vec::with_capacity(self.backends.len());

@@ -4,6 +4,7 @@
 use std::error::Error as StdError;
 use std::time::{Duration, SystemTime};
 
+use aoai_upstream::UpstreamError;
 use http::{HeaderMap, StatusCode};
 
 /// What one attempt against one backend amounted to.
@@ -80,10 +81,11 @@ pub trait Classify: Clone + Send + Sync + 'static {
 /// Azure OpenAI's rules: 429 is throttling; 408, 500, 502, 503, 504, connect errors and attempt
 /// timeouts are failures; 401 is [`Outcome::Unauthorized`]; every other 4xx is final.
 ///
-/// An error is a failure when its source chain holds a
-/// `hyper_util::client::legacy::Error` (a connect error when `is_connect()`), a
+/// An error is a failure when its source chain holds an [`aoai_upstream::UpstreamError`] that
+/// says the exchange with the backend failed (a connect error when
+/// [`is_connect`](aoai_upstream::UpstreamError::is_connect)), a
 /// `tower::timeout::error::Elapsed` or a `std::io::Error`; any other error was made by the stack
-/// about the request (a refused path, a missing token) and is final.
+/// about the request (a refused path, a failing request body, a missing token) and is final.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct AzureOpenAiClassifier;
 
@@ -103,12 +105,14 @@ impl Classify for AzureOpenAiClassifier {
     fn classify_error(&self, error: &(dyn StdError + 'static)) -> Outcome {
         let mut current = Some(error);
         while let Some(err) = current {
-            if let Some(err) = err.downcast_ref::<hyper_util::client::legacy::Error>() {
-                return Outcome::Failed(if err.is_connect() {
-                    Failure::Connect
-                } else {
-                    Failure::Other
-                });
+            if let Some(err) = err.downcast_ref::<UpstreamError>() {
+                return match err {
+                    UpstreamError::Connect(_) => Outcome::Failed(Failure::Connect),
+                    UpstreamError::Request(_) | UpstreamError::Body(_) => {
+                        Outcome::Failed(Failure::Other)
+                    }
+                    _ => Outcome::Final,
+                };
             }
             if err.is::<tower::timeout::error::Elapsed>() {
                 return Outcome::Failed(Failure::Timeout);

@@ -1,11 +1,17 @@
-//! Errors returned by [`Upstream`](crate::Upstream).
+//! Errors returned by [`Upstream`](crate::Upstream) and its response body.
 
-/// Why [`Upstream`](crate::Upstream) could not forward a request.
+use std::io;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why [`Upstream`](crate::Upstream) could not forward a request, or why its response body
+/// ended early.
 ///
 /// The service returns this type as its error; the middleware stack above turns it into a
 /// `BoxError`. To classify a failure from there, walk the [`source`](std::error::Error::source)
-/// chain to [`hyper_util::client::legacy::Error`] and ask, for example,
-/// [`is_connect`](hyper_util::client::legacy::Error::is_connect).
+/// chain to an `UpstreamError` and ask, for example, [`is_connect`](Self::is_connect).
+///
+/// No variant carries request or response headers, so no credential can reach a message.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum UpstreamError {
@@ -17,9 +23,29 @@ pub enum UpstreamError {
         /// The start of the refused path, at most 64 bytes, followed by `...` when cut.
         path: String,
     },
-    /// Connecting to the backend, or exchanging the request and response head with it, failed.
+    /// No connection to the backend could be made: name resolution, TCP connect (refused or
+    /// timed out), or the TLS handshake failed. The request was not sent.
+    #[error("cannot connect to backend")]
+    Connect(#[source] io::Error),
+    /// The request was (perhaps partly) sent, but writing it or reading the response head
+    /// failed: the connection broke, the backend closed it without answering, or it answered
+    /// something that is not an HTTP/1.1 response.
     #[error("request to backend failed")]
-    Request(#[source] hyper_util::client::legacy::Error),
+    Request(#[source] io::Error),
+    /// The caller's request body failed while it was being sent.
+    #[error("reading the request body failed")]
+    RequestBody(#[source] BoxError),
+    /// The response body broke off: the connection failed or closed before the body was
+    /// complete, or its chunked framing was invalid.
+    #[error("backend response body failed")]
+    Body(#[source] io::Error),
+}
+
+impl UpstreamError {
+    /// Whether no connection could be made, so the backend never saw the request.
+    pub fn is_connect(&self) -> bool {
+        matches!(self, Self::Connect(_))
+    }
 }
 
 /// A backend base URL that [`Upstream::new`](crate::Upstream::new) refuses.
@@ -54,4 +80,7 @@ pub enum InvalidBaseUrl {
     /// A base path with dot segments, encoded slashes or backslashes.
     #[error("invalid backend base URL: the base path is not allowed")]
     Path,
+    /// A host name that TLS cannot verify (not a DNS name or an IP address).
+    #[error("invalid backend base URL: the host is not a valid TLS server name")]
+    ServerName,
 }

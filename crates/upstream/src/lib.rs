@@ -1,9 +1,11 @@
-//! A tower [`Service`] that forwards HTTP requests to one backend base URL over a shared hyper client.
+//! A tower [`Service`] that forwards HTTP requests to one backend base URL over a lean HTTP/1.1
+//! keep-alive client.
 //!
 //! [`Upstream`] is the innermost service of each backend in aoai-tower: it rewrites the request onto
-//! the backend and sends it on an [`UpstreamClient`] (one keep-alive pool shared by all backends,
-//! HTTP/1.1 or HTTP/2 by ALPN over rustls). The response body, an SSE stream above all, streams
-//! back untouched, and so does the request body.
+//! the backend and sends it over HTTP/1.1 (rustls for `https`), on a keep-alive connection from
+//! its own per-thread pool. The task that polls the request does the I/O itself: no connection
+//! task, no channel between them. The response body, an SSE stream above all, streams back
+//! untouched as it is read ([`UpstreamBody`]), and so does the request body.
 //!
 //! # Example
 //!
@@ -40,15 +42,25 @@
 //!   gives `/openai/deployments/d/chat/completions?x=1`, with one slash at the joint). The
 //!   caller's scheme and authority, if any, are ignored.
 //! - **`Host`**: replaced by the backend's host (with its port when not the default), computed
-//!   once per `Upstream`. On HTTP/2 the backend's authority is also `:authority`; both carry the
-//!   same value, as RFC 9113 requires.
+//!   once per `Upstream`.
 //! - **Hop-by-hop headers** are removed from the request and from the response: `Connection` and
 //!   every header it names, `Keep-Alive`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`, and
-//!   every `Proxy-*` header. Every other header passes exactly as sent, `Content-Length` included.
-//!   This runs after the middleware above, so a caller's `Connection: authorization` removes the
-//!   credential that middleware set, and the backend answers 401.
-//! - **Version**: set to HTTP/1.1, so hyper speaks HTTP/2 when ALPN negotiated it and HTTP/1.1
-//!   otherwise, whatever version the caller used.
+//!   every `Proxy-*` header. Every other header passes exactly as sent. This runs after the
+//!   middleware above, so a caller's `Connection: authorization` removes the credential that
+//!   middleware set, and the backend answers 401.
+//! - **Framing**: the request body is sent with `Content-Length` when its size is known (the
+//!   caller's own `Content-Length` is replaced by the body's real length, so the two can never
+//!   disagree on a kept-alive connection) and chunked otherwise; trailers are not forwarded.
+//! - **Version**: always HTTP/1.1 to the backend, whatever version the caller used.
+//!
+//! # Connections
+//!
+//! A connection goes back to its pool once its response body has been read whole and the backend
+//! did not ask to close it; a body dropped early closes it. A pooled connection is checked before
+//! use (closed by the backend, or holding bytes nobody asked for: not used). If the backend closed
+//! it just as the request went out, so that no byte of an answer came back, the request is sent
+//! once more on a new connection, provided its body was a single frame (a buffered body, as
+//! aoai-retry's, always is).
 //!
 //! A request path with a `.` or `..` segment (plain, percent-encoded up to three times, or with a
 //! `;` parameter such as `..;`), an encoded slash or backslash, a backslash, a malformed escape,
@@ -57,11 +69,16 @@
 //! of the base path. So is a request target that is not a path (`*`, authority form).
 #![forbid(unsafe_code)]
 
+mod body;
 mod client;
+mod conn;
 pub mod error;
+mod exchange;
 pub mod future;
 mod headers;
+mod http1;
 mod path;
+mod pool;
 
 use std::{
     fmt,
@@ -70,52 +87,51 @@ use std::{
     task::{Context, Poll},
 };
 
-use http::{
-    HeaderValue, Request, Response, Uri, Version,
-    header::HOST,
-    uri::{Authority, Parts, PathAndQuery, Scheme},
-};
+use http::{HeaderValue, Request, Response, Uri, uri::Scheme};
 use http_body::Body;
-use hyper::body::Incoming;
+use rustls::pki_types::ServerName;
 use tower::Service;
 
-use crate::headers::remove_hop_by_hop;
 pub use crate::{
+    body::UpstreamBody,
     client::{UpstreamClient, UpstreamClientBuilder},
     error::{InvalidBaseUrl, UpstreamError},
     future::ResponseFuture,
+};
+use crate::{
+    conn::{ConnectSettings, Endpoint},
+    pool::Pool,
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Forwards requests to one backend base URL; see the [crate docs](crate) for what is rewritten.
 ///
-/// `B` is the request body type, shared with the [`UpstreamClient`]. It must be `Unpin` and
-/// `Send + 'static` because hyper-util's pool may move the request to another task; its errors
-/// become the caller's request error.
+/// Any request body type works; its errors become [`UpstreamError::RequestBody`].
 ///
 /// # Clone
 ///
-/// Cloning is cheap (a reference count and a client clone) and shares the connection pool, so
-/// middleware may clone an `Upstream` per request and drive the clone with `oneshot`.
-pub struct Upstream<B: Send> {
+/// Cloning is cheap (a reference count) and shares the connection pool, so middleware may clone
+/// an `Upstream` per request and drive the clone with `oneshot`.
+#[derive(Clone)]
+pub struct Upstream {
     base: Arc<Base>,
-    client: UpstreamClient<B>,
 }
 
-/// The parsed base URL, shared by clones.
+/// The parsed base URL and the backend's connections, shared by clones.
 struct Base {
     url: Uri,
-    scheme: Scheme,
-    authority: Authority,
     /// Base path without trailing slashes; empty for none.
     path: Box<str>,
     /// `Host` for every request, computed once.
     host: HeaderValue,
+    endpoint: Endpoint,
+    settings: Arc<ConnectSettings>,
+    pool: Arc<Pool>,
 }
 
-impl<B: Send> Upstream<B> {
-    /// An `Upstream` sending to `base_url` over `client`.
+impl Upstream {
+    /// An `Upstream` sending to `base_url` with `client`'s settings.
     ///
     /// `base_url` is `https://host[:port][/base/path]`, or `http://` for a loopback host
     /// (`localhost`, `127.0.0.0/8`, `[::1]`) such as a local emulator. A trailing slash is
@@ -125,7 +141,7 @@ impl<B: Send> Upstream<B> {
     /// # Errors
     ///
     /// [`InvalidBaseUrl`] naming what is wrong with `base_url`.
-    pub fn new(base_url: &str, client: UpstreamClient<B>) -> Result<Self, InvalidBaseUrl> {
+    pub fn new(base_url: &str, client: UpstreamClient) -> Result<Self, InvalidBaseUrl> {
         if !base_url.contains("://") {
             return Err(InvalidBaseUrl::MissingScheme);
         }
@@ -141,7 +157,8 @@ impl<B: Send> Upstream<B> {
         if authority.as_str().contains('@') {
             return Err(InvalidBaseUrl::UserInfo);
         }
-        let default_port = if *scheme == Scheme::HTTPS {
+        let https = *scheme == Scheme::HTTPS;
+        let default_port = if https {
             443
         } else if *scheme == Scheme::HTTP {
             if !is_loopback(authority.host()) {
@@ -163,15 +180,27 @@ impl<B: Send> Upstream<B> {
             _ => authority.host(),
         };
         let host = HeaderValue::from_str(host).expect("an authority is visible ASCII");
+        let name = unbracketed(authority.host());
+        let tls = if https {
+            Some(ServerName::try_from(name.to_owned()).map_err(|_| InvalidBaseUrl::ServerName)?)
+        } else {
+            None
+        };
+        let endpoint = Endpoint {
+            host: name.into(),
+            port: authority.port_u16().unwrap_or(default_port),
+            tls,
+        };
+        let settings = client.settings;
         Ok(Self {
             base: Arc::new(Base {
-                scheme: scheme.clone(),
-                authority: authority.clone(),
                 path: base_path.into(),
                 host,
+                endpoint,
+                pool: Arc::new(Pool::new(settings.idle_timeout)),
+                settings,
                 url,
             }),
-            client,
         })
     }
 
@@ -179,137 +208,79 @@ impl<B: Send> Upstream<B> {
     pub fn base_url(&self) -> &Uri {
         &self.base.url
     }
+}
 
-    /// The shared client this `Upstream` sends on.
-    pub fn get_ref(&self) -> &UpstreamClient<B> {
-        &self.client
-    }
-
-    /// The backend URI for a request URI, or `None` if its path is not allowed.
-    fn target(&self, uri: &Uri) -> Option<Uri> {
-        if !path::is_allowed(uri.path()) {
-            return None;
-        }
-        // An allowed path starts with `/`, so the request has a path and query.
-        let request = uri.path_and_query()?;
-        let path_and_query = if self.base.path.is_empty() {
-            request.clone()
-        } else {
-            let mut joined = String::with_capacity(self.base.path.len() + request.as_str().len());
-            joined.push_str(&self.base.path);
-            joined.push_str(request.as_str());
-            PathAndQuery::try_from(joined).ok()?
-        };
-        let mut parts = Parts::default();
-        parts.scheme = Some(self.base.scheme.clone());
-        parts.authority = Some(self.base.authority.clone());
-        parts.path_and_query = Some(path_and_query);
-        Uri::from_parts(parts).ok()
-    }
+/// An IPv6 literal without its brackets; any other host unchanged.
+fn unbracketed(host: &str) -> &str {
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
 }
 
 fn is_loopback(host: &str) -> bool {
-    let ip = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
-    host.eq_ignore_ascii_case("localhost") || ip.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    host.eq_ignore_ascii_case("localhost")
+        || unbracketed(host)
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
-impl<B> Service<Request<B>> for Upstream<B>
+impl<B> Service<Request<B>> for Upstream
 where
-    B: Body + Send + Unpin + 'static,
+    B: Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    type Response = Response<Incoming>;
+    type Response = Response<UpstreamBody>;
     type Error = UpstreamError;
     type Future = ResponseFuture;
 
-    /// Always ready: hyper-util's client has no readiness of its own; it checks out or opens a
-    /// pooled connection when the request is sent, inside the response future.
+    /// Always ready: a connection is taken from the pool, or opened, inside the response future.
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let Some(uri) = self.target(request.uri()) else {
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        // An allowed path starts with `/`, so the request has a path and query.
+        if !path::is_allowed(request.uri().path()) || request.uri().path_and_query().is_none() {
             return ResponseFuture::refused(UpstreamError::InvalidPath {
                 path: path::preview(request.uri().path()),
             });
-        };
-        *request.uri_mut() = uri;
-        // hyper sends HTTP/1.1 requests as HTTP/2 on a connection that negotiated h2, but refuses
-        // HTTP/2 requests on an HTTP/1.1 connection; ALPN decides, not the caller.
-        *request.version_mut() = Version::HTTP_11;
-        let headers = request.headers_mut();
-        remove_hop_by_hop(headers);
-        headers.insert(HOST, self.base.host.clone());
-        ResponseFuture::sending(self.client.get_ref().request(request))
-    }
-}
-
-impl<B: Send> Clone for Upstream<B> {
-    fn clone(&self) -> Self {
-        Self {
-            base: Arc::clone(&self.base),
-            client: self.client.clone(),
         }
+        ResponseFuture::sending(Box::pin(exchange::exchange(
+            Arc::clone(&self.base),
+            request,
+        )))
     }
 }
 
-impl<B: Send> fmt::Debug for Upstream<B> {
+impl fmt::Debug for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Upstream")
             .field("base_url", &self.base.url)
-            .field("client", &self.client)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use bytes::Bytes;
-    use http_body_util::Empty;
-
     use super::*;
 
-    fn upstream(base_url: &str) -> Upstream<Empty<Bytes>> {
+    fn upstream(base_url: &str) -> Upstream {
         Upstream::new(base_url, UpstreamClient::new()).unwrap()
     }
 
-    fn target(base_url: &str, request: &str) -> Option<String> {
-        upstream(base_url)
-            .target(&request.parse().unwrap())
-            .map(|uri| uri.to_string())
-    }
-
     #[test]
-    fn joins_the_request_onto_the_base() {
-        let chat = "/deployments/d/chat/completions?api-version=2024-10-21";
-        let expected = "https://x.openai.azure.com/openai/deployments/d/chat/completions?api-version=2024-10-21";
-        assert_eq!(
-            target("https://x.openai.azure.com/openai", chat).unwrap(),
-            expected
-        );
-        assert_eq!(
-            target("https://x.openai.azure.com/openai/", chat).unwrap(),
-            expected
-        );
-        assert_eq!(
-            target("https://x.openai.azure.com", &format!("/openai{chat}")).unwrap(),
-            expected
-        );
-        assert_eq!(
-            target(
-                "https://x.openai.azure.com/",
-                "http://caller:1/openai/models"
-            )
-            .unwrap(),
-            "https://x.openai.azure.com/openai/models"
-        );
-        assert_eq!(target("https://x.openai.azure.com/openai", "/../x"), None);
-        assert_eq!(target("https://x.openai.azure.com/openai", "*"), None);
+    fn endpoint_is_host_port_tls_and_base_path() {
+        let azure = upstream("https://x.openai.azure.com/openai/");
+        assert_eq!(&*azure.base.endpoint.host, "x.openai.azure.com");
+        assert_eq!(azure.base.endpoint.port, 443);
+        assert!(azure.base.endpoint.tls.is_some());
+        assert_eq!(&*azure.base.path, "/openai");
+        let local = upstream("http://[::1]:8080");
+        assert_eq!(&*local.base.endpoint.host, "::1");
+        assert_eq!(local.base.endpoint.port, 8080);
+        assert!(local.base.endpoint.tls.is_none());
+        assert_eq!(&*local.base.path, "");
     }
 
     #[test]

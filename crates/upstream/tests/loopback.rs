@@ -143,7 +143,7 @@ async fn recording_server() -> (TestServer, mpsc::UnboundedReceiver<Received>) {
     (server, rx)
 }
 
-fn upstream(base_url: &str) -> Upstream<TestBody> {
+fn upstream(base_url: &str) -> Upstream {
     Upstream::new(base_url, UpstreamClient::new()).unwrap()
 }
 
@@ -446,7 +446,7 @@ async fn removes_hop_by_hop_headers_from_the_response() {
 }
 
 #[tokio::test]
-async fn connect_error_is_a_request_error() {
+async fn connect_error_is_a_connect_error() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     drop(listener);
@@ -454,17 +454,18 @@ async fn connect_error_is_a_request_error() {
     let error = bounded(upstream(&format!("http://{addr}")).oneshot(get("/x")))
         .await
         .unwrap_err();
-    assert_eq!(error.to_string(), "request to backend failed");
-    let UpstreamError::Request(source) = &error else {
-        panic!("expected a request error, got {error:?}");
+    assert_eq!(error.to_string(), "cannot connect to backend");
+    let UpstreamError::Connect(source) = &error else {
+        panic!("expected a connect error, got {error:?}");
     };
-    assert!(source.is_connect());
+    assert_eq!(source.kind(), std::io::ErrorKind::ConnectionRefused);
     // Callers that only hold a `BoxError` find it by walking the source chain.
     let boxed: BoxError = error.into();
-    let cause = boxed
-        .source()
-        .and_then(|e| e.downcast_ref::<hyper_util::client::legacy::Error>())
-        .unwrap();
+    let cause = std::iter::successors(Some(&*boxed as &(dyn std::error::Error + 'static)), |e| {
+        e.source()
+    })
+    .find_map(|e| e.downcast_ref::<UpstreamError>())
+    .unwrap();
     assert!(cause.is_connect());
 }
 
@@ -530,7 +531,7 @@ fn invalid_base_urls_are_refused_with_clear_errors() {
         ("https://x.openai.azure.com/%2e%2e", "Path", "base path"),
     ];
     for (url, expected, message) in cases {
-        let error = Upstream::<TestBody>::new(url, UpstreamClient::new()).unwrap_err();
+        let error = Upstream::new(url, UpstreamClient::new()).unwrap_err();
         assert_eq!(kind(&error), expected, "{url}: {error:?}");
         let shown = error.to_string();
         assert!(shown.starts_with("invalid backend base URL: "), "{shown}");
@@ -550,23 +551,24 @@ fn valid_base_urls_are_accepted() {
         "http://localhost:8080/openai",
         "http://[::1]:8080",
     ] {
-        let upstream = Upstream::<TestBody>::new(url, UpstreamClient::new())
-            .unwrap_or_else(|e| panic!("{url}: {e}"));
+        let upstream =
+            Upstream::new(url, UpstreamClient::new()).unwrap_or_else(|e| panic!("{url}: {e}"));
         assert_eq!(
             upstream.base_url().to_string().trim_end_matches('/'),
             url.trim_end_matches('/')
         );
     }
-    let upstream =
-        Upstream::<TestBody>::new("HTTPS://X.openai.azure.com", UpstreamClient::new()).unwrap();
+    let upstream = Upstream::new("HTTPS://X.openai.azure.com", UpstreamClient::new()).unwrap();
     assert_eq!(upstream.base_url(), "https://X.openai.azure.com/");
 }
 
 #[test]
 fn services_are_send_sync_and_clone() {
     fn assert_traits<T: Send + Sync + Clone + std::fmt::Debug + 'static>() {}
-    assert_traits::<Upstream<TestBody>>();
-    assert_traits::<UpstreamClient<TestBody>>();
-    fn assert_future<T: Send + Sync + std::fmt::Debug>() {}
-    assert_future::<aoai_upstream::future::ResponseFuture>();
+    assert_traits::<Upstream>();
+    assert_traits::<UpstreamClient>();
+    fn assert_send<T: Send + std::fmt::Debug>() {}
+    assert_send::<aoai_upstream::future::ResponseFuture>();
+    assert_traits_body::<aoai_upstream::UpstreamBody>();
+    fn assert_traits_body<T: Send + Sync + Unpin + std::fmt::Debug + 'static>() {}
 }

@@ -1,0 +1,304 @@
+//! One request/response exchange with a backend over a pooled or new connection.
+
+use std::{
+    future::poll_fn,
+    io::{self, IoSlice},
+    pin::{Pin, pin},
+    sync::Arc,
+    task::Poll,
+};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{Request, Response, header};
+use http_body::Body;
+use tokio::io::AsyncWriteExt;
+
+use crate::{
+    Base, BoxError,
+    body::{READ_SIZE, UpstreamBody},
+    conn::{Stream, connect},
+    error::UpstreamError,
+    headers::remove_hop_by_hop,
+    http1::{Framing, RequestFraming, ResponseHead, encode_request_head, parse_response_head},
+};
+
+/// Why sending failed.
+enum SendError {
+    Io(io::Error),
+    Body(BoxError),
+}
+
+/// Sends `request` to the backend and reads the response head.
+///
+/// A pooled connection the backend closed meanwhile (its FIN raced our request) fails before
+/// any response byte arrives; the request is then sent once more on a new connection, if its
+/// body was at most one frame and so is still at hand.
+pub(crate) async fn exchange<B>(
+    base: Arc<Base>,
+    request: Request<B>,
+) -> Result<Response<UpstreamBody>, UpstreamError>
+where
+    B: Body + Send,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let (mut parts, body) = request.into_parts();
+    let headers = &mut parts.headers;
+    remove_hop_by_hop(headers);
+    headers.remove(header::CONTENT_LENGTH);
+    headers.insert(header::HOST, base.host.clone());
+    let framing = if body.is_end_stream() {
+        RequestFraming::Length(0)
+    } else {
+        RequestFraming::for_body(body.size_hint().exact())
+    };
+    // `Upstream::call` refused a request without a path.
+    let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut head = Vec::with_capacity(256 + 64 * headers.len());
+    encode_request_head(
+        &parts.method,
+        &base.path,
+        path_and_query,
+        headers,
+        framing,
+        &mut head,
+    );
+
+    let pooled = base.pool.take();
+    let reused = pooled.is_some();
+    let mut stream = match pooled {
+        Some(stream) => stream,
+        None => connect(&base.endpoint, &base.settings)
+            .await
+            .map_err(UpstreamError::Connect)?,
+    };
+    let mut replay = None;
+    let mut body = pin!(body);
+    let mut buf = BytesMut::with_capacity(READ_SIZE);
+    let first = match send(&mut stream, &head, body.as_mut(), framing, &mut replay).await {
+        Ok(()) => read_head(&mut stream, &mut buf, &parts.method).await,
+        Err(SendError::Io(e)) => Err((e, false)),
+        Err(SendError::Body(e)) => return Err(UpstreamError::RequestBody(e)),
+    };
+    let head = match (first, replay) {
+        (Ok(head), _) => head,
+        (Err((_, false)), Some(data)) if reused => {
+            stream = connect(&base.endpoint, &base.settings)
+                .await
+                .map_err(UpstreamError::Connect)?;
+            let chunked = framing == RequestFraming::Chunked;
+            write_part(&mut stream, Some(&head), &data, chunked, true)
+                .await
+                .map_err(UpstreamError::Request)?;
+            stream.flush().await.map_err(UpstreamError::Request)?;
+            buf.clear();
+            read_head(&mut stream, &mut buf, &parts.method)
+                .await
+                .map_err(|(e, _)| UpstreamError::Request(e))?
+        }
+        (Err((e, _)), _) => return Err(UpstreamError::Request(e)),
+    };
+
+    let ResponseHead {
+        status,
+        version,
+        mut headers,
+        framing,
+        keep_alive,
+    } = head;
+    remove_hop_by_hop(&mut headers);
+    let body = match framing {
+        Framing::Length(length) if buf.len() as u64 >= length => {
+            let data = buf.split_to(length as usize).freeze();
+            if keep_alive && buf.is_empty() {
+                base.pool.put(stream);
+            }
+            UpstreamBody::complete(data)
+        }
+        _ => UpstreamBody::streaming(stream, buf, framing, keep_alive, Arc::clone(&base.pool)),
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    *response.version_mut() = version;
+    *response.headers_mut() = headers;
+    Ok(response)
+}
+
+/// Writes the head and the body. A body that fits one frame goes out with the head in one
+/// write; a streaming body is sent frame by frame as it arrives. Sets `replay` to the whole body
+/// once it has ended, if it was a single frame.
+async fn send<B>(
+    stream: &mut Stream,
+    head: &[u8],
+    mut body: Pin<&mut B>,
+    framing: RequestFraming,
+    replay: &mut Option<Bytes>,
+) -> Result<(), SendError>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    let chunked = framing == RequestFraming::Chunked;
+    let mut head = Some(head);
+    let mut frames = 0usize;
+    let mut sent = 0u64;
+    let mut first = Bytes::new();
+    let mut ended = body.is_end_stream();
+    while !ended {
+        // Poll once: a body that is not ready must not hold back the head.
+        let frame = match poll_fn(|cx| Poll::Ready(poll_frame(body.as_mut(), cx))).await {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => {
+                if let Some(head) = head.take() {
+                    write_part(stream, Some(head), &[], false, false)
+                        .await
+                        .map_err(SendError::Io)?;
+                    stream.flush().await.map_err(SendError::Io)?;
+                }
+                poll_fn(|cx| poll_frame(body.as_mut(), cx)).await
+            }
+        };
+        let data = match frame {
+            None => {
+                ended = true;
+                Bytes::new()
+            }
+            Some(Err(e)) => return Err(SendError::Body(e)),
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(mut data) => {
+                    ended = body.is_end_stream();
+                    data.copy_to_bytes(data.remaining())
+                }
+                // Trailers are not forwarded.
+                Err(_) => continue,
+            },
+        };
+        if data.is_empty() && !ended {
+            continue;
+        }
+        sent += data.len() as u64;
+        if let RequestFraming::Length(length) = framing
+            && (sent > length || (ended && sent != length))
+        {
+            return Err(SendError::Body(
+                "request body length differs from its declared size".into(),
+            ));
+        }
+        if !data.is_empty() {
+            frames += 1;
+            if frames == 1 {
+                first = data.clone();
+            }
+        }
+        if ended && frames <= 1 {
+            *replay = Some(first.clone());
+        }
+        write_part(stream, head.take(), &data, chunked, ended)
+            .await
+            .map_err(SendError::Io)?;
+    }
+    if let Some(head) = head {
+        // An empty body: the head alone.
+        *replay = Some(Bytes::new());
+        write_part(stream, Some(head), &[], false, false)
+            .await
+            .map_err(SendError::Io)?;
+    }
+    stream.flush().await.map_err(SendError::Io)
+}
+
+/// The body's next frame, its error boxed at once: `B::Error` need not be `Send`.
+fn poll_frame<B>(
+    body: Pin<&mut B>,
+    cx: &mut std::task::Context<'_>,
+) -> Poll<Option<Result<http_body::Frame<B::Data>, BoxError>>>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    body.poll_frame(cx)
+        .map(|frame| frame.map(|result| result.map_err(Into::into)))
+}
+
+/// Writes, in one vectored write where the socket takes it: the head if any, then `data` (in
+/// chunked framing if `chunked`), then the last-chunk if `chunked` and `last`.
+async fn write_part(
+    stream: &mut Stream,
+    head: Option<&[u8]>,
+    data: &[u8],
+    chunked: bool,
+    last: bool,
+) -> io::Result<()> {
+    let mut size_line = [0u8; 20];
+    let size_line = chunk_size_line(data.len(), &mut size_line);
+    let (framed, trailer): (&[u8], &[u8]) = if chunked && !data.is_empty() {
+        (size_line, b"\r\n")
+    } else {
+        (&[], &[])
+    };
+    let last_chunk: &[u8] = if chunked && last { b"0\r\n\r\n" } else { &[] };
+    let mut parts = [IoSlice::new(&[]); 5];
+    let mut count = 0;
+    for part in [head.unwrap_or_default(), framed, data, trailer, last_chunk] {
+        if !part.is_empty() {
+            parts[count] = IoSlice::new(part);
+            count += 1;
+        }
+    }
+    let mut parts = &mut parts[..count];
+    while !parts.is_empty() {
+        let written = stream.write_vectored(parts).await?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut parts, written);
+    }
+    Ok(())
+}
+
+/// `len` in hex followed by CRLF.
+fn chunk_size_line(mut len: usize, buf: &mut [u8; 20]) -> &[u8] {
+    let mut start = buf.len() - 2;
+    buf[start..].copy_from_slice(b"\r\n");
+    loop {
+        start -= 1;
+        buf[start] = b"0123456789abcdef"[len % 16];
+        len /= 16;
+        if len == 0 {
+            return &buf[start..];
+        }
+    }
+}
+
+/// Reads until a whole final response head is in `buf`. The error says whether any response
+/// byte had arrived.
+async fn read_head(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    method: &http::Method,
+) -> Result<ResponseHead, (io::Error, bool)> {
+    let mut received = false;
+    loop {
+        if let Some(head) = parse_response_head(buf, method).map_err(|e| (e, true))? {
+            return Ok(head);
+        }
+        if buf.capacity() - buf.len() < READ_SIZE / 4 {
+            buf.reserve(READ_SIZE);
+        }
+        let read = poll_fn(|cx| tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, buf))
+            .await
+            .map_err(|e| (e, received))?;
+        if read == 0 {
+            let message = if received {
+                "backend closed the connection in the middle of the response head"
+            } else {
+                "backend closed the connection without answering"
+            };
+            return Err((
+                io::Error::new(io::ErrorKind::UnexpectedEof, message),
+                received,
+            ));
+        }
+        received = true;
+    }
+}

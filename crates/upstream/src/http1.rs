@@ -1,0 +1,593 @@
+//! HTTP/1.1 on the wire: the request head, the response head, and the response body's framing
+//! (RFC 9112).
+
+use std::io;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version, header};
+
+/// Most response header fields accepted; Azure OpenAI sends about 25.
+const MAX_HEADERS: usize = 128;
+/// Largest response head accepted.
+pub(crate) const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Longest chunk-size line or trailer section accepted.
+const MAX_LINE_BYTES: usize = 4096;
+const MAX_TRAILER_BYTES: usize = 16 * 1024;
+
+/// How the request body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RequestFraming {
+    /// `Content-Length: n`, or no header for an empty body of a method without body semantics.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`, for a body of unknown length.
+    Chunked,
+}
+
+impl RequestFraming {
+    /// The framing for a body with this exact size, if known.
+    pub(crate) fn for_body(exact: Option<u64>) -> Self {
+        exact.map_or(Self::Chunked, Self::Length)
+    }
+}
+
+/// Writes `METHOD prefix+target HTTP/1.1`, the headers, and the framing header into `out`.
+///
+/// `headers` must already be free of `Content-Length` and `Transfer-Encoding`: the framing
+/// written here is the only one, so a caller's header can never disagree with the body sent.
+pub(crate) fn encode_request_head(
+    method: &Method,
+    prefix: &str,
+    target: &str,
+    headers: &HeaderMap,
+    framing: RequestFraming,
+    out: &mut Vec<u8>,
+) {
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(prefix.as_bytes());
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        RequestFraming::Length(0) if !has_body_semantics(method) => {}
+        RequestFraming::Length(length) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa(length, &mut [0; 20]));
+            out.extend_from_slice(b"\r\n");
+        }
+        RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Whether an empty body still needs `Content-Length: 0` (RFC 9110, 8.6).
+fn has_body_semantics(method: &Method) -> bool {
+    !matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE
+    )
+}
+
+fn itoa(mut value: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut start = buf.len();
+    loop {
+        start -= 1;
+        buf[start] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            return &buf[start..];
+        }
+    }
+}
+
+/// A parsed response head.
+pub(crate) struct ResponseHead {
+    pub(crate) status: StatusCode,
+    pub(crate) version: Version,
+    pub(crate) headers: HeaderMap,
+    pub(crate) framing: Framing,
+    /// Whether the connection may carry another request once this body is read.
+    pub(crate) keep_alive: bool,
+}
+
+/// Parses the next final response head from the front of `buf`, skipping interim (1xx)
+/// responses, and removes it from `buf`. `None` when more bytes are needed.
+pub(crate) fn parse_response_head(
+    buf: &mut BytesMut,
+    method: &Method,
+) -> io::Result<Option<ResponseHead>> {
+    loop {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut response = httparse::Response::new(&mut fields);
+        let length = match response.parse(buf) {
+            Ok(httparse::Status::Complete(length)) => length,
+            Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_BYTES => {
+                return Err(invalid("response head larger than 64 KiB"));
+            }
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(invalid("more than 128 response header fields"));
+            }
+            Err(e) => return Err(invalid(&format!("invalid response head: {e}"))),
+        };
+        let code = response.code.unwrap_or_default();
+        let status = StatusCode::from_u16(code).map_err(|_| invalid("invalid status code"))?;
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            return Err(invalid(
+                "backend switched protocols; upgrades are not forwarded",
+            ));
+        }
+        if status.is_informational() {
+            buf.advance(length);
+            continue;
+        }
+        let version = if response.version == Some(1) {
+            Version::HTTP_11
+        } else {
+            Version::HTTP_10
+        };
+        // Header values are slices of the head, shared rather than copied.
+        let base = buf.as_ptr() as usize;
+        let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+        let count = response.headers.len();
+        for (span, field) in spans.iter_mut().zip(response.headers.iter()) {
+            let name = field.name.as_ptr() as usize - base;
+            let value = field.value.as_ptr() as usize - base;
+            *span = (
+                name,
+                name + field.name.len(),
+                value,
+                value + field.value.len(),
+            );
+        }
+        let head = buf.split_to(length).freeze();
+        let mut headers = HeaderMap::with_capacity(count);
+        for &(name_start, name_end, value_start, value_end) in &spans[..count] {
+            let name = HeaderName::from_bytes(&head[name_start..name_end])
+                .map_err(|_| invalid("invalid response header name"))?;
+            let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
+                .map_err(|_| invalid("invalid response header value"))?;
+            headers.append(name, value);
+        }
+        let framing = framing(method, status, &headers)?;
+        let keep_alive = framing != Framing::Close && keeps_alive(version, &headers);
+        return Ok(Some(ResponseHead {
+            status,
+            version,
+            headers,
+            framing,
+            keep_alive,
+        }));
+    }
+}
+
+/// The body length rules of RFC 9112, section 6.3.
+fn framing(method: &Method, status: StatusCode, headers: &HeaderMap) -> io::Result<Framing> {
+    if *method == Method::HEAD
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok(Framing::Length(0));
+    }
+    if let Some(coding) = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+    {
+        let last = coding
+            .as_bytes()
+            .rsplit(|&b| b == b',')
+            .next()
+            .unwrap_or_default();
+        return Ok(if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+            Framing::Chunked(Chunked::Size)
+        } else {
+            Framing::Close
+        });
+    }
+    let mut length = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        for part in value.as_bytes().split(|&b| b == b',') {
+            let parsed = parse_decimal(part.trim_ascii())
+                .ok_or_else(|| invalid("invalid content-length"))?;
+            if length.is_some_and(|l| l != parsed) {
+                return Err(invalid("conflicting content-length values"));
+            }
+            length = Some(parsed);
+        }
+    }
+    Ok(length.map_or(Framing::Close, Framing::Length))
+}
+
+fn parse_decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(digits.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0')))
+}
+
+fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
+    let has_token = |token: &str| {
+        headers.get_all(header::CONNECTION).iter().any(|value| {
+            value
+                .as_bytes()
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+        })
+    };
+    if version == Version::HTTP_11 {
+        !has_token("close")
+    } else {
+        has_token("keep-alive")
+    }
+}
+
+fn invalid(message: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, message.to_owned())
+}
+
+/// How the response body is delimited, and how much of it is left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Framing {
+    /// This many bytes remain.
+    Length(u64),
+    /// Chunked transfer coding, in this state.
+    Chunked(Chunked),
+    /// Everything until the backend closes the connection.
+    Close,
+}
+
+/// Where a chunked decoder is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Chunked {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Inside a chunk's data, this many bytes left.
+    Data(u64),
+    /// Expecting the CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailer lines until an empty one; bytes of trailers seen so far.
+    Trailers(usize),
+    /// Complete.
+    Done,
+}
+
+/// What [`Framing::decode`] found in the buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Decoded {
+    Data(Bytes),
+    /// The body is complete.
+    End,
+    /// The buffer holds no complete piece; read more.
+    NeedMore,
+}
+
+impl Framing {
+    /// Whether the body is complete.
+    pub(crate) fn is_done(&self) -> bool {
+        matches!(self, Self::Length(0) | Self::Chunked(Chunked::Done))
+    }
+
+    /// Takes the next piece of body data from the front of `buf`.
+    pub(crate) fn decode(&mut self, buf: &mut BytesMut) -> io::Result<Decoded> {
+        match self {
+            Self::Length(0) => Ok(Decoded::End),
+            Self::Length(remaining) => Ok(match take(buf, remaining) {
+                Some(data) => Decoded::Data(data),
+                None => Decoded::NeedMore,
+            }),
+            Self::Close if buf.is_empty() => Ok(Decoded::NeedMore),
+            Self::Close => Ok(Decoded::Data(buf.split().freeze())),
+            Self::Chunked(state) => decode_chunked(state, buf),
+        }
+    }
+
+    /// What the backend closing the connection now means: the end of the body, or an error.
+    pub(crate) fn at_eof(&self) -> io::Result<()> {
+        if matches!(self, Self::Close) || self.is_done() {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "backend closed the connection before the response body was complete",
+            ))
+        }
+    }
+}
+
+/// Up to `remaining` bytes from the front of `buf`, or `None` when it is empty.
+fn take(buf: &mut BytesMut, remaining: &mut u64) -> Option<Bytes> {
+    if buf.is_empty() {
+        return None;
+    }
+    let n = usize::try_from(*remaining).map_or(buf.len(), |r| r.min(buf.len()));
+    *remaining -= n as u64;
+    Some(buf.split_to(n).freeze())
+}
+
+fn decode_chunked(state: &mut Chunked, buf: &mut BytesMut) -> io::Result<Decoded> {
+    loop {
+        match state {
+            Chunked::Size => {
+                let Some(line) = take_line(buf, MAX_LINE_BYTES)? else {
+                    return Ok(Decoded::NeedMore);
+                };
+                let size = parse_chunk_size(&line)?;
+                *state = if size == 0 {
+                    Chunked::Trailers(0)
+                } else {
+                    Chunked::Data(size)
+                };
+            }
+            Chunked::Data(remaining) => {
+                let Some(data) = take(buf, remaining) else {
+                    return Ok(Decoded::NeedMore);
+                };
+                if *remaining == 0 {
+                    *state = Chunked::DataEnd;
+                }
+                return Ok(Decoded::Data(data));
+            }
+            Chunked::DataEnd => {
+                if buf.len() < 2 {
+                    return Ok(Decoded::NeedMore);
+                }
+                if &buf[..2] != b"\r\n" {
+                    return Err(invalid("chunk data not followed by CRLF"));
+                }
+                buf.advance(2);
+                *state = Chunked::Size;
+            }
+            Chunked::Trailers(seen) => {
+                let Some(line) = take_line(buf, MAX_LINE_BYTES)? else {
+                    return Ok(Decoded::NeedMore);
+                };
+                if line.is_empty() {
+                    *state = Chunked::Done;
+                    return Ok(Decoded::End);
+                }
+                *seen += line.len() + 2;
+                if *seen > MAX_TRAILER_BYTES {
+                    return Err(invalid("chunked trailers larger than 16 KiB"));
+                }
+            }
+            Chunked::Done => return Ok(Decoded::End),
+        }
+    }
+}
+
+/// The next CRLF-terminated line, without its CRLF; `None` until it is complete.
+fn take_line(buf: &mut BytesMut, max: usize) -> io::Result<Option<BytesMut>> {
+    match buf.windows(2).position(|w| w == b"\r\n") {
+        Some(end) => {
+            let line = buf.split_to(end);
+            buf.advance(2);
+            Ok(Some(line))
+        }
+        None if buf.len() > max => Err(invalid("chunked framing line too long")),
+        None => Ok(None),
+    }
+}
+
+/// A chunk-size line: hex digits, then optional whitespace and `;extensions`.
+fn parse_chunk_size(line: &[u8]) -> io::Result<u64> {
+    let digits_end = line
+        .iter()
+        .position(|b| !b.is_ascii_hexdigit())
+        .unwrap_or(line.len());
+    let rest = line[digits_end..].trim_ascii_start();
+    if digits_end == 0 || digits_end > 15 || !(rest.is_empty() || rest[0] == b';') {
+        return Err(invalid("invalid chunk size"));
+    }
+    Ok(line[..digits_end].iter().fold(0, |n, &d| {
+        let digit = (d as char).to_digit(16).unwrap_or_default();
+        n * 16 + u64::from(digit)
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(bytes: &[u8], method: &Method) -> io::Result<Option<ResponseHead>> {
+        parse_response_head(&mut BytesMut::from(bytes), method)
+    }
+
+    fn decode_all(mut framing: Framing, bytes: &[u8]) -> io::Result<(Vec<u8>, bool)> {
+        let mut buf = BytesMut::from(bytes);
+        let mut body = Vec::new();
+        loop {
+            match framing.decode(&mut buf)? {
+                Decoded::Data(data) => body.extend_from_slice(&data),
+                Decoded::End => return Ok((body, true)),
+                Decoded::NeedMore => return Ok((body, false)),
+            }
+        }
+    }
+
+    #[test]
+    fn request_head_has_one_framing_header() {
+        let mut headers = HeaderMap::new();
+        headers.insert("host", HeaderValue::from_static("x"));
+        let mut out = Vec::new();
+        encode_request_head(
+            &Method::POST,
+            "/base",
+            "/a?b=1",
+            &headers,
+            RequestFraming::Length(12),
+            &mut out,
+        );
+        assert_eq!(
+            out,
+            b"POST /base/a?b=1 HTTP/1.1\r\nhost: x\r\ncontent-length: 12\r\n\r\n"
+        );
+        out.clear();
+        encode_request_head(
+            &Method::GET,
+            "",
+            "/",
+            &headers,
+            RequestFraming::Length(0),
+            &mut out,
+        );
+        assert_eq!(out, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n");
+        out.clear();
+        encode_request_head(
+            &Method::POST,
+            "",
+            "/",
+            &headers,
+            RequestFraming::Length(0),
+            &mut out,
+        );
+        assert_eq!(
+            out,
+            b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n"
+        );
+        out.clear();
+        encode_request_head(
+            &Method::PUT,
+            "",
+            "/",
+            &headers,
+            RequestFraming::Chunked,
+            &mut out,
+        );
+        assert_eq!(
+            out,
+            b"PUT / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn response_head_framing_and_keep_alive() {
+        let parsed = head(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\nx-a: 2\r\n\r\nhello",
+            &Method::POST,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(parsed.status, 200);
+        assert_eq!(parsed.framing, Framing::Length(5));
+        assert!(parsed.keep_alive);
+        let values: Vec<_> = parsed.headers.get_all("x-a").iter().collect();
+        assert_eq!(values, ["1", "2"]);
+
+        let chunked = head(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\ncontent-length: 3\r\n\r\n",
+            &Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(chunked.framing, Framing::Chunked(Chunked::Size));
+
+        let close = head(
+            b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+            &Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(!close.keep_alive);
+        let until_close = head(b"HTTP/1.1 200 OK\r\n\r\n", &Method::GET)
+            .unwrap()
+            .unwrap();
+        assert_eq!(until_close.framing, Framing::Close);
+        assert!(!until_close.keep_alive);
+        let old = head(
+            b"HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n",
+            &Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(!old.keep_alive);
+        let head_request = head(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 99\r\n\r\n",
+            &Method::HEAD,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(head_request.framing, Framing::Length(0));
+    }
+
+    #[test]
+    fn interim_responses_are_skipped_and_partial_heads_wait() {
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 0\r\n\r\n"[..],
+        );
+        let parsed = parse_response_head(&mut buf, &Method::POST)
+            .unwrap()
+            .unwrap();
+        assert_eq!(parsed.status, 201);
+        assert!(buf.is_empty());
+        assert!(
+            head(b"HTTP/1.1 200 OK\r\ncontent-le", &Method::GET)
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn malformed_heads_are_errors() {
+        for bad in [
+            &b"HELLO\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\ncontent-length: 1x\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+        ] {
+            assert!(
+                head(bad, &Method::GET).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let huge = [
+            b"HTTP/1.1 200 OK\r\nx: ".as_slice(),
+            &[b'a'; MAX_HEAD_BYTES],
+        ]
+        .concat();
+        assert!(head(&huge, &Method::GET).is_err());
+    }
+
+    #[test]
+    fn chunked_bodies_decode_with_extensions_and_trailers() {
+        let wire = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: y\r\n\r\n";
+        let (body, done) = decode_all(Framing::Chunked(Chunked::Size), wire).unwrap();
+        assert_eq!(body, b"hello world");
+        assert!(done);
+        // Fed one byte at a time, the same body.
+        let mut framing = Framing::Chunked(Chunked::Size);
+        let mut buf = BytesMut::new();
+        let mut body = Vec::new();
+        for &byte in wire {
+            buf.extend_from_slice(&[byte]);
+            while let Decoded::Data(data) = framing.decode(&mut buf).unwrap() {
+                body.extend_from_slice(&data);
+            }
+        }
+        assert_eq!(body, b"hello world");
+        assert!(framing.is_done());
+        for bad in [&b"zz\r\n"[..], b"5\r\nhelloXX", b"10000000000000000\r\n"] {
+            assert!(decode_all(Framing::Chunked(Chunked::Size), bad).is_err());
+        }
+    }
+
+    #[test]
+    fn length_bodies_stop_at_their_length() {
+        let mut framing = Framing::Length(3);
+        let mut buf = BytesMut::from(&b"abcdef"[..]);
+        assert_eq!(
+            framing.decode(&mut buf).unwrap(),
+            Decoded::Data(Bytes::from_static(b"abc"))
+        );
+        assert_eq!(framing.decode(&mut buf).unwrap(), Decoded::End);
+        assert_eq!(&buf[..], b"def");
+        assert!(Framing::Length(1).at_eof().is_err());
+        assert!(Framing::Close.at_eof().is_ok());
+    }
+}

@@ -1,0 +1,64 @@
+//! Idle keep-alive connections to one backend, one list per thread.
+
+use std::{
+    cell::RefCell,
+    time::{Duration, Instant},
+};
+
+use thread_local::ThreadLocal;
+
+use crate::conn::Stream;
+
+/// Idle connections kept per backend and thread; more are closed when they come back.
+const MAX_IDLE_PER_THREAD: usize = 256;
+
+/// The idle connections of one backend.
+///
+/// Each thread has its own list, so taking and returning a connection is a thread-local
+/// `RefCell` borrow: no lock, no atomic, no other thread woken. A connection is taken last in,
+/// first out (the warmest), and one idle longer than the idle timeout is closed.
+pub(crate) struct Pool {
+    idle: ThreadLocal<RefCell<Vec<Idle>>>,
+    idle_timeout: Duration,
+}
+
+struct Idle {
+    stream: Stream,
+    since: Instant,
+}
+
+impl Pool {
+    pub(crate) fn new(idle_timeout: Duration) -> Self {
+        Self {
+            idle: ThreadLocal::new(),
+            idle_timeout,
+        }
+    }
+
+    /// The most recently returned connection that is still open, if any.
+    pub(crate) fn take(&self) -> Option<Stream> {
+        let mut idle = self.idle.get()?.borrow_mut();
+        while let Some(mut entry) = idle.pop() {
+            if entry.since.elapsed() < self.idle_timeout && entry.stream.is_open() {
+                return Some(entry.stream);
+            }
+        }
+        None
+    }
+
+    /// Keeps a connection whose last response was read whole, for the next request on this
+    /// thread. Closes connections that have idled too long.
+    pub(crate) fn put(&self, stream: Stream) {
+        let now = Instant::now();
+        let mut idle = self.idle.get_or_default().borrow_mut();
+        if idle
+            .first()
+            .is_some_and(|oldest| now.duration_since(oldest.since) >= self.idle_timeout)
+        {
+            idle.retain(|entry| now.duration_since(entry.since) < self.idle_timeout);
+        }
+        if idle.len() < MAX_IDLE_PER_THREAD {
+            idle.push(Idle { stream, since: now });
+        }
+    }
+}
