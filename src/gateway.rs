@@ -38,7 +38,7 @@ type Stack = Timeout<RetryNextBackendService<Balance<BackendStack>>>;
 /// reaches `https://NAME.openai.azure.com/openai/deployments/...`.
 ///
 /// The caller's `Authorization` and `api-key` headers are removed before any backend sees the
-/// request. Every response from a backend, and every error naming one, carries
+/// request, and so are its extensions (nothing inside reads them). Every response from a backend, and every error naming one, carries
 /// `x-served-by: NAME` (unless turned off); every error of the stack becomes an Azure-shaped
 /// response ([`error_response`](crate::error_response)); one tracing event per request logs
 /// the backend, the status and the latency.
@@ -88,6 +88,9 @@ impl Service<Request<Body>> for Gateway {
         let headers = request.headers_mut();
         headers.remove(http::header::AUTHORIZATION);
         headers.remove("api-key");
+        // Nothing inside reads the caller's extensions (the router's, for example); dropped
+        // here, they are not cloned for every attempt.
+        request.extensions_mut().clear();
         let method = request.method().clone();
         let uri = request.uri().clone();
         GatewayFuture {

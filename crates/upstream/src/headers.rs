@@ -15,17 +15,20 @@ const HOP_BY_HOP: [HeaderName; 5] = [
 /// every header it names, `Keep-Alive`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`, and every
 /// `Proxy-*` header (`Proxy-Authorization`, `Proxy-Authenticate`, `Proxy-Connection`, ...).
 ///
-/// Allocates only when a `Connection` or `Proxy-*` header is present.
+/// Allocates only when `Connection` names other headers or a `Proxy-*` header is present.
 pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // Cloning a `HeaderValue` clones `Bytes`, not the data; an empty `collect` does not allocate.
-    let connection: Vec<HeaderValue> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .cloned()
-        .collect();
-    for value in &connection {
-        let Ok(value) = value.to_str() else { continue };
-        for name in value.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+    let names_others = headers.get_all(header::CONNECTION).iter().any(|value| {
+        connection_tokens(value)
+            .any(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
+    });
+    if names_others {
+        // Cloning a `HeaderValue` clones `Bytes`, not the data.
+        let connection: Vec<HeaderValue> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .cloned()
+            .collect();
+        for name in connection.iter().flat_map(connection_tokens) {
             // Lookup by `&str` is case-insensitive; a token that is not a header name matches none.
             headers.remove(name);
         }
@@ -44,6 +47,16 @@ pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
+}
+
+/// The tokens of a `Connection` value; none if it is not visible ASCII.
+fn connection_tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
+    value
+        .to_str()
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
 }
 
 fn is_proxy_header(name: &HeaderName) -> bool {
