@@ -14,7 +14,7 @@ use aoai_balance::{BackendError, Balance, BalanceHealth, HealthPolicy, ServedBy}
 use aoai_retry::{RetryNextBackendLayer, RetryNextBackendService};
 use aoai_upstream::{InvalidBaseUrl, Upstream, UpstreamClient, UpstreamError};
 use axum::body::Body;
-use http::{HeaderValue, Request, Response};
+use http::{HeaderName, HeaderValue, Request, Response};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower::timeout::Timeout;
@@ -103,6 +103,8 @@ impl Service<Request<Body>> for Gateway {
     }
 }
 
+const X_SERVED_BY: HeaderName = HeaderName::from_static("x-served-by");
+
 type StackFuture = <Stack as Service<Request<Body>>>::Future;
 
 pin_project! {
@@ -150,7 +152,7 @@ impl Future for GatewayFuture {
         if let (Some(values), Some(served_by)) = (this.served_by_values, &served_by) {
             response
                 .headers_mut()
-                .insert("x-served-by", values[served_by.index()].clone());
+                .insert(X_SERVED_BY, values[served_by.index()].clone());
         }
         tracing::info!(
             method = %this.method,

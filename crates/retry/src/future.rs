@@ -4,11 +4,11 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::Request;
 use http::request::Parts;
 use http_body::Body;
-use http_body_util::combinators::Collect;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::{LengthLimitError, Limited};
 use pin_project_lite::pin_project;
 use tower::Service;
 
@@ -39,7 +39,8 @@ pin_project! {
     {
         Reading {
             #[pin]
-            collect: Collect<Limited<B>>,
+            body: Limited<B>,
+            read: BodyBytes,
             parts: Option<Parts>,
             retry: Option<R>,
             limit: usize,
@@ -64,7 +65,8 @@ where
         let (parts, body) = request.into_parts();
         Self {
             state: State::Reading {
-                collect: Limited::new(body, limit).collect(),
+                body: Limited::new(body, limit),
+                read: BodyBytes::default(),
                 parts: Some(parts),
                 retry: Some(retry),
                 limit,
@@ -92,17 +94,28 @@ where
         loop {
             match this.state.as_mut().project() {
                 StateProj::Reading {
-                    collect,
+                    mut body,
+                    read,
                     parts,
                     retry,
                     limit,
                 } => {
-                    let collected = match ready!(collect.poll(cx)) {
-                        Ok(collected) => collected,
-                        Err(error) if error.is::<LengthLimitError>() => {
-                            return Poll::Ready(Err(Box::new(BodyTooLarge::new(*limit))));
+                    let bytes = loop {
+                        match ready!(body.as_mut().poll_frame(cx)) {
+                            None => break read.take(),
+                            Some(Ok(frame)) => {
+                                // Trailers are not replayed.
+                                if let Ok(data) = frame.into_data() {
+                                    read.push(data);
+                                }
+                            }
+                            Some(Err(error)) if error.is::<LengthLimitError>() => {
+                                return Poll::Ready(Err(Box::new(BodyTooLarge::new(*limit))));
+                            }
+                            Some(Err(error)) => {
+                                return Poll::Ready(Err(Box::new(BodyReadError::new(error))));
+                            }
                         }
-                        Err(error) => return Poll::Ready(Err(Box::new(BodyReadError::new(error)))),
                     };
                     let parts = parts
                         .take()
@@ -110,7 +123,7 @@ where
                     let mut retry = retry
                         .take()
                         .expect("ResponseFuture polled after completion");
-                    let request = Request::from_parts(parts, ReplayBody::new(collected.to_bytes()));
+                    let request = Request::from_parts(parts, ReplayBody::new(bytes));
                     // `retry` was polled ready before it was moved in here (see `call`).
                     let future = retry.call(request);
                     this.state.set(State::Sending { future });
@@ -122,6 +135,36 @@ where
                         .expect("ResponseFuture polled after completion")));
                 }
             }
+        }
+    }
+}
+
+/// A body's bytes as they arrive: a body of one frame (hyper's, for a request that arrived in
+/// one read) is kept as that frame, without a copy or an allocation; more frames are joined.
+#[derive(Default)]
+struct BodyBytes {
+    first: Bytes,
+    joined: Option<BytesMut>,
+}
+
+impl BodyBytes {
+    fn push(&mut self, mut data: impl Buf) {
+        if let Some(joined) = &mut self.joined {
+            joined.put(data);
+        } else if self.first.is_empty() {
+            self.first = data.copy_to_bytes(data.remaining());
+        } else if data.has_remaining() {
+            let mut joined = BytesMut::with_capacity(self.first.len() + data.remaining());
+            joined.put(std::mem::take(&mut self.first));
+            joined.put(data);
+            self.joined = Some(joined);
+        }
+    }
+
+    fn take(&mut self) -> Bytes {
+        match self.joined.take() {
+            Some(joined) => joined.freeze(),
+            None => std::mem::take(&mut self.first),
         }
     }
 }

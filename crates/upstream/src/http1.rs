@@ -146,7 +146,8 @@ pub(crate) fn parse_response_head(
             );
         }
         let head = buf.split_to(length).freeze();
-        let mut headers = HeaderMap::with_capacity(count);
+        // Room for the headers that middleware adds on the way back (`x-served-by`, ...).
+        let mut headers = HeaderMap::with_capacity(count + 2);
         for &(name_start, name_end, value_start, value_end) in &spans[..count] {
             let name = HeaderName::from_bytes(&head[name_start..name_end])
                 .map_err(|_| invalid("invalid response header name"))?;
