@@ -72,10 +72,16 @@ impl fmt::Debug for Gateway {
     }
 }
 
-impl Service<Request<Body>> for Gateway {
+/// Serves any request body: axum's [`Body`], hyper's `Incoming` as it comes from a hyper
+/// server, or any other `http_body::Body` of `Bytes`-like data.
+impl<B> Service<Request<B>> for Gateway
+where
+    B: http_body::Body,
+    B::Error: Into<BoxError>,
+{
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = GatewayFuture;
+    type Future = GatewayFuture<B>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         // The stack is always ready: Balance picks per request and drives its choice with
@@ -83,7 +89,7 @@ impl Service<Request<Body>> for Gateway {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut request: Request<Body>) -> GatewayFuture {
+    fn call(&mut self, mut request: Request<B>) -> GatewayFuture<B> {
         // The caller's credentials are never forwarded, whatever auth a backend has.
         let headers = request.headers_mut();
         headers.remove(http::header::AUTHORIZATION);
@@ -105,13 +111,17 @@ impl Service<Request<Body>> for Gateway {
 
 const X_SERVED_BY: HeaderName = HeaderName::from_static("x-served-by");
 
-type StackFuture = <Stack as Service<Request<Body>>>::Future;
+type StackFuture<B> = <Stack as Service<Request<B>>>::Future;
 
 pin_project! {
-    /// Response future of [`Gateway`].
-    pub struct GatewayFuture {
+    /// Response future of [`Gateway`] for a request body of type `B`.
+    pub struct GatewayFuture<B = Body>
+    where
+        B: http_body::Body,
+        B::Error: Into<BoxError>,
+    {
         #[pin]
-        inner: StackFuture,
+        inner: StackFuture<B>,
         started: Instant,
         served_by_values: Option<Arc<[HeaderValue]>>,
         method: http::Method,
@@ -119,7 +129,11 @@ pin_project! {
     }
 }
 
-impl fmt::Debug for GatewayFuture {
+impl<B> fmt::Debug for GatewayFuture<B>
+where
+    B: http_body::Body,
+    B::Error: Into<BoxError>,
+{
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GatewayFuture")
             .field("method", &self.method)
@@ -128,7 +142,11 @@ impl fmt::Debug for GatewayFuture {
     }
 }
 
-impl Future for GatewayFuture {
+impl<B> Future for GatewayFuture<B>
+where
+    B: http_body::Body,
+    B::Error: Into<BoxError>,
+{
     type Output = Result<Response<Body>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {

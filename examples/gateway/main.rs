@@ -11,17 +11,15 @@
 //! Callers use the gateway as if it were one Azure OpenAI endpoint: `/openai/...` maps 1:1 onto
 //! each backend's `/openai/...`. `GET /admin/backends` shows each backend's health as JSON.
 
+mod serve;
 mod settings;
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use aoai_tower::auth::AzureAuthLayer;
 use aoai_tower::{Gateway, GatewayFuture, RequireClientKeyLayer};
-use axum::ServiceExt;
 use axum::body::Body;
 use axum::routing::future::RouteFuture;
 use axum::routing::get;
@@ -30,10 +28,11 @@ use azure_core::credentials::TokenCredential;
 use clap::Parser;
 use futures_util::future::Either;
 use http::{Request, Response};
+use hyper::body::Incoming;
 use serde_json::json;
-use tokio::sync::watch;
 use tower::{Layer, Service};
 
+use crate::serve::serve_per_core;
 use crate::settings::{AuthMode, Backend, Flags, Settings, is_loopback_url};
 
 fn main() {
@@ -143,80 +142,6 @@ async fn run(mut settings: Settings) -> Result<(), String> {
     Ok(())
 }
 
-/// Serves `app` on `listen` with one single-threaded runtime per core, each accepting on its own
-/// `SO_REUSEPORT` socket, the way nginx runs one event loop per worker: a request, its backend
-/// connection and their tasks stay on one thread, with no cross-thread wake-ups. Returns the
-/// bound address and the worker threads, which stop when `stopped` turns true.
-fn serve_per_core<S>(
-    listen: SocketAddr,
-    app: S,
-    stopped: &watch::Receiver<bool>,
-) -> Result<(SocketAddr, Vec<std::thread::JoinHandle<()>>), String>
-where
-    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
-    S: Clone + Send + Sync + 'static,
-    S::Future: Send,
-{
-    let count = std::thread::available_parallelism().map_or(1, usize::from);
-    let mut addr = listen;
-    let mut workers = Vec::with_capacity(count);
-    for index in 0..count {
-        let (bound_tx, bound_rx) = std::sync::mpsc::channel();
-        let app = app.clone();
-        let mut stopped = stopped.clone();
-        let worker = std::thread::Builder::new()
-            .name(format!("gateway-{index}"))
-            .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(runtime) => runtime,
-                    Err(e) => return drop(bound_tx.send(Err(e.to_string()))),
-                };
-                runtime.block_on(async move {
-                    tokio::spawn(keep_timer_driver_informed());
-                    let listener = match reuseport_listener(addr) {
-                        Ok(listener) => listener,
-                        Err(e) => {
-                            return drop(
-                                bound_tx.send(Err(format!("cannot listen on {addr}: {e}"))),
-                            );
-                        }
-                    };
-                    let _ = bound_tx.send(listener.local_addr().map_err(|e| e.to_string()));
-                    let shutdown = async move {
-                        let _ = stopped.wait_for(|stop| *stop).await;
-                    };
-                    if let Err(e) = axum::serve(listener, app.into_make_service())
-                        .with_graceful_shutdown(shutdown)
-                        .await
-                    {
-                        tracing::error!(error = %e, "worker stopped");
-                    }
-                });
-            })
-            .map_err(|e| e.to_string())?;
-        addr = bound_rx.recv().map_err(|e| e.to_string())??;
-        workers.push(worker);
-    }
-    Ok((addr, workers))
-}
-
-/// Keeps one timer due within a second on this worker's runtime, forever.
-///
-/// Every request arms two timers (its deadline, its attempt's timeout). Tokio wakes its driver
-/// with a system call (an `eventfd` write, then a spurious `epoll` wake-up) whenever a new timer
-/// is due before the earliest one it knows of, which is every time when no other timer exists.
-/// With this timer always due sooner, arming a request's timers costs no system call; it costs
-/// one wake-up per second.
-async fn keep_timer_driver_informed() {
-    let mut ticks = tokio::time::interval(std::time::Duration::from_secs(1));
-    loop {
-        ticks.tick().await;
-    }
-}
-
 /// Sends `/openai` and everything below it straight to the gateway, and every other request
 /// to the router (`/admin/backends`, and 404s).
 ///
@@ -230,37 +155,24 @@ struct OpenAiFirst {
     rest: Router,
 }
 
-impl Service<Request<Body>> for OpenAiFirst {
+impl Service<Request<Incoming>> for OpenAiFirst {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = Either<GatewayFuture, RouteFuture<Infallible>>;
+    type Future = Either<GatewayFuture<Incoming>, RouteFuture<Infallible>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         // Both are always ready.
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<Body>) -> Self::Future {
+    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
         let path = request.uri().path();
         if path == "/openai" || path.starts_with("/openai/") {
             Either::Left(self.gateway.call(request))
         } else {
-            Either::Right(self.rest.call(request))
+            Either::Right(self.rest.call(request.map(Body::new)))
         }
     }
-}
-
-fn reuseport_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.set_reuseport(true)?;
-    socket.set_nodelay(true)?;
-    socket.bind(addr)?;
-    socket.listen(4096)
 }
 
 fn build_gateway(settings: &Settings) -> Result<Gateway, String> {

@@ -17,6 +17,36 @@ const HOP_BY_HOP: [HeaderName; 5] = [
 ///
 /// Allocates only when `Connection` names other headers or a `Proxy-*` header is present.
 pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // One pass over the names settles the usual cases (none, or `Connection` alone) without
+    // hashing every hop-by-hop name into the map.
+    let (mut connection, mut others) = (false, false);
+    for name in headers.keys() {
+        if name == header::CONNECTION {
+            connection = true;
+        } else if HOP_BY_HOP.contains(name) || is_proxy_header(name) {
+            others = true;
+        }
+    }
+    if connection {
+        remove_connection(headers);
+    }
+    if others {
+        for name in &HOP_BY_HOP {
+            headers.remove(name);
+        }
+        let proxy: Vec<HeaderName> = headers
+            .keys()
+            .filter(|n| is_proxy_header(n))
+            .cloned()
+            .collect();
+        for name in &proxy {
+            headers.remove(name);
+        }
+    }
+}
+
+/// Removes `Connection` and the headers it names.
+fn remove_connection(headers: &mut HeaderMap) {
     let names_others = headers.get_all(header::CONNECTION).iter().any(|value| {
         connection_tokens(value)
             .any(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
@@ -34,19 +64,6 @@ pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
         }
     }
     headers.remove(header::CONNECTION);
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
-    }
-    if headers.keys().any(is_proxy_header) {
-        let proxy: Vec<HeaderName> = headers
-            .keys()
-            .filter(|n| is_proxy_header(n))
-            .cloned()
-            .collect();
-        for name in &proxy {
-            headers.remove(name);
-        }
-    }
 }
 
 /// The tokens of a `Connection` value; none if it is not visible ASCII.

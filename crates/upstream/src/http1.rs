@@ -1,13 +1,13 @@
 //! HTTP/1.1 on the wire: the request head, the response head, and the response body's framing
 //! (RFC 9112).
 
-use std::io;
+use std::{io, mem::MaybeUninit};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version, header};
 
-/// Most response header fields accepted; Azure OpenAI sends about 25.
-const MAX_HEADERS: usize = 128;
+/// Most response header fields accepted (hyper's default too); Azure OpenAI sends about 25.
+const MAX_HEADERS: usize = 100;
 /// Largest response head accepted.
 pub(crate) const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Longest chunk-size line or trailer section accepted.
@@ -102,16 +102,22 @@ pub(crate) fn parse_response_head(
     method: &Method,
 ) -> io::Result<Option<ResponseHead>> {
     loop {
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut response = httparse::Response::new(&mut fields);
-        let length = match response.parse(buf) {
+        // Uninitialized: httparse fills what it parses, and nothing is zeroed per response.
+        let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut response = httparse::Response::new(&mut []);
+        let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut response,
+            buf,
+            &mut fields,
+        );
+        let length = match parsed {
             Ok(httparse::Status::Complete(length)) => length,
             Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_BYTES => {
                 return Err(invalid("response head larger than 64 KiB"));
             }
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(httparse::Error::TooManyHeaders) => {
-                return Err(invalid("more than 128 response header fields"));
+                return Err(invalid("more than 100 response header fields"));
             }
             Err(e) => return Err(invalid(&format!("invalid response head: {e}"))),
         };
@@ -131,28 +137,31 @@ pub(crate) fn parse_response_head(
         } else {
             Version::HTTP_10
         };
-        // Header values are slices of the head, shared rather than copied.
+        // Header values are slices of the head, shared rather than copied. Offsets into the
+        // buffer fit in `u32`: it holds at most a 64 KiB head and one read more.
         let base = buf.as_ptr() as usize;
-        let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+        let offset = |part: &[u8]| (part.as_ptr() as usize - base) as u32;
+        let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
         let count = response.headers.len();
         for (span, field) in spans.iter_mut().zip(response.headers.iter()) {
-            let name = field.name.as_ptr() as usize - base;
-            let value = field.value.as_ptr() as usize - base;
+            let (name, value) = (offset(field.name.as_bytes()), offset(field.value));
             *span = (
                 name,
-                name + field.name.len(),
+                name + field.name.len() as u32,
                 value,
-                value + field.value.len(),
+                value + field.value.len() as u32,
             );
         }
         let head = buf.split_to(length).freeze();
         // Room for the headers that middleware adds on the way back (`x-served-by`, ...).
         let mut headers = HeaderMap::with_capacity(count + 2);
         for &(name_start, name_end, value_start, value_end) in &spans[..count] {
-            let name = HeaderName::from_bytes(&head[name_start..name_end])
+            let name = HeaderName::from_bytes(&head[name_start as usize..name_end as usize])
                 .map_err(|_| invalid("invalid response header name"))?;
-            let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
-                .map_err(|_| invalid("invalid response header value"))?;
+            let value = HeaderValue::from_maybe_shared(
+                head.slice(value_start as usize..value_end as usize),
+            )
+            .map_err(|_| invalid("invalid response header value"))?;
             headers.append(name, value);
         }
         let framing = framing(method, status, &headers)?;

@@ -16,7 +16,11 @@ const MAX_IDLE_PER_THREAD: usize = 256;
 ///
 /// Each thread has its own list, so taking and returning a connection is a thread-local
 /// `RefCell` borrow: no lock, no atomic, no other thread woken. A connection is taken last in,
-/// first out (the warmest), and one idle longer than the idle timeout is closed.
+/// first out (the warmest); connections idle longer than the idle timeout are closed when the
+/// next one comes back, so that a quiet backend's sockets do not stay open forever.
+///
+/// Taking reads no clock: a connection the backend closed is refused by [`Stream::is_open`],
+/// whatever its age, and one it keeps open is good to use.
 pub(crate) struct Pool {
     idle: ThreadLocal<RefCell<Vec<Idle>>>,
     idle_timeout: Duration,
@@ -39,7 +43,7 @@ impl Pool {
     pub(crate) fn take(&self) -> Option<Stream> {
         let mut idle = self.idle.get()?.borrow_mut();
         while let Some(mut entry) = idle.pop() {
-            if entry.since.elapsed() < self.idle_timeout && entry.stream.is_open() {
+            if entry.stream.is_open() {
                 return Some(entry.stream);
             }
         }

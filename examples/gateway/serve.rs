@@ -1,0 +1,155 @@
+//! Serving: one single-threaded runtime per core, each with its own `SO_REUSEPORT` listener and
+//! accept loop over hyper-util's HTTP/1.1 + HTTP/2 server.
+
+use std::cell::RefCell;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::body::Body;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tower::Service;
+
+/// Serves `app` on `listen` with one single-threaded runtime per core, each accepting on its own
+/// `SO_REUSEPORT` socket, the way nginx runs one event loop per worker: a request, its backend
+/// connection and their tasks stay on one thread, with no cross-thread wake-ups. Returns the
+/// bound address and the worker threads, which stop when `stopped` turns true, once their
+/// requests in flight have finished.
+///
+/// `app` must always be ready (as axum's `Router`, the `Gateway` and the client-key layer over
+/// them are): it is called without `poll_ready`.
+pub(crate) fn serve_per_core<S>(
+    listen: SocketAddr,
+    app: S,
+    stopped: &watch::Receiver<bool>,
+) -> Result<(SocketAddr, Vec<std::thread::JoinHandle<()>>), String>
+where
+    S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>,
+    S: Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    let count = std::thread::available_parallelism().map_or(1, usize::from);
+    let mut addr = listen;
+    let mut workers = Vec::with_capacity(count);
+    for index in 0..count {
+        let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+        let app = app.clone();
+        let stopped = stopped.clone();
+        let worker = std::thread::Builder::new()
+            .name(format!("gateway-{index}"))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => return drop(bound_tx.send(Err(e.to_string()))),
+                };
+                runtime.block_on(async move {
+                    tokio::spawn(keep_timer_driver_informed());
+                    let listener = match reuseport_listener(addr) {
+                        Ok(listener) => listener,
+                        Err(e) => {
+                            return drop(
+                                bound_tx.send(Err(format!("cannot listen on {addr}: {e}"))),
+                            );
+                        }
+                    };
+                    let _ = bound_tx.send(listener.local_addr().map_err(|e| e.to_string()));
+                    accept_loop(listener, app, stopped).await;
+                });
+            })
+            .map_err(|e| e.to_string())?;
+        addr = bound_rx.recv().map_err(|e| e.to_string())??;
+        workers.push(worker);
+    }
+    Ok((addr, workers))
+}
+
+/// Accepts connections until `stopped`, then waits for every open connection to finish its
+/// requests in flight.
+async fn accept_loop<S>(listener: TcpListener, app: S, mut stopped: watch::Receiver<bool>)
+where
+    S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>,
+    S: Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    let server = auto::Builder::new(TokioExecutor::new());
+    let graceful = GracefulShutdown::new();
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, for example: wait instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stopped.wait_for(|stop| *stop) => break,
+        };
+        let service = PerConnection(RefCell::new(app.clone()));
+        let connection = server
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            // A connection's errors (a reset, a malformed request) concern that caller only.
+            let _ = connection.await;
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// One connection's copy of the app. hyper calls a service by shared reference; the copy sits in
+/// a `RefCell` and is called in place, instead of being cloned for every request as a shared
+/// service would be.
+struct PerConnection<S>(RefCell<S>);
+
+impl<S> hyper::service::Service<Request<Incoming>> for PerConnection<S>
+where
+    S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = S::Future;
+
+    fn call(&self, request: Request<Incoming>) -> S::Future {
+        self.0.borrow_mut().call(request)
+    }
+}
+
+/// Keeps one timer due within a second on this worker's runtime, forever.
+///
+/// Every request arms two timers (its deadline, its attempt's timeout). Tokio wakes its driver
+/// with a system call (an `eventfd` write, then a spurious `epoll` wake-up) whenever a new timer
+/// is due before the earliest one it knows of, which is every time when no other timer exists.
+/// With this timer always due sooner, arming a request's timers costs no system call; it costs
+/// one wake-up per second.
+async fn keep_timer_driver_informed() {
+    let mut ticks = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        ticks.tick().await;
+    }
+}
+
+fn reuseport_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
