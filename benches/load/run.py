@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
 """Load benchmark: the gateway against nginx against direct, in one run, on loopback.
 
-    python3 benches/load/run.py [--duration 10] [--skip-build]
+    python3 benches/load/run.py [--duration 5] [--rounds 3] [--skip-build]
 
 Two backends are served by nginx (`return 200` with a canned chat completion), so the backend is
 not ours. Then, one after the other, oha loads: the backend directly; nginx as a round-robin
 upstream with proxy_next_upstream (the peer); and the aoai-tower gateway example (release build,
-RetryNextBackend + Balance + AzureAuth with an api-key). Each at concurrency 1 and 32.
+RetryNextBackend + Balance + AzureAuth with an api-key). Each at concurrency 1 and 32, in
+rounds that alternate the targets (direct, nginx, gateway, direct, nginx, ...), so that a
+noisy neighbour on a shared machine hits all three alike; each figure is the median over the
+rounds.
 
 Reported per target: requests per second, p50 and p99 latency, CPU microseconds per request of
 the proxy process(es), and their peak RSS. It checks that every answer was 200 and that the two
@@ -142,7 +145,8 @@ def oha(url, concurrency, duration, headers):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--duration", type=int, default=10, help="seconds per measurement")
+    parser.add_argument("--duration", type=int, default=5, help="seconds per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="measurements per target, alternated")
     parser.add_argument("--skip-build", action="store_true", help="use the existing release build")
     args = parser.parse_args()
     for tool, hint in (("nginx", "apt-get install nginx-light"), ("oha", "cargo install oha")):
@@ -219,32 +223,14 @@ def main():
         rows = []
         ok = True
         for concurrency in (1, 32):
-            for name, port, pid in targets:
-                pids = process_tree(pid) if pid else []
-                before_cpu = cpu_seconds(pids)
-                before_counts = [count_lines(log) for log in logs]
-                result = oha(f"http://127.0.0.1:{port}{PATH}", concurrency, args.duration, [])
-                cpu = cpu_seconds(pids) - before_cpu
-                counts = [count_lines(log) - c for log, c in zip(logs, before_counts)]
-                summary = result["summary"]
-                statuses = result.get("statusCodeDistribution", {})
-                total = sum(statuses.values())
-                all_200 = total > 0 and set(statuses) == {"200"}
-                split = counts[0] / max(1, sum(counts))
-                balanced = name == "direct" or abs(split - 0.5) <= 0.02
-                ok &= all_200 and balanced
-                latency = result["latencyPercentiles"]
-                rows.append({
-                    "target": name,
-                    "concurrency": concurrency,
-                    "rps": summary["requestsPerSec"],
-                    "p50_ms": latency["p50"] * 1000,
-                    "p99_ms": latency["p99"] * 1000,
-                    "cpu_us_per_req": cpu * 1e6 / total if pid and total else None,
-                    "peak_rss_mib": peak_rss_kib(process_tree(pid)) / 1024 if pid else None,
-                    "all_200": all_200,
-                    "split": f"{counts[0]}/{counts[1]}",
-                })
+            samples = {name: [] for name, _, _ in targets}
+            for _ in range(args.rounds):
+                for name, port, pid in targets:
+                    sample = measure(name, port, pid, concurrency, args.duration, logs)
+                    ok &= sample["all_200"] and sample["balanced"]
+                    samples[name].append(sample)
+            for name, _, _ in targets:
+                rows.append(median_row(name, concurrency, samples[name]))
         print_table(rows)
         print_ratios(rows)
         if not ok:
@@ -259,6 +245,56 @@ def main():
             except subprocess.TimeoutExpired:
                 proc.kill()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def measure(name, port, pid, concurrency, duration, logs):
+    """One oha run against one target: its figures, and the proxy's CPU and peak RSS."""
+    pids = process_tree(pid) if pid else []
+    before_cpu = cpu_seconds(pids)
+    before_counts = [count_lines(log) for log in logs]
+    result = oha(f"http://127.0.0.1:{port}{PATH}", concurrency, duration, [])
+    cpu = cpu_seconds(pids) - before_cpu
+    counts = [count_lines(log) - c for log, c in zip(logs, before_counts)]
+    summary = result["summary"]
+    statuses = result.get("statusCodeDistribution", {})
+    total = sum(statuses.values())
+    split = counts[0] / max(1, sum(counts))
+    latency = result["latencyPercentiles"]
+    return {
+        "rps": summary["requestsPerSec"],
+        "p50_ms": latency["p50"] * 1000,
+        "p99_ms": latency["p99"] * 1000,
+        "cpu_us_per_req": cpu * 1e6 / total if pid and total else None,
+        "peak_rss_mib": peak_rss_kib(process_tree(pid)) / 1024 if pid else None,
+        "all_200": total > 0 and set(statuses) == {"200"},
+        "balanced": name == "direct" or abs(split - 0.5) <= 0.02,
+        "counts": counts,
+    }
+
+
+def median(values):
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+
+
+def median_row(name, concurrency, samples):
+    """The median of each figure over the rounds; peak RSS is the highest seen."""
+    counts = [sum(s["counts"][i] for s in samples) for i in range(2)]
+    rss = [s["peak_rss_mib"] for s in samples if s["peak_rss_mib"] is not None]
+    return {
+        "target": name,
+        "concurrency": concurrency,
+        "rps": median([s["rps"] for s in samples]),
+        "p50_ms": median([s["p50_ms"] for s in samples]),
+        "p99_ms": median([s["p99_ms"] for s in samples]),
+        "cpu_us_per_req": median([s["cpu_us_per_req"] for s in samples]),
+        "peak_rss_mib": max(rss) if rss else None,
+        "all_200": all(s["all_200"] for s in samples),
+        "split": f"{counts[0]}/{counts[1]}",
+    }
 
 
 def fmt(value, spec):

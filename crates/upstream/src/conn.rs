@@ -40,7 +40,8 @@ pub(crate) struct ConnectSettings {
 }
 
 /// Opens a connection: resolves the host, tries each address within the connect timeout, sets
-/// `TCP_NODELAY` and TCP keep-alive, then shakes hands over TLS for `https`.
+/// `TCP_NODELAY` and TCP keep-alive, then shakes hands over TLS for `https`, again within the
+/// connect timeout.
 pub(crate) async fn connect(endpoint: &Endpoint, settings: &ConnectSettings) -> io::Result<Stream> {
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host((&*endpoint.host, endpoint.port))
         .await?
@@ -76,10 +77,18 @@ pub(crate) async fn connect(endpoint: &Endpoint, settings: &ConnectSettings) -> 
     match &endpoint.tls {
         None => Ok(Stream::Plain(tcp)),
         Some(name) => {
-            let tls = TlsConnector::from(Arc::clone(&settings.tls))
-                .connect(name.clone(), tcp)
-                .await?;
-            Ok(Stream::Tls(Box::new(tls)))
+            let handshake =
+                TlsConnector::from(Arc::clone(&settings.tls)).connect(name.clone(), tcp);
+            match tokio::time::timeout(settings.connect_timeout, handshake).await {
+                Ok(tls) => Ok(Stream::Tls(Box::new(tls?))),
+                Err(_) => Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "TLS handshake timed out after {:?}",
+                        settings.connect_timeout
+                    ),
+                )),
+            }
         }
     }
 }

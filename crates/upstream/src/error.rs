@@ -84,3 +84,9 @@ pub enum InvalidBaseUrl {
     #[error("invalid backend base URL: the host is not a valid TLS server name")]
     ServerName,
 }
+
+/// A certificate that [`UpstreamClientBuilder::add_root_certificate`](crate::UpstreamClientBuilder::add_root_certificate)
+/// cannot trust as a root: not DER, or not an X.509 certificate.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid root certificate")]
+pub struct InvalidRootCertificate(#[source] pub(crate) rustls::Error);

@@ -95,7 +95,7 @@ use tower::Service;
 pub use crate::{
     body::UpstreamBody,
     client::{UpstreamClient, UpstreamClientBuilder},
-    error::{InvalidBaseUrl, UpstreamError},
+    error::{InvalidBaseUrl, InvalidRootCertificate, UpstreamError},
     future::ResponseFuture,
 };
 use crate::{
