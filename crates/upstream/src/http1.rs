@@ -165,7 +165,11 @@ pub(crate) fn parse_response_head(
             headers.append(name, value);
         }
         let framing = framing(method, status, &headers)?;
-        let keep_alive = framing != Framing::Close && keeps_alive(version, &headers);
+        // Both `Transfer-Encoding` and `Content-Length` is how responses are smuggled: the
+        // coding wins, and the connection is not used again (RFC 9112, 6.3).
+        let ambiguous = headers.contains_key(header::TRANSFER_ENCODING)
+            && headers.contains_key(header::CONTENT_LENGTH);
+        let keep_alive = framing != Framing::Close && !ambiguous && keeps_alive(version, &headers);
         return Ok(Some(ResponseHead {
             status,
             version,
@@ -496,6 +500,15 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(chunked.framing, Framing::Chunked(Chunked::Size));
+        // Both framings at once: the coding wins, and the connection is not reused.
+        assert!(!chunked.keep_alive);
+        let only_chunked = head(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+            &Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(only_chunked.keep_alive);
 
         let close = head(
             b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
