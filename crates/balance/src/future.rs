@@ -91,20 +91,19 @@ where
                 let result = ready!(oneshot.poll(cx));
                 let backend = &this.shared.backends[index];
                 let served_by = ServedBy::new(backend.name.clone(), index);
-                let now = this.shared.clock.now();
                 Poll::Ready(match result {
                     Ok(mut response) => {
                         let outcome = this
                             .classifier
                             .classify_response(response.status(), response.headers());
-                        backend.observe(index, &outcome, &this.shared.policy, now);
+                        backend.observe(index, &outcome, &this.shared.policy, &this.shared.clock);
                         response.extensions_mut().insert(served_by);
                         Ok(response)
                     }
                     Err(error) => {
                         let error: BoxError = error.into();
                         let outcome = this.classifier.classify_error(&*error);
-                        backend.observe(index, &outcome, &this.shared.policy, now);
+                        backend.observe(index, &outcome, &this.shared.policy, &this.shared.clock);
                         Err(Box::new(BackendError::new(served_by, error)))
                     }
                 })

@@ -1,5 +1,6 @@
 //! Passive health: cooldowns learned from each attempt's [`Outcome`].
 
+use std::cell::Cell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
@@ -91,13 +92,31 @@ impl BackendHealth {
         self.cooling_until.load(Ordering::Relaxed)
     }
 
-    /// Whether it takes traffic at `now`.
-    pub(crate) fn is_available(&self, now: u64) -> bool {
-        self.cooling_until() <= now
+    /// Whether it takes traffic at `now`, read from `now` only if the backend has been cooling
+    /// down: the usual pick reads no clock. A cooldown found over is cleared (unless a new one
+    /// was set meanwhile), so the next pick reads no clock either.
+    pub(crate) fn is_available(&self, now: impl FnOnce() -> u64) -> bool {
+        let until = self.cooling_until();
+        if until == 0 {
+            return true;
+        }
+        if until <= now() {
+            let _ =
+                self.cooling_until
+                    .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed);
+            return true;
+        }
+        false
     }
 
-    /// Learns from one attempt's outcome; `now` is on the balance's clock.
-    pub(crate) fn observe(&self, index: usize, outcome: &Outcome, policy: &HealthPolicy, now: u64) {
+    /// Learns from one attempt's outcome; the clock is read only to start a cooldown.
+    pub(crate) fn observe(
+        &self,
+        index: usize,
+        outcome: &Outcome,
+        policy: &HealthPolicy,
+        clock: &Clock,
+    ) {
         self.attempts.fetch_add(1, Ordering::Relaxed);
         let cooldown = match *outcome {
             Outcome::Success | Outcome::Final | Outcome::Unauthorized => {
@@ -120,7 +139,9 @@ impl BackendHealth {
                 policy.failure_cooldown.min(policy.max_cooldown)
             }
         };
-        let until = now.saturating_add(u64::try_from(cooldown.as_nanos()).unwrap_or(u64::MAX));
+        let until = clock
+            .now()
+            .saturating_add(u64::try_from(cooldown.as_nanos()).unwrap_or(u64::MAX));
         let previous = self.cooling_until.fetch_max(until, Ordering::Relaxed);
         if previous < until {
             tracing::warn!(
@@ -165,5 +186,30 @@ impl Clock {
 
     pub(crate) fn now(&self) -> u64 {
         u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+/// A [`Clock`] reading taken on first use and kept: one pick reads the clock at most once, and
+/// not at all when no backend has been cooling down.
+pub(crate) struct LazyNow<'a> {
+    clock: &'a Clock,
+    now: Cell<Option<u64>>,
+}
+
+impl<'a> LazyNow<'a> {
+    pub(crate) fn new(clock: &'a Clock) -> Self {
+        Self {
+            clock,
+            now: Cell::new(None),
+        }
+    }
+
+    pub(crate) fn get(&self) -> u64 {
+        if let Some(now) = self.now.get() {
+            return now;
+        }
+        let now = self.clock.now();
+        self.now.set(Some(now));
+        now
     }
 }

@@ -67,7 +67,7 @@ pub use crate::extensions::{ServedBy, TriedBackends};
 pub use crate::future::ResponseFuture;
 pub use crate::health::{BackendSnapshot, HealthPolicy};
 
-use crate::health::{BackendHealth, Clock};
+use crate::health::{BackendHealth, Clock, LazyNow};
 
 /// A type-erased error, as tower uses.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -168,8 +168,8 @@ impl<S, C> Balance<S, C> {
             return Err(Box::new(NoBackends));
         }
         let start = self.shared.next.fetch_add(1, Ordering::Relaxed) % count;
-        let now = self.shared.clock.now();
-        let available = |index: usize| backends[index].is_available(now);
+        let now = LazyNow::new(&self.shared.clock);
+        let available = |index: usize| backends[index].is_available(|| now.get());
         let ring = |from: usize| (0..count).map(move |step| (from + step) % count);
 
         if let Some(index) =
@@ -183,7 +183,10 @@ impl<S, C> Balance<S, C> {
         {
             return Ok(index);
         }
-        let soonest = self.shared.soonest_recovery(now).unwrap_or(Duration::ZERO);
+        let soonest = self
+            .shared
+            .soonest_recovery(now.get())
+            .unwrap_or(Duration::ZERO);
         Err(Box::new(AllCoolingDown::new(soonest)))
     }
 }
@@ -212,7 +215,7 @@ impl BalanceHealth {
             .backends
             .iter()
             .enumerate()
-            .any(|(index, backend)| backend.is_available(now) && !tried.contains(index))
+            .any(|(index, backend)| backend.is_available(|| now) && !tried.contains(index))
     }
 
     /// How long until a backend takes traffic again; `None` when one does now.
