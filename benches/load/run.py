@@ -98,16 +98,18 @@ def process_tree(pid):
 
 
 def cpu_seconds(pids):
+    """User and system CPU seconds of `pids`, from /proc."""
     ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
+    user = system = 0
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime + stime
+            user += int(fields[11])
+            system += int(fields[12])
         except OSError:
             pass
-    return total / ticks
+    return user / ticks, system / ticks
 
 
 def peak_rss_kib(pids):
@@ -250,10 +252,11 @@ def main():
 def measure(name, port, pid, concurrency, duration, logs):
     """One oha run against one target: its figures, and the proxy's CPU and peak RSS."""
     pids = process_tree(pid) if pid else []
-    before_cpu = cpu_seconds(pids)
+    before_user, before_system = cpu_seconds(pids)
     before_counts = [count_lines(log) for log in logs]
     result = oha(f"http://127.0.0.1:{port}{PATH}", concurrency, duration, [])
-    cpu = cpu_seconds(pids) - before_cpu
+    after_user, after_system = cpu_seconds(pids)
+    user, system = after_user - before_user, after_system - before_system
     counts = [count_lines(log) - c for log, c in zip(logs, before_counts)]
     summary = result["summary"]
     statuses = result.get("statusCodeDistribution", {})
@@ -264,7 +267,9 @@ def measure(name, port, pid, concurrency, duration, logs):
         "rps": summary["requestsPerSec"],
         "p50_ms": latency["p50"] * 1000,
         "p99_ms": latency["p99"] * 1000,
-        "cpu_us_per_req": cpu * 1e6 / total if pid and total else None,
+        "cpu_us_per_req": (user + system) * 1e6 / total if pid and total else None,
+        "user_us_per_req": user * 1e6 / total if pid and total else None,
+        "sys_us_per_req": system * 1e6 / total if pid and total else None,
         "peak_rss_mib": peak_rss_kib(process_tree(pid)) / 1024 if pid else None,
         "all_200": total > 0 and set(statuses) == {"200"},
         "balanced": name == "direct" or abs(split - 0.5) <= 0.02,
@@ -291,6 +296,8 @@ def median_row(name, concurrency, samples):
         "p50_ms": median([s["p50_ms"] for s in samples]),
         "p99_ms": median([s["p99_ms"] for s in samples]),
         "cpu_us_per_req": median([s["cpu_us_per_req"] for s in samples]),
+        "user_us_per_req": median([s["user_us_per_req"] for s in samples]),
+        "sys_us_per_req": median([s["sys_us_per_req"] for s in samples]),
         "peak_rss_mib": max(rss) if rss else None,
         "all_200": all(s["all_200"] for s in samples),
         "split": f"{counts[0]}/{counts[1]}",
@@ -301,13 +308,21 @@ def fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
 
+def cpu_cell(row):
+    if row["cpu_us_per_req"] is None:
+        return "-"
+    return (f"{row['cpu_us_per_req']:.1f} ({row['user_us_per_req']:.1f} + "
+            f"{row['sys_us_per_req']:.1f})")
+
+
 def print_table(rows):
-    print("| target | concurrency | RPS | p50 ms | p99 ms | proxy CPU µs/req | proxy peak RSS MiB | all 200 | split |")
+    print("| target | concurrency | RPS | p50 ms | p99 ms | proxy CPU µs/req (user + sys) "
+          "| proxy peak RSS MiB | all 200 | split |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")
     for r in rows:
         print(
             f"| {r['target']} | {r['concurrency']} | {r['rps']:.0f} | {r['p50_ms']:.3f} | "
-            f"{r['p99_ms']:.3f} | {fmt(r['cpu_us_per_req'], '.1f')} | "
+            f"{r['p99_ms']:.3f} | {cpu_cell(r)} | "
             f"{fmt(r['peak_rss_mib'], '.1f')} | {'yes' if r['all_200'] else 'NO'} | {r['split']} |"
         )
 
