@@ -5,13 +5,13 @@ use std::{
     io::{self, IoSlice},
     pin::{Pin, pin},
     sync::Arc,
-    task::Poll,
+    task::{Poll, ready},
 };
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{Request, Response, header};
 use http_body::Body;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::{
     Base, BoxError,
@@ -21,6 +21,16 @@ use crate::{
     headers::remove_hop_by_hop,
     http1::{Framing, RequestFraming, ResponseHead, encode_request_head, parse_response_head},
 };
+
+/// How sending ended.
+#[derive(PartialEq, Eq)]
+enum Sent {
+    /// The whole request went out.
+    Whole,
+    /// The backend began to answer (413, 401, ...) while it was not reading the rest of the
+    /// request; sending stopped, and the connection cannot carry another request.
+    Answered,
+}
 
 /// Why sending failed.
 enum SendError {
@@ -75,8 +85,18 @@ where
     let mut replay = None;
     let mut body = pin!(body);
     let mut buf = BytesMut::with_capacity(READ_SIZE);
-    let first = match send(&mut stream, &head, body.as_mut(), framing, &mut replay).await {
-        Ok(()) => read_head(&mut stream, &mut buf, &parts.method).await,
+    let sent = send(
+        &mut stream,
+        &mut buf,
+        &head,
+        body.as_mut(),
+        framing,
+        &mut replay,
+    )
+    .await;
+    let answered_early = matches!(sent, Ok(Sent::Answered));
+    let first = match sent {
+        Ok(_) => read_head(&mut stream, &mut buf, &parts.method).await,
         Err(SendError::Io(e)) => Err((e, false)),
         Err(SendError::Body(e)) => return Err(UpstreamError::RequestBody(e)),
     };
@@ -87,11 +107,13 @@ where
                 .await
                 .map_err(UpstreamError::Connect)?;
             let chunked = framing == RequestFraming::Chunked;
-            write_part(&mut stream, Some(&head), &data, chunked, true)
+            buf.clear();
+            let sent = write_part(&mut stream, &mut buf, Some(&head), &data, chunked, true)
                 .await
                 .map_err(UpstreamError::Request)?;
-            stream.flush().await.map_err(UpstreamError::Request)?;
-            buf.clear();
+            if sent == Sent::Whole {
+                stream.flush().await.map_err(UpstreamError::Request)?;
+            }
             read_head(&mut stream, &mut buf, &parts.method)
                 .await
                 .map_err(|(e, _)| UpstreamError::Request(e))?
@@ -106,6 +128,7 @@ where
         framing,
         keep_alive,
     } = head;
+    let keep_alive = keep_alive && !answered_early;
     remove_hop_by_hop(&mut headers);
     let body = match framing {
         Framing::Length(length) if buf.len() as u64 >= length => {
@@ -129,11 +152,12 @@ where
 /// once it has ended, if it was a single frame.
 async fn send<B>(
     stream: &mut Stream,
+    buf: &mut BytesMut,
     head: &[u8],
     mut body: Pin<&mut B>,
     framing: RequestFraming,
     replay: &mut Option<Bytes>,
-) -> Result<(), SendError>
+) -> Result<Sent, SendError>
 where
     B: Body,
     B::Error: Into<BoxError>,
@@ -150,9 +174,13 @@ where
             Poll::Ready(frame) => frame,
             Poll::Pending => {
                 if let Some(head) = head.take() {
-                    write_part(stream, Some(head), &[], false, false)
+                    if write_part(stream, buf, Some(head), &[], false, false)
                         .await
-                        .map_err(SendError::Io)?;
+                        .map_err(SendError::Io)?
+                        == Sent::Answered
+                    {
+                        return Ok(Sent::Answered);
+                    }
                     stream.flush().await.map_err(SendError::Io)?;
                 }
                 poll_fn(|cx| poll_frame(body.as_mut(), cx)).await
@@ -193,18 +221,27 @@ where
         if ended && frames <= 1 {
             *replay = Some(first.clone());
         }
-        write_part(stream, head.take(), &data, chunked, ended)
+        if write_part(stream, buf, head.take(), &data, chunked, ended)
             .await
-            .map_err(SendError::Io)?;
+            .map_err(SendError::Io)?
+            == Sent::Answered
+        {
+            return Ok(Sent::Answered);
+        }
     }
     if let Some(head) = head {
         // An empty body: the head alone.
         *replay = Some(Bytes::new());
-        write_part(stream, Some(head), &[], false, false)
+        if write_part(stream, buf, Some(head), &[], false, false)
             .await
-            .map_err(SendError::Io)?;
+            .map_err(SendError::Io)?
+            == Sent::Answered
+        {
+            return Ok(Sent::Answered);
+        }
     }
-    stream.flush().await.map_err(SendError::Io)
+    stream.flush().await.map_err(SendError::Io)?;
+    Ok(Sent::Whole)
 }
 
 /// The body's next frame, its error boxed at once: `B::Error` need not be `Send`.
@@ -222,13 +259,17 @@ where
 
 /// Writes, in one vectored write where the socket takes it: the head if any, then `data` (in
 /// chunked framing if `chunked`), then the last-chunk if `chunked` and `last`.
+///
+/// While the socket takes no more, the backend may be answering without reading the rest: what
+/// it sends goes into `buf`, and writing stops with [`Sent::Answered`].
 async fn write_part(
     stream: &mut Stream,
+    buf: &mut BytesMut,
     head: Option<&[u8]>,
     data: &[u8],
     chunked: bool,
     last: bool,
-) -> io::Result<()> {
+) -> io::Result<Sent> {
     let mut size_line = [0u8; 20];
     let size_line = chunk_size_line(data.len(), &mut size_line);
     let (framed, trailer): (&[u8], &[u8]) = if chunked && !data.is_empty() {
@@ -247,13 +288,34 @@ async fn write_part(
     }
     let mut parts = &mut parts[..count];
     while !parts.is_empty() {
-        let written = stream.write_vectored(parts).await?;
-        if written == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
+        let written = poll_fn(|cx| {
+            if let Poll::Ready(written) = Pin::new(&mut *stream).poll_write_vectored(cx, parts) {
+                return Poll::Ready(written.map(Some));
+            }
+            if buf.capacity() - buf.len() < READ_SIZE / 4 {
+                buf.reserve(READ_SIZE);
+            }
+            match ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut *stream),
+                cx,
+                buf
+            )) {
+                Ok(0) => Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "backend closed the connection while the request was being sent",
+                ))),
+                Ok(_) => Poll::Ready(Ok(None)),
+                Err(e) => Poll::Ready(Err(e)),
+            }
+        })
+        .await?;
+        match written {
+            None => return Ok(Sent::Answered),
+            Some(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Some(written) => IoSlice::advance_slices(&mut parts, written),
         }
-        IoSlice::advance_slices(&mut parts, written);
     }
-    Ok(())
+    Ok(Sent::Whole)
 }
 
 /// `len` in hex followed by CRLF.

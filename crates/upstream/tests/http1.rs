@@ -1275,3 +1275,42 @@ async fn concurrent_requests_get_their_own_responses() {
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// A backend that answers before it has read the request
+
+/// A backend refusing a large body answers at once and stops reading; the client must return
+/// that answer, not block on a socket nobody drains, nor turn it into a write error.
+#[tokio::test]
+async fn early_answer_to_a_large_body_is_returned() {
+    bounded(async {
+        let (held_tx, mut held_rx) = mpsc::unbounded_channel();
+        let server = RawServer::start(move |mut conn| {
+            let held_tx = held_tx.clone();
+            async move {
+                // The head only; the body stays unread in the socket.
+                while find(&conn.buf, b"\r\n\r\n").is_none() {
+                    assert!(conn.fill().await, "client closed mid-head");
+                }
+                conn.write(
+                    b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\nconnection: close\r\n\r\ntoo big!",
+                )
+                .await;
+                // Keep the connection open without reading, until the test is done.
+                let _ = held_tx.send(conn);
+            }
+        })
+        .await;
+        let upstream = upstream!(server);
+        // Far more than the loopback socket buffers hold.
+        let body = Bytes::from(vec![b'x'; 64 * 1024 * 1024]);
+        let request = Request::post("/upload").body(full(body)).unwrap();
+        let (status, answer) = fetch(&upstream, request).await;
+        assert_eq!((status, &answer[..]), (413, &b"too big!"[..]));
+        // The connection, left mid-request, is not used again.
+        assert_eq!(fetch(&upstream, get("/next")).await.0, 413);
+        assert_eq!(server.accepts(), 2);
+        held_rx.close();
+    })
+    .await;
+}
