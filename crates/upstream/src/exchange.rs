@@ -148,8 +148,9 @@ where
 }
 
 /// Writes the head and the body. A body that fits one frame goes out with the head in one
-/// write; a streaming body is sent frame by frame as it arrives. Sets `replay` to the whole body
-/// once it has ended, if it was a single frame.
+/// write; a streaming body is sent frame by frame as it arrives, its head first if its first
+/// frame is not ready. Sets `replay` to the whole body once it has ended, if it was a single
+/// frame.
 async fn send<B>(
     stream: &mut Stream,
     buf: &mut BytesMut,
@@ -167,43 +168,34 @@ where
     let mut frames = 0usize;
     let mut sent = 0u64;
     let mut first = Bytes::new();
-    let mut ended = body.is_end_stream();
-    while !ended {
-        // Poll once: a body that is not ready must not hold back the head.
-        let frame = match poll_fn(|cx| Poll::Ready(poll_frame(body.as_mut(), cx))).await {
-            Poll::Ready(frame) => frame,
-            Poll::Pending => {
-                if let Some(head) = head.take() {
-                    if write_part(stream, buf, Some(head), &[], false, false)
-                        .await
-                        .map_err(SendError::Io)?
-                        == Sent::Answered
-                    {
-                        return Ok(Sent::Answered);
+    loop {
+        let (data, ended) = if body.is_end_stream() {
+            (Bytes::new(), true)
+        } else {
+            // Poll once: a body that is not ready must not hold back the head.
+            let frame = match poll_fn(|cx| Poll::Ready(poll_frame(body.as_mut(), cx))).await {
+                Poll::Ready(frame) => Some(frame),
+                Poll::Pending if head.is_some() => None,
+                Poll::Pending => Some(poll_fn(|cx| poll_frame(body.as_mut(), cx)).await),
+            };
+            match frame {
+                // Not ready, and the head not sent yet: send the head alone now.
+                None => (Bytes::new(), false),
+                Some(None) => (Bytes::new(), true),
+                Some(Some(Err(e))) => return Err(SendError::Body(e)),
+                Some(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(mut data) => {
+                        let data = data.copy_to_bytes(data.remaining());
+                        if data.is_empty() && !body.is_end_stream() {
+                            continue;
+                        }
+                        (data, body.is_end_stream())
                     }
-                    stream.flush().await.map_err(SendError::Io)?;
-                }
-                poll_fn(|cx| poll_frame(body.as_mut(), cx)).await
+                    // Trailers are not forwarded.
+                    Err(_) => continue,
+                },
             }
         };
-        let data = match frame {
-            None => {
-                ended = true;
-                Bytes::new()
-            }
-            Some(Err(e)) => return Err(SendError::Body(e)),
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(mut data) => {
-                    ended = body.is_end_stream();
-                    data.copy_to_bytes(data.remaining())
-                }
-                // Trailers are not forwarded.
-                Err(_) => continue,
-            },
-        };
-        if data.is_empty() && !ended {
-            continue;
-        }
         sent += data.len() as u64;
         if let RequestFraming::Length(length) = framing
             && (sent > length || (ended && sent != length))
@@ -221,27 +213,20 @@ where
         if ended && frames <= 1 {
             *replay = Some(first.clone());
         }
-        if write_part(stream, buf, head.take(), &data, chunked, ended)
+        let written = write_part(stream, buf, head.take(), &data, chunked, ended)
             .await
-            .map_err(SendError::Io)?
-            == Sent::Answered
-        {
+            .map_err(SendError::Io)?;
+        if written == Sent::Answered {
             return Ok(Sent::Answered);
         }
-    }
-    if let Some(head) = head {
-        // An empty body: the head alone.
-        *replay = Some(Bytes::new());
-        if write_part(stream, buf, Some(head), &[], false, false)
-            .await
-            .map_err(SendError::Io)?
-            == Sent::Answered
-        {
-            return Ok(Sent::Answered);
+        if ended || data.is_empty() {
+            // The end, or the head alone ahead of a body that is not ready: out it goes.
+            stream.flush().await.map_err(SendError::Io)?;
+        }
+        if ended {
+            return Ok(Sent::Whole);
         }
     }
-    stream.flush().await.map_err(SendError::Io)?;
-    Ok(Sent::Whole)
 }
 
 /// The body's next frame, its error boxed at once: `B::Error` need not be `Send`.

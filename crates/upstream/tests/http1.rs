@@ -22,40 +22,22 @@ use aoai_upstream::{Upstream, UpstreamClient};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body, Frame};
-use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+use http_body_util::BodyExt;
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::AsyncWriteExt,
     net::{TcpListener, TcpStream},
     sync::mpsc,
-    time::{sleep, timeout},
+    time::sleep,
 };
 use tower::{Service, ServiceExt};
 
+mod support;
+
+use support::*;
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// The request body type. Its error is a concrete type with no lifetime in it: a `dyn Error`
-/// there would make spawned request futures trip a higher-ranked `Send` limitation of the
-/// compiler.
-type TestBody = UnsyncBoxBody<Bytes, io::Error>;
-
-/// Upper bound for a whole test; a hang fails the test instead of blocking it.
-const WAIT: Duration = Duration::from_secs(10);
-
-async fn bounded<F: Future>(future: F) -> F::Output {
-    timeout(WAIT, future).await.expect("timed out")
-}
-
 // ---------------------------------------------------------------------------------------------
 // Request bodies
-
-fn full(data: impl Into<Bytes>) -> TestBody {
-    Full::new(data.into())
-        .map_err(|never| match never {})
-        .boxed_unsync()
-}
-
-fn empty() -> TestBody {
-    full(Bytes::new())
-}
 
 /// A body fed by a channel: each message is one data frame, a closed channel ends the body. Its
 /// size hint is never exact, so the client cannot know the length up front.
@@ -80,10 +62,6 @@ impl Body for ChannelBody {
 fn channel_body() -> (mpsc::Sender<Result<Bytes, io::Error>>, TestBody) {
     let (tx, rx) = mpsc::channel(1);
     (tx, ChannelBody { rx }.boxed_unsync())
-}
-
-fn get(path: &str) -> Request<TestBody> {
-    Request::get(path).body(empty()).unwrap()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -158,174 +136,10 @@ where
         .to_bytes()
 }
 
-/// An error's message followed by those of its sources.
-fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut shown = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        shown.push_str(": ");
-        shown.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    shown
-}
-
 // ---------------------------------------------------------------------------------------------
 // Raw server side
 
-/// How a request body was framed on the wire.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Framing {
-    /// Neither `content-length` nor `transfer-encoding`.
-    None,
-    Length(usize),
-    Chunked,
-}
-
-/// One request as a raw server read it off the wire.
-#[derive(Clone, Debug)]
-struct Seen {
-    /// Which accepted connection it came on, from 0.
-    conn: usize,
-    method: String,
-    target: String,
-    /// Names lowercased, values trimmed, in wire order.
-    headers: Vec<(String, String)>,
-    framing: Framing,
-    body: Vec<u8>,
-}
-
-impl Seen {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn header_count(&self, name: &str) -> usize {
-        self.headers.iter().filter(|(n, _)| n == name).count()
-    }
-}
-
-/// One accepted connection of a [`RawServer`].
-struct Conn {
-    stream: TcpStream,
-    buf: Vec<u8>,
-    index: usize,
-    seen: mpsc::UnboundedSender<Seen>,
-}
-
-impl Conn {
-    /// Reads more bytes into the buffer; `false` on end of stream or error.
-    async fn fill(&mut self) -> bool {
-        let mut chunk = [0; 16 * 1024];
-        match self.stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => false,
-            Ok(n) => {
-                self.buf.extend_from_slice(&chunk[..n]);
-                true
-            }
-        }
-    }
-
-    async fn take(&mut self, n: usize) -> Vec<u8> {
-        while self.buf.len() < n {
-            assert!(self.fill().await, "client closed mid-body");
-        }
-        self.buf.drain(..n).collect()
-    }
-
-    /// One line without its CRLF.
-    async fn line(&mut self) -> String {
-        loop {
-            if let Some(end) = find(&self.buf, b"\r\n") {
-                let line = self.buf.drain(..end + 2).collect::<Vec<u8>>();
-                return String::from_utf8_lossy(&line[..end]).into_owned();
-            }
-            assert!(self.fill().await, "client closed mid-line");
-        }
-    }
-
-    /// The next request on this connection, body included, or `None` if the client closed the
-    /// connection (or sent nothing more) before starting one. Panics on malformed framing.
-    async fn read_request(&mut self) -> Option<Seen> {
-        let head_end = loop {
-            if let Some(end) = find(&self.buf, b"\r\n\r\n") {
-                break end;
-            }
-            if !self.fill().await {
-                assert!(
-                    self.buf.is_empty(),
-                    "client closed mid-head: {:?}",
-                    String::from_utf8_lossy(&self.buf)
-                );
-                return None;
-            }
-        };
-        let head = self.buf.drain(..head_end + 4).collect::<Vec<u8>>();
-        let head = String::from_utf8_lossy(&head[..head_end]).into_owned();
-        let mut lines = head.split("\r\n");
-        let request_line = lines.next().unwrap();
-        let mut parts = request_line.split(' ');
-        let method = parts.next().unwrap().to_owned();
-        let target = parts.next().expect("request target").to_owned();
-        assert_eq!(
-            parts.next(),
-            Some("HTTP/1.1"),
-            "request line {request_line:?}"
-        );
-        let headers = lines
-            .map(|line| {
-                let (name, value) = line
-                    .split_once(':')
-                    .unwrap_or_else(|| panic!("header line {line:?}"));
-                (name.to_ascii_lowercase(), value.trim().to_owned())
-            })
-            .collect::<Vec<_>>();
-        let mut seen = Seen {
-            conn: self.index,
-            method,
-            target,
-            headers,
-            framing: Framing::None,
-            body: Vec::new(),
-        };
-        let chunked = seen
-            .header("transfer-encoding")
-            .is_some_and(|te| te.to_ascii_lowercase().contains("chunked"));
-        if chunked {
-            seen.framing = Framing::Chunked;
-            loop {
-                let size_line = self.line().await;
-                let size = size_line.split(';').next().unwrap().trim();
-                let size = usize::from_str_radix(size, 16)
-                    .unwrap_or_else(|_| panic!("chunk size line {size_line:?}"));
-                if size == 0 {
-                    // Trailers, up to an empty line.
-                    while !self.line().await.is_empty() {}
-                    break;
-                }
-                let data = self.take(size).await;
-                seen.body.extend_from_slice(&data);
-                assert_eq!(self.take(2).await, b"\r\n", "chunk not followed by CRLF");
-            }
-        } else if let Some(length) = seen.header("content-length") {
-            let length = length
-                .parse()
-                .unwrap_or_else(|_| panic!("content-length {length:?}"));
-            seen.framing = Framing::Length(length);
-            seen.body = self.take(length).await;
-        }
-        let _ = self.seen.send(seen.clone());
-        Some(seen)
-    }
-
-    /// Writes `bytes`, ignoring errors (the client may have given up, which its test checks).
-    async fn write(&mut self, bytes: &[u8]) {
-        let _ = self.stream.write_all(bytes).await;
-    }
-
+impl Conn<TcpStream> {
     /// Writes `bytes` in pieces of `piece` bytes, pausing between them.
     async fn write_slowly(&mut self, bytes: &[u8], piece: usize) {
         for part in bytes.chunks(piece) {
@@ -348,24 +162,18 @@ impl Conn {
     }
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack
-        .windows(needle.len())
-        .position(|window| window == needle)
-}
-
 /// A TCP server on `127.0.0.1:0` that hands each accepted connection to a handler, counts
 /// accepts, and records every request read with [`Conn::read_request`].
 struct RawServer {
     addr: SocketAddr,
     accepts: Arc<AtomicUsize>,
-    seen: mpsc::UnboundedReceiver<Seen>,
+    seen: SeenLog,
 }
 
 impl RawServer {
     async fn start<F, Fut>(handler: F) -> Self
     where
-        F: Fn(Conn) -> Fut + Send + Sync + 'static,
+        F: Fn(Conn<TcpStream>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -388,7 +196,7 @@ impl RawServer {
         Self {
             addr,
             accepts,
-            seen,
+            seen: SeenLog(seen),
         }
     }
 
@@ -401,12 +209,7 @@ impl RawServer {
         let respond = Arc::new(respond);
         Self::start(move |mut conn| {
             let respond = Arc::clone(&respond);
-            async move {
-                while let Some(request) = conn.read_request().await {
-                    let response = respond(&request);
-                    conn.write(&response).await;
-                }
-            }
+            async move { conn.answer_each(|request| respond(request)).await }
         })
         .await
     }
@@ -421,31 +224,13 @@ impl RawServer {
 
     /// The next request the server read.
     async fn next(&mut self) -> Seen {
-        self.seen.recv().await.expect("server gone")
+        self.seen.next().await
     }
 
     /// The connection index of every request read so far (after the ones taken with `next`).
     fn drain_conns(&mut self) -> Vec<(usize, String)> {
-        let mut conns = Vec::new();
-        while let Ok(seen) = self.seen.try_recv() {
-            conns.push((seen.conn, seen.target));
-        }
-        conns
+        self.seen.drain_conns()
     }
-}
-
-/// `200 OK` with a `content-length` body.
-fn ok(body: &str) -> Vec<u8> {
-    format!(
-        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .into_bytes()
-}
-
-/// The request target with its leading slash removed, as a body for `ok`.
-fn echo_target(request: &Seen) -> Vec<u8> {
-    ok(request.target.trim_start_matches('/'))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -865,40 +650,10 @@ async fn garbage_response_is_an_error() {
     .await;
 }
 
-#[tokio::test]
-async fn malformed_status_lines_are_errors() {
-    for response in [
-        &b"HTTP/1.1 2000 OK\r\ncontent-length: 0\r\n\r\n"[..],
-        b"HTTP/1.1 abc OK\r\ncontent-length: 0\r\n\r\n",
-        b"HTTP/2.0 200 OK\r\ncontent-length: 0\r\n\r\n",
-        b"HTTP/1.1 200 OK\r\nbad header line\r\n\r\n",
-        b"HTTP/1.1 200 OK\r\nbad name: x\r\ncontent-length: 0\r\n\r\n",
-        b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03",
-    ] {
-        bounded(async {
-            let server = RawServer::start(move |mut conn| async move {
-                if conn.read_request().await.is_some() {
-                    conn.write(response).await;
-                }
-                conn.close().await;
-            })
-            .await;
-            let shown = expect_request_error(&server).await;
-            assert!(!shown.is_empty(), "{:?}", String::from_utf8_lossy(response));
-        })
-        .await;
-    }
-}
-
-#[tokio::test]
-async fn invalid_response_framing_is_an_error() {
-    for response in [
-        &b"HTTP/1.1 200 OK\r\ncontent-length: abc\r\n\r\n"[..],
-        b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
-        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nabc",
-        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n",
-        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabcdef\r\n0\r\n\r\n",
-    ] {
+/// Each of `responses`, answered to one request and followed by an open, then closed,
+/// connection, fails the request with an error.
+async fn each_is_a_request_error(responses: &[&'static [u8]]) {
+    for &response in responses {
         bounded(async {
             let server = RawServer::start(move |mut conn| async move {
                 if conn.read_request().await.is_some() {
@@ -915,6 +670,31 @@ async fn invalid_response_framing_is_an_error() {
         })
         .await;
     }
+}
+
+#[tokio::test]
+async fn malformed_status_lines_are_errors() {
+    each_is_a_request_error(&[
+        &b"HTTP/1.1 2000 OK\r\ncontent-length: 0\r\n\r\n"[..],
+        b"HTTP/1.1 abc OK\r\ncontent-length: 0\r\n\r\n",
+        b"HTTP/2.0 200 OK\r\ncontent-length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nbad header line\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nbad name: x\r\ncontent-length: 0\r\n\r\n",
+        b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03",
+    ])
+    .await;
+}
+
+#[tokio::test]
+async fn invalid_response_framing_is_an_error() {
+    each_is_a_request_error(&[
+        &b"HTTP/1.1 200 OK\r\ncontent-length: abc\r\n\r\n"[..],
+        b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nabc",
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabcdef\r\n0\r\n\r\n",
+    ])
+    .await;
 }
 
 #[tokio::test]

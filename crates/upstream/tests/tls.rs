@@ -16,42 +16,26 @@ use std::{
     time::Duration,
 };
 
+mod support;
+
 use aoai_upstream::{Upstream, UpstreamBody, UpstreamClient, UpstreamError};
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+use http_body_util::BodyExt;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use support::*;
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::AsyncWriteExt,
     net::{TcpListener, TcpStream},
     sync::{Mutex, mpsc},
-    time::{sleep, timeout},
+    time::sleep,
 };
 use tokio_rustls::{LazyConfigAcceptor, server::TlsStream};
 use tower::ServiceExt;
-
-type TestBody = UnsyncBoxBody<Bytes, std::io::Error>;
-
-/// Upper bound for a whole test; a hang fails the test instead of blocking it.
-const WAIT: Duration = Duration::from_secs(10);
-
-async fn bounded<F: Future>(future: F) -> F::Output {
-    timeout(WAIT, future).await.expect("timed out")
-}
-
-fn full(data: impl Into<Bytes>) -> TestBody {
-    Full::new(data.into())
-        .map_err(|never| match never {})
-        .boxed_unsync()
-}
-
-fn get(path: &str) -> Request<TestBody> {
-    Request::get(path).body(full(Bytes::new())).unwrap()
-}
 
 /// Sends `request` on a clone of `upstream`.
 async fn send(
@@ -90,18 +74,6 @@ async fn connect_error(upstream: &Upstream, request: Request<TestBody>) -> (Upst
         "not UpstreamError::Connect: {error:?}"
     );
     (error, shown)
-}
-
-/// An error's message followed by those of its sources.
-fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut shown = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        shown.push_str(": ");
-        shown.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    shown
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -179,36 +151,6 @@ fn self_signed(names: &[&str]) -> Identity {
 // ---------------------------------------------------------------------------------------------
 // TLS server side
 
-/// How a request body was framed on the wire.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Framing {
-    None,
-    Length(usize),
-    Chunked,
-}
-
-/// One request as a server read it out of the TLS stream.
-#[derive(Clone, Debug)]
-struct Seen {
-    /// Which accepted connection it came on, from 0.
-    conn: usize,
-    method: String,
-    target: String,
-    /// Names lowercased, values trimmed, in wire order.
-    headers: Vec<(String, String)>,
-    framing: Framing,
-    body: Vec<u8>,
-}
-
-impl Seen {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
 /// What a server saw of one TLS handshake.
 #[derive(Clone, Debug)]
 struct Handshake {
@@ -223,125 +165,7 @@ struct Handshake {
     error: Option<String>,
 }
 
-/// One accepted TLS connection of a [`TlsServer`], after its handshake.
-struct Conn {
-    stream: TlsStream<TcpStream>,
-    buf: Vec<u8>,
-    index: usize,
-    seen: mpsc::UnboundedSender<Seen>,
-}
-
-impl Conn {
-    /// Reads more plaintext into the buffer; `false` on end of stream or error.
-    async fn fill(&mut self) -> bool {
-        let mut chunk = [0; 16 * 1024];
-        match self.stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => false,
-            Ok(n) => {
-                self.buf.extend_from_slice(&chunk[..n]);
-                true
-            }
-        }
-    }
-
-    async fn take(&mut self, n: usize) -> Vec<u8> {
-        while self.buf.len() < n {
-            assert!(self.fill().await, "client closed mid-body");
-        }
-        self.buf.drain(..n).collect()
-    }
-
-    /// One line without its CRLF.
-    async fn line(&mut self) -> String {
-        loop {
-            if let Some(end) = find(&self.buf, b"\r\n") {
-                let line = self.buf.drain(..end + 2).collect::<Vec<u8>>();
-                return String::from_utf8_lossy(&line[..end]).into_owned();
-            }
-            assert!(self.fill().await, "client closed mid-line");
-        }
-    }
-
-    /// The next request on this connection, body included, or `None` if the client closed the
-    /// connection before starting one. Panics on malformed framing.
-    async fn read_request(&mut self) -> Option<Seen> {
-        let head_end = loop {
-            if let Some(end) = find(&self.buf, b"\r\n\r\n") {
-                break end;
-            }
-            if !self.fill().await {
-                assert!(
-                    self.buf.is_empty(),
-                    "client closed mid-head: {:?}",
-                    String::from_utf8_lossy(&self.buf)
-                );
-                return None;
-            }
-        };
-        let head = self.buf.drain(..head_end + 4).collect::<Vec<u8>>();
-        let head = String::from_utf8_lossy(&head[..head_end]).into_owned();
-        let mut lines = head.split("\r\n");
-        let request_line = lines.next().unwrap();
-        let mut parts = request_line.split(' ');
-        let method = parts.next().unwrap().to_owned();
-        let target = parts.next().expect("request target").to_owned();
-        assert_eq!(
-            parts.next(),
-            Some("HTTP/1.1"),
-            "request line {request_line:?}"
-        );
-        let headers = lines
-            .map(|line| {
-                let (name, value) = line
-                    .split_once(':')
-                    .unwrap_or_else(|| panic!("header line {line:?}"));
-                (name.to_ascii_lowercase(), value.trim().to_owned())
-            })
-            .collect::<Vec<_>>();
-        let mut seen = Seen {
-            conn: self.index,
-            method,
-            target,
-            headers,
-            framing: Framing::None,
-            body: Vec::new(),
-        };
-        let chunked = seen
-            .header("transfer-encoding")
-            .is_some_and(|te| te.to_ascii_lowercase().contains("chunked"));
-        if chunked {
-            seen.framing = Framing::Chunked;
-            loop {
-                let size_line = self.line().await;
-                let size = size_line.split(';').next().unwrap().trim();
-                let size = usize::from_str_radix(size, 16)
-                    .unwrap_or_else(|_| panic!("chunk size line {size_line:?}"));
-                if size == 0 {
-                    while !self.line().await.is_empty() {}
-                    break;
-                }
-                let data = self.take(size).await;
-                seen.body.extend_from_slice(&data);
-                assert_eq!(self.take(2).await, b"\r\n", "chunk not followed by CRLF");
-            }
-        } else if let Some(length) = seen.header("content-length") {
-            let length = length
-                .parse()
-                .unwrap_or_else(|_| panic!("content-length {length:?}"));
-            seen.framing = Framing::Length(length);
-            seen.body = self.take(length).await;
-        }
-        let _ = self.seen.send(seen.clone());
-        Some(seen)
-    }
-
-    /// Writes `bytes` and flushes them out of rustls onto the socket, ignoring errors (the
-    /// client may have given up, which its test checks).
-    async fn write(&mut self, bytes: &[u8]) {
-        let _ = self.stream.write_all(bytes).await;
-        let _ = self.stream.flush().await;
-    }
-
+impl Conn<TlsStream<TcpStream>> {
     /// Sends close_notify and half-closes the TCP connection (FIN), then keeps reading so a late
     /// client write does not turn into a reset; any request that still arrives is recorded (on
     /// this connection's index) for the test to see.
@@ -360,25 +184,19 @@ impl Conn {
     }
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack
-        .windows(needle.len())
-        .position(|window| window == needle)
-}
-
 /// A TLS server on `127.0.0.1:0` presenting `identity`, offering ALPN `http/1.1`. It counts
 /// accepts, records each handshake, and hands each established connection to a handler.
 struct TlsServer {
     addr: SocketAddr,
     accepts: Arc<AtomicUsize>,
-    seen: mpsc::UnboundedReceiver<Seen>,
+    seen: SeenLog,
     handshakes: mpsc::UnboundedReceiver<Handshake>,
 }
 
 impl TlsServer {
     async fn start<F, Fut>(identity: Identity, handler: F) -> Self
     where
-        F: Fn(Conn) -> Fut + Send + Sync + 'static,
+        F: Fn(Conn<TlsStream<TcpStream>>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
@@ -457,7 +275,7 @@ impl TlsServer {
         Self {
             addr,
             accepts,
-            seen,
+            seen: SeenLog(seen),
             handshakes,
         }
     }
@@ -471,12 +289,7 @@ impl TlsServer {
         let respond = Arc::new(respond);
         Self::start(identity, move |mut conn| {
             let respond = Arc::clone(&respond);
-            async move {
-                while let Some(request) = conn.read_request().await {
-                    let response = respond(&request);
-                    conn.write(&response).await;
-                }
-            }
+            async move { conn.answer_each(|request| respond(request)).await }
         })
         .await
     }
@@ -496,7 +309,7 @@ impl TlsServer {
 
     /// The next request the server read.
     async fn next(&mut self) -> Seen {
-        self.seen.recv().await.expect("server gone")
+        self.seen.next().await
     }
 
     /// The next handshake the server saw.
@@ -507,26 +320,8 @@ impl TlsServer {
     /// The connection index and target of every request read so far (after the ones taken with
     /// `next`).
     fn drain_conns(&mut self) -> Vec<(usize, String)> {
-        let mut conns = Vec::new();
-        while let Ok(seen) = self.seen.try_recv() {
-            conns.push((seen.conn, seen.target));
-        }
-        conns
+        self.seen.drain_conns()
     }
-}
-
-/// `200 OK` with a `content-length` body.
-fn ok(body: &str) -> Vec<u8> {
-    format!(
-        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .into_bytes()
-}
-
-/// The request target with its leading slash removed, as a body for `ok`.
-fn echo_target(request: &Seen) -> Vec<u8> {
-    ok(request.target.trim_start_matches('/'))
 }
 
 // ---------------------------------------------------------------------------------------------
