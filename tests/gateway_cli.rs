@@ -326,6 +326,12 @@ async fn it_serves_and_balances_over_the_given_backends() {
     assert_eq!(sims[0].request_count() + sims[1].request_count(), 0);
 
     let client = client();
+    // Only `/openai` and what is below it is forwarded; a look-alike prefix is not.
+    for path in ["/openaiX/models", "/other", "/"] {
+        let response = client.get(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(response.status(), 404, "{path}");
+    }
+    assert_eq!(sims[0].request_count() + sims[1].request_count(), 0);
     let first = chat(&client, &base).await;
     assert_eq!(first.status(), 200);
     assert_eq!(served_by(&first), "a");
