@@ -177,7 +177,7 @@ impl UpstreamBody {
                 pool,
             } = *streaming;
             if keep_alive && framing.is_done() && buf.is_empty() {
-                pool.put(stream);
+                pool.put(stream, buf);
             }
         }
     }

@@ -76,15 +76,21 @@ where
 
     let pooled = base.pool.take();
     let reused = pooled.is_some();
-    let mut stream = match pooled {
-        Some(stream) => stream,
-        None => connect(&base.endpoint, &base.settings)
-            .await
-            .map_err(UpstreamError::Connect)?,
+    let (mut stream, mut buf) = match pooled {
+        Some(pooled) => pooled,
+        None => (
+            connect(&base.endpoint, &base.settings)
+                .await
+                .map_err(UpstreamError::Connect)?,
+            BytesMut::new(),
+        ),
     };
+    // The rest of the last response's buffer serves while it is large enough.
+    if buf.capacity() < READ_SIZE / 4 {
+        buf = BytesMut::with_capacity(READ_SIZE);
+    }
     let mut replay = None;
     let mut body = pin!(body);
-    let mut buf = BytesMut::with_capacity(READ_SIZE);
     let sent = send(
         &mut stream,
         &mut buf,
@@ -134,7 +140,7 @@ where
         Framing::Length(length) if buf.len() as u64 >= length => {
             let data = buf.split_to(length as usize).freeze();
             if keep_alive && buf.is_empty() {
-                base.pool.put(stream);
+                base.pool.put(stream, buf);
             }
             UpstreamBody::complete(data)
         }
