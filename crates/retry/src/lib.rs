@@ -2,7 +2,7 @@
 //!
 //! [`RetryNextBackendLayer`] goes in front of an [`aoai_balance::Balance`]. It reads the request
 //! body once into [`Bytes`](bytes::Bytes) (over the limit: [`BodyTooLarge`], and no backend is
-//! contacted), then hands it to tower's [`Retry`](tower::retry::Retry) with the
+//! contacted), then hands it to tower's [`Retry`] with the
 //! [`RetryNextBackend`] policy, which replays the body on each attempt and sends each retry to a
 //! backend not tried yet.
 //!
