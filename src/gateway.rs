@@ -101,7 +101,8 @@ where
         let uri = request.uri().clone();
         GatewayFuture {
             inner: self.stack.call(request),
-            started: Instant::now(),
+            // The clock is read only for the request's log line, when that is on.
+            started: tracing::enabled!(tracing::Level::INFO).then(Instant::now),
             served_by_values: self.served_by_values.clone(),
             method,
             uri,
@@ -122,7 +123,7 @@ pin_project! {
     {
         #[pin]
         inner: StackFuture<B>,
-        started: Instant,
+        started: Option<Instant>,
         served_by_values: Option<Arc<[HeaderValue]>>,
         method: http::Method,
         uri: http::Uri,
@@ -177,7 +178,9 @@ where
             path = this.uri.path(),
             backend = served_by.as_ref().map_or("-", ServedBy::name),
             status = response.status().as_u16(),
-            latency_ms = this.started.elapsed().as_secs_f64() * 1000.0,
+            latency_ms = this
+                .started
+                .map_or(0.0, |started| started.elapsed().as_secs_f64() * 1000.0),
             "request"
         );
         Poll::Ready(Ok(response))
