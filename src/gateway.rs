@@ -97,15 +97,16 @@ where
         // Nothing inside reads the caller's extensions (the router's, for example); dropped
         // here, they are not cloned for every attempt.
         request.extensions_mut().clear();
-        let method = request.method().clone();
-        let uri = request.uri().clone();
+        // What the request's log line needs is kept only when that line is on.
+        let log = tracing::enabled!(tracing::Level::INFO).then(|| RequestLog {
+            method: request.method().clone(),
+            uri: request.uri().clone(),
+            started: Instant::now(),
+        });
         GatewayFuture {
             inner: self.stack.call(request),
-            // The clock is read only for the request's log line, when that is on.
-            started: tracing::enabled!(tracing::Level::INFO).then(Instant::now),
             served_by_values: self.served_by_values.clone(),
-            method,
-            uri,
+            log,
         }
     }
 }
@@ -123,11 +124,17 @@ pin_project! {
     {
         #[pin]
         inner: StackFuture<B>,
-        started: Option<Instant>,
         served_by_values: Option<Arc<[HeaderValue]>>,
-        method: http::Method,
-        uri: http::Uri,
+        log: Option<RequestLog>,
     }
+}
+
+/// What one request's log line reports besides the answer.
+#[derive(Debug)]
+struct RequestLog {
+    method: http::Method,
+    uri: http::Uri,
+    started: Instant,
 }
 
 impl<B> fmt::Debug for GatewayFuture<B>
@@ -136,10 +143,13 @@ where
     B::Error: Into<BoxError>,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("GatewayFuture")
-            .field("method", &self.method)
-            .field("path", &self.uri.path())
-            .finish_non_exhaustive()
+        let mut debug = f.debug_struct("GatewayFuture");
+        if let Some(log) = &self.log {
+            debug
+                .field("method", &log.method)
+                .field("path", &log.uri.path());
+        }
+        debug.finish_non_exhaustive()
     }
 }
 
@@ -173,16 +183,16 @@ where
                 .headers_mut()
                 .insert(X_SERVED_BY, values[served_by.index()].clone());
         }
-        tracing::info!(
-            method = %this.method,
-            path = this.uri.path(),
-            backend = served_by.as_ref().map_or("-", ServedBy::name),
-            status = response.status().as_u16(),
-            latency_ms = this
-                .started
-                .map_or(0.0, |started| started.elapsed().as_secs_f64() * 1000.0),
-            "request"
-        );
+        if let Some(log) = this.log {
+            tracing::info!(
+                method = %log.method,
+                path = log.uri.path(),
+                backend = served_by.as_ref().map_or("-", ServedBy::name),
+                status = response.status().as_u16(),
+                latency_ms = log.started.elapsed().as_secs_f64() * 1000.0,
+                "request"
+            );
+        }
         Poll::Ready(Ok(response))
     }
 }
@@ -284,7 +294,8 @@ impl GatewayBuilder {
         self
     }
 
-    /// How long to wait for a TCP connection to a backend. Default: 10 s.
+    /// How long to wait for a TCP connection to a backend, and then again for its TLS
+    /// handshake. Default: 10 s.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self

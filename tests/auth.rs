@@ -63,6 +63,19 @@ fn authenticated(sims: &[aoai_sim::SimHandle], credential: &Arc<CountingCredenti
         .unwrap()
 }
 
+/// A chat request carrying the caller's own `api-key` and bearer token, which no backend may
+/// receive.
+async fn chat_with_callers_credentials(client: &reqwest::Client, base: &str) -> reqwest::Response {
+    client
+        .post(format!("{base}{CHAT}"))
+        .header("api-key", "caller-key")
+        .header("authorization", "Bearer caller-token")
+        .json(&chat_body())
+        .send()
+        .await
+        .unwrap()
+}
+
 fn authorization(sim: &aoai_sim::SimHandle, request: usize) -> Vec<String> {
     sim.requests()[request]
         .headers
@@ -79,14 +92,7 @@ async fn backends_receive_the_bearer_token_and_never_the_callers_credentials() {
     let base = serve_gateway(authenticated(&sims, &credential)).await;
     let client = client();
     for _ in 0..20 {
-        let response = client
-            .post(format!("{base}{CHAT}"))
-            .header("api-key", "caller-key")
-            .header("authorization", "Bearer caller-token")
-            .json(&chat_body())
-            .send()
-            .await
-            .unwrap();
+        let response = chat_with_callers_credentials(&client, &base).await;
         assert_eq!(response.status(), 200);
     }
     assert_eq!(credential.calls(), 1, "one token fetch for every request");
@@ -174,14 +180,7 @@ async fn api_key_mode_sets_each_backends_own_key_once() {
         .unwrap();
     let base = serve_gateway(gateway).await;
     for _ in 0..2 {
-        let response = client()
-            .post(format!("{base}{CHAT}"))
-            .header("api-key", "caller-key")
-            .header("authorization", "Bearer caller-token")
-            .json(&chat_body())
-            .send()
-            .await
-            .unwrap();
+        let response = chat_with_callers_credentials(&client(), &base).await;
         assert_eq!(response.status(), 200);
     }
     for (sim, key) in sims.iter().zip(["key-a", "key-b"]) {

@@ -62,18 +62,6 @@ where
     } else {
         RequestFraming::for_body(body.size_hint().exact())
     };
-    // `Upstream::call` refused a request without a path.
-    let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let mut head = Vec::with_capacity(256 + 64 * headers.len());
-    encode_request_head(
-        &parts.method,
-        &base.path,
-        path_and_query,
-        headers,
-        framing,
-        &mut head,
-    );
-
     let pooled = base.pool.take();
     let reused = pooled.is_some();
     let (mut stream, mut buf) = match pooled {
@@ -85,10 +73,22 @@ where
             BytesMut::new(),
         ),
     };
-    // The rest of the last response's buffer serves while it is large enough.
+    // The rest of the last response's buffer serves while it is large enough: first for the
+    // request head, then, past it, for the response.
     if buf.capacity() < READ_SIZE / 4 {
         buf = BytesMut::with_capacity(READ_SIZE);
     }
+    // `Upstream::call` refused a request without a path.
+    let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    encode_request_head(
+        &parts.method,
+        &base.path,
+        path_and_query,
+        &parts.headers,
+        framing,
+        &mut buf,
+    );
+    let head = buf.split();
     let mut replay = None;
     let mut body = pin!(body);
     let sent = send(

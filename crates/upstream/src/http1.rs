@@ -40,10 +40,10 @@ pub(crate) fn encode_request_head(
     target: &str,
     headers: &HeaderMap,
     framing: RequestFraming,
-    out: &mut Vec<u8>,
+    out: &mut BytesMut,
 ) {
     out.extend_from_slice(method.as_str().as_bytes());
-    out.push(b' ');
+    out.extend_from_slice(b" ");
     out.extend_from_slice(prefix.as_bytes());
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
@@ -428,7 +428,7 @@ mod tests {
     fn request_head_has_one_framing_header() {
         let mut headers = HeaderMap::new();
         headers.insert("host", HeaderValue::from_static("x"));
-        let mut out = Vec::new();
+        let mut out = BytesMut::new();
         encode_request_head(
             &Method::POST,
             "/base",
@@ -438,7 +438,7 @@ mod tests {
             &mut out,
         );
         assert_eq!(
-            out,
+            &out[..],
             b"POST /base/a?b=1 HTTP/1.1\r\nhost: x\r\ncontent-length: 12\r\n\r\n"
         );
         out.clear();
@@ -450,7 +450,7 @@ mod tests {
             RequestFraming::Length(0),
             &mut out,
         );
-        assert_eq!(out, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n");
+        assert_eq!(&out[..], b"GET / HTTP/1.1\r\nhost: x\r\n\r\n");
         out.clear();
         encode_request_head(
             &Method::POST,
@@ -461,7 +461,7 @@ mod tests {
             &mut out,
         );
         assert_eq!(
-            out,
+            &out[..],
             b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n"
         );
         out.clear();
@@ -474,7 +474,7 @@ mod tests {
             &mut out,
         );
         assert_eq!(
-            out,
+            &out[..],
             b"PUT / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
         );
     }
