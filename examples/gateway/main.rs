@@ -14,6 +14,12 @@
 mod serve;
 mod settings;
 
+/// mimalloc (its v2 line) instead of the system allocator: in the load benchmark, a proxied
+/// request's dozen allocations cost about 4% fewer instructions than with glibc's malloc,
+/// whose larger blocks (a backend exchange, a read buffer) miss its per-thread cache.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};

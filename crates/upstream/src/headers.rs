@@ -21,6 +21,9 @@ pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // hashing every hop-by-hop name into the map.
     let (mut connection, mut others) = (false, false);
     for name in headers.keys() {
+        if !may_be_hop_by_hop(name.as_str()) {
+            continue;
+        }
         if name == header::CONNECTION {
             connection = true;
         } else if HOP_BY_HOP.contains(name) || is_proxy_header(name) {
@@ -74,6 +77,22 @@ fn connection_tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
         .split(',')
         .map(str::trim)
         .filter(|t| !t.is_empty())
+}
+
+/// Whether a (lowercase) name has the length and first letter of a hop-by-hop header: a check
+/// of two bytes that lets almost every end-to-end header (`content-type`, `user-agent`, ...) by.
+fn may_be_hop_by_hop(name: &str) -> bool {
+    match name.as_bytes() {
+        // connection, keep-alive
+        [b'c' | b'k', ..] if name.len() == 10 => true,
+        // te, trailer, transfer-encoding
+        [b't', ..] => matches!(name.len(), 2 | 7 | 17),
+        // upgrade
+        [b'u', ..] => name.len() == 7,
+        // proxy-*
+        [b'p', ..] => name.len() > 6,
+        _ => false,
+    }
 }
 
 fn is_proxy_header(name: &HeaderName) -> bool {
