@@ -49,6 +49,8 @@ pub struct Gateway {
     stack: Stack,
     health: BalanceHealth,
     served_by_values: Option<Arc<[HeaderValue]>>,
+    /// Whether a backend has no `AzureAuth` (which removes the caller's credentials itself).
+    unauthenticated_backend: bool,
 }
 
 impl Gateway {
@@ -90,10 +92,13 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> GatewayFuture<B> {
-        // The caller's credentials are never forwarded, whatever auth a backend has.
-        let headers = request.headers_mut();
-        headers.remove(http::header::AUTHORIZATION);
-        headers.remove("api-key");
+        // The caller's credentials are never forwarded: `AzureAuth` removes them for the
+        // backends it authenticates, and the gateway for any other.
+        if self.unauthenticated_backend {
+            let headers = request.headers_mut();
+            headers.remove(http::header::AUTHORIZATION);
+            headers.remove("api-key");
+        }
         // Nothing inside reads the caller's extensions (the router's, for example); dropped
         // here, they are not cloned for every attempt.
         request.extensions_mut().clear();
@@ -334,6 +339,7 @@ impl GatewayBuilder {
             .connect_timeout(self.connect_timeout)
             .build();
         let mut stacks = Vec::with_capacity(self.backends.len());
+        let unauthenticated_backend = self.backends.iter().any(|spec| spec.auth.is_none());
         let mut served_by_values = Vec::with_capacity(self.backends.len());
         for spec in self.backends {
             if !names.insert(spec.name.clone()) {
@@ -369,6 +375,7 @@ impl GatewayBuilder {
             stack: Timeout::new(retry, self.deadline),
             health,
             served_by_values: self.served_by_header.then(|| served_by_values.into()),
+            unauthenticated_backend,
         })
     }
 }

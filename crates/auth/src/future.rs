@@ -38,17 +38,23 @@ pin_project! {
         S: Service<Request<B>>,
     {
         // No valid token was cached: wait for one, then call the ready service taken out of
-        // `AzureAuth`.
+        // `AzureAuth`. Boxed: it is rare, and inline it would make every request's future carry
+        // room for a whole request.
         Token {
-            token: TokenFuture,
-            cache: Option<TokenCache>,
-            call: Option<(S, Request<B>)>,
+            waiting: Box<Waiting<S, B>>,
         },
         Called {
             #[pin]
             future: S::Future,
         },
     }
+}
+
+/// What a request waiting for a token holds.
+struct Waiting<S, B> {
+    token: TokenFuture,
+    cache: Option<TokenCache>,
+    call: Option<(S, Request<B>)>,
 }
 
 impl<S, B> ResponseFuture<S, B>
@@ -65,9 +71,11 @@ where
     pub(crate) fn waiting(cache: TokenCache, service: S, request: Request<B>) -> Self {
         Self {
             state: State::Token {
-                token: cache.acquire(),
-                cache: Some(cache),
-                call: Some((service, request)),
+                waiting: Box::new(Waiting {
+                    token: cache.acquire(),
+                    cache: Some(cache),
+                    call: Some((service, request)),
+                }),
             },
             issued: None,
         }
@@ -85,12 +93,14 @@ where
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
-                StateProj::Token { token, cache, call } => {
-                    let bearer = ready!(token.as_mut().poll(cx))?;
-                    let (mut service, mut request) =
-                        call.take().expect("ResponseFuture polled after completion");
+                StateProj::Token { waiting } => {
+                    let bearer = ready!(waiting.token.as_mut().poll(cx))?;
+                    let (mut service, mut request) = waiting
+                        .call
+                        .take()
+                        .expect("ResponseFuture polled after completion");
                     request.headers_mut().insert(AUTHORIZATION, bearer.header);
-                    *this.issued = cache.take().map(|cache| (cache, bearer.generation));
+                    *this.issued = waiting.cache.take().map(|cache| (cache, bearer.generation));
                     let future = service.call(request);
                     this.state.set(State::Called { future });
                 }

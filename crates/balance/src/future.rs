@@ -1,14 +1,15 @@
 //! [`ResponseFuture`] for [`Balance`](crate::Balance).
 
+use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 
 use http::{Request, Response};
 use pin_project_lite::pin_project;
-use tower::Service;
 use tower::util::Oneshot;
+use tower::{Service, ServiceExt};
 
 use crate::error::BackendError;
 use crate::{BoxError, Classify, ServedBy, Shared};
@@ -16,7 +17,6 @@ use crate::{BoxError, Classify, ServedBy, Shared};
 pin_project! {
     /// Response future of [`Balance`](crate::Balance): drives the chosen backend, then records
     /// the outcome (passive health) and which backend served it.
-    #[derive(Debug)]
     pub struct ResponseFuture<S, B, C>
     where
         S: Service<Request<B>>,
@@ -30,12 +30,18 @@ pin_project! {
 
 pin_project! {
     #[project = StateProj]
-    #[derive(Debug)]
     enum State<S, B>
     where
         S: Service<Request<B>>,
     {
+        // The backend was ready at once, and was called.
         Called {
+            #[pin]
+            future: S::Future,
+            index: usize,
+        },
+        // The backend was not ready at once: driven to readiness, then called.
+        Readying {
             #[pin]
             oneshot: Oneshot<S, Request<B>>,
             index: usize,
@@ -50,14 +56,29 @@ impl<S, B, C> ResponseFuture<S, B, C>
 where
     S: Service<Request<B>>,
 {
-    pub(crate) fn called(
-        oneshot: Oneshot<S, Request<B>>,
+    /// Calls `service` at once if it is ready without waiting (the usual case, which spares the
+    /// future room for the request), else drives it to readiness first.
+    pub(crate) fn call(
+        mut service: S,
+        request: Request<B>,
         index: usize,
         shared: Arc<Shared>,
         classifier: C,
     ) -> Self {
+        let state = match service.poll_ready(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(Ok(())) => State::Called {
+                future: service.call(request),
+                index,
+            },
+            // Not ready (a noop waker was registered; the `Oneshot` polls again with the
+            // task's), or failed (the `Oneshot` returns the error).
+            _ => State::Readying {
+                oneshot: service.oneshot(request),
+                index,
+            },
+        };
         Self {
-            state: State::Called { oneshot, index },
+            state,
             shared,
             classifier,
         }
@@ -86,28 +107,62 @@ where
             StateProj::Refused { error } => Poll::Ready(Err(error
                 .take()
                 .expect("ResponseFuture polled after completion"))),
-            StateProj::Called { oneshot, index } => {
+            StateProj::Called { future, index } => {
+                let index = *index;
+                let result = ready!(future.poll(cx));
+                Poll::Ready(finish(result, index, this.shared, this.classifier))
+            }
+            StateProj::Readying { oneshot, index } => {
                 let index = *index;
                 let result = ready!(oneshot.poll(cx));
-                let backend = &this.shared.backends[index];
-                let served_by = ServedBy::new(backend.name.clone(), index);
-                Poll::Ready(match result {
-                    Ok(mut response) => {
-                        let outcome = this
-                            .classifier
-                            .classify_response(response.status(), response.headers());
-                        backend.observe(index, &outcome, &this.shared.policy, &this.shared.clock);
-                        response.extensions_mut().insert(served_by);
-                        Ok(response)
-                    }
-                    Err(error) => {
-                        let error: BoxError = error.into();
-                        let outcome = this.classifier.classify_error(&*error);
-                        backend.observe(index, &outcome, &this.shared.policy, &this.shared.clock);
-                        Err(Box::new(BackendError::new(served_by, error)))
-                    }
-                })
+                Poll::Ready(finish(result, index, this.shared, this.classifier))
             }
+        }
+    }
+}
+
+impl<S, B, C> fmt::Debug for ResponseFuture<S, B, C>
+where
+    S: Service<Request<B>>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (state, index) = match &self.state {
+            State::Called { index, .. } => ("called", Some(index)),
+            State::Readying { index, .. } => ("readying", Some(index)),
+            State::Refused { .. } => ("refused", None),
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .field("backend", &index.map(|&i| &*self.shared.backends[i].name))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Records the outcome of a call to backend `index` in its health, and which backend served it.
+fn finish<RB, E, C>(
+    result: Result<Response<RB>, E>,
+    index: usize,
+    shared: &Shared,
+    classifier: &C,
+) -> Result<Response<RB>, BoxError>
+where
+    E: Into<BoxError>,
+    C: Classify,
+{
+    let backend = &shared.backends[index];
+    let served_by = ServedBy::new(backend.name.clone(), index);
+    match result {
+        Ok(mut response) => {
+            let outcome = classifier.classify_response(response.status(), response.headers());
+            backend.observe(index, &outcome, &shared.policy, &shared.clock);
+            response.extensions_mut().insert(served_by);
+            Ok(response)
+        }
+        Err(error) => {
+            let error: BoxError = error.into();
+            let outcome = classifier.classify_error(&*error);
+            backend.observe(index, &outcome, &shared.policy, &shared.clock);
+            Err(Box::new(BackendError::new(served_by, error)))
         }
     }
 }

@@ -59,7 +59,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::Request;
-use tower::{Service, ServiceExt};
+use tower::Service;
 
 pub use crate::classify::{AzureOpenAiClassifier, Classify, Failure, Outcome};
 pub use crate::error::{AllCoolingDown, BackendError, NoBackends};
@@ -79,7 +79,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// `Balance` is cheap to clone; clones share the rotation and the health of every backend.
 /// The backend is chosen in `call`, from the request (which may say which backends were already
 /// tried), so `poll_ready` is always ready and reserves nothing: `call` clones the chosen backend
-/// service and drives it with [`Oneshot`](tower::util::Oneshot), which waits for its readiness.
+/// service and calls it at once if it is ready, or else drives it with
+/// [`Oneshot`](tower::util::Oneshot), which waits for its readiness.
 /// Backends must therefore be `Clone`, and cheap to clone.
 pub struct Balance<S, C = AzureOpenAiClassifier> {
     services: Arc<[S]>,
@@ -281,7 +282,7 @@ where
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         // Always ready: the backend is chosen per request in `call`, and its own readiness is
-        // awaited by the `Oneshot` that drives it.
+        // awaited by the response future when it is not ready at once.
         Poll::Ready(Ok(()))
     }
 
@@ -290,8 +291,8 @@ where
         let classifier = self.classifier.clone();
         match self.pick(request.extensions().get::<TriedBackends>()) {
             Ok(index) => {
-                let oneshot = self.services[index].clone().oneshot(request);
-                ResponseFuture::called(oneshot, index, shared, classifier)
+                let service = self.services[index].clone();
+                ResponseFuture::call(service, request, index, shared, classifier)
             }
             Err(error) => ResponseFuture::refused(error, shared, classifier),
         }

@@ -67,7 +67,7 @@ where
     let (mut stream, mut buf) = match pooled {
         Some(pooled) => pooled,
         None => (
-            connect(&base.endpoint, &base.settings)
+            Box::pin(connect(&base.endpoint, &base.settings))
                 .await
                 .map_err(UpstreamError::Connect)?,
             BytesMut::new(),
@@ -109,7 +109,7 @@ where
     let head = match (first, replay) {
         (Ok(head), _) => head,
         (Err((_, false)), Some(data)) if reused => {
-            stream = connect(&base.endpoint, &base.settings)
+            stream = Box::pin(connect(&base.endpoint, &base.settings))
                 .await
                 .map_err(UpstreamError::Connect)?;
             let chunked = framing == RequestFraming::Chunked;
