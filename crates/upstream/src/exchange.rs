@@ -9,7 +9,7 @@ use std::{
 };
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{Request, Response, header};
+use http::{Request, Response};
 use http_body::Body;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
@@ -18,7 +18,6 @@ use crate::{
     body::{READ_SIZE, UpstreamBody},
     conn::{Stream, connect},
     error::UpstreamError,
-    headers::remove_hop_by_hop,
     http1::{Framing, RequestFraming, ResponseHead, encode_request_head, parse_response_head},
 };
 
@@ -52,11 +51,7 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let (mut parts, body) = request.into_parts();
-    let headers = &mut parts.headers;
-    remove_hop_by_hop(headers);
-    headers.remove(header::CONTENT_LENGTH);
-    headers.insert(header::HOST, base.host.clone());
+    let (parts, body) = request.into_parts();
     let framing = if body.is_end_stream() {
         RequestFraming::Length(0)
     } else {
@@ -84,6 +79,7 @@ where
         &parts.method,
         &base.path,
         path_and_query,
+        &base.host,
         &parts.headers,
         framing,
         &mut buf,
@@ -130,12 +126,11 @@ where
     let ResponseHead {
         status,
         version,
-        mut headers,
+        headers,
         framing,
         keep_alive,
     } = head;
     let keep_alive = keep_alive && !answered_early;
-    remove_hop_by_hop(&mut headers);
     let body = match framing {
         Framing::Length(length) if buf.len() as u64 >= length => {
             let data = buf.split_to(length as usize).freeze();

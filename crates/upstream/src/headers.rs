@@ -1,153 +1,149 @@
-//! Hop-by-hop header removal (RFC 9110, section 7.6.1).
+//! Which header fields travel end to end (RFC 9110, section 7.6.1), read from the raw names so
+//! that both heads are filtered while they are written or parsed, without a pass of their own.
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName};
 
-/// Hop-by-hop headers removed by name, besides `Connection`, the headers it lists, and `Proxy-*`.
-const HOP_BY_HOP: [HeaderName; 5] = [
-    HeaderName::from_static("keep-alive"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
+/// What a header field is to a proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FieldRole {
+    /// Forwarded as it is.
+    EndToEnd,
+    /// `Host`: a request gets the backend's instead.
+    Host,
+    /// `Content-Length`: a request gets one matching the body sent; a response keeps its own.
+    ContentLength,
+    /// `Transfer-Encoding`: this connection's framing; never forwarded.
+    TransferEncoding,
+    /// `Connection`: this connection's options, and the names of more fields not to forward.
+    Connection,
+    /// `Keep-Alive`, `TE`, `Trailer`, `Upgrade` and every `Proxy-*` field
+    /// (`Proxy-Authorization`, `Proxy-Authenticate`, `Proxy-Connection`, ...): never forwarded.
+    HopByHop,
+}
 
-/// Removes the headers that describe one connection rather than the message: `Connection` and
-/// every header it names, `Keep-Alive`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`, and every
-/// `Proxy-*` header (`Proxy-Authorization`, `Proxy-Authenticate`, `Proxy-Connection`, ...).
-///
-/// Allocates only when `Connection` names other headers or a `Proxy-*` header is present.
-pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the names settles the usual cases (none, or `Connection` alone) without
-    // hashing every hop-by-hop name into the map.
-    let (mut connection, mut others) = (false, false);
-    for name in headers.keys() {
-        if !may_be_hop_by_hop(name.as_str()) {
-            continue;
-        }
-        if name == header::CONNECTION {
-            connection = true;
-        } else if HOP_BY_HOP.contains(name) || is_proxy_header(name) {
-            others = true;
-        }
-    }
-    if connection {
-        remove_connection(headers);
-    }
-    if others {
-        for name in &HOP_BY_HOP {
-            headers.remove(name);
-        }
-        let proxy: Vec<HeaderName> = headers
-            .keys()
-            .filter(|n| is_proxy_header(n))
-            .cloned()
-            .collect();
-        for name in &proxy {
-            headers.remove(name);
+impl FieldRole {
+    /// The role of the field named `name`, in any letter case. Almost every end-to-end name is
+    /// told apart by its length and first letter alone.
+    pub(crate) fn of(name: &[u8]) -> Self {
+        let Some(first) = name.first() else {
+            return Self::EndToEnd;
+        };
+        let is = |known: &str| name.eq_ignore_ascii_case(known.as_bytes());
+        match (name.len(), first.to_ascii_lowercase()) {
+            (4, b'h') if is("host") => Self::Host,
+            (14, b'c') if is("content-length") => Self::ContentLength,
+            (17, b't') if is("transfer-encoding") => Self::TransferEncoding,
+            (10, b'c') if is("connection") => Self::Connection,
+            (10, b'k') if is("keep-alive") => Self::HopByHop,
+            (2, b't') if is("te") => Self::HopByHop,
+            (7, b't') if is("trailer") => Self::HopByHop,
+            (7, b'u') if is("upgrade") => Self::HopByHop,
+            (6.., b'p') if name[..6].eq_ignore_ascii_case(b"proxy-") => Self::HopByHop,
+            _ => Self::EndToEnd,
         }
     }
 }
 
-/// Removes `Connection` and the headers it names.
-fn remove_connection(headers: &mut HeaderMap) {
-    let names_others = headers.get_all(header::CONNECTION).iter().any(|value| {
-        connection_tokens(value)
-            .any(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
-    });
-    if names_others {
-        // Cloning a `HeaderValue` clones `Bytes`, not the data.
-        let connection: Vec<HeaderValue> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .cloned()
-            .collect();
-        for name in connection.iter().flat_map(connection_tokens) {
-            // Lookup by `&str` is case-insensitive; a token that is not a header name matches none.
-            headers.remove(name);
-        }
-    }
-    headers.remove(header::CONNECTION);
-}
-
-/// The tokens of a `Connection` value; none if it is not visible ASCII.
-fn connection_tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
+/// The options of a `Connection` value: its comma-separated tokens, trimmed.
+pub(crate) fn connection_options(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value
-        .to_str()
-        .unwrap_or_default()
-        .split(',')
-        .map(str::trim)
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
         .filter(|t| !t.is_empty())
 }
 
-/// Whether a (lowercase) name has the length and first letter of a hop-by-hop header: a check
-/// of two bytes that lets almost every end-to-end header (`content-type`, `user-agent`, ...) by.
-fn may_be_hop_by_hop(name: &str) -> bool {
-    match name.as_bytes() {
-        // connection, keep-alive
-        [b'c' | b'k', ..] if name.len() == 10 => true,
-        // te, trailer, transfer-encoding
-        [b't', ..] => matches!(name.len(), 2 | 7 | 17),
-        // upgrade
-        [b'u', ..] => name.len() == 7,
-        // proxy-*
-        [b'p', ..] => name.len() > 6,
-        _ => false,
-    }
+/// Whether a `Connection` option names a field (to be dropped), rather than being `close` or
+/// `keep-alive`.
+fn names_a_field(option: &[u8]) -> bool {
+    !option.eq_ignore_ascii_case(b"close") && !option.eq_ignore_ascii_case(b"keep-alive")
 }
 
-fn is_proxy_header(name: &HeaderName) -> bool {
-    // Header names are stored in lowercase.
-    name.as_str().starts_with("proxy-")
+/// The fields a request's `Connection` names, which are not forwarded either; `None`, and no
+/// allocation, when it names none, as usual.
+pub(crate) fn connection_named(headers: &HeaderMap) -> Option<Vec<HeaderName>> {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|value| connection_options(value.as_bytes()))
+        .filter(|option| names_a_field(option))
+        .filter_map(|option| HeaderName::from_bytes(option).ok())
+        .collect();
+    (!named.is_empty()).then_some(named)
+}
+
+/// Whether a request field is written to the backend as it is: end to end, and not named by the
+/// request's `Connection` (`named`, from [`connection_named`]).
+pub(crate) fn is_forwarded_request_field(name: &HeaderName, named: Option<&[HeaderName]>) -> bool {
+    FieldRole::of(name.as_str().as_bytes()) == FieldRole::EndToEnd
+        && named.is_none_or(|named| !named.contains(name))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
-        let mut headers = HeaderMap::new();
-        for (name, value) in pairs {
-            headers.append(*name, HeaderValue::from_static(value));
+    #[test]
+    fn roles_of_hop_by_hop_and_framing_fields_in_any_case() {
+        for (name, role) in [
+            ("Host", FieldRole::Host),
+            ("content-length", FieldRole::ContentLength),
+            ("Transfer-Encoding", FieldRole::TransferEncoding),
+            ("CONNECTION", FieldRole::Connection),
+            ("keep-alive", FieldRole::HopByHop),
+            ("TE", FieldRole::HopByHop),
+            ("trailer", FieldRole::HopByHop),
+            ("Upgrade", FieldRole::HopByHop),
+            ("proxy-authorization", FieldRole::HopByHop),
+            ("Proxy-Connection", FieldRole::HopByHop),
+            ("proxy-anything", FieldRole::HopByHop),
+            ("proxy-", FieldRole::HopByHop),
+        ] {
+            assert_eq!(FieldRole::of(name.as_bytes()), role, "{name}");
         }
-        headers
     }
 
     #[test]
-    fn removes_hop_by_hop_and_connection_listed_headers() {
-        let mut headers = map(&[
-            ("connection", "X-Foo, keep-alive"),
-            ("connection", " x-bar ,,"),
-            ("x-foo", "1"),
-            ("x-bar", "2"),
-            ("keep-alive", "timeout=5"),
-            ("te", "trailers"),
-            ("trailer", "x-checksum"),
-            ("transfer-encoding", "chunked"),
-            ("upgrade", "websocket"),
-            ("proxy-authorization", "Basic eA=="),
-            ("proxy-authenticate", "Basic"),
-            ("proxy-connection", "keep-alive"),
-            ("proxy-anything", "1"),
-            ("content-length", "3"),
-            ("x-keep", "a"),
-            ("x-keep", "b"),
-        ]);
-        remove_hop_by_hop(&mut headers);
-        assert_eq!(
-            headers,
-            map(&[("content-length", "3"), ("x-keep", "a"), ("x-keep", "b")])
+    fn end_to_end_fields_pass() {
+        for name in [
+            "content-type",
+            "authorization",
+            "user-agent",
+            "x-proxy-note",
+            "proxy",
+            "hosts",
+            "tea",
+            "keep-alivex",
+            "content-lengthy",
+            "x-ms-region",
+            "",
+        ] {
+            assert_eq!(
+                FieldRole::of(name.as_bytes()),
+                FieldRole::EndToEnd,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn connection_names_fields_besides_its_options() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(connection_named(&headers), None);
+        headers.append(header::CONNECTION, "keep-alive, Close".parse().unwrap());
+        assert_eq!(connection_named(&headers), None);
+        headers.append(
+            header::CONNECTION,
+            " X-Foo ,,x-bar, bad name".parse().unwrap(),
         );
-    }
-
-    #[test]
-    fn leaves_end_to_end_headers_alone() {
-        let original = map(&[
-            ("content-type", "application/json"),
-            ("authorization", "Bearer x"),
-            ("x-proxy-note", "not a proxy header"),
-        ]);
-        let mut headers = original.clone();
-        remove_hop_by_hop(&mut headers);
-        assert_eq!(headers, original);
+        let named = connection_named(&headers).unwrap();
+        assert_eq!(named, ["x-foo", "x-bar"]);
+        assert!(!is_forwarded_request_field(
+            &HeaderName::from_static("x-foo"),
+            Some(&named)
+        ));
+        assert!(is_forwarded_request_field(
+            &HeaderName::from_static("x-keep"),
+            Some(&named)
+        ));
     }
 }

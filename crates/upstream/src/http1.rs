@@ -4,7 +4,9 @@
 use std::{io, mem::MaybeUninit};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
+
+use crate::headers::{FieldRole, connection_named, connection_options, is_forwarded_request_field};
 
 /// Most response header fields accepted (hyper's default too); Azure OpenAI sends about 25.
 const MAX_HEADERS: usize = 100;
@@ -30,14 +32,17 @@ impl RequestFraming {
     }
 }
 
-/// Writes `METHOD prefix+target HTTP/1.1`, the headers, and the framing header into `out`.
+/// Writes `METHOD prefix+target HTTP/1.1`, `Host`, the request's end-to-end headers, and the
+/// framing header into `out`.
 ///
-/// `headers` must already be free of `Content-Length` and `Transfer-Encoding`: the framing
-/// written here is the only one, so a caller's header can never disagree with the body sent.
+/// Hop-by-hop fields, and the request's own `Host`, `Content-Length` and `Transfer-Encoding`,
+/// are not written: the framing written here is the only one, so a caller's header can never
+/// disagree with the body sent.
 pub(crate) fn encode_request_head(
     method: &Method,
     prefix: &str,
     target: &str,
+    host: &HeaderValue,
     headers: &HeaderMap,
     framing: RequestFraming,
     out: &mut BytesMut,
@@ -46,8 +51,14 @@ pub(crate) fn encode_request_head(
     out.extend_from_slice(b" ");
     out.extend_from_slice(prefix.as_bytes());
     out.extend_from_slice(target.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
+    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    out.extend_from_slice(host.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let named = connection_named(headers);
     for (name, value) in headers {
+        if !is_forwarded_request_field(name, named.as_deref()) {
+            continue;
+        }
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
@@ -137,25 +148,48 @@ pub(crate) fn parse_response_head(
         } else {
             Version::HTTP_10
         };
-        // Header values are slices of the head, shared rather than copied. Offsets into the
-        // buffer fit in `u32`: it holds at most a 64 KiB head and one read more.
+        // One pass over the fields reads the framing and connection fields and leaves out the
+        // hop-by-hop ones. Header values are slices of the head, shared rather than copied.
+        // Offsets into the buffer fit in `u32`: it holds at most a 64 KiB head and one read more.
         let base = buf.as_ptr() as usize;
         let offset = |part: &[u8]| (part.as_ptr() as usize - base) as u32;
         let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
-        let count = response.headers.len();
-        for (span, field) in spans.iter_mut().zip(response.headers.iter()) {
-            let (name, value) = (offset(field.name.as_bytes()), offset(field.value));
-            *span = (
-                name,
-                name + field.name.len() as u32,
-                value,
-                value + field.value.len() as u32,
-            );
+        let mut kept = 0;
+        let mut scan = FramingFields::default();
+        for field in response.headers.iter() {
+            let name = field.name.as_bytes();
+            let role = FieldRole::of(name);
+            scan.read(role, field.value);
+            if matches!(
+                role,
+                FieldRole::EndToEnd | FieldRole::Host | FieldRole::ContentLength
+            ) {
+                let (name_at, value_at) = (offset(name), offset(field.value));
+                spans[kept] = (
+                    name_at,
+                    name_at + name.len() as u32,
+                    value_at,
+                    value_at + field.value.len() as u32,
+                );
+                kept += 1;
+            }
         }
+        let framing = scan.framing(method, status)?;
+        // Both `Transfer-Encoding` and `Content-Length` is how responses are smuggled: the
+        // coding wins, and the connection is not used again (RFC 9112, 6.3).
+        let ambiguous = scan.coding.is_some() && scan.content_length.is_some();
+        let keep_alive = framing != Framing::Close
+            && !ambiguous
+            && if version == Version::HTTP_11 {
+                !scan.close
+            } else {
+                scan.keep_alive
+            };
+        let named = scan.named;
         let head = buf.split_to(length).freeze();
         // Room for the headers that middleware adds on the way back (`x-served-by`, ...).
-        let mut headers = HeaderMap::with_capacity(count + 2);
-        for &(name_start, name_end, value_start, value_end) in &spans[..count] {
+        let mut headers = HeaderMap::with_capacity(kept + 2);
+        for &(name_start, name_end, value_start, value_end) in &spans[..kept] {
             let name = HeaderName::from_bytes(&head[name_start as usize..name_end as usize])
                 .map_err(|_| invalid("invalid response header name"))?;
             let value = HeaderValue::from_maybe_shared(
@@ -164,12 +198,10 @@ pub(crate) fn parse_response_head(
             .map_err(|_| invalid("invalid response header value"))?;
             headers.append(name, value);
         }
-        let framing = framing(method, status, &headers)?;
-        // Both `Transfer-Encoding` and `Content-Length` is how responses are smuggled: the
-        // coding wins, and the connection is not used again (RFC 9112, 6.3).
-        let ambiguous = headers.contains_key(header::TRANSFER_ENCODING)
-            && headers.contains_key(header::CONTENT_LENGTH);
-        let keep_alive = framing != Framing::Close && !ambiguous && keeps_alive(version, &headers);
+        // Rare: `Connection` names more fields not to forward.
+        for name in named {
+            headers.remove(name);
+        }
         return Ok(Some(ResponseHead {
             status,
             version,
@@ -180,42 +212,77 @@ pub(crate) fn parse_response_head(
     }
 }
 
-/// The body length rules of RFC 9112, section 6.3.
-fn framing(method: &Method, status: StatusCode, headers: &HeaderMap) -> io::Result<Framing> {
-    if *method == Method::HEAD
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
-        return Ok(Framing::Length(0));
-    }
-    if let Some(coding) = headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .next_back()
-    {
-        let last = coding
-            .as_bytes()
-            .rsplit(|&b| b == b',')
-            .next()
-            .unwrap_or_default();
-        return Ok(if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
-            Framing::Chunked(Chunked::Size)
-        } else {
-            Framing::Close
-        });
-    }
-    let mut length = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        for part in value.as_bytes().split(|&b| b == b',') {
-            let parsed = parse_decimal(part.trim_ascii())
-                .ok_or_else(|| invalid("invalid content-length"))?;
-            if length.is_some_and(|l| l != parsed) {
-                return Err(invalid("conflicting content-length values"));
+/// What the framing and connection fields of a response head say.
+#[derive(Default)]
+struct FramingFields<'h> {
+    /// The last coding of the last `Transfer-Encoding` field, if there is one.
+    coding: Option<&'h [u8]>,
+    /// Present once a `Content-Length` field is: the length all its values agree on, or what is
+    /// wrong with them.
+    content_length: Option<Result<u64, &'static str>>,
+    /// `Connection: close` was sent.
+    close: bool,
+    /// `Connection: keep-alive` was sent.
+    keep_alive: bool,
+    /// The fields `Connection` names, which are not forwarded.
+    named: Vec<HeaderName>,
+}
+
+impl<'h> FramingFields<'h> {
+    fn read(&mut self, role: FieldRole, value: &'h [u8]) {
+        match role {
+            FieldRole::TransferEncoding => {
+                let last = value.rsplit(|&b| b == b',').next().unwrap_or_default();
+                self.coding = Some(last.trim_ascii());
             }
-            length = Some(parsed);
+            FieldRole::ContentLength => {
+                for part in value.split(|&b| b == b',') {
+                    let parsed = parse_decimal(part.trim_ascii()).ok_or("invalid content-length");
+                    self.content_length = Some(match (self.content_length.take(), parsed) {
+                        (Some(Err(e)), _) | (_, Err(e)) => Err(e),
+                        (Some(Ok(seen)), Ok(length)) if seen != length => {
+                            Err("conflicting content-length values")
+                        }
+                        (_, Ok(length)) => Ok(length),
+                    });
+                }
+            }
+            FieldRole::Connection => {
+                for option in connection_options(value) {
+                    if option.eq_ignore_ascii_case(b"close") {
+                        self.close = true;
+                    } else if option.eq_ignore_ascii_case(b"keep-alive") {
+                        self.keep_alive = true;
+                    } else if let Ok(name) = HeaderName::from_bytes(option) {
+                        self.named.push(name);
+                    }
+                }
+            }
+            FieldRole::EndToEnd | FieldRole::Host | FieldRole::HopByHop => {}
         }
     }
-    Ok(length.map_or(Framing::Close, Framing::Length))
+
+    /// The body length rules of RFC 9112, section 6.3.
+    fn framing(&self, method: &Method, status: StatusCode) -> io::Result<Framing> {
+        if *method == Method::HEAD
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            return Ok(Framing::Length(0));
+        }
+        if let Some(coding) = self.coding {
+            return Ok(if coding.eq_ignore_ascii_case(b"chunked") {
+                Framing::Chunked(Chunked::Size)
+            } else {
+                Framing::Close
+            });
+        }
+        match self.content_length {
+            None => Ok(Framing::Close),
+            Some(Ok(length)) => Ok(Framing::Length(length)),
+            Some(Err(problem)) => Err(invalid(problem)),
+        }
+    }
 }
 
 fn parse_decimal(digits: &[u8]) -> Option<u64> {
@@ -223,22 +290,6 @@ fn parse_decimal(digits: &[u8]) -> Option<u64> {
         return None;
     }
     Some(digits.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0')))
-}
-
-fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
-    let has_token = |token: &str| {
-        headers.get_all(header::CONNECTION).iter().any(|value| {
-            value
-                .as_bytes()
-                .split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
-        })
-    };
-    if version == Version::HTTP_11 {
-        !has_token("close")
-    } else {
-        has_token("keep-alive")
-    }
 }
 
 fn invalid(message: &str) -> io::Error {
@@ -426,56 +477,66 @@ mod tests {
 
     #[test]
     fn request_head_has_one_framing_header() {
+        let host = HeaderValue::from_static("x");
+        let headers = HeaderMap::new();
+        let cases: [(Method, RequestFraming, &[u8]); 4] = [
+            (
+                Method::POST,
+                RequestFraming::Length(12),
+                b"POST /base/a?b=1 HTTP/1.1\r\nhost: x\r\ncontent-length: 12\r\n\r\n",
+            ),
+            (
+                Method::GET,
+                RequestFraming::Length(0),
+                b"GET /base/a?b=1 HTTP/1.1\r\nhost: x\r\n\r\n",
+            ),
+            (
+                Method::POST,
+                RequestFraming::Length(0),
+                b"POST /base/a?b=1 HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n",
+            ),
+            (
+                Method::PUT,
+                RequestFraming::Chunked,
+                b"PUT /base/a?b=1 HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n",
+            ),
+        ];
+        for (method, framing, expected) in cases {
+            let mut out = BytesMut::new();
+            encode_request_head(
+                &method, "/base", "/a?b=1", &host, &headers, framing, &mut out,
+            );
+            assert_eq!(&out[..], expected, "{method} {framing:?}");
+        }
+    }
+
+    #[test]
+    fn request_head_leaves_out_the_callers_host_framing_and_hop_by_hop_fields() {
         let mut headers = HeaderMap::new();
-        headers.insert("host", HeaderValue::from_static("x"));
+        for (name, value) in [
+            ("host", "caller.example"),
+            ("content-length", "99"),
+            ("transfer-encoding", "gzip, chunked"),
+            ("connection", "keep-alive, X-Drop"),
+            ("x-drop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("upgrade", "h2c"),
+            ("proxy-authorization", "Basic eA=="),
+            ("content-type", "application/json"),
+            ("x-keep", "a"),
+        ] {
+            headers.append(name, HeaderValue::from_static(value));
+        }
+        headers.append("x-keep", HeaderValue::from_static("b"));
         let mut out = BytesMut::new();
-        encode_request_head(
-            &Method::POST,
-            "/base",
-            "/a?b=1",
-            &headers,
-            RequestFraming::Length(12),
-            &mut out,
-        );
+        let host = HeaderValue::from_static("backend:8443");
+        let framing = RequestFraming::Length(2);
+        encode_request_head(&Method::POST, "", "/", &host, &headers, framing, &mut out);
         assert_eq!(
-            &out[..],
-            b"POST /base/a?b=1 HTTP/1.1\r\nhost: x\r\ncontent-length: 12\r\n\r\n"
-        );
-        out.clear();
-        encode_request_head(
-            &Method::GET,
-            "",
-            "/",
-            &headers,
-            RequestFraming::Length(0),
-            &mut out,
-        );
-        assert_eq!(&out[..], b"GET / HTTP/1.1\r\nhost: x\r\n\r\n");
-        out.clear();
-        encode_request_head(
-            &Method::POST,
-            "",
-            "/",
-            &headers,
-            RequestFraming::Length(0),
-            &mut out,
-        );
-        assert_eq!(
-            &out[..],
-            b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n"
-        );
-        out.clear();
-        encode_request_head(
-            &Method::PUT,
-            "",
-            "/",
-            &headers,
-            RequestFraming::Chunked,
-            &mut out,
-        );
-        assert_eq!(
-            &out[..],
-            b"PUT / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+            std::str::from_utf8(&out).unwrap(),
+            "POST / HTTP/1.1\r\nhost: backend:8443\r\ncontent-type: application/json\r\n\
+             x-keep: a\r\nx-keep: b\r\ncontent-length: 2\r\n\r\n"
         );
     }
 
