@@ -1,9 +1,14 @@
 //! Serving: one single-threaded runtime per core, each with its own `SO_REUSEPORT` listener and
-//! accept loop over hyper-util's HTTP/1.1 + HTTP/2 server.
+//! accept loop over hyper-util's HTTP/1.1 + HTTP/2 server, and graceful shutdown.
 
 use std::cell::RefCell;
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -11,9 +16,10 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::GracefulConnection;
+use pin_project_lite::pin_project;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tower::Service;
 
 /// Serves `app` on `listen` with one single-threaded runtime per core, each accepting on its own
@@ -81,7 +87,7 @@ where
     S::Future: Send + 'static,
 {
     let server = auto::Builder::new(TokioExecutor::new());
-    let graceful = GracefulShutdown::new();
+    let shutdown = Arc::new(Shutdown::default());
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -99,14 +105,151 @@ where
         let connection = server
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
-        let connection = graceful.watch(connection);
+        let connection = Watched::new(connection, &shutdown);
         tokio::spawn(async move {
             // A connection's errors (a reset, a malformed request) concern that caller only.
             let _ = connection.await;
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    shutdown.start_and_wait().await;
+}
+
+/// One worker's graceful shutdown: its connections check a flag when they are polled, and are
+/// woken once, when it turns. (hyper-util's `GracefulShutdown` polls a channel receiver, which
+/// takes a lock, on every poll of every connection.)
+#[derive(Default)]
+struct Shutdown {
+    started: AtomicBool,
+    connections: Mutex<Connections>,
+    /// Notified when the last connection closes after shutdown started.
+    finished: Notify,
+}
+
+/// The open connections' wakers, by slot.
+#[derive(Default)]
+struct Connections {
+    wakers: Vec<Option<Waker>>,
+    free: Vec<usize>,
+    open: usize,
+}
+
+impl Shutdown {
+    fn open(&self, waker: Waker) -> usize {
+        let mut connections = self
+            .connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        connections.open += 1;
+        match connections.free.pop() {
+            Some(slot) => {
+                connections.wakers[slot] = Some(waker);
+                slot
+            }
+            None => {
+                connections.wakers.push(Some(waker));
+                connections.wakers.len() - 1
+            }
+        }
+    }
+
+    fn rewake(&self, slot: usize, waker: Waker) {
+        let mut connections = self
+            .connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        connections.wakers[slot] = Some(waker);
+    }
+
+    fn close(&self, slot: usize) {
+        let mut connections = self
+            .connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        connections.wakers[slot] = None;
+        connections.free.push(slot);
+        connections.open -= 1;
+        if connections.open == 0 && self.started.load(Ordering::Acquire) {
+            self.finished.notify_one();
+        }
+    }
+
+    /// Tells every connection to finish, and waits until all have.
+    async fn start_and_wait(&self) {
+        self.started.store(true, Ordering::Release);
+        let wakers: Vec<Waker> = {
+            let mut connections = self
+                .connections
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if connections.open == 0 {
+                return;
+            }
+            connections
+                .wakers
+                .iter_mut()
+                .filter_map(Option::take)
+                .collect()
+        };
+        wakers.into_iter().for_each(Waker::wake);
+        self.finished.notified().await;
+    }
+}
+
+pin_project! {
+    /// A connection that shuts down gracefully once its worker's [`Shutdown`] starts.
+    struct Watched<C> {
+        #[pin]
+        connection: C,
+        shutdown: Arc<Shutdown>,
+        // The slot and waker registered with `shutdown`, from the first poll on.
+        registered: Option<(usize, Waker)>,
+        shutting_down: bool,
+    }
+
+    impl<C> PinnedDrop for Watched<C> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some((slot, _)) = this.registered.take() {
+                this.shutdown.close(slot);
+            }
+        }
+    }
+}
+
+impl<C> Watched<C> {
+    fn new(connection: C, shutdown: &Arc<Shutdown>) -> Self {
+        Self {
+            connection,
+            shutdown: Arc::clone(shutdown),
+            registered: None,
+            shutting_down: false,
+        }
+    }
+}
+
+impl<C: GracefulConnection> Future for Watched<C> {
+    type Output = C::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        match this.registered {
+            None => {
+                let slot = this.shutdown.open(cx.waker().clone());
+                *this.registered = Some((slot, cx.waker().clone()));
+            }
+            Some((slot, waker)) if !waker.will_wake(cx.waker()) => {
+                *waker = cx.waker().clone();
+                this.shutdown.rewake(*slot, cx.waker().clone());
+            }
+            Some(_) => {}
+        }
+        if !*this.shutting_down && this.shutdown.started.load(Ordering::Acquire) {
+            *this.shutting_down = true;
+            this.connection.as_mut().graceful_shutdown();
+        }
+        this.connection.poll(cx)
+    }
 }
 
 /// One connection's copy of the app. hyper calls a service by shared reference; the copy sits in
