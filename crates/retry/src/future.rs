@@ -4,36 +4,44 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use aoai_balance::{AzureOpenAiClassifier, Classify};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use http::Request;
 use http::request::Parts;
+use http::{Request, Response};
 use http_body::Body;
 use http_body_util::{LengthLimitError, Limited};
 use pin_project_lite::pin_project;
 use tower::Service;
+use tower::retry::Policy;
 
 use crate::error::{BodyReadError, BodyTooLarge};
-use crate::{BoxError, ReplayBody};
+use crate::policy::copy_request;
+use crate::{Backoff, BoxError, ReplayBody, RetryNextBackend};
 
 pin_project! {
     /// Response future of [`RetryNextBackendService`](crate::RetryNextBackendService): reads the
-    /// request body once, then drives the attempts.
-    pub struct ResponseFuture<R, B>
+    /// request body once, then drives the attempts, asking the [`RetryNextBackend`] policy after
+    /// each whether to retry.
+    pub struct ResponseFuture<S, B, C = AzureOpenAiClassifier>
     where
-        R: Service<Request<ReplayBody>>,
+        S: Service<Request<ReplayBody>>,
         B: Body,
         B::Error: Into<BoxError>,
     {
         #[pin]
-        state: State<R, B>,
+        state: State<S::Future, B>,
+        // The service `poll_ready` made ready, taken out of `RetryNextBackendService`.
+        service: S,
+        policy: RetryNextBackend<C>,
+        // What a retry sends: a copy of the request, kept while the policy may still retry.
+        retry_request: Option<Request<ReplayBody>>,
     }
 }
 
 pin_project! {
     #[project = StateProj]
-    enum State<R, B>
+    enum State<F, B>
     where
-        R: Service<Request<ReplayBody>>,
         B: Body,
         B::Error: Into<BoxError>,
     {
@@ -42,52 +50,67 @@ pin_project! {
             body: Limited<B>,
             read: BodyBytes,
             parts: Option<Parts>,
-            retry: Option<R>,
             limit: usize,
         },
-        Sending {
+        Called {
             #[pin]
-            future: R::Future,
+            future: F,
         },
+        Waiting {
+            #[pin]
+            backoff: Backoff,
+        },
+        Retrying,
         Refused {
             error: Option<BoxError>,
         },
     }
 }
 
-impl<R, B> ResponseFuture<R, B>
+impl<S, B, C> ResponseFuture<S, B, C>
 where
-    R: Service<Request<ReplayBody>>,
+    S: Service<Request<ReplayBody>>,
     B: Body,
     B::Error: Into<BoxError>,
 {
-    pub(crate) fn reading(request: Request<B>, retry: R, limit: usize) -> Self {
+    pub(crate) fn reading(
+        request: Request<B>,
+        service: S,
+        policy: RetryNextBackend<C>,
+        limit: usize,
+    ) -> Self {
         let (parts, body) = request.into_parts();
         Self {
             state: State::Reading {
                 body: Limited::new(body, limit),
                 read: BodyBytes::default(),
                 parts: Some(parts),
-                retry: Some(retry),
                 limit,
             },
+            service,
+            policy,
+            retry_request: None,
         }
     }
 
-    pub(crate) fn refused(error: BoxError) -> Self {
+    pub(crate) fn refused(error: BoxError, service: S, policy: RetryNextBackend<C>) -> Self {
         Self {
             state: State::Refused { error: Some(error) },
+            service,
+            policy,
+            retry_request: None,
         }
     }
 }
 
-impl<R, B> Future for ResponseFuture<R, B>
+impl<S, B, RB, C> Future for ResponseFuture<S, B, C>
 where
-    R: Service<Request<ReplayBody>, Error = BoxError>,
+    S: Service<Request<ReplayBody>, Response = Response<RB>, Error = BoxError>,
     B: Body,
     B::Error: Into<BoxError>,
+    C: Classify,
 {
-    type Output = Result<R::Response, BoxError>;
+    type Output = Result<Response<RB>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
@@ -97,7 +120,6 @@ where
                     mut body,
                     read,
                     parts,
-                    retry,
                     limit,
                 } => {
                     let bytes = loop {
@@ -120,15 +142,37 @@ where
                     let parts = parts
                         .take()
                         .expect("ResponseFuture polled after completion");
-                    let mut retry = retry
-                        .take()
-                        .expect("ResponseFuture polled after completion");
                     let request = Request::from_parts(parts, ReplayBody::new(bytes));
-                    // `retry` was polled ready before it was moved in here (see `call`).
-                    let future = retry.call(request);
-                    this.state.set(State::Sending { future });
+                    *this.retry_request = Some(copy_request(&request));
+                    // The service was polled ready before it was moved in here (see `call`).
+                    let future = this.service.call(request);
+                    this.state.set(State::Called { future });
                 }
-                StateProj::Sending { future } => return future.poll(cx),
+                StateProj::Called { future } => {
+                    let mut result = ready!(future.poll(cx));
+                    let Some(request) = this.retry_request else {
+                        return Poll::Ready(result);
+                    };
+                    let retry = Policy::<_, Response<RB>, BoxError>::retry;
+                    match retry(this.policy, request, &mut result) {
+                        Some(backoff) => this.state.set(State::Waiting { backoff }),
+                        None => return Poll::Ready(result),
+                    }
+                }
+                StateProj::Waiting { backoff } => {
+                    ready!(backoff.poll(cx));
+                    this.state.set(State::Retrying);
+                }
+                StateProj::Retrying => {
+                    ready!(this.service.poll_ready(cx))?;
+                    let request = this
+                        .retry_request
+                        .take()
+                        .expect("a retry keeps a copy of the request");
+                    *this.retry_request = Some(copy_request(&request));
+                    let future = this.service.call(request);
+                    this.state.set(State::Called { future });
+                }
                 StateProj::Refused { error } => {
                     return Poll::Ready(Err(error
                         .take()
@@ -169,13 +213,22 @@ impl BodyBytes {
     }
 }
 
-impl<R, B> std::fmt::Debug for ResponseFuture<R, B>
+impl<S, B, C> std::fmt::Debug for ResponseFuture<S, B, C>
 where
-    R: Service<Request<ReplayBody>>,
+    S: Service<Request<ReplayBody>>,
     B: Body,
     B::Error: Into<BoxError>,
 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+        let state = match &self.state {
+            State::Reading { .. } => "reading the body",
+            State::Called { .. } => "waiting for a backend",
+            State::Waiting { .. } => "backing off",
+            State::Retrying => "retrying",
+            State::Refused { .. } => "refused",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish_non_exhaustive()
     }
 }

@@ -2,9 +2,10 @@
 //!
 //! [`RetryNextBackendLayer`] goes in front of an [`aoai_balance::Balance`]. It reads the request
 //! body once into [`Bytes`](bytes::Bytes) (over the limit: [`BodyTooLarge`], and no backend is
-//! contacted), then hands it to tower's [`Retry`] with the
-//! [`RetryNextBackend`] policy, which replays the body on each attempt and sends each retry to a
-//! backend not tried yet.
+//! contacted), then makes the attempts, asking the [`RetryNextBackend`] policy after each one
+//! whether to retry: the body is replayed on each attempt, and each retry goes to a backend not
+//! tried yet. The policy is a tower [`Policy`](tower::retry::Policy), and can drive tower's
+//! [`Retry`](tower::retry::Retry) too.
 //!
 //! # Example
 //!
@@ -65,7 +66,6 @@ use std::time::Duration;
 use aoai_balance::{AzureOpenAiClassifier, BalanceHealth, Classify};
 use http::{Request, Response};
 use http_body::Body;
-use tower::retry::Retry;
 use tower::retry::budget::{Budget, TpsBudget};
 use tower::{Layer, Service};
 
@@ -183,7 +183,8 @@ impl<S, C: Clone> Layer<S> for RetryNextBackendLayer<C> {
             settings.clone(),
         );
         RetryNextBackendService {
-            inner: Retry::new(policy, inner),
+            service: inner,
+            policy,
             settings,
             body_limit: self.body_limit,
         }
@@ -200,7 +201,8 @@ impl<S, C: Clone> Layer<S> for RetryNextBackendLayer<C> {
 /// [`tower::Service`] docs). The inner service (a `Balance`) must be `Clone`.
 #[derive(Debug, Clone)]
 pub struct RetryNextBackendService<S, C = AzureOpenAiClassifier> {
-    inner: Retry<RetryNextBackend<C>, S>,
+    service: S,
+    policy: RetryNextBackend<C>,
     settings: Arc<RetrySettings>,
     body_limit: usize,
 }
@@ -208,17 +210,17 @@ pub struct RetryNextBackendService<S, C = AzureOpenAiClassifier> {
 impl<S, C> RetryNextBackendService<S, C> {
     /// The wrapped service.
     pub fn get_ref(&self) -> &S {
-        self.inner.get_ref()
+        &self.service
     }
 
     /// The wrapped service, mutably.
     pub fn get_mut(&mut self) -> &mut S {
-        self.inner.get_mut()
+        &mut self.service
     }
 
     /// Unwraps the service.
     pub fn into_inner(self) -> S {
-        self.inner.into_inner()
+        self.service
     }
 }
 
@@ -231,10 +233,10 @@ where
 {
     type Response = Response<RB>;
     type Error = BoxError;
-    type Future = ResponseFuture<Retry<RetryNextBackend<C>, S>, B>;
+    type Future = ResponseFuture<S, B, C>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx)
+        self.service.poll_ready(cx)
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
@@ -244,15 +246,16 @@ where
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|len| len > self.body_limit as u64) {
-            return ResponseFuture::refused(Box::new(BodyTooLarge::new(self.body_limit)));
+            let error = Box::new(BodyTooLarge::new(self.body_limit));
+            return ResponseFuture::refused(error, self.service.clone(), self.policy.clone());
         }
         if let Some(budget) = &self.settings.budget {
             budget.deposit();
         }
         // Take the service `poll_ready` readied; leave a clone (see the type's docs).
-        let clone = self.inner.clone();
-        let ready = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::reading(request, ready, self.body_limit)
+        let clone = self.service.clone();
+        let ready = std::mem::replace(&mut self.service, clone);
+        ResponseFuture::reading(request, ready, self.policy.clone(), self.body_limit)
     }
 }
 

@@ -159,14 +159,19 @@ where
     }
 
     fn clone_request(&mut self, request: &Request<ReplayBody>) -> Option<Request<ReplayBody>> {
-        let mut clone = Request::new(request.body().clone());
-        *clone.method_mut() = request.method().clone();
-        *clone.uri_mut() = request.uri().clone();
-        *clone.version_mut() = request.version();
-        *clone.headers_mut() = request.headers().clone();
-        *clone.extensions_mut() = request.extensions().clone();
-        Some(clone)
+        Some(copy_request(request))
     }
+}
+
+/// A copy of a request for another attempt: its body's bytes are shared, not copied.
+pub(crate) fn copy_request(request: &Request<ReplayBody>) -> Request<ReplayBody> {
+    let mut copy = Request::new(request.body().clone());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    *copy.extensions_mut() = request.extensions().clone();
+    copy
 }
 
 /// Sets `Retry-After` (whole seconds, rounded up) and `retry-after-ms` on a response.
