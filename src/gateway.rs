@@ -167,32 +167,31 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let (mut response, served_by) = match ready!(this.inner.poll(cx)) {
-            Ok(response) => {
-                let served_by = response.extensions().get::<ServedBy>().cloned();
-                (response.map(Body::new), served_by)
-            }
+        let mut response = match ready!(this.inner.poll(cx)) {
+            Ok(response) => response.map(Body::new),
             Err(error) => {
                 let served_by = find::<BackendError>(&*error).map(|e| e.served_by().clone());
                 let message = message(&*error);
                 tracing::warn!(error = %message, "request failed");
                 let mut response = error_response_with(&*error, &message);
-                if let Some(served_by) = &served_by {
-                    response.extensions_mut().insert(served_by.clone());
+                if let Some(served_by) = served_by {
+                    response.extensions_mut().insert(served_by);
                 }
-                (response, served_by)
+                response
             }
         };
-        if let (Some(values), Some(served_by)) = (this.served_by_values, &served_by) {
+        let served_by = response.extensions().get::<ServedBy>();
+        if let (Some(values), Some(index)) = (this.served_by_values, served_by.map(ServedBy::index))
+        {
             response
                 .headers_mut()
-                .insert(X_SERVED_BY, values[served_by.index()].clone());
+                .insert(X_SERVED_BY, values[index].clone());
         }
         if let Some(log) = this.log {
             tracing::info!(
                 method = %log.method,
                 path = log.uri.path(),
-                backend = served_by.as_ref().map_or("-", ServedBy::name),
+                backend = response.extensions().get::<ServedBy>().map_or("-", ServedBy::name),
                 status = response.status().as_u16(),
                 latency_ms = log.started.elapsed().as_secs_f64() * 1000.0,
                 "request"

@@ -83,9 +83,16 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// [`Oneshot`](tower::util::Oneshot), which waits for its readiness.
 /// Backends must therefore be `Clone`, and cheap to clone.
 pub struct Balance<S, C = AzureOpenAiClassifier> {
-    services: Arc<[S]>,
-    shared: Arc<Shared>,
+    // One reference count for the services and the health together: a clone (one per request,
+    // in the retry layer) touches one.
+    inner: Arc<Inner<S>>,
     classifier: C,
+}
+
+/// What every clone of a [`Balance`] shares.
+struct Inner<S> {
+    services: Box<[S]>,
+    shared: Arc<Shared>,
 }
 
 /// The state every clone shares.
@@ -121,12 +128,14 @@ impl<S, C> Balance<S, C> {
             .map(|(name, service)| (name.into(), service))
             .unzip();
         Self {
-            services: services.into(),
-            shared: Arc::new(Shared {
-                backends: names.into_iter().map(BackendHealth::new).collect(),
-                policy,
-                clock: Clock::new(),
-                next: AtomicUsize::new(0),
+            inner: Arc::new(Inner {
+                services: services.into(),
+                shared: Arc::new(Shared {
+                    backends: names.into_iter().map(BackendHealth::new).collect(),
+                    policy,
+                    clock: Clock::new(),
+                    next: AtomicUsize::new(0),
+                }),
             }),
             classifier,
         }
@@ -134,7 +143,7 @@ impl<S, C> Balance<S, C> {
 
     /// The backend services, in order.
     pub fn get_ref(&self) -> &[S] {
-        &self.services
+        &self.inner.services
     }
 
     /// The classifier.
@@ -144,7 +153,7 @@ impl<S, C> Balance<S, C> {
 
     /// The health policy.
     pub fn policy(&self) -> &HealthPolicy {
-        &self.shared.policy
+        &self.inner.shared.policy
     }
 
     /// Each backend's state now: cooldown, failures, counts.
@@ -156,20 +165,20 @@ impl<S, C> Balance<S, C> {
     /// uses it to tell whether a retry can go anywhere.
     pub fn health(&self) -> BalanceHealth {
         BalanceHealth {
-            shared: self.shared.clone(),
+            shared: self.inner.shared.clone(),
         }
     }
 
     /// Picks the backend for a request: the next in rotation that is not cooling and, when
     /// `tried` is given, not tried yet; else the next available after the last one tried.
     fn pick(&self, tried: Option<&TriedBackends>) -> Result<usize, BoxError> {
-        let backends = &self.shared.backends;
+        let backends = &self.inner.shared.backends;
         let count = backends.len();
         if count == 0 {
             return Err(Box::new(NoBackends));
         }
-        let start = self.shared.next.fetch_add(1, Ordering::Relaxed) % count;
-        let now = LazyNow::new(&self.shared.clock);
+        let start = self.inner.shared.next.fetch_add(1, Ordering::Relaxed) % count;
+        let now = LazyNow::new(&self.inner.shared.clock);
         let available = |index: usize| backends[index].is_available(|| now.get());
         let ring = |from: usize| (0..count).map(move |step| (from + step) % count);
 
@@ -185,6 +194,7 @@ impl<S, C> Balance<S, C> {
             return Ok(index);
         }
         let soonest = self
+            .inner
             .shared
             .soonest_recovery(now.get())
             .unwrap_or(Duration::ZERO);
@@ -252,8 +262,7 @@ impl Shared {
 impl<S, C: Clone> Clone for Balance<S, C> {
     fn clone(&self) -> Self {
         Self {
-            services: self.services.clone(),
-            shared: self.shared.clone(),
+            inner: self.inner.clone(),
             classifier: self.classifier.clone(),
         }
     }
@@ -261,10 +270,16 @@ impl<S, C: Clone> Clone for Balance<S, C> {
 
 impl<S, C: fmt::Debug> fmt::Debug for Balance<S, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let names: Vec<&str> = self.shared.backends.iter().map(|b| &*b.name).collect();
+        let names: Vec<&str> = self
+            .inner
+            .shared
+            .backends
+            .iter()
+            .map(|b| &*b.name)
+            .collect();
         f.debug_struct("Balance")
             .field("backends", &names)
-            .field("policy", &self.shared.policy)
+            .field("policy", &self.inner.shared.policy)
             .field("classifier", &self.classifier)
             .finish()
     }
@@ -287,11 +302,11 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let shared = self.shared.clone();
+        let shared = self.inner.shared.clone();
         let classifier = self.classifier.clone();
         match self.pick(request.extensions().get::<TriedBackends>()) {
             Ok(index) => {
-                let service = self.services[index].clone();
+                let service = self.inner.services[index].clone();
                 ResponseFuture::call(service, request, index, shared, classifier)
             }
             Err(error) => ResponseFuture::refused(error, shared, classifier),

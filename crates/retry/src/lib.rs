@@ -170,6 +170,7 @@ impl<S, C: Clone> Layer<S> for RetryNextBackendLayer<C> {
 
     fn layer(&self, inner: S) -> Self::Service {
         let settings = Arc::new(RetrySettings {
+            health: self.health.clone(),
             max_attempts: self.max_attempts,
             backoff_base: self.backoff_base,
             backoff_max: self.backoff_max,
@@ -177,11 +178,7 @@ impl<S, C: Clone> Layer<S> for RetryNextBackendLayer<C> {
                 .budget
                 .map(|(ttl, min, percent)| TpsBudget::new(ttl, min, percent)),
         });
-        let policy = RetryNextBackend::new(
-            self.health.clone(),
-            self.classifier.clone(),
-            settings.clone(),
-        );
+        let policy = RetryNextBackend::new(self.classifier.clone(), settings.clone());
         RetryNextBackendService {
             service: inner,
             policy,

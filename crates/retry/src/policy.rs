@@ -37,8 +37,8 @@ use crate::{BoxError, ReplayBody};
 /// [`AzureAuth`]: https://docs.rs/aoai-auth
 #[derive(Debug, Clone)]
 pub struct RetryNextBackend<C = AzureOpenAiClassifier> {
-    health: BalanceHealth,
     classifier: C,
+    // What every clone shares, the balance's health included, behind one reference count.
     settings: Arc<RetrySettings>,
     attempts: usize,
     unauthorized_retried: bool,
@@ -47,6 +47,7 @@ pub struct RetryNextBackend<C = AzureOpenAiClassifier> {
 /// What every clone of the policy shares.
 #[derive(Debug)]
 pub(crate) struct RetrySettings {
+    pub(crate) health: BalanceHealth,
     pub(crate) max_attempts: usize,
     pub(crate) backoff_base: Duration,
     pub(crate) backoff_max: Duration,
@@ -54,9 +55,8 @@ pub(crate) struct RetrySettings {
 }
 
 impl<C> RetryNextBackend<C> {
-    pub(crate) fn new(health: BalanceHealth, classifier: C, settings: Arc<RetrySettings>) -> Self {
+    pub(crate) fn new(classifier: C, settings: Arc<RetrySettings>) -> Self {
         Self {
-            health,
             classifier,
             settings,
             attempts: 0,
@@ -113,7 +113,7 @@ where
         if let Some(served_by) = &served_by {
             tried.insert(served_by.index());
         }
-        if let Some(recovery) = self.health.soonest_recovery() {
+        if let Some(recovery) = self.settings.health.soonest_recovery() {
             if let Ok(response) = result
                 && matches!(outcome, Outcome::Throttled { .. })
             {
@@ -147,7 +147,7 @@ where
             );
             return None;
         }
-        let delay = (!self.health.has_untried_available(tried)).then(|| self.backoff());
+        let delay = (!self.settings.health.has_untried_available(tried)).then(|| self.backoff());
         tracing::info!(
             backend,
             attempt = self.attempts,

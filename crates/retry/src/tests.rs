@@ -240,8 +240,9 @@ fn noise(len: usize) -> Bytes {
         .into()
 }
 
-fn settings(max_attempts: usize) -> Arc<RetrySettings> {
+fn settings(health: BalanceHealth, max_attempts: usize) -> Arc<RetrySettings> {
     Arc::new(RetrySettings {
+        health,
         max_attempts,
         backoff_base: Duration::from_millis(100),
         backoff_max: Duration::from_secs(2),
@@ -274,7 +275,7 @@ async fn the_policy_records_the_backend_of_each_response_and_error() {
         vec![Answer::Elapsed],
         vec![],
     ]);
-    let mut policy = RetryNextBackend::new(balance.health(), AzureOpenAiClassifier, settings(3));
+    let mut policy = RetryNextBackend::new(AzureOpenAiClassifier, settings(balance.health(), 3));
     let mut request = Request::new(ReplayBody::new(Bytes::from_static(b"{}")));
 
     let attempt = clone_request(&mut policy, &request).unwrap();
@@ -319,7 +320,7 @@ async fn each_attempt_carries_the_backends_tried_before_it() {
 #[tokio::test]
 async fn clone_request_keeps_method_uri_version_headers_extensions_and_body() {
     let (_script, balance) = balance(vec![vec![], vec![]]);
-    let mut policy = RetryNextBackend::new(balance.health(), AzureOpenAiClassifier, settings(3));
+    let mut policy = RetryNextBackend::new(AzureOpenAiClassifier, settings(balance.health(), 3));
     let payload = noise(4096);
     let mut request = Request::builder()
         .method(Method::PUT)
