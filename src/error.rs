@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use aoai_auth::error::TokenUnavailable;
 use aoai_balance::{AllCoolingDown, NoBackends};
-use aoai_retry::{BodyReadError, BodyTooLarge};
+use aoai_retry::{BodyReadError, BodyTooLarge, DeadlineElapsed};
 use aoai_upstream::UpstreamError;
 use axum::body::Body;
 use http::{HeaderValue, Response, StatusCode, header};
@@ -68,7 +68,9 @@ fn classify(error: &(dyn StdError + 'static)) -> (StatusCode, &'static str) {
         Some(UpstreamError::InvalidPath { .. })
     ) {
         (StatusCode::BAD_REQUEST, "invalid_path")
-    } else if find::<tower::timeout::error::Elapsed>(error).is_some() {
+    } else if find::<tower::timeout::error::Elapsed>(error).is_some()
+        || find::<DeadlineElapsed>(error).is_some()
+    {
         (StatusCode::GATEWAY_TIMEOUT, "timeout")
     } else if find::<UpstreamError>(error).is_some_and(UpstreamError::is_connect) {
         (StatusCode::BAD_GATEWAY, "backend_unreachable")

@@ -28,7 +28,7 @@ use crate::error::{error_response_with, find, message};
 type BackendStack = Timeout<Either<AzureAuth<Upstream>, Unauthenticated>>;
 /// A backend without auth; its error boxed like `AzureAuth`'s, as `Either` needs one error type.
 type Unauthenticated = MapErr<Upstream, fn(UpstreamError) -> BoxError>;
-type Stack = Timeout<RetryNextBackendService<Balance<BackendStack>>>;
+type Stack = RetryNextBackendService<Balance<BackendStack>>;
 
 /// The standard aoai-tower stack as one axum-ready service: mount it with
 /// `Router::nest_service("/openai", gateway)`.
@@ -291,8 +291,10 @@ impl GatewayBuilder {
         self
     }
 
-    /// How long a request may take, all attempts and backoffs included, to its response
-    /// headers. Default: 15 minutes.
+    /// How long a request may take, reading its body and all attempts and backoffs included,
+    /// to its response headers; past it, the caller gets 504. Default: 15 minutes. (Set with
+    /// the attempt timeout, it arms a timer only for a request that could outlast it: see
+    /// [`RetryNextBackendLayer::deadline`].)
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.deadline = deadline;
         self
@@ -369,9 +371,10 @@ impl GatewayBuilder {
         let retry = RetryNextBackendLayer::new(health.clone())
             .max_attempts(self.max_attempts)
             .body_limit(self.body_limit)
+            .deadline(self.deadline, Some(self.attempt_timeout))
             .layer(balance);
         Ok(Gateway {
-            stack: Timeout::new(retry, self.deadline),
+            stack: retry,
             health,
             served_by_values: self.served_by_header.then(|| served_by_values.into()),
             unauthenticated_backend,

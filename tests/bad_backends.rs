@@ -1,8 +1,11 @@
 //! Backends that misbehave below HTTP: one answering garbage bytes, one closing the connection
-//! without an answer. The caller gets a clear Azure-shaped 502, or the answer of a healthy
-//! backend the request was retried on.
+//! without an answer, one never answering; and a caller whose body stops arriving. The caller
+//! gets a clear Azure-shaped 502 or 504, or the answer of a healthy backend the request was
+//! retried on.
 
 mod support;
+
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::{builder_over, chat, client, serve_gateway, served_by, sims};
@@ -77,4 +80,76 @@ async fn a_request_to_a_garbage_backend_is_retried_on_a_healthy_one() {
         assert_eq!(served_by(&response), "a");
     }
     assert_eq!(healthy[0].request_count(), 4);
+}
+
+/// A loopback server that accepts connections and reads, but never answers (for at most
+/// `BOUND`). Returns its URL.
+async fn hung_backend() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buffer = [0u8; 1024];
+                let _ = tokio::time::timeout(support::BOUND, async {
+                    while socket.read(&mut buffer).await.is_ok_and(|n| n > 0) {}
+                })
+                .await;
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test]
+async fn a_backend_that_never_answers_meets_the_deadline_with_a_504() {
+    let gateway = aoai_tower::Gateway::builder()
+        .backend("hung", hung_backend().await)
+        .attempt_timeout(Duration::from_secs(60))
+        .deadline(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let base = serve_gateway(gateway).await;
+    let started = Instant::now();
+    let (status, code, message) = error_of(chat(&client(), &base).await).await;
+    assert_eq!((status, code.as_str()), (504, "timeout"));
+    assert!(message.contains("deadline"), "{message}");
+    let elapsed = started.elapsed();
+    assert!(elapsed >= Duration::from_millis(300), "{elapsed:?}");
+}
+
+#[tokio::test]
+async fn a_request_body_that_stops_arriving_meets_the_deadline_before_any_backend() {
+    let healthy = sims(1).await;
+    let gateway = builder_over(&healthy)
+        .deadline(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let base = serve_gateway(gateway).await;
+    let mut caller = tokio::net::TcpStream::connect(base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    // Announces 100 bytes of body, sends 10, then waits.
+    caller
+        .write_all(
+            b"POST /openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21 HTTP/1.1\r\n\
+              host: gateway\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n\
+              {\"messages",
+        )
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(support::BOUND, async {
+        let mut buffer = [0u8; 1024];
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = caller.read(&mut buffer).await.unwrap();
+            assert!(n > 0, "closed without an answer");
+            answer.extend_from_slice(&buffer[..n]);
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "no answer within {:?}", support::BOUND);
+    let head = String::from_utf8_lossy(&answer);
+    assert!(head.starts_with("HTTP/1.1 504"), "{head}");
+    assert_eq!(healthy[0].request_count(), 0);
 }

@@ -57,3 +57,35 @@ impl StdError for BodyReadError {
         Some(&*self.source)
     }
 }
+
+/// The request's deadline passed before a backend's response head arrived: while its body was
+/// read, during an attempt, or during a backoff (see [`RetryNextBackendLayer::deadline`]).
+///
+/// [`RetryNextBackendLayer::deadline`]: crate::RetryNextBackendLayer::deadline
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeadlineElapsed {
+    deadline: std::time::Duration,
+}
+
+impl DeadlineElapsed {
+    pub(crate) fn new(deadline: std::time::Duration) -> Self {
+        Self { deadline }
+    }
+
+    /// The deadline that passed.
+    pub fn deadline(&self) -> std::time::Duration {
+        self.deadline
+    }
+}
+
+impl fmt::Display for DeadlineElapsed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "no backend answered within the request deadline of {:?}",
+            self.deadline
+        )
+    }
+}
+
+impl StdError for DeadlineElapsed {}

@@ -14,7 +14,8 @@ use pin_project_lite::pin_project;
 use tower::Service;
 use tower::retry::Policy;
 
-use crate::error::{BodyReadError, BodyTooLarge};
+use crate::deadline::{Deadline, DeadlineSettings};
+use crate::error::{BodyReadError, BodyTooLarge, DeadlineElapsed};
 use crate::policy::copy_request;
 use crate::{Backoff, BoxError, ReplayBody, RetryNextBackend};
 
@@ -30,6 +31,8 @@ pin_project! {
     {
         #[pin]
         state: State<S::Future, B>,
+        #[pin]
+        deadline: Deadline,
         // The service `poll_ready` made ready, taken out of `RetryNextBackendService`.
         service: S,
         policy: RetryNextBackend<C>,
@@ -78,6 +81,7 @@ where
         service: S,
         policy: RetryNextBackend<C>,
         limit: usize,
+        deadline: Option<DeadlineSettings>,
     ) -> Self {
         let (parts, body) = request.into_parts();
         Self {
@@ -87,6 +91,7 @@ where
                 parts: Some(parts),
                 limit,
             },
+            deadline: Deadline::new(deadline),
             service,
             policy,
             retry_request: None,
@@ -96,6 +101,7 @@ where
     pub(crate) fn refused(error: BoxError, service: S, policy: RetryNextBackend<C>) -> Self {
         Self {
             state: State::Refused { error: Some(error) },
+            deadline: Deadline::new(None),
             service,
             policy,
             retry_request: None,
@@ -115,6 +121,11 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         loop {
+            if let Some(limit) = this.deadline.as_mut().elapsed(cx) {
+                // Whatever was under way (an attempt, a backoff) is dropped.
+                this.state.set(State::Refused { error: None });
+                return Poll::Ready(Err(Box::new(DeadlineElapsed::new(limit))));
+            }
             match this.state.as_mut().project() {
                 StateProj::Reading {
                     mut body,
@@ -123,8 +134,15 @@ where
                     limit,
                 } => {
                     let bytes = loop {
-                        match ready!(body.as_mut().poll_frame(cx)) {
-                            None => break read.take(),
+                        let Poll::Ready(frame) = body.as_mut().poll_frame(cx) else {
+                            // A body still arriving: the deadline bounds it.
+                            if this.deadline.as_mut().arm() {
+                                break None;
+                            }
+                            return Poll::Pending;
+                        };
+                        match frame {
+                            None => break Some(read.take()),
                             Some(Ok(frame)) => {
                                 // Trailers are not replayed.
                                 if let Ok(data) = frame.into_data() {
@@ -139,11 +157,14 @@ where
                             }
                         }
                     };
+                    // Just armed: polled at the top of the loop, which registers its waker.
+                    let Some(bytes) = bytes else { continue };
                     let parts = parts
                         .take()
                         .expect("ResponseFuture polled after completion");
                     let request = Request::from_parts(parts, ReplayBody::new(bytes));
                     *this.retry_request = Some(copy_request(&request));
+                    this.deadline.as_mut().attempt_starts(true);
                     // The service was polled ready before it was moved in here (see `call`).
                     let future = this.service.call(request);
                     this.state.set(State::Called { future });
@@ -155,7 +176,10 @@ where
                     };
                     let retry = Policy::<_, Response<RB>, BoxError>::retry;
                     match retry(this.policy, request, &mut result) {
-                        Some(backoff) => this.state.set(State::Waiting { backoff }),
+                        Some(backoff) => {
+                            this.deadline.as_mut().arm();
+                            this.state.set(State::Waiting { backoff });
+                        }
                         None => return Poll::Ready(result),
                     }
                 }
@@ -170,6 +194,7 @@ where
                         .take()
                         .expect("a retry keeps a copy of the request");
                     *this.retry_request = Some(copy_request(&request));
+                    this.deadline.as_mut().attempt_starts(false);
                     let future = this.service.call(request);
                     this.state.set(State::Called { future });
                 }

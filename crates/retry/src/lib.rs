@@ -49,12 +49,14 @@
 //! # Timeouts
 //!
 //! Put a [`tower::timeout::TimeoutLayer`] on each backend for the per-attempt timeout to the
-//! response headers (the classifier treats its `Elapsed` as a retryable failure), and another in
-//! front of this layer for an overall deadline.
+//! response headers (the classifier treats its `Elapsed` as a retryable failure), and set an
+//! overall deadline with [`RetryNextBackendLayer::deadline`] (or a `TimeoutLayer` in front of
+//! this layer, which arms a timer for every request).
 
 #![forbid(unsafe_code)]
 
 mod body;
+mod deadline;
 pub mod error;
 pub mod future;
 mod policy;
@@ -70,10 +72,11 @@ use tower::retry::budget::{Budget, TpsBudget};
 use tower::{Layer, Service};
 
 pub use crate::body::ReplayBody;
-pub use crate::error::{BodyReadError, BodyTooLarge};
+pub use crate::error::{BodyReadError, BodyTooLarge, DeadlineElapsed};
 pub use crate::future::ResponseFuture;
 pub use crate::policy::{Backoff, RetryNextBackend, set_retry_after};
 
+use crate::deadline::DeadlineSettings;
 use crate::policy::RetrySettings;
 
 /// A type-erased error, as tower uses.
@@ -98,6 +101,7 @@ pub struct RetryNextBackendLayer<C = AzureOpenAiClassifier> {
     backoff_base: Duration,
     backoff_max: Duration,
     budget: Option<(Duration, u32, f32)>,
+    deadline: Option<DeadlineSettings>,
 }
 
 impl RetryNextBackendLayer {
@@ -113,6 +117,7 @@ impl RetryNextBackendLayer {
             backoff_base: Duration::from_millis(100),
             backoff_max: Duration::from_secs(2),
             budget: Some((Duration::from_secs(10), 10, 0.2)),
+            deadline: None,
         }
     }
 }
@@ -151,6 +156,23 @@ impl<C> RetryNextBackendLayer<C> {
         self
     }
 
+    /// Sets a deadline for each whole request: reading its body, every attempt and every
+    /// backoff, until a backend's response head. When it passes, the request fails with
+    /// [`DeadlineElapsed`] (whatever attempt was under way is dropped). No deadline by default.
+    ///
+    /// `attempt_timeout` is the timeout each backend applies to one attempt (a
+    /// [`TimeoutLayer`](tower::timeout::TimeoutLayer) below the `Balance`), if there is one.
+    /// Knowing it, the deadline arms a timer only when something could outlast it (a body still
+    /// arriving, a backoff, an attempt starting too late for its own timeout to end first), not
+    /// for every request; without it, every request arms one.
+    pub fn deadline(mut self, deadline: Duration, attempt_timeout: Option<Duration>) -> Self {
+        self.deadline = Some(DeadlineSettings {
+            limit: deadline,
+            attempt_timeout,
+        });
+        self
+    }
+
     /// Replaces the classifier (give the `Balance` the same one).
     pub fn classifier<C2>(self, classifier: C2) -> RetryNextBackendLayer<C2> {
         RetryNextBackendLayer {
@@ -161,6 +183,7 @@ impl<C> RetryNextBackendLayer<C> {
             backoff_base: self.backoff_base,
             backoff_max: self.backoff_max,
             budget: self.budget,
+            deadline: self.deadline,
         }
     }
 }
@@ -184,6 +207,7 @@ impl<S, C: Clone> Layer<S> for RetryNextBackendLayer<C> {
             policy,
             settings,
             body_limit: self.body_limit,
+            deadline: self.deadline,
         }
     }
 }
@@ -202,6 +226,7 @@ pub struct RetryNextBackendService<S, C = AzureOpenAiClassifier> {
     policy: RetryNextBackend<C>,
     settings: Arc<RetrySettings>,
     body_limit: usize,
+    deadline: Option<DeadlineSettings>,
 }
 
 impl<S, C> RetryNextBackendService<S, C> {
@@ -252,7 +277,13 @@ where
         // Take the service `poll_ready` readied; leave a clone (see the type's docs).
         let clone = self.service.clone();
         let ready = std::mem::replace(&mut self.service, clone);
-        ResponseFuture::reading(request, ready, self.policy.clone(), self.body_limit)
+        ResponseFuture::reading(
+            request,
+            ready,
+            self.policy.clone(),
+            self.body_limit,
+            self.deadline,
+        )
     }
 }
 

@@ -733,3 +733,102 @@ async fn with_a_tower_test_mock_each_attempt_gets_a_ready_service_and_the_whole_
     handle.allow(1);
     assert!(ready.await.is_ok());
 }
+
+// ---- the deadline ----
+
+/// A gate that is never opened: an attempt that never answers.
+fn hang() -> Answer {
+    Answer::Gated(Arc::new(Notify::new()), 200)
+}
+
+/// The error of a request the deadline ended, and how long it took.
+async fn deadline_error<S, B>(service: S, request: Request<B>) -> (DeadlineElapsed, Duration)
+where
+    S: Service<Request<B>, Response = Response<String>, Error = BoxError>,
+{
+    let started = Instant::now();
+    let error = service.oneshot(request).await.unwrap_err();
+    let elapsed = started.elapsed();
+    (*error.downcast::<DeadlineElapsed>().unwrap(), elapsed)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deadline_ends_a_hung_attempt_whose_timeout_is_unknown_or_longer() {
+    for attempt_timeout in [None, Some(Duration::from_secs(10))] {
+        let (script, service) = stack(vec![vec![hang()]], |layer| {
+            layer.deadline(Duration::from_secs(2), attempt_timeout)
+        });
+        let (error, elapsed) = deadline_error(service, post(b"{}")).await;
+        assert_eq!(error.deadline(), Duration::from_secs(2));
+        assert_eq!(elapsed, Duration::from_secs(2), "{attempt_timeout:?}");
+        assert_eq!(script.calls().len(), 1);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_answered_in_time_is_untouched_by_its_deadline() {
+    let (script, service) = stack(vec![vec![Answer::Status(503)], vec![]], |layer| {
+        layer.deadline(Duration::from_secs(2), Some(Duration::from_secs(1)))
+    });
+    let response = send(&service, post(b"{}")).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(served_by(&response), "b1");
+    assert_eq!(script.calls().len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deadline_cuts_short_the_attempt_that_would_outlast_it() {
+    // Three backends that never answer, each behind a 1 s attempt timeout (which also cools it
+    // down); a 2.5 s deadline. The attempts at 0 s and 1 s end by their own timeouts, before the
+    // deadline; the third, from 2 s, would end at 3 s: the deadline ends it at 2.5 s.
+    let (script, balance) = balance(vec![vec![hang()], vec![hang()], vec![hang()]]);
+    let timed = Balance::new(
+        balance
+            .get_ref()
+            .iter()
+            .enumerate()
+            .map(|(index, backend)| {
+                let backend = tower::timeout::Timeout::new(backend.clone(), Duration::from_secs(1));
+                (format!("b{index}"), backend)
+            }),
+    );
+    let service = RetryNextBackendLayer::new(timed.health())
+        .max_attempts(5)
+        .without_budget()
+        .deadline(Duration::from_millis(2500), Some(Duration::from_secs(1)))
+        .layer(timed);
+    let (error, elapsed) = deadline_error(service, post(b"{}")).await;
+    assert_eq!(error.deadline(), Duration::from_millis(2500));
+    assert_eq!(elapsed, Duration::from_millis(2500));
+    let calls = script.calls();
+    let backends: Vec<usize> = calls.iter().map(|call| call.backend).collect();
+    assert_eq!(backends, [0, 1, 2]);
+}
+
+/// A body that never ends: a caller that stopped sending.
+struct Stalled;
+
+impl Body for Stalled {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Poll::Pending
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_still_arriving_at_the_deadline_fails_without_a_call() {
+    let (script, service) = stack(vec![vec![]], |layer| {
+        layer.deadline(Duration::from_secs(1), Some(Duration::from_secs(10)))
+    });
+    let request = Request::post("/openai/deployments/gpt-4o/chat/completions")
+        .body(Stalled)
+        .unwrap();
+    let (_, elapsed) = deadline_error(service, request).await;
+    assert_eq!(elapsed, Duration::from_secs(1));
+    assert!(script.calls().is_empty());
+}

@@ -1,0 +1,97 @@
+//! The deadline of a whole request, with a timer only when something could outlast it.
+
+use std::pin::Pin;
+use std::task::Context;
+use std::time::Duration;
+
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+
+/// A deadline's settings, shared by every request.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DeadlineSettings {
+    pub(crate) limit: Duration,
+    /// The timeout each backend applies to an attempt, if known.
+    pub(crate) attempt_timeout: Option<Duration>,
+}
+
+pin_project! {
+    /// One request's deadline.
+    ///
+    /// Arming a timer costs a clock read, a timer-wheel insertion and a removal, for every
+    /// request, though the deadline almost never passes. So the timer is armed only when
+    /// something could outlast the deadline: a body that is not read at once, an attempt that
+    /// may start too late for its own timeout to end before the deadline (or whose timeout is
+    /// unknown), a backoff. Otherwise the attempt's own timeout wakes the request first.
+    pub(crate) struct Deadline {
+        settings: Option<DeadlineSettings>,
+        // When the request started; read only when there is a deadline.
+        started: Option<Instant>,
+        #[pin]
+        timer: Option<Sleep>,
+    }
+}
+
+impl Deadline {
+    pub(crate) fn new(settings: Option<DeadlineSettings>) -> Self {
+        Self {
+            settings,
+            started: settings.map(|_| Instant::now()),
+            timer: None,
+        }
+    }
+
+    /// The deadline, if there is one and it has passed, as far as the armed timer tells; arms
+    /// nothing.
+    pub(crate) fn elapsed(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Option<Duration> {
+        let this = self.project();
+        let timer = this.timer.as_pin_mut()?;
+        timer
+            .poll(cx)
+            .is_ready()
+            .then(|| this.settings.map(|s| s.limit))
+            .flatten()
+    }
+
+    /// Arms the timer, if there is a deadline and it is not armed yet, for something whose end
+    /// is unknown: a body read, a backoff. True when it was armed just now: the caller polls
+    /// [`Deadline::elapsed`] next, which registers the timer's waker.
+    pub(crate) fn arm(self: Pin<&mut Self>) -> bool {
+        let mut this = self.project();
+        if this.timer.is_some() {
+            return false;
+        }
+        let (Some(settings), Some(started)) = (this.settings, this.started) else {
+            return false;
+        };
+        this.timer
+            .set(Some(tokio::time::sleep_until(*started + settings.limit)));
+        true
+    }
+
+    /// Called as an attempt starts (`first`: the first one, which starts when the request did,
+    /// its body having been read at once): arms the timer unless the attempt's own timeout ends
+    /// before the deadline.
+    pub(crate) fn attempt_starts(self: Pin<&mut Self>, first: bool) {
+        let Some(settings) = self.settings else {
+            return;
+        };
+        if self.timer.is_some() {
+            return;
+        }
+        let outlasts = match (settings.attempt_timeout, self.started) {
+            (Some(timeout), Some(started)) => {
+                let elapsed = if first {
+                    Duration::ZERO
+                } else {
+                    started.elapsed()
+                };
+                elapsed.saturating_add(timeout) > settings.limit
+            }
+            _ => true,
+        };
+        if outlasts {
+            self.arm();
+        }
+    }
+}
