@@ -92,13 +92,17 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> GatewayFuture<B> {
+        let headers = request.headers_mut();
         // The caller's credentials are never forwarded: `AzureAuth` removes them for the
         // backends it authenticates, and the gateway for any other.
         if self.unauthenticated_backend {
-            let headers = request.headers_mut();
             headers.remove(http::header::AUTHORIZATION);
             headers.remove("api-key");
         }
+        // Each backend gets its own `Host`. Removed here, the caller's leaves a free slot in a
+        // header map sized to the request (as hyper's is), so that the copy each attempt gets
+        // takes `AzureAuth`'s credential without growing.
+        headers.remove(http::header::HOST);
         // Nothing inside reads the caller's extensions (the router's, for example); dropped
         // here, they are not cloned for every attempt.
         request.extensions_mut().clear();

@@ -36,7 +36,7 @@ pin_project! {
         // The service `poll_ready` made ready, taken out of `RetryNextBackendService`.
         service: S,
         policy: RetryNextBackend<C>,
-        // What a retry sends: a copy of the request, kept while the policy may still retry.
+        // The request as read, kept while the policy may retry; each attempt gets a copy.
         retry_request: Option<Request<ReplayBody>>,
     }
 }
@@ -163,10 +163,11 @@ where
                         .take()
                         .expect("ResponseFuture polled after completion");
                     let request = Request::from_parts(parts, ReplayBody::new(bytes));
-                    *this.retry_request = Some(copy_request(&request));
+                    let attempt = copy_request(&request);
+                    *this.retry_request = Some(request);
                     this.deadline.as_mut().attempt_starts(true);
                     // The service was polled ready before it was moved in here (see `call`).
-                    let future = this.service.call(request);
+                    let future = this.service.call(attempt);
                     this.state.set(State::Called { future });
                 }
                 StateProj::Called { future } => {
@@ -191,11 +192,11 @@ where
                     ready!(this.service.poll_ready(cx))?;
                     let request = this
                         .retry_request
-                        .take()
-                        .expect("a retry keeps a copy of the request");
-                    *this.retry_request = Some(copy_request(&request));
+                        .as_ref()
+                        .expect("a retry keeps the request");
+                    let attempt = copy_request(request);
                     this.deadline.as_mut().attempt_starts(false);
-                    let future = this.service.call(request);
+                    let future = this.service.call(attempt);
                     this.state.set(State::Called { future });
                 }
                 StateProj::Refused { error } => {

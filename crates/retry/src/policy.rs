@@ -163,7 +163,7 @@ where
     }
 }
 
-/// A copy of a request for another attempt: its body's bytes are shared, not copied.
+/// A copy of a request for one attempt: its body's bytes are shared, not copied.
 pub(crate) fn copy_request(request: &Request<ReplayBody>) -> Request<ReplayBody> {
     let mut copy = Request::new(request.body().clone());
     *copy.method_mut() = request.method().clone();
