@@ -28,7 +28,7 @@ impl FieldRole {
         let Some(first) = name.first() else {
             return Self::EndToEnd;
         };
-        let is = |known: &str| name.eq_ignore_ascii_case(known.as_bytes());
+        let is = |known: &str| is_lowercase_of(name, known.as_bytes());
         match (name.len(), first.to_ascii_lowercase()) {
             (4, b'h') if is("host") => Self::Host,
             (14, b'c') if is("content-length") => Self::ContentLength,
@@ -38,10 +38,17 @@ impl FieldRole {
             (2, b't') if is("te") => Self::HopByHop,
             (7, b't') if is("trailer") => Self::HopByHop,
             (7, b'u') if is("upgrade") => Self::HopByHop,
-            (6.., b'p') if name[..6].eq_ignore_ascii_case(b"proxy-") => Self::HopByHop,
+            (6.., b'p') if is_lowercase_of(&name[..6], b"proxy-") => Self::HopByHop,
             _ => Self::EndToEnd,
         }
     }
+}
+
+/// Whether `name`, a field name (token characters only), is `known` (lowercase letters and `-`)
+/// in any letter case. Setting bit 5 lowercases a letter and leaves `-` alone; of the token
+/// characters, only letters become lowercase letters that way, and only `-` stays `-`.
+fn is_lowercase_of(name: &[u8], known: &[u8]) -> bool {
+    name.len() == known.len() && name.iter().zip(known).all(|(&a, &b)| a | 0x20 == b)
 }
 
 /// The options of a `Connection` value: its comma-separated tokens, trimmed.
