@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Load benchmark: the gateway against nginx against direct, in one run, on loopback.
 
-    python3 benches/load/run.py [--duration 5] [--rounds 3] [--skip-build]
+    python3 benches/load/run.py [--duration 5] [--rounds 3] [--skip-build] [--instructions N]
 
 Two backends are served by nginx (`return 200` with a canned chat completion), so the backend is
 not ours. Then, one after the other, oha loads: the backend directly; nginx as a round-robin
@@ -15,8 +15,12 @@ Reported per target: requests per second, p50 and p99 latency, CPU microseconds 
 the proxy process(es), and their peak RSS. It checks that every answer was 200 and that the two
 backends split the proxied traffic about 50/50.
 
-Needs nginx (`apt-get install nginx-light`) and oha (`cargo install oha`); it says so if either
-is missing.
+With `--instructions N`, it then counts each proxy's user-space instructions per request over N
+requests under valgrind's callgrind (nginx as one process, the gateway on one core): a figure that
+does not move with the machine's other load, unlike the CPU times.
+
+Needs nginx (`apt-get install nginx-light`) and oha (`cargo install oha`), and valgrind for
+`--instructions`; it says so if one is missing.
 """
 
 import argparse
@@ -59,12 +63,13 @@ def wait_port(port, timeout=30.0):
     raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
 
 
-def nginx_conf(workdir, name, servers_block):
+def nginx_conf(workdir, name, servers_block, single_process=False):
     path = os.path.join(workdir, f"{name}.conf")
+    processes = "worker_processes 1;\nmaster_process off;" if single_process else "worker_processes auto;"
     with open(path, "w") as f:
         f.write(
             f"""daemon off;
-worker_processes auto;
+{processes}
 pid {workdir}/{name}.pid;
 error_log {workdir}/{name}.error.log warn;
 events {{ worker_connections 8192; }}
@@ -80,6 +85,69 @@ http {{
 """
         )
     return path
+
+
+def peer_block(port, b1, b2):
+    """nginx as the peer: a round-robin upstream over the two backends, retrying on the next."""
+    return f"""    access_log off;
+    upstream azure_openai {{
+        server 127.0.0.1:{b1} max_fails=1 fail_timeout=10s;
+        server 127.0.0.1:{b2} max_fails=1 fail_timeout=10s;
+        keepalive 64;
+    }}
+    server {{
+        listen 127.0.0.1:{port} reuseport backlog=4096;
+        location /openai/ {{
+            proxy_pass http://azure_openai;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header api-key "bench-key";
+            proxy_next_upstream error timeout http_429 http_500 http_502 http_503 http_504 non_idempotent;
+            proxy_next_upstream_tries 3;
+            proxy_buffering off;
+        }}
+    }}
+"""
+
+
+def gateway_command(gateway_bin, port, b1, b2):
+    return [gateway_bin, "--listen", f"127.0.0.1:{port}",
+            "--backend", f"b1=http://127.0.0.1:{b1}", "--backend", f"b2=http://127.0.0.1:{b2}",
+            "--auth", "api-key"]
+
+
+def instructions_per_request(name, command, port, env, requests, workdir):
+    """User-space instructions per proxied request at concurrency 32, counted by valgrind's
+    callgrind: the proxy runs on one core (one worker), is warmed up, then its counters are
+    zeroed, `requests` are sent, and the counters dumped. Instruction counts do not depend on
+    what else the machine is doing, so this compares the two proxies' own work without noise
+    (it does not see cache misses or the kernel's work)."""
+    out = os.path.join(workdir, f"{name}.callgrind")
+    proc = subprocess.Popen(
+        ["taskset", "-c", "0", "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p"]
+        + command,
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(port, timeout=120)
+        url = f"http://127.0.0.1:{port}{PATH}"
+        load = ["oha", "--no-tui", "-c", "32", "-m", "POST", "-d", BODY,
+                "-H", "content-type: application/json"]
+        subprocess.run(load + ["-n", "2000", url], check=True, capture_output=True)
+        subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
+        subprocess.run(load + ["-n", str(requests), url], check=True, capture_output=True)
+        subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
+    finally:
+        proc.send_signal(signal.SIGQUIT if name == "nginx" else signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    with open(f"{out}.{proc.pid}.1") as f:
+        for line in f:
+            if line.startswith(("summary:", "totals:")):
+                return int(line.split()[1]) / requests
+    raise SystemExit(f"no instruction count in {out}.{proc.pid}.1")
 
 
 def process_tree(pid):
@@ -150,8 +218,14 @@ def main():
     parser.add_argument("--duration", type=int, default=5, help="seconds per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="measurements per target, alternated")
     parser.add_argument("--skip-build", action="store_true", help="use the existing release build")
+    parser.add_argument("--instructions", type=int, default=0, metavar="N",
+                        help="also count each proxy's instructions per request over N requests "
+                             "under valgrind's callgrind (needs valgrind)")
     args = parser.parse_args()
-    for tool, hint in (("nginx", "apt-get install nginx-light"), ("oha", "cargo install oha")):
+    tools = [("nginx", "apt-get install nginx-light"), ("oha", "cargo install oha")]
+    if args.instructions:
+        tools.append(("valgrind", "apt-get install valgrind"))
+    for tool, hint in tools:
         if not shutil.which(tool):
             raise SystemExit(f"{tool} is missing: {hint}")
     if not args.skip_build:
@@ -172,29 +246,7 @@ def main():
             for port in (b1, b2)
         )
         backends_conf = nginx_conf(workdir, "backends", servers)
-        peer_conf = nginx_conf(
-            workdir,
-            "peer",
-            f"""    access_log off;
-    upstream azure_openai {{
-        server 127.0.0.1:{b1} max_fails=1 fail_timeout=10s;
-        server 127.0.0.1:{b2} max_fails=1 fail_timeout=10s;
-        keepalive 64;
-    }}
-    server {{
-        listen 127.0.0.1:{peer} reuseport backlog=4096;
-        location /openai/ {{
-            proxy_pass http://azure_openai;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header api-key "bench-key";
-            proxy_next_upstream error timeout http_429 http_500 http_502 http_503 http_504 non_idempotent;
-            proxy_next_upstream_tries 3;
-            proxy_buffering off;
-        }}
-    }}
-""",
-        )
+        peer_conf = nginx_conf(workdir, "peer", peer_block(peer, b1, b2))
         procs.append(subprocess.Popen(["nginx", "-c", backends_conf, "-p", workdir]))
         wait_port(b1)
         wait_port(b2)
@@ -203,10 +255,7 @@ def main():
         wait_port(peer)
         env = dict(os.environ, AOAI_KEY_B1="bench-key", AOAI_KEY_B2="bench-key", RUST_LOG="warn")
         gateway_proc = subprocess.Popen(
-            [gateway_bin, "--listen", f"127.0.0.1:{gw}",
-             "--backend", f"b1=http://127.0.0.1:{b1}", "--backend", f"b2=http://127.0.0.1:{b2}",
-             "--auth", "api-key"],
-            env=env, stdout=subprocess.DEVNULL,
+            gateway_command(gateway_bin, gw, b1, b2), env=env, stdout=subprocess.DEVNULL,
         )
         procs.append(gateway_proc)
         wait_port(gw)
@@ -235,6 +284,22 @@ def main():
                 rows.append(median_row(name, concurrency, samples[name]))
         print_table(rows)
         print_ratios(rows)
+        if args.instructions:
+            single_peer, single_gateway = free_port(), free_port()
+            single_conf = nginx_conf(
+                workdir, "peer-single", peer_block(single_peer, b1, b2), single_process=True
+            )
+            counted = {
+                "nginx": instructions_per_request(
+                    "nginx", ["nginx", "-c", single_conf, "-p", workdir], single_peer, None,
+                    args.instructions, workdir),
+                "gateway": instructions_per_request(
+                    "gateway", gateway_command(gateway_bin, single_gateway, b1, b2),
+                    single_gateway, env, args.instructions, workdir),
+            }
+            print(f"instructions per proxied request (callgrind, one worker, c=32, "
+                  f"{args.instructions} requests): nginx {counted['nginx']:.0f}, gateway "
+                  f"{counted['gateway']:.0f} ({counted['gateway'] / counted['nginx']:.2f}x)")
         if not ok:
             print("FAILED: some answers were not 200, or the split was not about 50/50")
             sys.exit(1)
