@@ -100,8 +100,8 @@ where
             headers.remove("api-key");
         }
         // Each backend gets its own `Host`. Removed here, the caller's leaves a free slot in a
-        // header map sized to the request (as hyper's is), so that the copy each attempt gets
-        // takes `AzureAuth`'s credential without growing.
+        // header map sized to the request (as hyper's is), so that the first attempt takes
+        // `AzureAuth`'s credential without growing the map.
         headers.remove(http::header::HOST);
         // Nothing inside reads the caller's extensions (the router's, for example); dropped
         // here, they are not cloned for every attempt.

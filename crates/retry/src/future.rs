@@ -36,7 +36,7 @@ pin_project! {
         // The service `poll_ready` made ready, taken out of `RetryNextBackendService`.
         service: S,
         policy: RetryNextBackend<C>,
-        // The request as read, kept while the policy may retry; each attempt gets a copy.
+        // What a retry sends: a copy of the request, kept while the policy may still retry.
         retry_request: Option<Request<ReplayBody>>,
     }
 }
@@ -163,11 +163,12 @@ where
                         .take()
                         .expect("ResponseFuture polled after completion");
                     let request = Request::from_parts(parts, ReplayBody::new(bytes));
-                    let attempt = copy_request(&request);
-                    *this.retry_request = Some(request);
+                    // The first attempt gets the request itself (whose header map may have room
+                    // to spare, where a copy's has none), and a copy is kept for a retry.
+                    *this.retry_request = Some(copy_request(&request));
                     this.deadline.as_mut().attempt_starts(true);
                     // The service was polled ready before it was moved in here (see `call`).
-                    let future = this.service.call(attempt);
+                    let future = this.service.call(request);
                     this.state.set(State::Called { future });
                 }
                 StateProj::Called { future } => {
@@ -192,11 +193,11 @@ where
                     ready!(this.service.poll_ready(cx))?;
                     let request = this
                         .retry_request
-                        .as_ref()
-                        .expect("a retry keeps the request");
-                    let attempt = copy_request(request);
+                        .take()
+                        .expect("a retry keeps a copy of the request");
+                    *this.retry_request = Some(copy_request(&request));
                     this.deadline.as_mut().attempt_starts(false);
-                    let future = this.service.call(attempt);
+                    let future = this.service.call(request);
                     this.state.set(State::Called { future });
                 }
                 StateProj::Refused { error } => {
