@@ -102,7 +102,10 @@ fn benches(c: &mut Criterion) {
             .service(backend())
     };
     let stacked = Balance::new([("a", per_backend()), ("b", per_backend())]);
-    let whole = RetryNextBackendLayer::new(stacked.health()).layer(stacked);
+    // As the gateway composes it: a deadline that knows the attempt timeout.
+    let whole = RetryNextBackendLayer::new(stacked.health())
+        .deadline(Duration::from_secs(900), Some(Duration::from_secs(300)))
+        .layer(stacked);
 
     let n = 10_000;
     println!("allocations per request (in-memory backend):");
