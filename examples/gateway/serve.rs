@@ -272,7 +272,8 @@ where
 
 /// Keeps one timer due within a second on this worker's runtime, forever.
 ///
-/// Every request arms two timers (its deadline, its attempt's timeout). Tokio wakes its driver
+/// Every request arms a timer (its attempt's timeout; its deadline, when it could pass first).
+/// Tokio wakes its driver
 /// with a system call (an `eventfd` write, then a spurious `epoll` wake-up) whenever a new timer
 /// is due before the earliest one it knows of, which is every time when no other timer exists.
 /// With this timer always due sooner, arming a request's timers costs no system call; it costs

@@ -31,8 +31,10 @@ use crate::{BoxError, ReplayBody};
 ///   backend cools down. A 429 that meets every backend cooling down goes back to the caller
 ///   with `Retry-After` and `retry-after-ms` set to the soonest recovery.
 ///
-/// Per-request state (the attempt count) lives in the clone tower's `Retry` makes for each
-/// request, so one policy serves every request.
+/// Per-request state (the attempt count) lives in the clone made for each request (by
+/// [`RetryNextBackendService`](crate::RetryNextBackendService), or by tower's
+/// [`Retry`](tower::retry::Retry) when it drives the policy), so one policy serves every
+/// request.
 ///
 /// [`AzureAuth`]: https://docs.rs/aoai-auth
 #[derive(Debug, Clone)]
