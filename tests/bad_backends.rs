@@ -5,28 +5,39 @@
 
 mod support;
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::{builder_over, chat, client, serve_gateway, served_by, sims};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+
+/// A loopback server that hands each connection to `serve`. Returns its URL.
+async fn loopback_backend<F, Fut>(serve: F) -> String
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            tokio::spawn(serve(socket));
+        }
+    });
+    url
+}
 
 /// A loopback server that reads each request's first bytes and answers `reply` (maybe empty),
 /// then closes the connection. Returns its URL.
 async fn raw_backend(reply: &'static [u8]) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buffer = [0u8; 1024];
-                let _ = socket.read(&mut buffer).await;
-                let _ = socket.write_all(reply).await;
-            });
-        }
-    });
-    url
+    loopback_backend(move |mut socket| async move {
+        let mut buffer = [0u8; 1024];
+        let _ = socket.read(&mut buffer).await;
+        let _ = socket.write_all(reply).await;
+    })
+    .await
 }
 
 /// The status, the Azure error code and message of a response.
@@ -85,20 +96,14 @@ async fn a_request_to_a_garbage_backend_is_retried_on_a_healthy_one() {
 /// A loopback server that accepts connections and reads, but never answers (for at most
 /// `BOUND`). Returns its URL.
 async fn hung_backend() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buffer = [0u8; 1024];
-                let _ = tokio::time::timeout(support::BOUND, async {
-                    while socket.read(&mut buffer).await.is_ok_and(|n| n > 0) {}
-                })
-                .await;
-            });
-        }
-    });
-    url
+    loopback_backend(|mut socket| async move {
+        let mut buffer = [0u8; 1024];
+        let _ = tokio::time::timeout(support::BOUND, async {
+            while socket.read(&mut buffer).await.is_ok_and(|n| n > 0) {}
+        })
+        .await;
+    })
+    .await
 }
 
 #[tokio::test]
@@ -126,7 +131,7 @@ async fn a_request_body_that_stops_arriving_meets_the_deadline_before_any_backen
         .build()
         .unwrap();
     let base = serve_gateway(gateway).await;
-    let mut caller = tokio::net::TcpStream::connect(base.trim_start_matches("http://"))
+    let mut caller = TcpStream::connect(base.trim_start_matches("http://"))
         .await
         .unwrap();
     // Announces 100 bytes of body, sends 10, then waits.

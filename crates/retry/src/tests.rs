@@ -196,13 +196,27 @@ fn served_by(response: &Response<String>) -> &str {
 }
 
 /// A body of separate chunks with no declared length (like `Transfer-Encoding: chunked`); an
-/// `Err` entry fails the body there.
+/// `Err` entry fails the body there. A stalling one never ends after its chunks: a caller that
+/// stopped sending.
 #[derive(Debug)]
-struct Chunks(VecDeque<Result<Bytes, BoxError>>);
+struct Chunks {
+    chunks: VecDeque<Result<Bytes, BoxError>>,
+    stalls: bool,
+}
 
 impl Chunks {
     fn new(chunks: impl IntoIterator<Item = Result<Bytes, BoxError>>) -> Self {
-        Self(chunks.into_iter().collect())
+        Self {
+            chunks: chunks.into_iter().collect(),
+            stalls: false,
+        }
+    }
+
+    fn stalled() -> Self {
+        Self {
+            chunks: VecDeque::new(),
+            stalls: true,
+        }
     }
 }
 
@@ -214,7 +228,12 @@ impl Body for Chunks {
         self: Pin<&mut Self>,
         _cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Poll::Ready(self.get_mut().0.pop_front().map(|c| c.map(Frame::data)))
+        let this = self.get_mut();
+        match this.chunks.pop_front() {
+            Some(chunk) => Poll::Ready(Some(chunk.map(Frame::data))),
+            None if this.stalls => Poll::Pending,
+            None => Poll::Ready(None),
+        }
     }
 }
 
@@ -805,28 +824,13 @@ async fn a_deadline_cuts_short_the_attempt_that_would_outlast_it() {
     assert_eq!(backends, [0, 1, 2]);
 }
 
-/// A body that never ends: a caller that stopped sending.
-struct Stalled;
-
-impl Body for Stalled {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Poll::Pending
-    }
-}
-
 #[tokio::test(start_paused = true)]
 async fn a_body_still_arriving_at_the_deadline_fails_without_a_call() {
     let (script, service) = stack(vec![vec![]], |layer| {
         layer.deadline(Duration::from_secs(1), Some(Duration::from_secs(10)))
     });
     let request = Request::post("/openai/deployments/gpt-4o/chat/completions")
-        .body(Stalled)
+        .body(Chunks::stalled())
         .unwrap();
     let (_, elapsed) = deadline_error(service, request).await;
     assert_eq!(elapsed, Duration::from_secs(1));
