@@ -463,6 +463,12 @@ mod tests {
         parse_response_head(&mut BytesMut::from(bytes), method)
     }
 
+    fn complete_head(bytes: &[u8], method: &Method) -> ResponseHead {
+        head(bytes, method)
+            .expect("a valid head")
+            .expect("a complete head")
+    }
+
     fn decode_all(mut framing: Framing, bytes: &[u8]) -> io::Result<(Vec<u8>, bool)> {
         let mut buf = BytesMut::from(bytes);
         let mut body = Vec::new();
@@ -542,60 +548,46 @@ mod tests {
 
     #[test]
     fn response_head_framing_and_keep_alive() {
-        let parsed = head(
+        let parsed = complete_head(
             b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\nx-a: 2\r\n\r\nhello",
             &Method::POST,
-        )
-        .unwrap()
-        .unwrap();
+        );
         assert_eq!(parsed.status, 200);
         assert_eq!(parsed.framing, Framing::Length(5));
         assert!(parsed.keep_alive);
         let values: Vec<_> = parsed.headers.get_all("x-a").iter().collect();
         assert_eq!(values, ["1", "2"]);
 
-        let chunked = head(
+        let chunked = complete_head(
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\ncontent-length: 3\r\n\r\n",
             &Method::GET,
-        )
-        .unwrap()
-        .unwrap();
+        );
         assert_eq!(chunked.framing, Framing::Chunked(Chunked::Size));
         // Both framings at once: the coding wins, and the connection is not reused.
         assert!(!chunked.keep_alive);
-        let only_chunked = head(
+        let only_chunked = complete_head(
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
             &Method::GET,
-        )
-        .unwrap()
-        .unwrap();
+        );
         assert!(only_chunked.keep_alive);
 
-        let close = head(
+        let close = complete_head(
             b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
             &Method::GET,
-        )
-        .unwrap()
-        .unwrap();
+        );
         assert!(!close.keep_alive);
-        let until_close = head(b"HTTP/1.1 200 OK\r\n\r\n", &Method::GET)
-            .unwrap()
-            .unwrap();
+        let until_close = complete_head(b"HTTP/1.1 200 OK\r\n\r\n", &Method::GET);
         assert_eq!(until_close.framing, Framing::Close);
         assert!(!until_close.keep_alive);
-        let old = head(
+        let old = complete_head(
             b"HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n",
             &Method::GET,
-        )
-        .unwrap()
-        .unwrap();
+        );
         assert!(!old.keep_alive);
-        let head_request = head(
+        let head_request = complete_head(
             b"HTTP/1.1 200 OK\r\ncontent-length: 99\r\n\r\n",
             &Method::HEAD,
-        )
-        .unwrap()
-        .unwrap();
+        );
         assert_eq!(head_request.framing, Framing::Length(0));
     }
 

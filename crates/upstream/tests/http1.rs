@@ -214,6 +214,43 @@ impl RawServer {
         .await
     }
 
+    /// Answers the first request on each connection with `first(request)`, and any later one on
+    /// it with `500 Reused`, keeping the socket open: only the client's own reading of the first
+    /// answer keeps it from sending another request on that connection.
+    async fn answer_first_refuse_reuse<F>(first: F) -> Self
+    where
+        F: Fn(&Seen) -> Vec<u8> + Send + Sync + 'static,
+    {
+        let first = Arc::new(first);
+        Self::start(move |mut conn| {
+            let first = Arc::clone(&first);
+            async move {
+                let mut answered = false;
+                while let Some(request) = conn.read_request().await {
+                    if answered {
+                        conn.write(b"HTTP/1.1 500 Reused\r\ncontent-length: 6\r\n\r\nreused")
+                            .await;
+                    } else {
+                        conn.write(&first(&request)).await;
+                        answered = true;
+                    }
+                }
+            }
+        })
+        .await
+    }
+
+    /// Answers the first request on each connection with `response`, then closes it.
+    async fn answer_once(response: &'static [u8]) -> Self {
+        Self::start(move |mut conn| async move {
+            if conn.read_request().await.is_some() {
+                conn.write(response).await;
+            }
+            conn.close().await;
+        })
+        .await
+    }
+
     fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
@@ -265,22 +302,13 @@ async fn connection_close_response_is_not_reused() {
     bounded(async {
         // Answers `Connection: close` but keeps the socket open: only the client's own handling
         // of the header keeps it from sending the next request on this connection.
-        let mut server = RawServer::start(|mut conn| async move {
-            let mut answered = false;
-            while let Some(request) = conn.read_request().await {
-                if answered {
-                    conn.write(b"HTTP/1.1 500 Reused\r\ncontent-length: 6\r\n\r\nreused")
-                        .await;
-                } else {
-                    let body = request.target.trim_start_matches('/');
-                    let response = format!(
-                        "HTTP/1.1 200 OK\r\nConnection: close\r\ncontent-length: {}\r\n\r\n{body}",
-                        body.len()
-                    );
-                    conn.write(response.as_bytes()).await;
-                    answered = true;
-                }
-            }
+        let mut server = RawServer::answer_first_refuse_reuse(|request| {
+            let body = request.target.trim_start_matches('/');
+            format!(
+                "HTTP/1.1 200 OK\r\nConnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes()
         })
         .await;
         let upstream = upstream!(server);
@@ -305,18 +333,8 @@ async fn connection_close_response_is_not_reused() {
 async fn http10_response_without_keep_alive_is_not_reused() {
     bounded(async {
         // HTTP/1.0 means close unless the server says keep-alive; the socket stays open anyway.
-        let mut server = RawServer::start(|mut conn| async move {
-            let mut answered = false;
-            while let Some(_request) = conn.read_request().await {
-                if answered {
-                    conn.write(b"HTTP/1.1 500 Reused\r\ncontent-length: 6\r\n\r\nreused")
-                        .await;
-                } else {
-                    conn.write(b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                        .await;
-                    answered = true;
-                }
-            }
+        let mut server = RawServer::answer_first_refuse_reuse(|_| {
+            b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec()
         })
         .await;
         let upstream = upstream!(server);
@@ -638,13 +656,7 @@ async fn expect_request_error(server: &RawServer) -> String {
 #[tokio::test]
 async fn garbage_response_is_an_error() {
     bounded(async {
-        let server = RawServer::start(|mut conn| async move {
-            if conn.read_request().await.is_some() {
-                conn.write(b"HELLO\r\n\r\n").await;
-            }
-            conn.close().await;
-        })
-        .await;
+        let server = RawServer::answer_once(b"HELLO\r\n\r\n").await;
         expect_request_error(&server).await;
     })
     .await;
@@ -711,13 +723,7 @@ async fn server_closing_without_answering_is_an_error() {
         let server = RawServer::start(|conn| async move { conn.drop_now() }).await;
         expect_request_error(&server).await;
         // Sends half a status line, then closes.
-        let server = RawServer::start(|mut conn| async move {
-            if conn.read_request().await.is_some() {
-                conn.write(b"HTTP/1.1 200 O").await;
-            }
-            conn.close().await;
-        })
-        .await;
+        let server = RawServer::answer_once(b"HTTP/1.1 200 O").await;
         expect_request_error(&server).await;
     })
     .await;
@@ -762,14 +768,8 @@ async fn response_head_over_one_mebibyte_is_an_error() {
 #[tokio::test]
 async fn body_shorter_than_content_length_is_a_body_error() {
     bounded(async {
-        let server = RawServer::start(|mut conn| async move {
-            if conn.read_request().await.is_some() {
-                conn.write(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabcd")
-                    .await;
-            }
-            conn.close().await;
-        })
-        .await;
+        let server =
+            RawServer::answer_once(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabcd").await;
         let upstream = upstream!(server);
         let response = send(&upstream, get("/x")).await.unwrap();
         assert_eq!(response.status(), 200);
@@ -794,13 +794,7 @@ async fn truncated_chunked_body_is_a_body_error() {
         b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n4\r\nabcd\r\n0\r\nx-t: y\r\n",
     ] {
         bounded(async {
-            let server = RawServer::start(move |mut conn| async move {
-                if conn.read_request().await.is_some() {
-                    conn.write(response).await;
-                }
-                conn.close().await;
-            })
-            .await;
+            let server = RawServer::answer_once(response).await;
             let upstream = upstream!(server);
             let shown = String::from_utf8_lossy(response);
             let result = match send(&upstream, get("/x")).await {
@@ -845,12 +839,20 @@ async fn full_request_body_is_sent_with_its_content_length() {
         assert_eq!(seen.header("transfer-encoding"), None);
         assert!(seen.body == data, "request body differs");
 
-        // The connection stays in sync: the next request parses on it.
-        let (status, body) = fetch(&upstream, get("/next")).await;
-        assert_eq!((status, &body[..]), (200, &b"next"[..]));
-        assert_eq!(server.next().await.conn, 0);
+        assert_next_request_parses_on_the_same_connection(&upstream, &mut server).await;
     })
     .await;
+}
+
+/// The connection stayed in sync after a request: the next one, to an echoing server, goes out
+/// on the first connection and is answered.
+async fn assert_next_request_parses_on_the_same_connection(
+    upstream: &Upstream,
+    server: &mut RawServer,
+) {
+    let (status, body) = fetch(upstream, get("/next")).await;
+    assert_eq!((status, &body[..]), (200, &b"next"[..]));
+    assert_eq!(server.next().await.conn, 0);
 }
 
 #[tokio::test]
@@ -889,9 +891,7 @@ async fn streaming_request_body_is_framed() {
         assert_eq!(seen.body.len(), expected.len());
         assert!(seen.body == expected, "request body differs");
 
-        let (status, body) = fetch(&upstream, get("/next")).await;
-        assert_eq!((status, &body[..]), (200, &b"next"[..]));
-        assert_eq!(server.next().await.conn, 0);
+        assert_next_request_parses_on_the_same_connection(&upstream, &mut server).await;
     })
     .await;
 }
