@@ -24,9 +24,8 @@ pin_project! {
     /// may start too late for its own timeout to end before the deadline (or whose timeout is
     /// unknown), a backoff. Otherwise the attempt's own timeout wakes the request first.
     pub(crate) struct Deadline {
-        settings: Option<DeadlineSettings>,
-        // When the request started; read only when there is a deadline.
-        started: Option<Instant>,
+        // The settings and when the request started; `None` without a deadline.
+        started: Option<(DeadlineSettings, Instant)>,
         #[pin]
         timer: Option<Sleep>,
     }
@@ -35,8 +34,7 @@ pin_project! {
 impl Deadline {
     pub(crate) fn new(settings: Option<DeadlineSettings>) -> Self {
         Self {
-            settings,
-            started: settings.map(|_| Instant::now()),
+            started: settings.map(|settings| (settings, Instant::now())),
             timer: None,
         }
     }
@@ -46,11 +44,8 @@ impl Deadline {
     pub(crate) fn elapsed(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Option<Duration> {
         let this = self.project();
         let timer = this.timer.as_pin_mut()?;
-        timer
-            .poll(cx)
-            .is_ready()
-            .then(|| this.settings.map(|s| s.limit))
-            .flatten()
+        let (settings, _) = (*this.started)?;
+        timer.poll(cx).is_ready().then_some(settings.limit)
     }
 
     /// Arms the timer, if there is a deadline and it is not armed yet, for something whose end
@@ -61,11 +56,11 @@ impl Deadline {
         if this.timer.is_some() {
             return false;
         }
-        let (Some(settings), Some(started)) = (this.settings, this.started) else {
+        let Some((settings, started)) = *this.started else {
             return false;
         };
         this.timer
-            .set(Some(tokio::time::sleep_until(*started + settings.limit)));
+            .set(Some(tokio::time::sleep_until(started + settings.limit)));
         true
     }
 
@@ -73,23 +68,20 @@ impl Deadline {
     /// its body having been read at once): arms the timer unless the attempt's own timeout ends
     /// before the deadline.
     pub(crate) fn attempt_starts(self: Pin<&mut Self>, first: bool) {
-        let Some(settings) = self.settings else {
+        let Some((settings, started)) = self.started else {
             return;
         };
         if self.timer.is_some() {
             return;
         }
-        let outlasts = match (settings.attempt_timeout, self.started) {
-            (Some(timeout), Some(started)) => {
-                let elapsed = if first {
-                    Duration::ZERO
-                } else {
-                    started.elapsed()
-                };
-                elapsed.saturating_add(timeout) > settings.limit
-            }
-            _ => true,
-        };
+        let outlasts = settings.attempt_timeout.is_none_or(|timeout| {
+            let elapsed = if first {
+                Duration::ZERO
+            } else {
+                started.elapsed()
+            };
+            elapsed.saturating_add(timeout) > settings.limit
+        });
         if outlasts {
             self.arm();
         }

@@ -68,7 +68,7 @@ use std::time::Duration;
 use aoai_balance::{AzureOpenAiClassifier, BalanceHealth, Classify};
 use http::{Request, Response};
 use http_body::Body;
-use tower::retry::budget::{Budget, TpsBudget};
+use tower::retry::budget::TpsBudget;
 use tower::{Layer, Service};
 
 pub use crate::body::ReplayBody;
@@ -201,11 +201,10 @@ impl<S, C: Clone> Layer<S> for RetryNextBackendLayer<C> {
                 .budget
                 .map(|(ttl, min, percent)| TpsBudget::new(ttl, min, percent)),
         });
-        let policy = RetryNextBackend::new(self.classifier.clone(), settings.clone());
+        let policy = RetryNextBackend::new(self.classifier.clone(), settings);
         RetryNextBackendService {
             service: inner,
             policy,
-            settings,
             body_limit: self.body_limit,
             deadline: self.deadline,
         }
@@ -224,7 +223,6 @@ impl<S, C: Clone> Layer<S> for RetryNextBackendLayer<C> {
 pub struct RetryNextBackendService<S, C = AzureOpenAiClassifier> {
     service: S,
     policy: RetryNextBackend<C>,
-    settings: Arc<RetrySettings>,
     body_limit: usize,
     deadline: Option<DeadlineSettings>,
 }
@@ -271,9 +269,7 @@ where
             let error = Box::new(BodyTooLarge::new(self.body_limit));
             return ResponseFuture::refused(error, self.service.clone(), self.policy.clone());
         }
-        if let Some(budget) = &self.settings.budget {
-            budget.deposit();
-        }
+        self.policy.deposit();
         // Take the service `poll_ready` readied; leave a clone (see the type's docs).
         let clone = self.service.clone();
         let ready = std::mem::replace(&mut self.service, clone);

@@ -66,6 +66,13 @@ impl<C> RetryNextBackend<C> {
         }
     }
 
+    /// Counts a request in the retry budget, if there is one.
+    pub(crate) fn deposit(&self) {
+        if let Some(budget) = &self.settings.budget {
+            budget.deposit();
+        }
+    }
+
     /// A full-jitter exponential backoff for a retry after `attempts` attempts.
     fn backoff(&self) -> Duration {
         let exponent = u32::try_from(self.attempts.saturating_sub(1)).unwrap_or(u32::MAX);

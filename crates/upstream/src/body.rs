@@ -20,6 +20,14 @@ use crate::{
 /// Bytes asked of the socket per read.
 pub(crate) const READ_SIZE: usize = 8 * 1024;
 
+/// Makes room for the next read: a buffer with less than a quarter of a read's worth of spare
+/// capacity gets a read's worth more.
+pub(crate) fn make_read_room(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < READ_SIZE / 4 {
+        buf.reserve(READ_SIZE);
+    }
+}
+
 /// The response body of [`Upstream`](crate::Upstream).
 ///
 /// It is read from the backend's connection as the caller polls it, one frame per read, with no
@@ -93,9 +101,7 @@ impl Streaming {
                     return Poll::Pending;
                 }
             }
-            if self.buf.capacity() - self.buf.len() < READ_SIZE / 4 {
-                self.buf.reserve(READ_SIZE);
-            }
+            make_read_room(&mut self.buf);
             let read = ready!(tokio_util::io::poll_read_buf(
                 Pin::new(&mut self.stream),
                 cx,

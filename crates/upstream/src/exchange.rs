@@ -15,7 +15,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::{
     Base, BoxError,
-    body::{READ_SIZE, UpstreamBody},
+    body::{READ_SIZE, UpstreamBody, make_read_room},
     conn::{Stream, connect},
     error::UpstreamError,
     http1::{Framing, RequestFraming, ResponseHead, encode_request_head, parse_response_head},
@@ -278,9 +278,7 @@ async fn write_part(
             if let Poll::Ready(written) = Pin::new(&mut *stream).poll_write_vectored(cx, parts) {
                 return Poll::Ready(written.map(Some));
             }
-            if buf.capacity() - buf.len() < READ_SIZE / 4 {
-                buf.reserve(READ_SIZE);
-            }
+            make_read_room(buf);
             match ready!(tokio_util::io::poll_read_buf(
                 Pin::new(&mut *stream),
                 cx,
@@ -330,9 +328,7 @@ async fn read_head(
         if let Some(head) = parse_response_head(buf, method).map_err(|e| (e, true))? {
             return Ok(head);
         }
-        if buf.capacity() - buf.len() < READ_SIZE / 4 {
-            buf.reserve(READ_SIZE);
-        }
+        make_read_room(buf);
         let read = poll_fn(|cx| tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, buf))
             .await
             .map_err(|e| (e, received))?;
