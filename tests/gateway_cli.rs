@@ -19,6 +19,7 @@ use std::time::Duration;
 use aoai_sim::SimHandle;
 use serde_json::Value;
 use support::{BOUND, CHAT, chat, chat_body, client, served_by, sims};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The example binary, found from this test binary (`target/<profile>/deps/gateway_cli-*`).
 fn gateway_binary() -> PathBuf {
@@ -528,4 +529,128 @@ async fn sigterm_lets_the_stream_in_flight_finish_then_exits_cleanly() {
             .await
             .is_err()
     );
+}
+
+/// Callers speak HTTP/1.1 or HTTP/2 with prior knowledge (h2c) on the same port; the gateway
+/// tells them apart from their first bytes, also when those arrive a few at a time.
+#[tokio::test]
+async fn it_serves_http1_and_http2_callers_on_one_port() {
+    let sims = sims(2).await;
+    let addr = free_addr();
+    let base = format!("http://{addr}");
+    let mut gateway = Gateway::spawn(
+        &[
+            "--listen",
+            &addr,
+            "--backend",
+            &backend_flag(&sims[0]),
+            "--backend",
+            &backend_flag(&sims[1]),
+        ],
+        &[],
+    );
+    gateway.ready(&base, None).await;
+
+    let http1 = chat(&client(), &base).await;
+    assert_eq!(http1.version(), reqwest::Version::HTTP_11);
+    assert_eq!(http1.status(), 200);
+    assert_eq!(served_by(&http1), "a");
+    let h2c = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let http2 = chat(&h2c, &base).await;
+    assert_eq!(http2.version(), reqwest::Version::HTTP_2);
+    assert_eq!(http2.status(), 200);
+    assert_eq!(served_by(&http2), "b");
+    assert!(http2.text().await.unwrap().contains("chat.completion"));
+
+    // The preface's first three bytes alone, then the rest with the HTTP/2 client's frames.
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    stream.write_all(b"PRI").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let io = hyper_util::rt::TokioIo::new(SkipFirst {
+        inner: stream,
+        skip: 3,
+    });
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::post(format!("{base}{CHAT}"))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            chat_body().to_string(),
+        )))
+        .unwrap();
+    let response = tokio::time::timeout(BOUND, sender.send_request(request))
+        .await
+        .expect("the gateway answers a preface that came in pieces")
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-served-by"], "a");
+
+    // HTTP/1.1 that begins like the preface, in pieces: served as HTTP/1.1 (the method is not
+    // one the admin route takes).
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    stream.write_all(b"PRI").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stream
+        .write_all(b" /admin/backends HTTP/1.1\r\nhost: gateway\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(BOUND, stream.read_to_string(&mut answer))
+        .await
+        .expect("the gateway answers and closes")
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
+    assert_eq!(sims[0].request_count(), 2);
+    assert_eq!(sims[1].request_count(), 1);
+}
+
+/// A connection whose first `skip` bytes written were already sent by the test itself.
+struct SkipFirst {
+    inner: tokio::net::TcpStream,
+    skip: usize,
+}
+
+impl tokio::io::AsyncRead for SkipFirst {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for SkipFirst {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let skipped = self.skip.min(buf.len());
+        if skipped > 0 {
+            self.skip -= skipped;
+            return std::task::Poll::Ready(Ok(skipped));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }

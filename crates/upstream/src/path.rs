@@ -24,18 +24,11 @@ pub(crate) fn is_allowed(path: &str) -> bool {
 }
 
 /// A path (after its leading `/`) with no `%`, no backslash and no segment starting with `.`:
-/// allowed as it is, found in one pass over its bytes. Every other path takes the full check.
+/// allowed as it is. Only the bytes that could matter are visited (`memchr` finds them a vector
+/// at a time); every other path takes the full check.
 fn is_plain(rest: &[u8]) -> bool {
-    let mut segment_start = true;
-    for &byte in rest {
-        match byte {
-            b'%' | b'\\' => return false,
-            b'.' if segment_start => return false,
-            _ => {}
-        }
-        segment_start = byte == b'/';
-    }
-    true
+    memchr::memchr3_iter(b'%', b'\\', b'.', rest)
+        .all(|at| rest[at] == b'.' && at > 0 && rest[at - 1] != b'/')
 }
 
 fn segment_allowed(segment: &[u8]) -> bool {
@@ -207,6 +200,16 @@ mod tests {
             "/a%2",
         ] {
             assert!(!is_allowed(path), "{path} should be refused");
+        }
+    }
+
+    #[test]
+    fn only_paths_without_escapes_backslashes_or_leading_dots_skip_the_full_check() {
+        for rest in ["", "openai/deployments/gpt-4.1-mini/chat/completions", "a./b.c", "a//b"] {
+            assert!(is_plain(rest.as_bytes()), "{rest} is plain");
+        }
+        for rest in [".well-known", "a/.b", "a//.", "a%41", "a\\b", "..", "a/.."] {
+            assert!(!is_plain(rest.as_bytes()), "{rest} takes the full check");
         }
     }
 
