@@ -1,7 +1,7 @@
 //! Which header fields travel end to end (RFC 9110, section 7.6.1), read from the raw names so
 //! that both heads are filtered while they are written or parsed, without a pass of their own.
 
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, HeaderMap, HeaderName, InvalidHeaderName};
 
 /// What a header field is to a proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +42,73 @@ impl FieldRole {
             _ => Self::EndToEnd,
         }
     }
+}
+
+// Fields of Azure OpenAI's answers (and of the servers in front of it) that `http` has no
+// constant for.
+const RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
+const APIM_REQUEST_ID: HeaderName = HeaderName::from_static("apim-request-id");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_MS_REGION: HeaderName = HeaderName::from_static("x-ms-region");
+const X_MS_CLIENT_REQUEST_ID: HeaderName = HeaderName::from_static("x-ms-client-request-id");
+const X_MS_DEPLOYMENT_NAME: HeaderName = HeaderName::from_static("x-ms-deployment-name");
+const X_MS_RAI_INVOKED: HeaderName = HeaderName::from_static("x-ms-rai-invoked");
+const X_RATELIMIT_LIMIT_REQUESTS: HeaderName =
+    HeaderName::from_static("x-ratelimit-limit-requests");
+const X_RATELIMIT_LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
+const X_RATELIMIT_REMAINING_REQUESTS: HeaderName =
+    HeaderName::from_static("x-ratelimit-remaining-requests");
+const X_RATELIMIT_REMAINING_TOKENS: HeaderName =
+    HeaderName::from_static("x-ratelimit-remaining-tokens");
+const X_RATELIMIT_RESET_REQUESTS: HeaderName =
+    HeaderName::from_static("x-ratelimit-reset-requests");
+const X_RATELIMIT_RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
+const AZUREML_MODEL_SESSION: HeaderName = HeaderName::from_static("azureml-model-session");
+const CMP_UPSTREAM_RESPONSE_DURATION: HeaderName =
+    HeaderName::from_static("cmp-upstream-response-duration");
+const X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
+
+/// The name of a response field, from its name as received (token characters only, as httparse
+/// checked it), in any letter case. The fields Azure OpenAI and the servers in front of it
+/// answer with take a constant, without `HeaderName::from_bytes` lowercasing and looking up the
+/// name (about a hundred instructions a field); any other name is parsed.
+pub(crate) fn response_field_name(name: &[u8]) -> Result<HeaderName, InvalidHeaderName> {
+    let is = |known: &str| is_lowercase_of(name, known.as_bytes());
+    let first = name.first().map_or(0, u8::to_ascii_lowercase);
+    Ok(match (name.len(), first) {
+        (14, b'c') if is(header::CONTENT_LENGTH.as_str()) => header::CONTENT_LENGTH,
+        (12, b'c') if is(header::CONTENT_TYPE.as_str()) => header::CONTENT_TYPE,
+        (16, b'c') if is(header::CONTENT_ENCODING.as_str()) => header::CONTENT_ENCODING,
+        (13, b'c') if is(header::CACHE_CONTROL.as_str()) => header::CACHE_CONTROL,
+        (4, b'd') if is(header::DATE.as_str()) => header::DATE,
+        (6, b's') if is(header::SERVER.as_str()) => header::SERVER,
+        (4, b'v') if is(header::VARY.as_str()) => header::VARY,
+        (11, b'r') if is(header::RETRY_AFTER.as_str()) => header::RETRY_AFTER,
+        (25, b's') if is(header::STRICT_TRANSPORT_SECURITY.as_str()) => {
+            header::STRICT_TRANSPORT_SECURITY
+        }
+        (22, b'x') if is(header::X_CONTENT_TYPE_OPTIONS.as_str()) => header::X_CONTENT_TYPE_OPTIONS,
+        (27, b'a') if is(header::ACCESS_CONTROL_ALLOW_ORIGIN.as_str()) => {
+            header::ACCESS_CONTROL_ALLOW_ORIGIN
+        }
+        (14, b'r') if is(RETRY_AFTER_MS.as_str()) => RETRY_AFTER_MS,
+        (15, b'a') if is(APIM_REQUEST_ID.as_str()) => APIM_REQUEST_ID,
+        (12, b'x') if is(X_REQUEST_ID.as_str()) => X_REQUEST_ID,
+        (11, b'x') if is(X_MS_REGION.as_str()) => X_MS_REGION,
+        (22, b'x') if is(X_MS_CLIENT_REQUEST_ID.as_str()) => X_MS_CLIENT_REQUEST_ID,
+        (20, b'x') if is(X_MS_DEPLOYMENT_NAME.as_str()) => X_MS_DEPLOYMENT_NAME,
+        (16, b'x') if is(X_MS_RAI_INVOKED.as_str()) => X_MS_RAI_INVOKED,
+        (26, b'x') if is(X_RATELIMIT_LIMIT_REQUESTS.as_str()) => X_RATELIMIT_LIMIT_REQUESTS,
+        (24, b'x') if is(X_RATELIMIT_LIMIT_TOKENS.as_str()) => X_RATELIMIT_LIMIT_TOKENS,
+        (30, b'x') if is(X_RATELIMIT_REMAINING_REQUESTS.as_str()) => X_RATELIMIT_REMAINING_REQUESTS,
+        (28, b'x') if is(X_RATELIMIT_REMAINING_TOKENS.as_str()) => X_RATELIMIT_REMAINING_TOKENS,
+        (26, b'x') if is(X_RATELIMIT_RESET_REQUESTS.as_str()) => X_RATELIMIT_RESET_REQUESTS,
+        (24, b'x') if is(X_RATELIMIT_RESET_TOKENS.as_str()) => X_RATELIMIT_RESET_TOKENS,
+        (21, b'a') if is(AZUREML_MODEL_SESSION.as_str()) => AZUREML_MODEL_SESSION,
+        (30, b'c') if is(CMP_UPSTREAM_RESPONSE_DURATION.as_str()) => CMP_UPSTREAM_RESPONSE_DURATION,
+        (17, b'x') if is(X_ACCEL_BUFFERING.as_str()) => X_ACCEL_BUFFERING,
+        _ => return HeaderName::from_bytes(name),
+    })
 }
 
 /// Whether `name`, a field name (token characters only), is `known` (lowercase letters and `-`)
@@ -130,6 +197,25 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    #[test]
+    fn response_field_names_are_lowercase_whatever_case_they_came_in() {
+        for name in [
+            "Content-Type",
+            "content-length",
+            "DATE",
+            "X-RateLimit-Remaining-Tokens",
+            "apim-request-id",
+            "Cmp-Upstream-Response-Duration",
+            "x-custom-field",
+            "X-Ms-Regions",
+        ] {
+            let parsed = response_field_name(name.as_bytes()).unwrap();
+            assert_eq!(parsed, name.to_ascii_lowercase().as_str(), "{name}");
+        }
+        assert!(response_field_name(b"bad name").is_err());
+        assert!(response_field_name(b"").is_err());
     }
 
     #[test]

@@ -6,7 +6,10 @@ use std::{io, mem::MaybeUninit};
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 
-use crate::headers::{FieldRole, connection_named, connection_options, is_forwarded_request_field};
+use crate::headers::{
+    FieldRole, connection_named, connection_options, is_forwarded_request_field,
+    response_field_name,
+};
 
 /// Most response header fields accepted (hyper's default too); Azure OpenAI sends about 25.
 const MAX_HEADERS: usize = 100;
@@ -54,15 +57,24 @@ pub(crate) fn encode_request_head(
     out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     out.extend_from_slice(host.as_bytes());
     out.extend_from_slice(b"\r\n");
-    let named = connection_named(headers);
+    // One pass writes the end-to-end fields. Rarely, a `Connection` field names more fields not
+    // to forward, which may stand before it: then the fields are written again without them.
+    let fields_start = out.len();
+    let mut connection = false;
     for (name, value) in headers {
-        if !is_forwarded_request_field(name, named.as_deref()) {
-            continue;
+        match FieldRole::of(name.as_str().as_bytes()) {
+            FieldRole::EndToEnd => write_field(out, name, value),
+            FieldRole::Connection => connection = true,
+            _ => {}
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+    }
+    if connection && let Some(named) = connection_named(headers) {
+        out.truncate(fields_start);
+        for (name, value) in headers {
+            if is_forwarded_request_field(name, Some(&named)) {
+                write_field(out, name, value);
+            }
+        }
     }
     match framing {
         RequestFraming::Length(0) if !has_body_semantics(method) => {}
@@ -73,6 +85,13 @@ pub(crate) fn encode_request_head(
         }
         RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn write_field(out: &mut BytesMut, name: &HeaderName, value: &HeaderValue) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
     out.extend_from_slice(b"\r\n");
 }
 
@@ -190,7 +209,7 @@ pub(crate) fn parse_response_head(
         // Room for the headers that middleware adds on the way back (`x-served-by`, ...).
         let mut headers = HeaderMap::with_capacity(kept + 2);
         for &(name_start, name_end, value_start, value_end) in &spans[..kept] {
-            let name = HeaderName::from_bytes(&head[name_start as usize..name_end as usize])
+            let name = response_field_name(&head[name_start as usize..name_end as usize])
                 .map_err(|_| invalid("invalid response header name"))?;
             let value = HeaderValue::from_maybe_shared(
                 head.slice(value_start as usize..value_end as usize),
