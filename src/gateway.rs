@@ -17,15 +17,15 @@ use axum::body::Body;
 use http::{HeaderName, HeaderValue, Request, Response};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
-use tower::timeout::Timeout;
 use tower::util::{Either, MapErr};
 use tower::{Layer, Service};
 
 use crate::BoxError;
+use crate::attempt_timeout::{AttemptTimeout, AttemptTimer};
 use crate::error::{error_response_with, find, message};
 
 /// One backend's own stack: attempt timeout, optional auth, upstream.
-type BackendStack = Timeout<Either<AzureAuth<Upstream>, Unauthenticated>>;
+type BackendStack = AttemptTimeout<Either<AzureAuth<Upstream>, Unauthenticated>>;
 /// A backend without auth; its error boxed like `AzureAuth`'s, as `Either` needs one error type.
 type Unauthenticated = MapErr<Upstream, fn(UpstreamError) -> BoxError>;
 type Stack = RetryNextBackendService<Balance<BackendStack>>;
@@ -289,7 +289,10 @@ impl GatewayBuilder {
     }
 
     /// How long one attempt may wait for the response headers. Default: 5 minutes
-    /// (completions can take minutes before their first byte).
+    /// (completions can take minutes before their first byte). The timer is coarse, to cost
+    /// almost nothing per attempt: an attempt fails between this timeout and the timeout plus
+    /// two ticks of a tenth of it (a second at most), never earlier; the caller gets 504 when
+    /// no attempt is left.
     pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
         self.attempt_timeout = timeout;
         self
@@ -346,6 +349,7 @@ impl GatewayBuilder {
         let mut stacks = Vec::with_capacity(self.backends.len());
         let unauthenticated_backend = self.backends.iter().any(|spec| spec.auth.is_none());
         let mut served_by_values = Vec::with_capacity(self.backends.len());
+        let timer = Arc::new(AttemptTimer::new(self.attempt_timeout));
         for spec in self.backends {
             if !names.insert(spec.name.clone()) {
                 return Err(GatewayError::DuplicateName(spec.name));
@@ -367,7 +371,7 @@ impl GatewayBuilder {
                 Some(auth) => Either::Left(auth.layer(upstream)),
                 None => Either::Right(MapErr::new(upstream, BoxError::from as fn(_) -> _)),
             };
-            stacks.push((spec.name, Timeout::new(service, self.attempt_timeout)));
+            stacks.push((spec.name, AttemptTimeout::new(service, Arc::clone(&timer))));
             served_by_values.push(value);
         }
         let balance = Balance::with_policy(stacks, self.health, Default::default());
@@ -375,7 +379,7 @@ impl GatewayBuilder {
         let retry = RetryNextBackendLayer::new(health.clone())
             .max_attempts(self.max_attempts)
             .body_limit(self.body_limit)
-            .deadline(self.deadline, Some(self.attempt_timeout))
+            .deadline(self.deadline, Some(timer.longest_wait()))
             .layer(balance);
         Ok(Gateway {
             stack: retry,

@@ -37,11 +37,11 @@
 //!
 //! ```text
 //! Gateway                 errors -> Azure-shaped responses, `x-served-by`, one log line
-//!   Timeout               overall deadline
-//!   RetryNextBackend      read the body once (limit -> 413), retry on the next backend
+//!   RetryNextBackend      read the body once (limit -> 413), retry on the next backend,
+//!                         overall deadline
 //!     Balance             round-robin, skip tried and cooling backends
 //!       per backend:
-//!       Timeout           per attempt, to the response headers
+//!       attempt timeout   to the response headers (a coarse timer: see `attempt_timeout`)
 //!       AzureAuth         bearer token or api-key; the caller's credentials removed
 //!       Upstream          onto the backend's base URL; the response streams back
 //! ```
@@ -51,6 +51,7 @@
 
 #![forbid(unsafe_code)]
 
+mod attempt_timeout;
 mod client_key;
 mod error;
 mod gateway;

@@ -1,0 +1,483 @@
+//! [`AttemptTimeout`]: each backend's timeout for one attempt, on a coarse timer.
+//!
+//! It behaves as tower's `Timeout` (an attempt still waiting for its response head when the
+//! timeout has passed fails with [`tower::timeout::error::Elapsed`], which the classifier calls a
+//! timeout and the gateway answers with 504), but it costs far less per attempt. tower's
+//! `Timeout` reads the clock and inserts a tokio timer into the runtime's timer wheel for every
+//! attempt, under a lock, and removes it afterwards: about a thousand instructions, for a timeout
+//! that almost never passes. Here an attempt only takes a slot in its thread's list, stamped with
+//! a tick count; one task per thread counts the ticks, a tenth of the timeout apart (at most one
+//! second), and wakes the attempts whose time is up. No clock is read per attempt, and an attempt
+//! whose answer is ready at its first poll takes no slot at all.
+//!
+//! The price is precision: an attempt fails between `timeout` and `timeout` plus two ticks after
+//! it started (plus however late the runtime runs the tick task), never before.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use pin_project_lite::pin_project;
+use thread_local::ThreadLocal;
+use tokio::time::Instant;
+use tower::Service;
+use tower::timeout::error::Elapsed;
+
+use crate::BoxError;
+
+/// The shortest tick: timeouts below ten milliseconds are kept to within a millisecond or two.
+const MIN_TICK: Duration = Duration::from_millis(1);
+/// The longest tick: a five-minute timeout passes within two seconds of its time.
+const MAX_TICK: Duration = Duration::from_secs(1);
+
+/// The timer every backend's [`AttemptTimeout`] shares: the timeout, its tick, and one list of
+/// waiting attempts per thread.
+#[derive(Debug)]
+pub(crate) struct AttemptTimer {
+    tick: Duration,
+    /// Whole ticks in the timeout, rounded up.
+    ticks: u64,
+    timeout: Duration,
+    waiting: ThreadLocal<Arc<Waiting>>,
+}
+
+impl AttemptTimer {
+    pub(crate) fn new(timeout: Duration) -> Self {
+        let tick = (timeout / 10).clamp(MIN_TICK, MAX_TICK);
+        let ticks = u64::try_from(timeout.as_nanos().div_ceil(tick.as_nanos())).unwrap_or(u64::MAX);
+        Self {
+            tick,
+            ticks,
+            timeout,
+            waiting: ThreadLocal::new(),
+        }
+    }
+
+    /// The longest an attempt can wait before it fails: its timeout, plus two ticks.
+    pub(crate) fn longest_wait(&self) -> Duration {
+        self.timeout.saturating_add(self.tick * 2)
+    }
+
+    /// This thread's list of waiting attempts.
+    fn waiting(&self) -> Arc<Waiting> {
+        Arc::clone(self.waiting.get_or(|| Arc::new(Waiting::new(self.tick))))
+    }
+}
+
+/// Fails a call of the inner service that has not answered within the [`AttemptTimer`]'s
+/// timeout with [`Elapsed`].
+#[derive(Debug, Clone)]
+pub(crate) struct AttemptTimeout<S> {
+    inner: S,
+    timer: Arc<AttemptTimer>,
+}
+
+impl<S> AttemptTimeout<S> {
+    pub(crate) fn new(inner: S, timer: Arc<AttemptTimer>) -> Self {
+        Self { inner, timer }
+    }
+}
+
+impl<S, Request> Service<Request> for AttemptTimeout<S>
+where
+    S: Service<Request>,
+    S::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        ResponseFuture {
+            inner: self.inner.call(request),
+            waiting: self.timer.waiting(),
+            ticks: self.timer.ticks,
+            slot: None,
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`AttemptTimeout`].
+    pub(crate) struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        // The list of the thread that called; the slot is taken there even if the future moves
+        // to another thread, and given back there.
+        waiting: Arc<Waiting>,
+        ticks: u64,
+        // Taken at the first poll that has to wait.
+        slot: Option<usize>,
+    }
+
+    impl<F> PinnedDrop for ResponseFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(slot) = this.slot.take() {
+                this.waiting.leave(slot);
+            }
+        }
+    }
+}
+
+impl<F, T, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<T, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(result) = this.inner.poll(cx) {
+            if let Some(slot) = this.slot.take() {
+                this.waiting.leave(slot);
+            }
+            return Poll::Ready(result.map_err(Into::into));
+        }
+        match *this.slot {
+            None => *this.slot = Some(this.waiting.join(*this.ticks, cx.waker())),
+            Some(slot) => {
+                if this.waiting.expired(slot, cx.waker()) {
+                    this.waiting.leave(slot);
+                    *this.slot = None;
+                    return Poll::Ready(Err(Box::new(Elapsed::new())));
+                }
+            }
+        }
+        Poll::Pending
+    }
+}
+
+/// One thread's waiting attempts, and the tick count its ticking task advances.
+#[derive(Debug)]
+struct Waiting {
+    tick: Duration,
+    state: Mutex<WaitingState>,
+}
+
+#[derive(Debug, Default)]
+struct WaitingState {
+    /// Ticks counted so far.
+    now: u64,
+    slots: Vec<Slot>,
+    free: Vec<usize>,
+    taken: usize,
+    /// The ticking task that runs, if one does: its number (`ticker` counts them).
+    ticking: Option<u64>,
+    ticker: u64,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    /// The tick at which the attempt's time is up.
+    due: u64,
+    expired: bool,
+    waker: Option<Waker>,
+}
+
+impl Waiting {
+    fn new(tick: Duration) -> Self {
+        Self {
+            tick,
+            state: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, WaitingState> {
+        // Nothing here panics while holding the lock; a poisoned list is still consistent.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes a slot for an attempt that waits `ticks` from now, and starts the ticking task if
+    /// none runs.
+    ///
+    /// Due `ticks + 1` ticks on: the next tick may come at once, but each one after it comes a
+    /// whole tick's time after the one before, so the attempt waits at least `ticks` whole
+    /// ticks, its timeout.
+    fn join(self: &Arc<Self>, ticks: u64, waker: &Waker) -> usize {
+        let mut state = self.lock();
+        let slot = Slot {
+            due: state.now.saturating_add(ticks).saturating_add(1),
+            expired: false,
+            waker: Some(waker.clone()),
+        };
+        let index = match state.free.pop() {
+            Some(index) => {
+                state.slots[index] = slot;
+                index
+            }
+            None => {
+                state.slots.push(slot);
+                state.slots.len() - 1
+            }
+        };
+        state.taken += 1;
+        if state.ticking.is_none() {
+            state.ticker += 1;
+            let number = state.ticker;
+            state.ticking = Some(number);
+            drop(state);
+            tokio::spawn(tick(Ticker {
+                waiting: Arc::clone(self),
+                number,
+            }));
+        }
+        index
+    }
+
+    /// Whether the attempt in `slot` is out of time; if not, `waker` is the one to wake.
+    fn expired(&self, slot: usize, waker: &Waker) -> bool {
+        let mut state = self.lock();
+        let slot = &mut state.slots[slot];
+        if slot.expired {
+            return true;
+        }
+        match &mut slot.waker {
+            Some(known) if known.will_wake(waker) => {}
+            other => *other = Some(waker.clone()),
+        }
+        false
+    }
+
+    fn leave(&self, slot: usize) {
+        let mut state = self.lock();
+        state.slots[slot] = Slot::default();
+        state.free.push(slot);
+        state.taken -= 1;
+    }
+}
+
+/// The ticking task of one thread's [`Waiting`]; marks it as having none when it ends, also when
+/// its runtime drops it.
+struct Ticker {
+    waiting: Arc<Waiting>,
+    number: u64,
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        let mut state = self.waiting.lock();
+        if state.ticking == Some(self.number) {
+            state.ticking = None;
+        }
+    }
+}
+
+/// Counts ticks while attempts wait, waking those whose time is up; ends when none waits.
+async fn tick(ticker: Ticker) {
+    let period = ticker.waiting.tick;
+    let mut next = Instant::now() + period;
+    let mut wakers = Vec::new();
+    loop {
+        tokio::time::sleep_until(next).await;
+        {
+            let mut state = ticker.waiting.lock();
+            // Read under the lock that counts the tick: an attempt that joined before this tick
+            // joined before this time, and the next tick comes a whole tick after it.
+            next = Instant::now() + period;
+            state.now += 1;
+            let now = state.now;
+            for slot in &mut state.slots {
+                if slot.due <= now && !slot.expired && slot.waker.is_some() {
+                    slot.expired = true;
+                    wakers.extend(slot.waker.take());
+                }
+            }
+            if state.taken == 0 {
+                state.ticking = None;
+                return;
+            }
+        }
+        // Woken outside the lock: a waker may run code of its own.
+        wakers.drain(..).for_each(Waker::wake);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::future::{Pending, pending, ready};
+
+    use tower::ServiceExt;
+    use tower::util::{ServiceFn, service_fn};
+
+    fn timer(timeout: Duration) -> Arc<AttemptTimer> {
+        Arc::new(AttemptTimer::new(timeout))
+    }
+
+    fn taken(timer: &AttemptTimer) -> usize {
+        timer.waiting().lock().taken
+    }
+
+    fn hang(_: ()) -> Pending<Result<(), BoxError>> {
+        pending()
+    }
+
+    /// A backend that never answers.
+    type Hung = ServiceFn<fn(()) -> Pending<Result<(), BoxError>>>;
+
+    /// A backend that never answers, behind a five-minute timeout.
+    fn hung() -> AttemptTimeout<Hung> {
+        AttemptTimeout::new(
+            service_fn(hang as fn(()) -> _),
+            timer(Duration::from_secs(300)),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_that_never_answers_fails_with_elapsed_after_its_timeout() {
+        let started = Instant::now();
+        let error = hung().oneshot(()).await.unwrap_err();
+        assert!(error.is::<Elapsed>(), "{error}");
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_secs(300), "{waited:?}");
+        assert!(waited <= Duration::from_secs(302), "{waited:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_just_before_the_timeout_is_returned() {
+        let timeout = Duration::from_millis(200);
+        let timer = timer(timeout);
+        // Calls that never answer, one after the other, keep the ticks going, so that the calls
+        // below start at every phase of a tick.
+        let hung = AttemptTimeout::new(service_fn(hang as fn(()) -> _), Arc::clone(&timer));
+        let keep_ticking = async move {
+            loop {
+                let _ = hung.clone().oneshot(()).await;
+            }
+        };
+        let service = AttemptTimeout::new(
+            service_fn(move |()| async move {
+                tokio::time::sleep(timeout - Duration::from_micros(1)).await;
+                Ok::<_, BoxError>("answer")
+            }),
+            timer,
+        );
+        let answers = async {
+            for _ in 0..25 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                assert_eq!(service.clone().oneshot(()).await.unwrap(), "answer");
+            }
+        };
+        tokio::select! {
+            () = answers => {}
+            () = keep_ticking => unreachable!(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_immediate_answer_or_error_takes_no_slot() {
+        let timer = timer(Duration::from_secs(1));
+        let service = AttemptTimeout::new(
+            service_fn(|fail: bool| {
+                ready(if fail {
+                    Err::<(), BoxError>("refused".into())
+                } else {
+                    Ok(())
+                })
+            }),
+            Arc::clone(&timer),
+        );
+        service.clone().oneshot(false).await.unwrap();
+        let error = service.oneshot(true).await.unwrap_err();
+        assert_eq!(error.to_string(), "refused");
+        assert_eq!(taken(&timer), 0);
+        assert!(timer.waiting().lock().ticking.is_none(), "no ticking task");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slots_are_given_back_on_answer_and_on_drop_and_the_ticking_stops() {
+        let timer = timer(Duration::from_secs(10));
+        let (answer, answered) = tokio::sync::oneshot::channel::<()>();
+        let answered = Arc::new(std::sync::Mutex::new(Some(answered)));
+        let service = AttemptTimeout::new(
+            service_fn(move |()| {
+                let answered = answered.lock().unwrap().take();
+                // The first call waits for the answer, the second for ever.
+                async move {
+                    match answered {
+                        Some(answered) => answered.await.map_err(BoxError::from),
+                        None => pending().await,
+                    }
+                }
+            }),
+            Arc::clone(&timer),
+        );
+        let first = tokio::spawn(service.clone().oneshot(()));
+        let second = tokio::spawn(service.oneshot(()));
+        tokio::task::yield_now().await;
+        assert_eq!(taken(&timer), 2);
+        answer.send(()).unwrap();
+        first.await.unwrap().unwrap();
+        assert_eq!(taken(&timer), 1);
+        second.abort();
+        assert!(second.await.unwrap_err().is_cancelled());
+        assert_eq!(taken(&timer), 0);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(
+            timer.waiting().lock().ticking.is_none(),
+            "the ticking stopped"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn many_waiting_calls_all_time_out_and_their_slots_are_reused() {
+        let service = hung();
+        for _ in 0..2 {
+            let calls: Vec<_> = (0..1000)
+                .map(|_| tokio::spawn(service.clone().oneshot(())))
+                .collect();
+            for call in calls {
+                assert!(call.await.unwrap().unwrap_err().is::<Elapsed>());
+            }
+        }
+        let state = service.timer.waiting();
+        let state = state.lock();
+        assert_eq!(state.slots.len(), 1000);
+        assert_eq!(state.taken, 0);
+    }
+
+    #[test]
+    fn a_timer_outlives_the_runtime_that_ticked_it() {
+        let service = hung();
+        for _ in 0..2 {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            let error = runtime
+                .block_on(async {
+                    tokio::time::timeout(Duration::from_secs(600), service.clone().oneshot(()))
+                        .await
+                })
+                .expect("the call times out instead of hanging")
+                .unwrap_err();
+            assert!(error.is::<Elapsed>());
+            // A call left waiting when its runtime goes away.
+            let left = runtime.spawn(service.clone().oneshot(()));
+            runtime.block_on(tokio::task::yield_now());
+            drop(runtime);
+            drop(left);
+        }
+    }
+
+    #[test]
+    fn ticks_are_a_tenth_of_the_timeout_within_bounds() {
+        let tick = |timeout| AttemptTimer::new(timeout).tick;
+        assert_eq!(tick(Duration::from_secs(300)), MAX_TICK);
+        assert_eq!(tick(Duration::from_millis(300)), Duration::from_millis(30));
+        assert_eq!(tick(Duration::from_micros(5)), MIN_TICK);
+        let timer = AttemptTimer::new(Duration::from_millis(25));
+        assert_eq!(timer.ticks, 10);
+        assert_eq!(timer.longest_wait(), Duration::from_millis(30));
+    }
+}
