@@ -40,10 +40,11 @@ pin_project! {
             future: S::Future,
             index: usize,
         },
-        // The backend was not ready at once: driven to readiness, then called.
+        // The backend was not ready at once: driven to readiness, then called. Boxed: the
+        // `Oneshot` holds the whole request, and every future around this one would make room
+        // for it (and copy it as they move) when almost every backend is ready at once.
         Readying {
-            #[pin]
-            oneshot: Oneshot<S, Request<B>>,
+            oneshot: Pin<Box<Oneshot<S, Request<B>>>>,
             index: usize,
         },
         Refused {
@@ -73,7 +74,7 @@ where
             // Not ready (a noop waker was registered; the `Oneshot` polls again with the
             // task's), or failed (the `Oneshot` returns the error).
             _ => State::Readying {
-                oneshot: service.oneshot(request),
+                oneshot: Box::pin(service.oneshot(request)),
                 index,
             },
         };
@@ -114,7 +115,7 @@ where
             }
             StateProj::Readying { oneshot, index } => {
                 let index = *index;
-                let result = ready!(oneshot.poll(cx));
+                let result = ready!(oneshot.as_mut().poll(cx));
                 Poll::Ready(finish(result, index, this.shared, this.classifier))
             }
         }

@@ -26,8 +26,8 @@ pin_project! {
     pub(crate) struct Deadline {
         // The settings and when the request started; `None` without a deadline.
         started: Option<(DeadlineSettings, Instant)>,
-        #[pin]
-        timer: Option<Sleep>,
+        // Boxed: rarely armed, and a `Sleep` would make every request's future larger.
+        timer: Option<Pin<Box<Sleep>>>,
     }
 }
 
@@ -43,24 +43,23 @@ impl Deadline {
     /// nothing.
     pub(crate) fn elapsed(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Option<Duration> {
         let this = self.project();
-        let timer = this.timer.as_pin_mut()?;
+        let timer = this.timer.as_mut()?;
         let (settings, _) = (*this.started)?;
-        timer.poll(cx).is_ready().then_some(settings.limit)
+        timer.as_mut().poll(cx).is_ready().then_some(settings.limit)
     }
 
     /// Arms the timer, if there is a deadline and it is not armed yet, for something whose end
     /// is unknown: a body read, a backoff. True when it was armed just now: the caller polls
     /// [`Deadline::elapsed`] next, which registers the timer's waker.
     pub(crate) fn arm(self: Pin<&mut Self>) -> bool {
-        let mut this = self.project();
+        let this = self.project();
         if this.timer.is_some() {
             return false;
         }
         let Some((settings, started)) = *this.started else {
             return false;
         };
-        this.timer
-            .set(Some(tokio::time::sleep_until(started + settings.limit)));
+        *this.timer = Some(Box::pin(tokio::time::sleep_until(started + settings.limit)));
         true
     }
 
