@@ -124,7 +124,7 @@ def instructions_per_request(name, command, port, env, requests, workdir):
     (it does not see cache misses or the kernel's work)."""
     out = os.path.join(workdir, f"{name}.callgrind")
     proc = subprocess.Popen(
-        ["taskset", "-c", "0", "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p"]
+        ["taskset", "-c", "0", "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p"] + (["--dump-instr=yes"] if os.environ.get("DUMPINSTR") else [])
         + command,
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )

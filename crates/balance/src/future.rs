@@ -55,12 +55,13 @@ pin_project! {
 
 impl<S, B, C> ResponseFuture<S, B, C>
 where
-    S: Service<Request<B>>,
+    S: Service<Request<B>> + Clone,
 {
-    /// Calls `service` at once if it is ready without waiting (the usual case, which spares the
-    /// future room for the request), else drives it to readiness first.
+    /// Calls `service` in place if it is ready without waiting (the usual case, which spares the
+    /// future room for the request and the service a clone), else drives a clone of it to
+    /// readiness first.
     pub(crate) fn call(
-        mut service: S,
+        service: &mut S,
         request: Request<B>,
         index: usize,
         shared: Arc<Shared>,
@@ -74,7 +75,7 @@ where
             // Not ready (a noop waker was registered; the `Oneshot` polls again with the
             // task's), or failed (the `Oneshot` returns the error).
             _ => State::Readying {
-                oneshot: Box::pin(service.oneshot(request)),
+                oneshot: Box::pin(service.clone().oneshot(request)),
                 index,
             },
         };

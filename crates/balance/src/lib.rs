@@ -52,6 +52,7 @@ mod extensions;
 pub mod future;
 mod health;
 
+use std::cell::RefCell;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -59,6 +60,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::Request;
+use thread_local::ThreadLocal;
 use tower::Service;
 
 pub use crate::classify::{AzureOpenAiClassifier, Classify, Failure, Outcome};
@@ -78,11 +80,16 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 ///
 /// `Balance` is cheap to clone; clones share the rotation and the health of every backend.
 /// The backend is chosen in `call`, from the request (which may say which backends were already
-/// tried), so `poll_ready` is always ready and reserves nothing: `call` clones the chosen backend
-/// service and calls it at once if it is ready, or else drives it with
-/// [`Oneshot`](tower::util::Oneshot), which waits for its readiness.
-/// Backends must therefore be `Clone`, and cheap to clone.
-pub struct Balance<S, C = AzureOpenAiClassifier> {
+/// tried), so `poll_ready` is always ready and reserves nothing. Each thread that calls keeps
+/// its own copy of every backend service (cloned on its first call): `call` polls this thread's
+/// copy of the chosen backend for readiness and, if it is ready at once, calls it in place;
+/// otherwise it clones the backend and drives the clone with [`Oneshot`](tower::util::Oneshot),
+/// which waits for its readiness. Backends must therefore be `Clone` (and `Send`: a copy lives
+/// on each thread).
+///
+/// Calling in place spares each request a clone of the backend's stack, and the reference
+/// counts (atomic instructions) that the clone and its drop take.
+pub struct Balance<S: Send, C = AzureOpenAiClassifier> {
     // One reference count for the services and the health together: a clone (one per request,
     // in the retry layer) touches one.
     inner: Arc<Inner<S>>,
@@ -90,8 +97,10 @@ pub struct Balance<S, C = AzureOpenAiClassifier> {
 }
 
 /// What every clone of a [`Balance`] shares.
-struct Inner<S> {
+struct Inner<S: Send> {
     services: Box<[S]>,
+    /// Each calling thread's copies of `services`.
+    local: ThreadLocal<RefCell<Box<[S]>>>,
     shared: Arc<Shared>,
 }
 
@@ -104,7 +113,7 @@ pub(crate) struct Shared {
     next: AtomicUsize,
 }
 
-impl<S> Balance<S> {
+impl<S: Send> Balance<S> {
     /// Balances over `backends`, `(name, service)` pairs, with the default [`HealthPolicy`]
     /// and [`AzureOpenAiClassifier`].
     pub fn new<N, I>(backends: I) -> Self
@@ -116,7 +125,7 @@ impl<S> Balance<S> {
     }
 }
 
-impl<S, C> Balance<S, C> {
+impl<S: Send, C> Balance<S, C> {
     /// Balances over `backends` with the given health policy and classifier.
     pub fn with_policy<N, I>(backends: I, policy: HealthPolicy, classifier: C) -> Self
     where
@@ -130,6 +139,7 @@ impl<S, C> Balance<S, C> {
         Self {
             inner: Arc::new(Inner {
                 services: services.into(),
+                local: ThreadLocal::new(),
                 shared: Arc::new(Shared {
                     backends: names.into_iter().map(BackendHealth::new).collect(),
                     policy,
@@ -259,7 +269,7 @@ impl Shared {
     }
 }
 
-impl<S, C: Clone> Clone for Balance<S, C> {
+impl<S: Send, C: Clone> Clone for Balance<S, C> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
@@ -268,7 +278,7 @@ impl<S, C: Clone> Clone for Balance<S, C> {
     }
 }
 
-impl<S, C: fmt::Debug> fmt::Debug for Balance<S, C> {
+impl<S: Send, C: fmt::Debug> fmt::Debug for Balance<S, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let names: Vec<&str> = self
             .inner
@@ -287,7 +297,7 @@ impl<S, C: fmt::Debug> fmt::Debug for Balance<S, C> {
 
 impl<S, B, RB, C> Service<Request<B>> for Balance<S, C>
 where
-    S: Service<Request<B>, Response = http::Response<RB>> + Clone,
+    S: Service<Request<B>, Response = http::Response<RB>> + Clone + Send,
     S::Error: Into<BoxError>,
     C: Classify,
 {
@@ -306,8 +316,25 @@ where
         let classifier = self.classifier.clone();
         match self.pick(request.extensions().get::<TriedBackends>()) {
             Ok(index) => {
-                let service = self.inner.services[index].clone();
-                ResponseFuture::call(service, request, index, shared, classifier)
+                let inner = &*self.inner;
+                let local = inner.local.get_or(|| RefCell::new(inner.services.clone()));
+                match local.try_borrow_mut() {
+                    Ok(mut services) => ResponseFuture::call(
+                        &mut services[index],
+                        request,
+                        index,
+                        shared,
+                        classifier,
+                    ),
+                    // Called again from inside a backend's own `call` on this thread: a clone.
+                    Err(_) => ResponseFuture::call(
+                        &mut inner.services[index].clone(),
+                        request,
+                        index,
+                        shared,
+                        classifier,
+                    ),
+                }
             }
             Err(error) => ResponseFuture::refused(error, shared, classifier),
         }

@@ -16,7 +16,7 @@ use tower::retry::Policy;
 
 use crate::deadline::{Deadline, DeadlineSettings};
 use crate::error::{BodyReadError, BodyTooLarge, DeadlineElapsed};
-use crate::policy::copy_request;
+use crate::policy::RequestCopy;
 use crate::{Backoff, BoxError, ReplayBody, RetryNextBackend};
 
 pin_project! {
@@ -37,7 +37,7 @@ pin_project! {
         service: S,
         policy: RetryNextBackend<C>,
         // What a retry sends: a copy of the request, kept while the policy may still retry.
-        retry_request: Option<Request<ReplayBody>>,
+        retry_copy: Option<RequestCopy>,
     }
 }
 
@@ -62,8 +62,11 @@ pin_project! {
         Waiting {
             #[pin]
             backoff: Backoff,
+            request: Option<Request<ReplayBody>>,
         },
-        Retrying,
+        Retrying {
+            request: Option<Request<ReplayBody>>,
+        },
         Refused {
             error: Option<BoxError>,
         },
@@ -94,7 +97,7 @@ where
             deadline: Deadline::new(deadline),
             service,
             policy,
-            retry_request: None,
+            retry_copy: None,
         }
     }
 
@@ -104,7 +107,7 @@ where
             deadline: Deadline::new(None),
             service,
             policy,
-            retry_request: None,
+            retry_copy: None,
         }
     }
 }
@@ -164,8 +167,8 @@ where
                         .expect("ResponseFuture polled after completion");
                     let request = Request::from_parts(parts, ReplayBody::new(bytes));
                     // The first attempt gets the request itself (whose header map may have room
-                    // to spare, where a copy's has none), and a copy is kept for a retry.
-                    *this.retry_request = Some(copy_request(&request));
+                    // to spare), and a copy is kept for a retry.
+                    *this.retry_copy = Some(RequestCopy::of(&request));
                     this.deadline.as_mut().attempt_starts(true);
                     // The service was polled ready before it was moved in here (see `call`).
                     let future = this.service.call(request);
@@ -173,29 +176,37 @@ where
                 }
                 StateProj::Called { future } => {
                     let mut result = ready!(future.poll(cx));
-                    let Some(request) = this.retry_request else {
+                    // A success or a final answer goes back as it is, the copy unused.
+                    let Some(copy) = this.retry_copy else {
                         return Poll::Ready(result);
                     };
+                    if this.policy.retryable_outcome(&result).is_none() {
+                        return Poll::Ready(result);
+                    }
+                    let mut request = copy.to_request();
                     let retry = Policy::<_, Response<RB>, BoxError>::retry;
-                    match retry(this.policy, request, &mut result) {
+                    match retry(this.policy, &mut request, &mut result) {
                         Some(backoff) => {
                             this.deadline.as_mut().arm();
-                            this.state.set(State::Waiting { backoff });
+                            this.state.set(State::Waiting {
+                                backoff,
+                                request: Some(request),
+                            });
                         }
                         None => return Poll::Ready(result),
                     }
                 }
-                StateProj::Waiting { backoff } => {
+                StateProj::Waiting { backoff, request } => {
                     ready!(backoff.poll(cx));
-                    this.state.set(State::Retrying);
+                    let request = request.take();
+                    this.state.set(State::Retrying { request });
                 }
-                StateProj::Retrying => {
+                StateProj::Retrying { request } => {
                     ready!(this.service.poll_ready(cx))?;
-                    let request = this
-                        .retry_request
+                    let request = request
                         .take()
-                        .expect("a retry keeps a copy of the request");
-                    *this.retry_request = Some(copy_request(&request));
+                        .expect("a retry is given its request when it is decided");
+                    *this.retry_copy = Some(RequestCopy::of(&request));
                     this.deadline.as_mut().attempt_starts(false);
                     let future = this.service.call(request);
                     this.state.set(State::Called { future });
@@ -251,7 +262,7 @@ where
             State::Reading { .. } => "reading the body",
             State::Called { .. } => "waiting for a backend",
             State::Waiting { .. } => "backing off",
-            State::Retrying => "retrying",
+            State::Retrying { .. } => "retrying",
             State::Refused { .. } => "refused",
         };
         f.debug_struct("ResponseFuture")

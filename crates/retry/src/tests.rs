@@ -20,7 +20,7 @@ use tower::retry::Policy;
 use tower::{Layer, Service, ServiceExt};
 
 use super::*;
-use crate::policy::RetrySettings;
+use crate::policy::{RequestCopy, RetrySettings};
 
 // ---- scripted backends ----
 
@@ -377,6 +377,61 @@ async fn clone_request_keeps_method_uri_version_headers_extensions_and_body() {
     assert_eq!(cloned, payload);
     assert_eq!(original, payload);
     assert_eq!(cloned.as_ptr(), original.as_ptr());
+}
+
+#[tokio::test]
+async fn a_request_copy_rebuilds_method_uri_version_headers_extensions_and_body() {
+    let payload = noise(4096);
+    let mut secret = HeaderValue::from_static("Bearer caller-token");
+    secret.set_sensitive(true);
+    let mut request = Request::builder()
+        .method(Method::PUT)
+        .uri("https://gateway.example/openai/deployments/d/embeddings?api-version=2024-10-21&x=%2F")
+        .version(Version::HTTP_2)
+        .header(CONTENT_TYPE, "application/octet-stream")
+        .header("x-multi", "one")
+        .header(
+            "x-opaque",
+            HeaderValue::from_bytes(b"caf\xe9 \t\x80").unwrap(),
+        )
+        .header("x-multi", "two")
+        .header("x-empty", "")
+        .header("authorization", secret)
+        .body(ReplayBody::new(payload.clone()))
+        .unwrap();
+    let mut tried = TriedBackends::new();
+    tried.insert(1);
+    request.extensions_mut().insert(tried);
+
+    let copy = RequestCopy::of(&request);
+    for rebuilt in [copy.to_request(), copy.to_request()] {
+        assert_eq!(rebuilt.method(), Method::PUT);
+        assert_eq!(rebuilt.uri(), request.uri());
+        assert_eq!(rebuilt.version(), Version::HTTP_2);
+        assert_eq!(rebuilt.headers(), request.headers());
+        let names: Vec<_> = rebuilt
+            .headers()
+            .iter()
+            .map(|(name, _)| name.as_str())
+            .collect();
+        let original: Vec<_> = request
+            .headers()
+            .iter()
+            .map(|(name, _)| name.as_str())
+            .collect();
+        assert_eq!(names, original, "fields in the order they came");
+        assert!(rebuilt.headers()["authorization"].is_sensitive());
+        assert!(!rebuilt.headers()["x-multi"].is_sensitive());
+        assert_eq!(rebuilt.extensions().get::<TriedBackends>(), Some(&tried));
+        // The body is the same buffer: the copy kept a reference, not the data.
+        let body = rebuilt.into_body().frame().await.unwrap().unwrap();
+        let body = body.into_data().unwrap();
+        assert_eq!(body, payload);
+        assert_eq!(body.as_ptr(), payload.as_ptr());
+    }
+    let empty = RequestCopy::of(&Request::new(ReplayBody::default())).to_request();
+    assert!(empty.headers().is_empty());
+    assert!(empty.body().is_end_stream());
 }
 
 #[tokio::test(start_paused = true)]
