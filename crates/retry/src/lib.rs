@@ -56,6 +56,7 @@
 #![forbid(unsafe_code)]
 
 mod body;
+mod budget;
 mod deadline;
 pub mod error;
 pub mod future;
@@ -68,10 +69,10 @@ use std::time::Duration;
 use aoai_balance::{AzureOpenAiClassifier, BalanceHealth, Classify};
 use http::{Request, Response};
 use http_body::Body;
-use tower::retry::budget::TpsBudget;
 use tower::{Layer, Service};
 
 pub use crate::body::ReplayBody;
+use crate::budget::RetryBudget;
 pub use crate::error::{BodyReadError, BodyTooLarge, DeadlineElapsed};
 pub use crate::future::ResponseFuture;
 pub use crate::policy::{Backoff, RetryNextBackend, set_retry_after};
@@ -143,8 +144,11 @@ impl<C> RetryNextBackendLayer<C> {
         self
     }
 
-    /// Sets the retry budget, as tower's [`TpsBudget::new`]: retries may add `retry_percent`
-    /// of the requests seen over `ttl`, and at least `min_per_sec` a second.
+    /// Sets the retry budget, as tower's
+    /// [`TpsBudget::new`](tower::retry::budget::TpsBudget::new): retries may add
+    /// `retry_percent` of the requests seen over `ttl` (1 to 60 s), and at least `min_per_sec`
+    /// a second. (The budget behaves as tower's, with a cheaper deposit per request: see
+    /// docs/design.md.)
     pub fn budget(mut self, ttl: Duration, min_per_sec: u32, retry_percent: f32) -> Self {
         self.budget = Some((ttl, min_per_sec, retry_percent));
         self
@@ -199,7 +203,7 @@ impl<S, C: Clone> Layer<S> for RetryNextBackendLayer<C> {
             backoff_max: self.backoff_max,
             budget: self
                 .budget
-                .map(|(ttl, min, percent)| TpsBudget::new(ttl, min, percent)),
+                .map(|(ttl, min, percent)| RetryBudget::new(ttl, min, percent)),
         });
         let policy = RetryNextBackend::new(self.classifier.clone(), settings);
         RetryNextBackendService {

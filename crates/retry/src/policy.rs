@@ -13,8 +13,9 @@ use aoai_balance::{
 use http::{Extensions, HeaderName, HeaderValue, Method, Request, Response, Uri, Version};
 use pin_project_lite::pin_project;
 use tower::retry::Policy;
-use tower::retry::budget::{Budget, TpsBudget};
+use tower::retry::budget::Budget;
 
+use crate::budget::RetryBudget;
 use crate::{BoxError, ReplayBody};
 
 /// Retries a failed Azure OpenAI request on the next backend of a
@@ -53,7 +54,7 @@ pub(crate) struct RetrySettings {
     pub(crate) max_attempts: usize,
     pub(crate) backoff_base: Duration,
     pub(crate) backoff_max: Duration,
-    pub(crate) budget: Option<TpsBudget>,
+    pub(crate) budget: Option<RetryBudget>,
 }
 
 impl<C> RetryNextBackend<C> {
