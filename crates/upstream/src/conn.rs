@@ -100,13 +100,12 @@ impl Stream {
         let mut cx = Context::from_waker(Waker::noop());
         let mut byte = [0u8; 1];
         match self {
-            Self::Plain(tcp) => match tcp.poll_read_ready(&mut cx) {
-                Poll::Pending => true,
-                Poll::Ready(Err(_)) => false,
-                Poll::Ready(Ok(())) => {
-                    matches!(tcp.try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-                }
-            },
+            // While tokio knows the socket is not readable, `try_read` says so without a system
+            // call (and, unlike a readiness poll, without registering a waker, which takes the
+            // socket's lock); a readable one is read: a FIN or stray bytes mean it is done.
+            Self::Plain(tcp) => {
+                matches!(tcp.try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
             // TLS may have records that carry no data (a session ticket); rustls consumes them
             // and reports pending.
             Self::Tls(tls) => {
