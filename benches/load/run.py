@@ -16,8 +16,9 @@ the proxy process(es), and their peak RSS. It checks that every answer was 200 a
 backends split the proxied traffic about 50/50.
 
 With `--instructions N`, it then counts each proxy's user-space instructions per request over N
-requests under valgrind's callgrind (nginx as one process, the gateway on one core): a figure that
-does not move with the machine's other load, unlike the CPU times.
+requests under valgrind's callgrind (nginx as one process, the gateway on one core), and how many
+of them are atomic read-modify-write instructions (found with objdump): figures that do not move
+with the machine's other load, unlike the CPU times.
 
 Needs nginx (`apt-get install nginx-light`) and oha (`cargo install oha`), and valgrind for
 `--instructions`; it says so if one is missing.
@@ -118,13 +119,16 @@ def gateway_command(gateway_bin, port, b1, b2):
 
 def instructions_per_request(name, command, port, env, requests, workdir):
     """User-space instructions per proxied request at concurrency 32, counted by valgrind's
-    callgrind: the proxy runs on one core (one worker), is warmed up, then its counters are
-    zeroed, `requests` are sent, and the counters dumped. Instruction counts do not depend on
-    what else the machine is doing, so this compares the two proxies' own work without noise
-    (it does not see cache misses or the kernel's work)."""
+    callgrind, and how many of them are atomic read-modify-write instructions: the proxy runs on
+    one core (one worker), is warmed up, then its counters are zeroed, `requests` are sent, and
+    the counters dumped. Instruction counts do not depend on what else the machine is doing, so
+    this compares the two proxies' own work without noise (it does not see cache misses or the
+    kernel's work). An atomic instruction (`lock`-prefixed, or `xchg` with memory) costs about
+    as much as a few dozen plain ones, uncontended: reference counts, locks, task wake-ups."""
     out = os.path.join(workdir, f"{name}.callgrind")
     proc = subprocess.Popen(
-        ["taskset", "-c", "0", "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p"] + (["--dump-instr=yes"] if os.environ.get("DUMPINSTR") else [])
+        ["taskset", "-c", "0", "valgrind", "--tool=callgrind", "--dump-instr=yes",
+         f"--callgrind-out-file={out}.%p"]
         + command,
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
@@ -143,11 +147,72 @@ def instructions_per_request(name, command, port, env, requests, workdir):
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
-    with open(f"{out}.{proc.pid}.1") as f:
+    total, per_object = executed_instructions(f"{out}.{proc.pid}.1")
+    return total / requests, atomic_instructions(per_object) / requests
+
+
+def executed_instructions(path):
+    """The total instruction count of a callgrind profile made with --dump-instr=yes, and for
+    each object file, how often each of its instruction addresses ran."""
+    total = None
+    per_object = {}
+    names = {}
+    counts = None
+    address = 0
+    call_cost = False
+    with open(path) as f:
         for line in f:
             if line.startswith(("summary:", "totals:")):
-                return int(line.split()[1]) / requests
-    raise SystemExit(f"no instruction count in {out}.{proc.pid}.1")
+                total = int(line.split()[1])
+            elif line.startswith("ob="):
+                number, _, name = line[3:].strip().partition(" ")
+                if name:
+                    names[number] = name
+                counts = per_object.setdefault(names.get(number, number), {})
+            elif line.startswith("cob="):
+                number, _, name = line[4:].strip().partition(" ")
+                if name:
+                    names[number] = name
+            elif line.startswith("calls="):
+                call_cost = True  # the next cost line is a call's inclusive cost
+            elif line[:1] in "0123456789+-*" and counts is not None:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                position = fields[0]
+                if position.startswith("0x"):
+                    address = int(position, 16)
+                elif position[0] in "+-":
+                    address += int(position)
+                if call_cost:
+                    call_cost = False
+                    continue
+                counts[address] = counts.get(address, 0) + int(fields[2])
+    if total is None:
+        raise SystemExit(f"no instruction count in {path}")
+    return total, per_object
+
+
+def atomic_instructions(per_object):
+    """How many of the executed instructions were atomic read-modify-writes, found by
+    disassembling each object file (callgrind reports addresses as the file has them)."""
+    total = 0
+    for path, counts in per_object.items():
+        if not os.path.isfile(path):
+            continue
+        listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", path],
+                                 capture_output=True, text=True).stdout
+        for line in listing.splitlines():
+            address, colon, instruction = line.partition(":")
+            instruction = instruction.strip()
+            if not colon or not (instruction.startswith("lock ")
+                                 or (instruction.startswith("xchg") and "(" in instruction)):
+                continue
+            try:
+                total += counts.get(int(address.strip(), 16), 0)
+            except ValueError:
+                pass
+    return total
 
 
 def process_tree(pid):
@@ -297,9 +362,12 @@ def main():
                     "gateway", gateway_command(gateway_bin, single_gateway, b1, b2),
                     single_gateway, env, args.instructions, workdir),
             }
+            (nginx_all, nginx_atomic), (gateway_all, gateway_atomic) = (
+                counted["nginx"], counted["gateway"])
             print(f"instructions per proxied request (callgrind, one worker, c=32, "
-                  f"{args.instructions} requests): nginx {counted['nginx']:.0f}, gateway "
-                  f"{counted['gateway']:.0f} ({counted['gateway'] / counted['nginx']:.2f}x)")
+                  f"{args.instructions} requests): nginx {nginx_all:.0f}, gateway "
+                  f"{gateway_all:.0f} ({gateway_all / nginx_all:.2f}x); of them atomic: "
+                  f"nginx {nginx_atomic:.1f}, gateway {gateway_atomic:.1f}")
         if not ok:
             print("FAILED: some answers were not 200, or the split was not about 50/50")
             sys.exit(1)
