@@ -188,7 +188,10 @@ mod tests {
             tokio::time::advance(Duration::from_micros(31_250)).await;
         }
         let allowed = withdrawals(&budget);
-        assert!((10 + 320 - 96..=10 + 320 + 96).contains(&allowed), "{allowed}");
+        assert!(
+            (10 + 320 - 96..=10 + 320 + 96).contains(&allowed),
+            "{allowed}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
