@@ -116,6 +116,19 @@ impl Gateway {
         }
     }
 
+    /// Starts the gateway on a free loopback port over `sims`, with no other flag; returns it,
+    /// its address and its base URL.
+    fn over(sims: &[SimHandle]) -> (Self, String, String) {
+        let addr = free_addr();
+        let mut args = vec!["--listen".to_owned(), addr.clone()];
+        for sim in sims {
+            args.extend(["--backend".to_owned(), backend_flag(sim)]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let base = format!("http://{addr}");
+        (Self::spawn(&args, &[]), addr, base)
+    }
+
     fn stdout(&self) -> String {
         std::fs::read_to_string(&self.stdout.0).unwrap_or_default()
     }
@@ -298,19 +311,7 @@ async fn help_exits_zero() {
 #[tokio::test]
 async fn it_serves_and_balances_over_the_given_backends() {
     let sims = sims(2).await;
-    let addr = free_addr();
-    let base = format!("http://{addr}");
-    let mut gateway = Gateway::spawn(
-        &[
-            "--listen",
-            &addr,
-            "--backend",
-            &backend_flag(&sims[0]),
-            "--backend",
-            &backend_flag(&sims[1]),
-        ],
-        &[],
-    );
+    let (mut gateway, _, base) = Gateway::over(&sims);
     let backends = gateway.ready(&base, None).await;
 
     let names: Vec<&str> = backends["backends"]
@@ -536,19 +537,7 @@ async fn sigterm_lets_the_stream_in_flight_finish_then_exits_cleanly() {
 #[tokio::test]
 async fn it_serves_http1_and_http2_callers_on_one_port() {
     let sims = sims(2).await;
-    let addr = free_addr();
-    let base = format!("http://{addr}");
-    let mut gateway = Gateway::spawn(
-        &[
-            "--listen",
-            &addr,
-            "--backend",
-            &backend_flag(&sims[0]),
-            "--backend",
-            &backend_flag(&sims[1]),
-        ],
-        &[],
-    );
+    let (mut gateway, addr, base) = Gateway::over(&sims);
     gateway.ready(&base, None).await;
 
     let http1 = chat(&client(), &base).await;
