@@ -151,6 +151,12 @@ where
                                 if let Ok(data) = frame.into_data() {
                                     read.push(data);
                                 }
+                                // A body that says it has ended is not polled again: hyper's
+                                // would ask its connection for more first, waking the task
+                                // for nothing.
+                                if body.is_end_stream() {
+                                    break Some(read.take());
+                                }
                             }
                             Some(Err(error)) if error.is::<LengthLimitError>() => {
                                 return Poll::Ready(Err(Box::new(BodyTooLarge::new(*limit))));

@@ -202,6 +202,8 @@ fn served_by(response: &Response<String>) -> &str {
 struct Chunks {
     chunks: VecDeque<Result<Bytes, BoxError>>,
     stalls: bool,
+    /// Says it has ended once its chunks are out (and stalls if polled again regardless).
+    says_ended: bool,
 }
 
 impl Chunks {
@@ -209,6 +211,7 @@ impl Chunks {
         Self {
             chunks: chunks.into_iter().collect(),
             stalls: false,
+            says_ended: false,
         }
     }
 
@@ -216,6 +219,16 @@ impl Chunks {
         Self {
             chunks: VecDeque::new(),
             stalls: true,
+            says_ended: false,
+        }
+    }
+
+    /// Like hyper's body for a request whose length is known: it says when it has ended.
+    fn saying_ended(chunks: Vec<Bytes>) -> Self {
+        Self {
+            chunks: chunks.into_iter().map(Ok).collect(),
+            stalls: true,
+            says_ended: true,
         }
     }
 }
@@ -234,6 +247,10 @@ impl Body for Chunks {
             None if this.stalls => Poll::Pending,
             None => Poll::Ready(None),
         }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.says_ended && self.chunks.is_empty()
     }
 }
 
@@ -714,6 +731,23 @@ async fn the_body_is_replayed_byte_for_byte_on_every_attempt() {
             "/openai/deployments/gpt-4o/embeddings?api-version=2024-10-21"
         );
     }
+}
+
+#[tokio::test]
+async fn a_body_that_says_it_has_ended_is_not_polled_again() {
+    let (script, service) = stack(vec![vec![Answer::Status(503)], vec![]], |layer| layer);
+    let mut request = chunked(vec![]);
+    *request.body_mut() = Chunks::saying_ended(vec![
+        Bytes::from_static(b"{\"messages\":"),
+        Bytes::from_static(b"[]}"),
+    ]);
+    let response = tokio::time::timeout(Duration::from_secs(5), send(&service, request))
+        .await
+        .expect("the body was polled after it said it had ended, and stalled")
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let bodies: Vec<Bytes> = script.calls().into_iter().map(|call| call.body).collect();
+    assert_eq!(bodies, [&b"{\"messages\":[]}"[..]; 2]);
 }
 
 #[tokio::test]
