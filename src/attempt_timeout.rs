@@ -15,6 +15,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -99,7 +100,23 @@ where
             waiting: self.timer.waiting(),
             ticks: self.timer.ticks,
             slot: None,
+            due: 0,
+            waker: WakerId::default(),
         }
+    }
+}
+
+/// Which waker a slot holds, told by its data and vtable pointers (what `Waker::will_wake`
+/// compares), kept as numbers so that a re-poll with the same waker needs no lock to check.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct WakerId(usize, usize);
+
+impl WakerId {
+    fn of(waker: &Waker) -> Self {
+        Self(
+            waker.data() as usize,
+            std::ptr::from_ref(waker.vtable()) as usize,
+        )
     }
 }
 
@@ -114,6 +131,9 @@ pin_project! {
         ticks: u64,
         // Taken at the first poll that has to wait.
         slot: Option<usize>,
+        // The tick the slot is due at, and which waker it holds.
+        due: u64,
+        waker: WakerId,
     }
 
     impl<F> PinnedDrop for ResponseFuture<F> {
@@ -141,14 +161,25 @@ where
             }
             return Poll::Ready(result.map_err(Into::into));
         }
+        let waker = WakerId::of(cx.waker());
         match *this.slot {
-            None => *this.slot = Some(this.waiting.join(*this.ticks, cx.waker())),
+            None => {
+                let (slot, due) = this.waiting.join(*this.ticks, cx.waker());
+                *this.slot = Some(slot);
+                *this.due = due;
+                *this.waker = waker;
+            }
+            // Polled again by the waker the slot holds, before the tick it is due at (the tick
+            // count only grows, and is counted before any slot is marked out of time): nothing
+            // to check under the lock.
+            Some(_) if waker == *this.waker && this.waiting.now() < *this.due => {}
             Some(slot) => {
                 if this.waiting.expired(slot, cx.waker()) {
                     this.waiting.leave(slot);
                     *this.slot = None;
                     return Poll::Ready(Err(Box::new(Elapsed::new())));
                 }
+                *this.waker = waker;
             }
         }
         Poll::Pending
@@ -159,13 +190,13 @@ where
 #[derive(Debug)]
 struct Waiting {
     tick: Duration,
+    /// Ticks counted so far; written under the lock, read without it.
+    now: AtomicU64,
     state: Mutex<WaitingState>,
 }
 
 #[derive(Debug, Default)]
 struct WaitingState {
-    /// Ticks counted so far.
-    now: u64,
     slots: Vec<Slot>,
     free: Vec<usize>,
     taken: usize,
@@ -186,8 +217,13 @@ impl Waiting {
     fn new(tick: Duration) -> Self {
         Self {
             tick,
+            now: AtomicU64::new(0),
             state: Mutex::default(),
         }
+    }
+
+    fn now(&self) -> u64 {
+        self.now.load(Ordering::Acquire)
     }
 
     fn lock(&self) -> MutexGuard<'_, WaitingState> {
@@ -201,10 +237,11 @@ impl Waiting {
     /// Due `ticks + 1` ticks on: the next tick may come at once, but each one after it comes a
     /// whole tick's time after the one before, so the attempt waits at least `ticks` whole
     /// ticks, its timeout.
-    fn join(self: &Arc<Self>, ticks: u64, waker: &Waker) -> usize {
+    fn join(self: &Arc<Self>, ticks: u64, waker: &Waker) -> (usize, u64) {
         let mut state = self.lock();
+        let due = self.now().saturating_add(ticks).saturating_add(1);
         let slot = Slot {
-            due: state.now.saturating_add(ticks).saturating_add(1),
+            due,
             expired: false,
             waker: Some(waker.clone()),
         };
@@ -229,7 +266,7 @@ impl Waiting {
                 number,
             }));
         }
-        index
+        (index, due)
     }
 
     /// Whether the attempt in `slot` is out of time; if not, `waker` is the one to wake.
@@ -282,8 +319,10 @@ async fn tick(ticker: Ticker) {
             // Read under the lock that counts the tick: an attempt that joined before this tick
             // joined before this time, and the next tick comes a whole tick after it.
             next = Instant::now() + period;
-            state.now += 1;
-            let now = state.now;
+            let now = ticker.waiting.now() + 1;
+            // Counted before any slot is marked, so that a re-poll that reads an earlier count
+            // finds its slot not yet out of time.
+            ticker.waiting.now.store(now, Ordering::Release);
             for slot in &mut state.slots {
                 if slot.due <= now && !slot.expired && slot.waker.is_some() {
                     slot.expired = true;
@@ -371,6 +410,39 @@ mod tests {
             () = answers => {}
             () = keep_ticking => unreachable!(),
         }
+    }
+
+    /// A waker that counts its wakes.
+    struct CountingWaker(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_polled_by_another_waker_is_woken_through_that_one() {
+        let mut service = hung();
+        let mut call = std::pin::pin!(service.call(()));
+        let first = Arc::new(CountingWaker(Default::default()));
+        let second = Arc::new(CountingWaker(Default::default()));
+        let poll = |call: Pin<&mut ResponseFuture<_>>, waker: &Arc<CountingWaker>| {
+            call.poll(&mut Context::from_waker(&Waker::from(Arc::clone(waker))))
+        };
+        assert!(poll(call.as_mut(), &first).is_pending());
+        assert!(
+            poll(call.as_mut(), &first).is_pending(),
+            "same waker, nothing to do"
+        );
+        assert!(poll(call.as_mut(), &second).is_pending());
+        tokio::time::sleep(Duration::from_secs(303)).await;
+        assert_eq!(first.0.load(Ordering::Relaxed), 0);
+        assert_eq!(second.0.load(Ordering::Relaxed), 1);
+        let Poll::Ready(Err(error)) = poll(call.as_mut(), &second) else {
+            panic!("the call did not time out");
+        };
+        assert!(error.is::<Elapsed>());
     }
 
     #[tokio::test(start_paused = true)]
