@@ -59,7 +59,6 @@ where
                     Err(e) => return drop(bound_tx.send(Err(e.to_string()))),
                 };
                 runtime.block_on(async move {
-                    tokio::spawn(keep_timer_driver_informed());
                     let listener = match reuseport_listener(addr) {
                         Ok(listener) => listener,
                         Err(e) => {
@@ -340,21 +339,6 @@ where
 
     fn call(&self, request: Request<Incoming>) -> S::Future {
         self.0.borrow_mut().call(request)
-    }
-}
-
-/// Keeps one timer due within a second on this worker's runtime, forever.
-///
-/// Every request arms a timer (its attempt's timeout; its deadline, when it could pass first).
-/// Tokio wakes its driver
-/// with a system call (an `eventfd` write, then a spurious `epoll` wake-up) whenever a new timer
-/// is due before the earliest one it knows of, which is every time when no other timer exists.
-/// With this timer always due sooner, arming a request's timers costs no system call; it costs
-/// one wake-up per second.
-async fn keep_timer_driver_informed() {
-    let mut ticks = tokio::time::interval(std::time::Duration::from_secs(1));
-    loop {
-        ticks.tick().await;
     }
 }
 
