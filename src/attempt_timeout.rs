@@ -99,16 +99,14 @@ where
             inner: self.inner.call(request),
             waiting: self.timer.waiting(),
             ticks: self.timer.ticks,
-            slot: None,
-            due: 0,
-            waker: WakerId::default(),
+            joined: None,
         }
     }
 }
 
 /// Which waker a slot holds, told by its data and vtable pointers (what `Waker::will_wake`
 /// compares), kept as numbers so that a re-poll with the same waker needs no lock to check.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct WakerId(usize, usize);
 
 impl WakerId {
@@ -129,21 +127,27 @@ pin_project! {
         // to another thread, and given back there.
         waiting: Arc<Waiting>,
         ticks: u64,
-        // Taken at the first poll that has to wait.
-        slot: Option<usize>,
-        // The tick the slot is due at, and which waker it holds.
-        due: u64,
-        waker: WakerId,
+        // The slot taken at the first poll that has to wait.
+        joined: Option<Joined>,
     }
 
     impl<F> PinnedDrop for ResponseFuture<F> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            if let Some(slot) = this.slot.take() {
-                this.waiting.leave(slot);
+            if let Some(joined) = this.joined.take() {
+                this.waiting.leave(joined.slot);
             }
         }
     }
+}
+
+/// An attempt's slot in its thread's list: where it is, the tick it is due at, and which waker
+/// it holds.
+#[derive(Debug)]
+struct Joined {
+    slot: usize,
+    due: u64,
+    waker: WakerId,
 }
 
 impl<F, T, E> Future for ResponseFuture<F>
@@ -156,30 +160,28 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         if let Poll::Ready(result) = this.inner.poll(cx) {
-            if let Some(slot) = this.slot.take() {
-                this.waiting.leave(slot);
+            if let Some(joined) = this.joined.take() {
+                this.waiting.leave(joined.slot);
             }
             return Poll::Ready(result.map_err(Into::into));
         }
         let waker = WakerId::of(cx.waker());
-        match *this.slot {
+        match this.joined {
             None => {
                 let (slot, due) = this.waiting.join(*this.ticks, cx.waker());
-                *this.slot = Some(slot);
-                *this.due = due;
-                *this.waker = waker;
+                *this.joined = Some(Joined { slot, due, waker });
             }
             // Polled again by the waker the slot holds, before the tick it is due at (the tick
             // count only grows, and is counted before any slot is marked out of time): nothing
             // to check under the lock.
-            Some(_) if waker == *this.waker && this.waiting.now() < *this.due => {}
-            Some(slot) => {
-                if this.waiting.expired(slot, cx.waker()) {
-                    this.waiting.leave(slot);
-                    *this.slot = None;
+            Some(joined) if waker == joined.waker && this.waiting.now() < joined.due => {}
+            Some(joined) => {
+                if this.waiting.expired(joined.slot, cx.waker()) {
+                    this.waiting.leave(joined.slot);
+                    *this.joined = None;
                     return Poll::Ready(Err(Box::new(Elapsed::new())));
                 }
-                *this.waker = waker;
+                joined.waker = waker;
             }
         }
         Poll::Pending
@@ -199,7 +201,6 @@ struct Waiting {
 struct WaitingState {
     slots: Vec<Slot>,
     free: Vec<usize>,
-    taken: usize,
     /// The ticking task that runs, if one does: its number (`ticker` counts them).
     ticking: Option<u64>,
     ticker: u64,
@@ -211,6 +212,13 @@ struct Slot {
     due: u64,
     expired: bool,
     waker: Option<Waker>,
+}
+
+impl WaitingState {
+    /// Slots taken by waiting attempts.
+    fn taken(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
 }
 
 impl Waiting {
@@ -255,7 +263,6 @@ impl Waiting {
                 state.slots.len() - 1
             }
         };
-        state.taken += 1;
         if state.ticking.is_none() {
             state.ticker += 1;
             let number = state.ticker;
@@ -287,7 +294,6 @@ impl Waiting {
         let mut state = self.lock();
         state.slots[slot] = Slot::default();
         state.free.push(slot);
-        state.taken -= 1;
     }
 }
 
@@ -329,7 +335,7 @@ async fn tick(ticker: Ticker) {
                     wakers.extend(slot.waker.take());
                 }
             }
-            if state.taken == 0 {
+            if state.taken() == 0 {
                 state.ticking = None;
                 return;
             }
@@ -353,7 +359,7 @@ mod tests {
     }
 
     fn taken(timer: &AttemptTimer) -> usize {
-        timer.waiting().lock().taken
+        timer.waiting().lock().taken()
     }
 
     fn hang(_: ()) -> Pending<Result<(), BoxError>> {
@@ -514,7 +520,7 @@ mod tests {
         let state = service.timer.waiting();
         let state = state.lock();
         assert_eq!(state.slots.len(), 1000);
-        assert_eq!(state.taken, 0);
+        assert_eq!(state.taken(), 0);
     }
 
     #[test]

@@ -106,14 +106,11 @@ where
         // Nothing inside reads the caller's extensions (the router's, for example); dropped
         // here, they are not cloned for every attempt.
         request.extensions_mut().clear();
-        // What the request's log line needs is kept only when that line is on (and boxed, so
-        // that the future, moved a few times on its way to the server, is no larger for it).
-        let log = tracing::enabled!(tracing::Level::INFO).then(|| {
-            Box::new(RequestLog {
-                method: request.method().clone(),
-                uri: request.uri().clone(),
-                started: Instant::now(),
-            })
+        // What the request's log line needs is kept only when that line is on.
+        let log = tracing::enabled!(tracing::Level::INFO).then(|| RequestLog {
+            method: request.method().clone(),
+            uri: request.uri().clone(),
+            started: Instant::now(),
         });
         GatewayFuture {
             inner: self.stack.call(request),
@@ -137,7 +134,7 @@ pin_project! {
         #[pin]
         inner: StackFuture<B>,
         served_by_values: Option<Arc<[HeaderValue]>>,
-        log: Option<Box<RequestLog>>,
+        log: Option<RequestLog>,
     }
 }
 

@@ -317,23 +317,14 @@ where
         match self.pick(request.extensions().get::<TriedBackends>()) {
             Ok(index) => {
                 let inner = &*self.inner;
+                let call = |service: &mut S| {
+                    ResponseFuture::call(service, request, index, shared, classifier)
+                };
                 let local = inner.local.get_or(|| RefCell::new(inner.services.clone()));
                 match local.try_borrow_mut() {
-                    Ok(mut services) => ResponseFuture::call(
-                        &mut services[index],
-                        request,
-                        index,
-                        shared,
-                        classifier,
-                    ),
+                    Ok(mut services) => call(&mut services[index]),
                     // Called again from inside a backend's own `call` on this thread: a clone.
-                    Err(_) => ResponseFuture::call(
-                        &mut inner.services[index].clone(),
-                        request,
-                        index,
-                        shared,
-                        classifier,
-                    ),
+                    Err(_) => call(&mut inner.services[index].clone()),
                 }
             }
             Err(error) => ResponseFuture::refused(error, shared, classifier),

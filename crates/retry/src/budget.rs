@@ -128,6 +128,14 @@ mod tests {
         (0..100_000).take_while(|_| budget.withdraw()).count()
     }
 
+    /// Deposits `count` times, `every` apart (on the paused clock).
+    async fn deposit(budget: &RetryBudget, count: isize, every: Duration) {
+        for _ in 0..count {
+            budget.deposit();
+            tokio::time::advance(every).await;
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn without_requests_the_reserve_allows_min_per_sec_for_the_ttl() {
         let budget = RetryBudget::new(Duration::from_secs(10), 10, 0.2);
@@ -138,18 +146,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn requests_allow_their_percent_of_retries_on_top() {
         let budget = RetryBudget::new(Duration::from_secs(10), 1, 0.2);
-        for _ in 0..1000 {
-            budget.deposit();
-        }
+        deposit(&budget, 1000, Duration::ZERO).await;
         assert_eq!(withdrawals(&budget), 10 + 200);
     }
 
     #[tokio::test(start_paused = true)]
     async fn requests_older_than_the_ttl_no_longer_count() {
         let budget = RetryBudget::new(Duration::from_secs(10), 1, 0.5);
-        for _ in 0..1000 {
-            budget.deposit();
-        }
+        deposit(&budget, 1000, Duration::ZERO).await;
         tokio::time::advance(Duration::from_secs(5)).await;
         // Half the time to live later, the deposits still count.
         assert!(budget.withdraw());
@@ -163,18 +167,12 @@ mod tests {
         // Fewer deposits than make the budget look at the clock, within a few seconds: they
         // count until a whole time to live after they were committed.
         let budget = RetryBudget::new(Duration::from_secs(10), 1, 1.0);
-        for _ in 0..DEPOSITS_PER_EXPIRY - 1 {
-            budget.deposit();
-            tokio::time::advance(Duration::from_millis(50)).await;
-        }
+        deposit(&budget, DEPOSITS_PER_EXPIRY - 1, Duration::from_millis(50)).await;
         assert_eq!(withdrawals(&budget), 10 + DEPOSITS_PER_EXPIRY as usize - 1);
         // Spread over more than the time to live, they are committed with a window that has
         // passed, and count no more: only the reserve is left, fewer retries rather than more.
         let budget = RetryBudget::new(Duration::from_secs(10), 1, 1.0);
-        for _ in 0..DEPOSITS_PER_EXPIRY - 1 {
-            budget.deposit();
-            tokio::time::advance(Duration::from_millis(300)).await;
-        }
+        deposit(&budget, DEPOSITS_PER_EXPIRY - 1, Duration::from_millis(300)).await;
         assert_eq!(withdrawals(&budget), 10);
     }
 
@@ -183,10 +181,7 @@ mod tests {
         // 640 requests over 20 s: those of the last 10 s (320) count, within a window (32
         // requests) and the deposits between looks at the clock (64).
         let budget = RetryBudget::new(Duration::from_secs(10), 1, 1.0);
-        for _ in 0..640 {
-            budget.deposit();
-            tokio::time::advance(Duration::from_micros(31_250)).await;
-        }
+        deposit(&budget, 640, Duration::from_micros(31_250)).await;
         let allowed = withdrawals(&budget);
         assert!(
             (10 + 320 - 96..=10 + 320 + 96).contains(&allowed),
@@ -197,9 +192,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_zero_percent_budget_allows_only_the_reserve() {
         let budget = RetryBudget::new(Duration::from_secs(1), 3, 0.0);
-        for _ in 0..1000 {
-            budget.deposit();
-        }
+        deposit(&budget, 1000, Duration::ZERO).await;
         assert_eq!(withdrawals(&budget), 3);
     }
 }

@@ -12,7 +12,6 @@ use http_body::Body;
 use http_body_util::{LengthLimitError, Limited};
 use pin_project_lite::pin_project;
 use tower::Service;
-use tower::retry::Policy;
 
 use crate::deadline::{Deadline, DeadlineSettings};
 use crate::error::{BodyReadError, BodyTooLarge, DeadlineElapsed};
@@ -186,12 +185,11 @@ where
                     let Some(copy) = this.retry_copy else {
                         return Poll::Ready(result);
                     };
-                    if this.policy.retryable_outcome(&result).is_none() {
+                    let Some(outcome) = this.policy.retryable_outcome(&result) else {
                         return Poll::Ready(result);
-                    }
+                    };
                     let mut request = copy.to_request();
-                    let retry = Policy::<_, Response<RB>, BoxError>::retry;
-                    match retry(this.policy, &mut request, &mut result) {
+                    match this.policy.decide_retry(outcome, &mut request, &mut result) {
                         Some(backoff) => {
                             this.deadline.as_mut().arm();
                             this.state.set(State::Waiting {

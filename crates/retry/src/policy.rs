@@ -94,33 +94,16 @@ impl<C> RetryNextBackend<C> {
         outcome.is_retryable().then_some(outcome)
     }
 
-    /// A full-jitter exponential backoff for a retry after `attempts` attempts.
-    fn backoff(&self) -> Duration {
-        let exponent = u32::try_from(self.attempts.saturating_sub(1)).unwrap_or(u32::MAX);
-        let ceiling = self
-            .settings
-            .backoff_base
-            .saturating_mul(2u32.saturating_pow(exponent.min(16)))
-            .min(self.settings.backoff_max);
-        ceiling.mul_f64(rand::random::<f64>())
-    }
-}
-
-impl<C, RB> Policy<Request<ReplayBody>, Response<RB>, BoxError> for RetryNextBackend<C>
-where
-    C: Classify,
-{
-    type Future = Backoff;
-
-    fn retry(
+    /// Whether to retry after an attempt whose outcome a retry could mend (from
+    /// [`RetryNextBackend::retryable_outcome`]), and after what wait; records the attempt's
+    /// backend in the request's [`TriedBackends`].
+    pub(crate) fn decide_retry<RB>(
         &mut self,
+        outcome: Outcome,
         request: &mut Request<ReplayBody>,
         result: &mut Result<Response<RB>, BoxError>,
     ) -> Option<Backoff> {
         self.attempts += 1;
-        // The common case, a success or a final answer, ends here, without touching the
-        // request's extensions.
-        let outcome = self.retryable_outcome(result)?;
         let served_by = match result {
             Ok(response) => response.extensions().get::<ServedBy>().cloned(),
             Err(error) => error
@@ -177,6 +160,35 @@ where
             "retrying on the next backend"
         );
         Some(Backoff::new(delay))
+    }
+
+    /// A full-jitter exponential backoff for a retry after `attempts` attempts.
+    fn backoff(&self) -> Duration {
+        let exponent = u32::try_from(self.attempts.saturating_sub(1)).unwrap_or(u32::MAX);
+        let ceiling = self
+            .settings
+            .backoff_base
+            .saturating_mul(2u32.saturating_pow(exponent.min(16)))
+            .min(self.settings.backoff_max);
+        ceiling.mul_f64(rand::random::<f64>())
+    }
+}
+
+impl<C, RB> Policy<Request<ReplayBody>, Response<RB>, BoxError> for RetryNextBackend<C>
+where
+    C: Classify,
+{
+    type Future = Backoff;
+
+    fn retry(
+        &mut self,
+        request: &mut Request<ReplayBody>,
+        result: &mut Result<Response<RB>, BoxError>,
+    ) -> Option<Backoff> {
+        // The common case, a success or a final answer, ends here, without touching the
+        // request's extensions.
+        let outcome = self.retryable_outcome(result)?;
+        self.decide_retry(outcome, request, result)
     }
 
     fn clone_request(&mut self, request: &Request<ReplayBody>) -> Option<Request<ReplayBody>> {

@@ -353,23 +353,39 @@ async fn each_attempt_carries_the_backends_tried_before_it() {
     assert_eq!((third.last(), third.attempts()), (Some(1), 2));
 }
 
-#[tokio::test]
-async fn clone_request_keeps_method_uri_version_headers_extensions_and_body() {
-    let (_script, balance) = balance(vec![vec![], vec![]]);
-    let mut policy = RetryNextBackend::new(AzureOpenAiClassifier, settings(balance.health(), 3));
+/// A request with what a copy must keep: a method, an absolute URI, a version, repeated,
+/// opaque, empty and sensitive fields, an extension, and a 4 KiB body (also returned, with the
+/// extension).
+fn request_to_copy() -> (Request<ReplayBody>, Bytes, TriedBackends) {
     let payload = noise(4096);
+    let mut secret = HeaderValue::from_static("Bearer caller-token");
+    secret.set_sensitive(true);
     let mut request = Request::builder()
         .method(Method::PUT)
-        .uri("/openai/deployments/d/embeddings?api-version=2024-10-21&x=%2F")
+        .uri("https://gateway.example/openai/deployments/d/embeddings?api-version=2024-10-21&x=%2F")
         .version(Version::HTTP_2)
         .header(CONTENT_TYPE, "application/octet-stream")
         .header("x-multi", "one")
+        .header(
+            "x-opaque",
+            HeaderValue::from_bytes(b"caf\xe9 \t\x80").unwrap(),
+        )
         .header("x-multi", "two")
+        .header("x-empty", "")
+        .header("authorization", secret)
         .body(ReplayBody::new(payload.clone()))
         .unwrap();
     let mut tried = TriedBackends::new();
     tried.insert(1);
     request.extensions_mut().insert(tried);
+    (request, payload, tried)
+}
+
+#[tokio::test]
+async fn clone_request_keeps_method_uri_version_headers_extensions_and_body() {
+    let (_script, balance) = balance(vec![vec![], vec![]]);
+    let mut policy = RetryNextBackend::new(AzureOpenAiClassifier, settings(balance.health(), 3));
+    let (request, payload, tried) = request_to_copy();
 
     let clone = clone_request(&mut policy, &request).unwrap();
     assert_eq!(clone.method(), Method::PUT);
@@ -398,28 +414,7 @@ async fn clone_request_keeps_method_uri_version_headers_extensions_and_body() {
 
 #[tokio::test]
 async fn a_request_copy_rebuilds_method_uri_version_headers_extensions_and_body() {
-    let payload = noise(4096);
-    let mut secret = HeaderValue::from_static("Bearer caller-token");
-    secret.set_sensitive(true);
-    let mut request = Request::builder()
-        .method(Method::PUT)
-        .uri("https://gateway.example/openai/deployments/d/embeddings?api-version=2024-10-21&x=%2F")
-        .version(Version::HTTP_2)
-        .header(CONTENT_TYPE, "application/octet-stream")
-        .header("x-multi", "one")
-        .header(
-            "x-opaque",
-            HeaderValue::from_bytes(b"caf\xe9 \t\x80").unwrap(),
-        )
-        .header("x-multi", "two")
-        .header("x-empty", "")
-        .header("authorization", secret)
-        .body(ReplayBody::new(payload.clone()))
-        .unwrap();
-    let mut tried = TriedBackends::new();
-    tried.insert(1);
-    request.extensions_mut().insert(tried);
-
+    let (request, payload, tried) = request_to_copy();
     let copy = RequestCopy::of(&request);
     for rebuilt in [copy.to_request(), copy.to_request()] {
         assert_eq!(rebuilt.method(), Method::PUT);
