@@ -31,12 +31,12 @@ use aoai_tower::{Gateway, GatewayFuture, RequireClientKeyLayer};
 use axum::body::Body;
 use axum::routing::future::RouteFuture;
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::{BoxError, Json, Router};
 use azure_core::credentials::TokenCredential;
+use bytes::Bytes;
 use clap::Parser;
 use futures_util::future::Either;
 use http::{Request, Response};
-use hyper::body::Incoming;
 use serde_json::json;
 use tower::{Layer, Service};
 
@@ -163,17 +163,21 @@ struct OpenAiFirst {
     rest: Router,
 }
 
-impl Service<Request<Incoming>> for OpenAiFirst {
+impl<B> Service<Request<B>> for OpenAiFirst
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = Either<GatewayFuture<Incoming>, RouteFuture<Infallible>>;
+    type Future = Either<GatewayFuture<B>, RouteFuture<Infallible>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         // Both are always ready.
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, request: Request<B>) -> Self::Future {
         let path = request.uri().path();
         if path == "/openai" || path.starts_with("/openai/") {
             Either::Left(self.gateway.call(request))

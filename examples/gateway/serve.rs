@@ -1,5 +1,6 @@
 //! Serving: one single-threaded runtime per core, each with its own `SO_REUSEPORT` listener and
-//! accept loop over hyper's HTTP/1.1 and HTTP/2 servers, and graceful shutdown.
+//! accept loop; HTTP/1.1 callers served by aoai-upstream's lean server, HTTP/2 callers by
+//! hyper's; graceful shutdown.
 
 use std::cell::RefCell;
 use std::convert::Infallible;
@@ -11,10 +12,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use aoai_tower::upstream::server::{self as lean, RequestBody};
 use axum::body::Body;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper::server::conn::{http1, http2};
+use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulConnection;
@@ -38,8 +40,10 @@ pub(crate) fn serve_per_core<S>(
 ) -> Result<(SocketAddr, Vec<std::thread::JoinHandle<()>>), String>
 where
     S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>,
+    S: Service<Request<RequestBody>, Response = Response<Body>, Error = Infallible>,
+    <S as Service<Request<Incoming>>>::Future: Send + 'static,
+    <S as Service<Request<RequestBody>>>::Future: Send + 'static,
     S: Clone + Send + 'static,
-    S::Future: Send + 'static,
 {
     let count = std::thread::available_parallelism().map_or(1, usize::from);
     let mut addr = listen;
@@ -83,8 +87,10 @@ where
 async fn accept_loop<S>(listener: TcpListener, app: S, mut stopped: watch::Receiver<bool>)
 where
     S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>,
+    S: Service<Request<RequestBody>, Response = Response<Body>, Error = Infallible>,
+    <S as Service<Request<Incoming>>>::Future: Send + 'static,
+    <S as Service<Request<RequestBody>>>::Future: Send + 'static,
     S: Clone + Send + 'static,
-    S::Future: Send + 'static,
 {
     let servers = Arc::new(Servers::new());
     let shutdown = Arc::new(Shutdown::default());
@@ -101,29 +107,29 @@ where
             },
             _ = stopped.wait_for(|stop| *stop) => break,
         };
-        let service = PerConnection(RefCell::new(app.clone()));
+        let app = app.clone();
         let servers = Arc::clone(&servers);
         let shutdown = Arc::clone(&shutdown);
         // A connection's errors (a reset, a malformed request) concern that caller only.
         tokio::spawn(async move {
             match Protocol::sniff(&stream).await {
                 Protocol::Http1 => {
-                    let connection = servers
-                        .http1
-                        .serve_connection(TokioIo::new(stream), service);
-                    let _ = Watched::new(connection, &shutdown).await;
+                    let connection = lean::serve_connection(stream, app);
+                    let _ = Watched::new(connection, &shutdown, |c| c.graceful_shutdown()).await;
                 }
                 Protocol::Http2 => {
+                    let service = PerConnection(RefCell::new(app));
                     let connection = servers
                         .http2
                         .serve_connection(TokioIo::new(stream), service);
-                    let _ = Watched::new(connection, &shutdown).await;
+                    let _ = Watched::new(connection, &shutdown, graceful).await;
                 }
                 Protocol::Unsure => {
+                    let service = PerConnection(RefCell::new(app));
                     let connection = servers
                         .either
                         .serve_connection(TokioIo::new(stream), service);
-                    let _ = Watched::new(connection, &shutdown).await;
+                    let _ = Watched::new(connection, &shutdown, graceful).await;
                 }
             }
         });
@@ -132,9 +138,9 @@ where
     shutdown.start_and_wait().await;
 }
 
-/// The servers a connection is handed to, by protocol.
+/// hyper's servers a connection is handed to, by protocol (HTTP/1.1 callers whose first bytes
+/// say so go to aoai-upstream's lean server).
 struct Servers {
-    http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
     /// Tells the protocols apart itself, for a connection whose first bytes could not.
     either: auto::Builder<TokioExecutor>,
@@ -142,19 +148,20 @@ struct Servers {
 
 impl Servers {
     fn new() -> Self {
-        let mut http1 = http1::Builder::new();
-        // A response's head and body go out copied into one buffer, in one `write`, rather
-        // than gathered from a queue of buffers by `writev`: fewer instructions for the small
-        // answers and stream chunks this gateway passes on.
-        http1.writev(false);
         let mut either = auto::Builder::new(TokioExecutor::new());
+        // A response's head and body go out copied into one buffer, in one `write`, rather
+        // than gathered from a queue of buffers by `writev`, as the lean server writes them.
         either.http1().writev(false);
         Self {
-            http1,
             http2: http2::Builder::new(TokioExecutor::new()),
             either,
         }
     }
+}
+
+/// Starts a hyper connection's graceful shutdown.
+fn graceful<C: GracefulConnection>(connection: Pin<&mut C>) {
+    connection.graceful_shutdown();
 }
 
 /// The HTTP/2 connection preface a client opens with (RFC 9113, section 3.4).
@@ -273,6 +280,8 @@ pin_project! {
     struct Watched<C> {
         #[pin]
         connection: C,
+        // Starts the connection's own graceful shutdown.
+        start_shutdown: fn(Pin<&mut C>),
         shutdown: Arc<Shutdown>,
         // The slot and waker registered with `shutdown`, from the first poll on.
         registered: Option<(usize, Waker)>,
@@ -290,9 +299,10 @@ pin_project! {
 }
 
 impl<C> Watched<C> {
-    fn new(connection: C, shutdown: &Arc<Shutdown>) -> Self {
+    fn new(connection: C, shutdown: &Arc<Shutdown>, start_shutdown: fn(Pin<&mut C>)) -> Self {
         Self {
             connection,
+            start_shutdown,
             shutdown: Arc::clone(shutdown),
             registered: None,
             shutting_down: false,
@@ -300,7 +310,7 @@ impl<C> Watched<C> {
     }
 }
 
-impl<C: GracefulConnection> Future for Watched<C> {
+impl<C: Future> Future for Watched<C> {
     type Output = C::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -318,7 +328,7 @@ impl<C: GracefulConnection> Future for Watched<C> {
         }
         if !*this.shutting_down && this.shutdown.started.load(Ordering::Acquire) {
             *this.shutting_down = true;
-            this.connection.as_mut().graceful_shutdown();
+            (this.start_shutdown)(this.connection.as_mut());
         }
         this.connection.poll(cx)
     }

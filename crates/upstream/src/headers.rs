@@ -67,12 +67,27 @@ const AZUREML_MODEL_SESSION: HeaderName = HeaderName::from_static("azureml-model
 const CMP_UPSTREAM_RESPONSE_DURATION: HeaderName =
     HeaderName::from_static("cmp-upstream-response-duration");
 const X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
+// Fields of the requests the OpenAI and Azure SDKs send.
+const API_KEY: HeaderName = HeaderName::from_static("api-key");
+const X_MS_USERAGENT: HeaderName = HeaderName::from_static("x-ms-useragent");
+const X_STAINLESS_LANG: HeaderName = HeaderName::from_static("x-stainless-lang");
+const X_STAINLESS_PACKAGE_VERSION: HeaderName =
+    HeaderName::from_static("x-stainless-package-version");
+const X_STAINLESS_OS: HeaderName = HeaderName::from_static("x-stainless-os");
+const X_STAINLESS_ARCH: HeaderName = HeaderName::from_static("x-stainless-arch");
+const X_STAINLESS_RUNTIME: HeaderName = HeaderName::from_static("x-stainless-runtime");
+const X_STAINLESS_RUNTIME_VERSION: HeaderName =
+    HeaderName::from_static("x-stainless-runtime-version");
+const X_STAINLESS_ASYNC: HeaderName = HeaderName::from_static("x-stainless-async");
+const X_STAINLESS_RETRY_COUNT: HeaderName = HeaderName::from_static("x-stainless-retry-count");
+const X_STAINLESS_READ_TIMEOUT: HeaderName = HeaderName::from_static("x-stainless-read-timeout");
 
-/// The name of a response field, from its name as received (token characters only, as httparse
-/// checked it), in any letter case. The fields Azure OpenAI and the servers in front of it
-/// answer with take a constant, without `HeaderName::from_bytes` lowercasing and looking up the
-/// name (about a hundred instructions a field); any other name is parsed.
-pub(crate) fn response_field_name(name: &[u8]) -> Result<HeaderName, InvalidHeaderName> {
+/// The name of a field, from its name as received (token characters only, as httparse checked
+/// it), in any letter case. The fields Azure OpenAI and the servers in front of it answer with,
+/// and those the OpenAI and Azure SDKs send, take a constant, without `HeaderName::from_bytes`
+/// lowercasing and looking up the name (about a hundred instructions a field); any other name is
+/// parsed.
+pub(crate) fn field_name(name: &[u8]) -> Result<HeaderName, InvalidHeaderName> {
     let is = |known: &str| is_lowercase_of(name, known.as_bytes());
     let first = name.first().map_or(0, u8::to_ascii_lowercase);
     Ok(match (name.len(), first) {
@@ -107,6 +122,24 @@ pub(crate) fn response_field_name(name: &[u8]) -> Result<HeaderName, InvalidHead
         (21, b'a') if is(AZUREML_MODEL_SESSION.as_str()) => AZUREML_MODEL_SESSION,
         (30, b'c') if is(CMP_UPSTREAM_RESPONSE_DURATION.as_str()) => CMP_UPSTREAM_RESPONSE_DURATION,
         (17, b'x') if is(X_ACCEL_BUFFERING.as_str()) => X_ACCEL_BUFFERING,
+        (4, b'h') if is(header::HOST.as_str()) => header::HOST,
+        (10, b'u') if is(header::USER_AGENT.as_str()) => header::USER_AGENT,
+        (6, b'a') if is(header::ACCEPT.as_str()) => header::ACCEPT,
+        (15, b'a') if is(header::ACCEPT_ENCODING.as_str()) => header::ACCEPT_ENCODING,
+        (13, b'a') if is(header::AUTHORIZATION.as_str()) => header::AUTHORIZATION,
+        (10, b'c') if is(header::CONNECTION.as_str()) => header::CONNECTION,
+        (6, b'e') if is(header::EXPECT.as_str()) => header::EXPECT,
+        (7, b'a') if is(API_KEY.as_str()) => API_KEY,
+        (14, b'x') if is(X_MS_USERAGENT.as_str()) => X_MS_USERAGENT,
+        (16, b'x') if is(X_STAINLESS_LANG.as_str()) => X_STAINLESS_LANG,
+        (27, b'x') if is(X_STAINLESS_PACKAGE_VERSION.as_str()) => X_STAINLESS_PACKAGE_VERSION,
+        (15, b'x') if is(X_STAINLESS_OS.as_str()) => X_STAINLESS_OS,
+        (16, b'x') if is(X_STAINLESS_ARCH.as_str()) => X_STAINLESS_ARCH,
+        (19, b'x') if is(X_STAINLESS_RUNTIME.as_str()) => X_STAINLESS_RUNTIME,
+        (27, b'x') if is(X_STAINLESS_RUNTIME_VERSION.as_str()) => X_STAINLESS_RUNTIME_VERSION,
+        (17, b'x') if is(X_STAINLESS_ASYNC.as_str()) => X_STAINLESS_ASYNC,
+        (23, b'x') if is(X_STAINLESS_RETRY_COUNT.as_str()) => X_STAINLESS_RETRY_COUNT,
+        (24, b'x') if is(X_STAINLESS_READ_TIMEOUT.as_str()) => X_STAINLESS_READ_TIMEOUT,
         _ => return HeaderName::from_bytes(name),
     })
 }
@@ -200,7 +233,7 @@ mod tests {
     }
 
     #[test]
-    fn response_field_names_are_lowercase_whatever_case_they_came_in() {
+    fn field_names_are_lowercase_whatever_case_they_came_in() {
         for name in [
             "Content-Type",
             "content-length",
@@ -210,12 +243,21 @@ mod tests {
             "Cmp-Upstream-Response-Duration",
             "x-custom-field",
             "X-Ms-Regions",
+            "Host",
+            "Accept-Encoding",
+            "API-Key",
+            "X-Stainless-Arch",
+            "x-stainless-runtime-version",
+            "X-Stainless-Package-Version",
+            "x-stainless-os",
+            "X-MS-UserAgent",
+            "Expect",
         ] {
-            let parsed = response_field_name(name.as_bytes()).unwrap();
+            let parsed = field_name(name.as_bytes()).unwrap();
             assert_eq!(parsed, name.to_ascii_lowercase().as_str(), "{name}");
         }
-        assert!(response_field_name(b"bad name").is_err());
-        assert!(response_field_name(b"").is_err());
+        assert!(field_name(b"bad name").is_err());
+        assert!(field_name(b"").is_err());
     }
 
     #[test]

@@ -7,8 +7,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 
 use crate::headers::{
-    FieldRole, connection_named, connection_options, is_forwarded_request_field,
-    response_field_name,
+    FieldRole, connection_named, connection_options, field_name, is_forwarded_request_field,
 };
 
 /// Most response header fields accepted (hyper's default too); Azure OpenAI sends about 25.
@@ -103,7 +102,7 @@ fn has_body_semantics(method: &Method) -> bool {
     )
 }
 
-fn itoa(mut value: u64, buf: &mut [u8; 20]) -> &[u8] {
+pub(crate) fn itoa(mut value: u64, buf: &mut [u8; 20]) -> &[u8] {
     let mut start = buf.len();
     loop {
         start -= 1;
@@ -209,7 +208,7 @@ pub(crate) fn parse_response_head(
         // Room for the headers that middleware adds on the way back (`x-served-by`, ...).
         let mut headers = HeaderMap::with_capacity(kept + 2);
         for &(name_start, name_end, value_start, value_end) in &spans[..kept] {
-            let name = response_field_name(&head[name_start as usize..name_end as usize])
+            let name = field_name(&head[name_start as usize..name_end as usize])
                 .map_err(|_| invalid("invalid response header name"))?;
             let value = HeaderValue::from_maybe_shared(
                 head.slice(value_start as usize..value_end as usize),
@@ -304,7 +303,7 @@ impl<'h> FramingFields<'h> {
     }
 }
 
-fn parse_decimal(digits: &[u8]) -> Option<u64> {
+pub(crate) fn parse_decimal(digits: &[u8]) -> Option<u64> {
     if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }

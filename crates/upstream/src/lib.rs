@@ -7,6 +7,10 @@
 //! task, no channel between them. The response body, an SSE stream above all, streams back
 //! untouched as it is read ([`UpstreamBody`]), and so does the request body.
 //!
+//! Its [`server`] module is the other side of a proxy, built the same way: a lean HTTP/1.1
+//! server connection that serves a tower service to callers (the gateway example's HTTP/1.1
+//! callers).
+//!
 //! # Example
 //!
 //! ```no_run
@@ -79,6 +83,7 @@ mod headers;
 mod http1;
 mod path;
 mod pool;
+pub mod server;
 
 use std::{
     fmt,

@@ -1,0 +1,1154 @@
+//! A lean HTTP/1.1 server connection for a tower service: the caller's side of a proxy, as
+//! [`Upstream`](crate::Upstream) is the backend's.
+//!
+//! [`serve_connection`] reads requests from one accepted TCP connection, calls the service with
+//! each, and writes its answers back, keeping the connection alive between them. It exists for
+//! the hot path of a gateway process (the `gateway` example): one task per connection that
+//! parses the head straight into an [`http::Request`], hands over a body that arrived with its
+//! head as one [`Bytes`] (no channel, no wake-up of the connection for it), and writes an answer's
+//! head and its first body frame in one `write`. Services embedded in an axum app keep hyper's
+//! server; this one serves the same services, nothing more:
+//!
+//! - HTTP/1.0 and HTTP/1.1 (`Connection: close` and `keep-alive` honoured), pipelined requests
+//!   answered in order; no upgrades, no HTTP/2 (hyper's server is there for those).
+//! - Request bodies framed by `Content-Length` or `Transfer-Encoding: chunked` (RFC 9112, 6);
+//!   `Expect: 100-continue` answered when the service first reads the body.
+//! - Refused with a JSON error and the connection closed: a malformed head (400), a head over
+//!   64 KiB or with more than 100 fields (431), both `Content-Length` and `Transfer-Encoding`,
+//!   conflicting or malformed lengths, a transfer coding other than a final `chunked` (400, as
+//!   RFC 9112 requires against request smuggling), a coding before `chunked` (501).
+//! - Answers framed by their `Content-Length` or exact size, else chunked (HTTP/1.1 callers) or
+//!   delimited by closing (HTTP/1.0 callers); a body that ends early or runs long closes the
+//!   connection. A `Date` field is added when the answer has none.
+//! - Each answer's body frame goes out as soon as it is produced: a stream is never buffered.
+//! - A caller that closes its connection while its request is in flight cancels it: the
+//!   service's future is dropped (and with it the backend exchange).
+//!
+//! # Example
+//!
+//! ```no_run
+//! use std::convert::Infallible;
+//!
+//! use aoai_upstream::server::{RequestBody, serve_connection};
+//! use bytes::Bytes;
+//! use http_body_util::Full;
+//!
+//! # async fn run() -> std::io::Result<()> {
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! loop {
+//!     let (stream, _) = listener.accept().await?;
+//!     let hello = tower::service_fn(|_: http::Request<RequestBody>| async {
+//!         Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(b"hello"))))
+//!     });
+//!     tokio::spawn(serve_connection(stream, hello));
+//! }
+//! # }
+//! ```
+
+use std::{
+    cell::RefCell,
+    collections::VecDeque,
+    fmt,
+    future::{Future, poll_fn},
+    io,
+    pin::{Pin, pin},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::{Context, Poll, Waker},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http_body::{Body, Frame, SizeHint};
+use tokio::{
+    io::{AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
+};
+use tower::Service;
+
+use crate::{
+    BoxError,
+    body::{READ_SIZE, make_read_room},
+    headers::field_name,
+    http1::{Chunked, Decoded, Framing, MAX_HEAD_BYTES, itoa, parse_decimal},
+};
+
+/// Most request header fields accepted (hyper's default too).
+const MAX_HEADERS: usize = 100;
+/// Body frames up to this size are copied into the answer's write buffer, to leave with the
+/// head or the chunk framing in one `write`; larger ones are written on their own.
+const COPY_LIMIT: usize = 32 * 1024;
+/// A request waiting for its answer reads ahead on its connection (to notice the caller
+/// leaving, and to keep what it pipelines) up to this many bytes.
+const READ_AHEAD_LIMIT: usize = MAX_HEAD_BYTES;
+/// A connection closed by the server reads and drops at most this much, for at most this long,
+/// of what its caller still sends (see `close`).
+const CLOSE_DRAIN_LIMIT: usize = 8 * 1024 * 1024;
+const CLOSE_DRAIN_TIME: Duration = Duration::from_secs(1);
+
+/// Serves HTTP/1.1 on `stream` with `service`, request after request, until the caller closes
+/// the connection, a request or answer says to close it, or [`Connection::graceful_shutdown`]
+/// is called. See the [module docs](self) for what it accepts and refuses.
+///
+/// The service is polled ready before each call. Its errors, and I/O errors, end the connection
+/// (the future's output); they concern that caller only.
+pub fn serve_connection<S, B>(stream: TcpStream, service: S) -> Connection
+where
+    S: Service<Request<RequestBody>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let graceful = Arc::new(AtomicBool::new(false));
+    Connection {
+        future: Box::pin(serve(stream, service, Arc::clone(&graceful))),
+        graceful,
+    }
+}
+
+/// One connection being served: a future that ends when the connection does. Made by
+/// [`serve_connection`].
+#[must_use = "a connection is served only while its future is polled"]
+pub struct Connection {
+    future: Pin<Box<dyn Future<Output = io::Result<()>> + Send>>,
+    graceful: Arc<AtomicBool>,
+}
+
+impl Connection {
+    /// Finishes the request in flight, if any, answering it with `Connection: close`, and then
+    /// ends; an idle connection ends at its next poll. The caller polls the connection after
+    /// calling this.
+    pub fn graceful_shutdown(&self) {
+        self.graceful.store(true, Ordering::Release);
+    }
+}
+
+impl Future for Connection {
+    type Output = io::Result<()>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.future.as_mut().poll(cx)
+    }
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("graceful_shutdown", &self.graceful.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+/// The body of a request read by [`serve_connection`].
+///
+/// A body that arrived with its head (a chat request, nearly always) is one [`Bytes`] sliced
+/// from the read buffer. Any other is read from the connection as the service polls it, one
+/// piece per read. Its errors are [`io::Error`]s: the caller closed the connection before the
+/// body ended (`UnexpectedEof`), or its chunked framing is invalid (`InvalidData`).
+pub struct RequestBody {
+    kind: BodyKind,
+}
+
+enum BodyKind {
+    Complete(Option<Bytes>),
+    Fed(Arc<Feed>),
+}
+
+impl RequestBody {
+    fn complete(data: Bytes) -> Self {
+        Self {
+            kind: BodyKind::Complete((!data.is_empty()).then_some(data)),
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        match &mut self.kind {
+            BodyKind::Complete(data) => Poll::Ready(data.take().map(|data| Ok(Frame::data(data)))),
+            BodyKind::Fed(feed) => feed.poll_piece(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            BodyKind::Complete(data) => data.is_none(),
+            BodyKind::Fed(feed) => feed.lock().is_end(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            BodyKind::Complete(data) => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |data| data.len() as u64))
+            }
+            BodyKind::Fed(feed) => {
+                let fed = feed.lock();
+                match fed.framing {
+                    Framing::Length(remaining) => SizeHint::with_exact(
+                        remaining + fed.pieces.iter().map(|p| p.len() as u64).sum::<u64>(),
+                    ),
+                    _ => SizeHint::default(),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        if let BodyKind::Fed(feed) = &self.kind {
+            feed.lock().dropped = true;
+        }
+    }
+}
+
+impl fmt::Debug for RequestBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match &self.kind {
+            BodyKind::Complete(_) => "Complete",
+            BodyKind::Fed(_) => "Fed",
+        };
+        f.debug_struct("RequestBody").field("kind", &kind).finish()
+    }
+}
+
+/// A body still arriving: the connection decodes pieces from its read buffer into it when the
+/// body asks for more; the body hands them to the service.
+struct Feed(Mutex<Fed>);
+
+struct Fed {
+    /// What is left to decode, and how.
+    framing: Framing,
+    pieces: VecDeque<Bytes>,
+    /// Set once the framing ended; the pieces may still hold data.
+    ended: bool,
+    error: Option<io::Error>,
+    /// Who waits for the next piece; set while the body is starved.
+    waker: Option<Waker>,
+    /// The body was dropped: nothing more is decoded into it.
+    dropped: bool,
+    /// `Expect: 100-continue`, not yet answered.
+    expects_continue: bool,
+}
+
+impl Feed {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Fed> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn poll_piece(&self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let mut fed = self.lock();
+        if let Some(piece) = fed.pieces.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(piece))));
+        }
+        if let Some(error) = fed.error.take() {
+            fed.ended = true;
+            return Poll::Ready(Some(Err(error)));
+        }
+        if fed.ended {
+            return Poll::Ready(None);
+        }
+        match &mut fed.waker {
+            Some(waker) if waker.will_wake(cx.waker()) => {}
+            waker => *waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+}
+
+impl Fed {
+    fn is_end(&self) -> bool {
+        self.pieces.is_empty() && self.ended && self.error.is_none()
+    }
+
+    /// Whether the connection should read for this body: it waits for a piece.
+    fn is_starved(&self) -> bool {
+        self.waker.is_some() && self.pieces.is_empty() && !self.ended && !self.dropped
+    }
+
+    /// Decodes what `buf` holds into pieces; whether anything changed for the body.
+    fn decode_from(&mut self, buf: &mut BytesMut) -> bool {
+        let mut changed = false;
+        while !self.ended && !self.dropped {
+            match self.framing.decode(buf) {
+                Ok(Decoded::Data(data)) => self.pieces.push_back(data),
+                Ok(Decoded::End) => self.ended = true,
+                Ok(Decoded::NeedMore) => break,
+                Err(e) => {
+                    self.fail(invalid_data(&format!("invalid request body: {e}")));
+                }
+            }
+            changed = true;
+        }
+        if changed && let Some(waker) = self.waker.take() {
+            waker.wake();
+        }
+        changed
+    }
+
+    fn fail(&mut self, error: io::Error) {
+        self.error = Some(error);
+        self.ended = true;
+        if let Some(waker) = self.waker.take() {
+            waker.wake();
+        }
+    }
+}
+
+/// A request refused before it reaches the service.
+#[derive(Debug)]
+struct Refusal {
+    status: StatusCode,
+    message: &'static str,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, message: &'static str) -> Self {
+        Self { status, message }
+    }
+
+    fn bad_request(message: &'static str) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+/// What a request head says about its body and its connection.
+struct Head {
+    request: Request<()>,
+    body: BodyFraming,
+    keep_alive: bool,
+    expects_continue: bool,
+}
+
+enum BodyFraming {
+    Length(u64),
+    Chunked,
+}
+
+async fn serve<S, B>(
+    mut stream: TcpStream,
+    mut service: S,
+    graceful: Arc<AtomicBool>,
+) -> io::Result<()>
+where
+    S: Service<Request<RequestBody>, Response = Response<B>>,
+    S::Error: Into<BoxError>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let mut buf = BytesMut::with_capacity(READ_SIZE);
+    let mut out = Vec::with_capacity(1024);
+    loop {
+        let head = loop {
+            if !buf.is_empty() {
+                match parse_request_head(&mut buf) {
+                    Ok(Some(head)) => break head,
+                    Ok(None) => {}
+                    Err(refusal) => return refuse(stream, &mut out, &refusal).await,
+                }
+            }
+            let read = poll_fn(|cx| {
+                // Idle: a graceful shutdown ends the connection here.
+                if buf.is_empty() && graceful.load(Ordering::Acquire) {
+                    return Poll::Ready(Ok(0));
+                }
+                make_read_room(&mut buf);
+                tokio_util::io::poll_read_buf(Pin::new(&mut stream), cx, &mut buf)
+            })
+            .await?;
+            if read == 0 {
+                // Closed (or shutting down) between requests, or inside a head: nothing to answer.
+                return Ok(());
+            }
+        };
+        let Head {
+            request,
+            body: body_framing,
+            mut keep_alive,
+            expects_continue,
+        } = head;
+        let (body, feed) = take_body(&mut buf, body_framing, expects_continue);
+        let head_request = request.method() == Method::HEAD;
+        let http10 = request.version() == http::Version::HTTP_10;
+        let request = request.map(|()| body);
+
+        poll_fn(|cx| service.poll_ready(cx))
+            .await
+            .map_err(|e| io::Error::other(e.into()))?;
+        let mut continue_sent = 0;
+        // The service's future is dropped once it has answered, before the answer is written.
+        let answer = {
+            let mut future = pin!(service.call(request));
+            poll_fn(|cx| {
+                loop {
+                    if let Poll::Ready(result) = future.as_mut().poll(cx) {
+                        return Poll::Ready(Some(result.map_err(|e| io::Error::other(e.into()))));
+                    }
+                    match &feed {
+                        Some(feed) if !feed.lock().ended => {
+                            match feed_body(feed, &mut stream, &mut buf, &mut continue_sent, cx) {
+                                Poll::Ready(Ok(())) => continue,
+                                Poll::Ready(Err(e)) => {
+                                    feed.lock().fail(e);
+                                    continue;
+                                }
+                                Poll::Pending => return Poll::Pending,
+                            }
+                        }
+                        _ => {
+                            return match watch_caller(&mut stream, &mut buf, cx) {
+                                Poll::Ready(()) => Poll::Ready(None),
+                                Poll::Pending => Poll::Pending,
+                            };
+                        }
+                    }
+                }
+            })
+            .await
+        };
+        // The caller left: the service's future (and whatever it was waiting for) is dropped.
+        let Some(answer) = answer else { return Ok(()) };
+        let response = answer?;
+        if let Some(feed) = &feed {
+            // A body the service did not read to its end leaves the connection out of step.
+            keep_alive &= feed.lock().framing.is_done();
+        }
+        keep_alive &= !graceful.load(Ordering::Acquire);
+        let kept = write_response(
+            &mut stream,
+            &mut buf,
+            &mut out,
+            response,
+            head_request,
+            http10,
+            keep_alive,
+        )
+        .await?;
+        if !kept {
+            close(stream, buf).await;
+            return Ok(());
+        }
+    }
+}
+
+/// The request's body: taken whole from `buf` when it is all there, else a feed that the
+/// connection fills as the service reads.
+fn take_body(
+    buf: &mut BytesMut,
+    framing: BodyFraming,
+    expects_continue: bool,
+) -> (RequestBody, Option<Arc<Feed>>) {
+    let framing = match framing {
+        BodyFraming::Length(0) => return (RequestBody::complete(Bytes::new()), None),
+        BodyFraming::Length(length) if length <= buf.len() as u64 => {
+            let data = buf.split_to(length as usize).freeze();
+            return (RequestBody::complete(data), None);
+        }
+        BodyFraming::Length(length) => Framing::Length(length),
+        BodyFraming::Chunked => Framing::Chunked(Chunked::Size),
+    };
+    let mut fed = Fed {
+        framing,
+        pieces: VecDeque::new(),
+        ended: false,
+        error: None,
+        waker: None,
+        dropped: false,
+        expects_continue,
+    };
+    fed.decode_from(buf);
+    if !buf.is_empty() || fed.ended {
+        // The body came whole (pipelined requests may follow): no 100 Continue needed.
+        fed.expects_continue = false;
+    }
+    let feed = Arc::new(Feed(Mutex::new(fed)));
+    (
+        RequestBody {
+            kind: BodyKind::Fed(Arc::clone(&feed)),
+        },
+        Some(feed),
+    )
+}
+
+/// Reads for a body that waits for its next piece: `Ready(Ok)` when the body has something new
+/// (a piece, its end, an error), `Pending` while neither the body nor the socket is ready.
+fn feed_body(
+    feed: &Feed,
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    continue_sent: &mut usize,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<()>> {
+    const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+    loop {
+        let mut fed = feed.lock();
+        if !fed.is_starved() {
+            return Poll::Pending;
+        }
+        if fed.expects_continue {
+            drop(fed);
+            while *continue_sent < CONTINUE.len() {
+                let written = std::task::ready!(
+                    Pin::new(&mut *stream).poll_write(cx, &CONTINUE[*continue_sent..])
+                )?;
+                *continue_sent += written;
+            }
+            feed.lock().expects_continue = false;
+            continue;
+        }
+        if fed.decode_from(buf) {
+            return Poll::Ready(Ok(()));
+        }
+        drop(fed);
+        make_read_room(buf);
+        let read = std::task::ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut *stream),
+            cx,
+            buf
+        ))?;
+        if read == 0 {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "caller closed the connection before the request body ended",
+            )));
+        }
+    }
+}
+
+/// Reads ahead on the caller's connection while its request is in flight: `Ready` when the
+/// caller has closed it (or it failed); bytes it sends meanwhile (a pipelined request) are kept.
+fn watch_caller(stream: &mut TcpStream, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<()> {
+    while buf.len() < READ_AHEAD_LIMIT {
+        make_read_room(buf);
+        match tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, buf) {
+            Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(()),
+            Poll::Ready(Ok(_)) => {}
+            Poll::Pending => return Poll::Pending,
+        }
+    }
+    Poll::Pending
+}
+
+/// Parses the request head at the front of `buf` and removes it; `None` while incomplete.
+fn parse_request_head(buf: &mut BytesMut) -> Result<Option<Head>, Refusal> {
+    let mut fields =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut []);
+    let length = match parsed.parse_with_uninit_headers(buf, &mut fields) {
+        Ok(httparse::Status::Complete(length)) => length,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_BYTES => {
+            return Err(Refusal::new(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "request head larger than 64 KiB",
+            ));
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Refusal::new(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "more than 100 request header fields",
+            ));
+        }
+        Err(_) => return Err(Refusal::bad_request("malformed request head")),
+    };
+    if length > MAX_HEAD_BYTES {
+        return Err(Refusal::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "request head larger than 64 KiB",
+        ));
+    }
+    let method = Method::from_bytes(parsed.method.unwrap_or_default().as_bytes())
+        .map_err(|_| Refusal::bad_request("invalid method"))?;
+    let http10 = parsed.version == Some(0);
+    // Offsets into the head, to slice it once it is frozen; they fit in `u16`, as every field ends
+    // before the head does, within 64 KiB.
+    let base = buf.as_ptr() as usize;
+    let offset = |part: &[u8]| (part.as_ptr() as usize - base) as u16;
+    let target = parsed.path.unwrap_or_default().as_bytes();
+    let target = (offset(target), offset(target) + target.len() as u16);
+    let mut spans = [(0u16, 0u16, 0u16, 0u16); MAX_HEADERS];
+    let mut scan = RequestFields::default();
+    let count = parsed.headers.len();
+    for (field, span) in parsed.headers.iter().zip(spans.iter_mut()) {
+        let name = field.name.as_bytes();
+        scan.read(name, field.value)?;
+        let (name_at, value_at) = (offset(name), offset(field.value));
+        *span = (
+            name_at,
+            name_at + name.len() as u16,
+            value_at,
+            value_at + field.value.len() as u16,
+        );
+    }
+    let body = scan.body_framing(http10)?;
+    let keep_alive = if http10 { scan.keep_alive } else { !scan.close };
+    let expects_continue = scan.expects_continue && !http10;
+    let head = buf.split_to(length).freeze();
+    let uri = Uri::from_maybe_shared(head.slice(target.0 as usize..target.1 as usize))
+        .map_err(|_| Refusal::bad_request("invalid request target"))?;
+    // Room for the fields the middleware adds (the backend's credential, ...).
+    let mut headers = HeaderMap::with_capacity(count + 2);
+    for &(name_start, name_end, value_start, value_end) in &spans[..count] {
+        let name = field_name(&head[name_start as usize..name_end as usize])
+            .map_err(|_| Refusal::bad_request("invalid header name"))?;
+        let value =
+            HeaderValue::from_maybe_shared(head.slice(value_start as usize..value_end as usize))
+                .map_err(|_| Refusal::bad_request("invalid header value"))?;
+        headers.append(name, value);
+    }
+    let mut request = Request::new(());
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = if http10 {
+        http::Version::HTTP_10
+    } else {
+        http::Version::HTTP_11
+    };
+    *request.headers_mut() = headers;
+    Ok(Some(Head {
+        request,
+        body,
+        keep_alive,
+        expects_continue,
+    }))
+}
+
+/// What the framing and connection fields of a request head say.
+#[derive(Default)]
+struct RequestFields {
+    content_length: Option<u64>,
+    /// Whether a `Transfer-Encoding` field is present, and whether its last coding so far is
+    /// `chunked`.
+    transfer_encoding: Option<bool>,
+    /// A coding other than `chunked` came before it.
+    other_coding: bool,
+    close: bool,
+    keep_alive: bool,
+    expects_continue: bool,
+}
+
+impl RequestFields {
+    fn read(&mut self, name: &[u8], value: &[u8]) -> Result<(), Refusal> {
+        let is = |known: &[u8]| name.eq_ignore_ascii_case(known);
+        match name.len() {
+            14 if is(b"content-length") => {
+                // `Content-Length: 5, 5` and repeated fields are one length if they all agree.
+                for part in value.split(|&b| b == b',') {
+                    let length = parse_decimal(part.trim_ascii())
+                        .ok_or_else(|| Refusal::bad_request("invalid Content-Length"))?;
+                    if self.content_length.is_some_and(|seen| seen != length) {
+                        return Err(Refusal::bad_request("conflicting Content-Length values"));
+                    }
+                    self.content_length = Some(length);
+                }
+            }
+            17 if is(b"transfer-encoding") => {
+                for coding in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    if coding.is_empty() {
+                        continue;
+                    }
+                    if self.transfer_encoding == Some(true) {
+                        // Something after `chunked`: the body's end cannot be told.
+                        return Err(Refusal::bad_request(
+                            "chunked is not the last transfer coding",
+                        ));
+                    }
+                    let chunked = coding.eq_ignore_ascii_case(b"chunked");
+                    self.other_coding |= !chunked;
+                    self.transfer_encoding = Some(chunked);
+                }
+            }
+            10 if is(b"connection") => {
+                for option in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    self.close |= option.eq_ignore_ascii_case(b"close");
+                    self.keep_alive |= option.eq_ignore_ascii_case(b"keep-alive");
+                }
+            }
+            6 if is(b"expect") => {
+                self.expects_continue |= value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn body_framing(&self, http10: bool) -> Result<BodyFraming, Refusal> {
+        match (self.transfer_encoding, self.content_length) {
+            (None, length) => Ok(BodyFraming::Length(length.unwrap_or(0))),
+            (Some(_), Some(_)) => Err(Refusal::bad_request(
+                "both Transfer-Encoding and Content-Length",
+            )),
+            (Some(_), None) if http10 => Err(Refusal::bad_request(
+                "Transfer-Encoding in an HTTP/1.0 request",
+            )),
+            (Some(false), None) => Err(Refusal::bad_request(
+                "chunked is not the last transfer coding",
+            )),
+            (Some(true), None) if self.other_coding => Err(Refusal::new(
+                StatusCode::NOT_IMPLEMENTED,
+                "transfer codings other than chunked are not supported",
+            )),
+            (Some(true), None) => Ok(BodyFraming::Chunked),
+        }
+    }
+}
+
+/// Answers a refused request and ends the connection.
+async fn refuse(mut stream: TcpStream, out: &mut Vec<u8>, refusal: &Refusal) -> io::Result<()> {
+    let body = format!(
+        r#"{{"error":{{"code":"{}","message":"{}"}}}}"#,
+        refusal
+            .status
+            .canonical_reason()
+            .unwrap_or("Error")
+            .replace(' ', ""),
+        refusal.message
+    );
+    out.clear();
+    write_status_line(out, refusal.status);
+    out.extend_from_slice(b"content-type: application/json\r\ncontent-length: ");
+    out.extend_from_slice(itoa(body.len() as u64, &mut [0; 20]));
+    out.extend_from_slice(b"\r\nconnection: close\r\n");
+    write_date(out);
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body.as_bytes());
+    write_all(&mut stream, out).await?;
+    close(stream, BytesMut::new()).await;
+    Ok(())
+}
+
+/// Closes a connection without losing the answer just written: the write side is shut first,
+/// and what the caller still sends (a body nobody read, say) is read and dropped for a moment,
+/// because closing a socket with unread bytes resets the connection, and a reset can reach the
+/// caller before it has read the answer.
+async fn close(mut stream: TcpStream, mut buf: BytesMut) {
+    let _ = stream.shutdown().await;
+    let drain = async {
+        let mut drained = 0;
+        while drained < CLOSE_DRAIN_LIMIT {
+            buf.clear();
+            make_read_room(&mut buf);
+            match tokio::io::AsyncReadExt::read_buf(&mut stream, &mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(read) => drained += read,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_DRAIN_TIME, drain).await;
+}
+
+fn write_status_line(out: &mut Vec<u8>, status: StatusCode) {
+    if status == StatusCode::OK {
+        out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+        return;
+    }
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.extend_from_slice(b" ");
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// How an answer's body is delimited on the wire.
+#[derive(PartialEq, Eq)]
+enum Delimited {
+    /// No body is written (`HEAD`, 1xx, 204, 304).
+    Nothing,
+    Length(u64),
+    Chunked,
+    /// By closing the connection (an HTTP/1.0 caller, a body of unknown size).
+    Close,
+}
+
+/// Writes `response`; whether the connection may carry another request.
+async fn write_response<B>(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    out: &mut Vec<u8>,
+    response: Response<B>,
+    head_request: bool,
+    http10: bool,
+    mut keep_alive: bool,
+) -> io::Result<bool>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let (parts, body) = response.into_parts();
+    let status = parts.status;
+    out.clear();
+    write_status_line(out, status);
+    let mut declared = None;
+    let mut date = false;
+    for (name, value) in &parts.headers {
+        if *name == http::header::CONTENT_LENGTH {
+            if declared.is_none() {
+                declared = parse_decimal(value.as_bytes());
+            }
+            continue;
+        }
+        if *name == http::header::CONNECTION {
+            keep_alive &= !value
+                .as_bytes()
+                .split(|&b| b == b',')
+                .any(|option| option.trim_ascii().eq_ignore_ascii_case(b"close"));
+            continue;
+        }
+        if *name == http::header::TRANSFER_ENCODING || name.as_str() == "keep-alive" {
+            continue;
+        }
+        date |= *name == http::header::DATE;
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !date {
+        write_date(out);
+    }
+    let no_body = status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let length = declared.or_else(|| body.size_hint().exact());
+    let delimited = if no_body {
+        if status == StatusCode::NOT_MODIFIED
+            && let Some(length) = declared
+        {
+            write_length(out, length);
+        }
+        Delimited::Nothing
+    } else if head_request {
+        if let Some(length) = length {
+            write_length(out, length);
+        }
+        Delimited::Nothing
+    } else if let Some(length) = length {
+        write_length(out, length);
+        Delimited::Length(length)
+    } else if http10 {
+        keep_alive = false;
+        Delimited::Close
+    } else {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        Delimited::Chunked
+    };
+    if !keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if http10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    drop(parts);
+    if delimited == Delimited::Nothing {
+        // The body is not sent; dropping it may close the backend's connection, which the
+        // backend's `Content-Length` would have said nothing about anyway.
+        drop(body);
+        write_all(stream, out).await?;
+        return Ok(keep_alive);
+    }
+    let mut body = pin!(body);
+    let mut left = match delimited {
+        Delimited::Length(length) => Some(length),
+        _ => None,
+    };
+    loop {
+        let next = poll_fn(|cx| match body.as_mut().poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Next::Frame(frame)),
+            Poll::Ready(Some(Err(_))) => Poll::Ready(Next::Failed),
+            Poll::Ready(None) => Poll::Ready(Next::End),
+            // Whatever is ready goes out before waiting for more.
+            Poll::Pending if !out.is_empty() => Poll::Ready(Next::Flush),
+            Poll::Pending => match watch_caller(stream, buf, cx) {
+                Poll::Ready(()) => Poll::Ready(Next::Failed),
+                Poll::Pending => Poll::Pending,
+            },
+        })
+        .await;
+        match next {
+            Next::Flush => write_all(stream, out).await?,
+            Next::Frame(frame) => {
+                let Ok(data) = frame.into_data() else {
+                    // Trailers are not sent.
+                    continue;
+                };
+                if data.is_empty() {
+                    continue;
+                }
+                if let Some(left) = &mut left {
+                    if data.len() as u64 > *left {
+                        // The body runs past its length: the caller gets what was promised,
+                        // and the connection is closed.
+                        write_data(stream, out, &data[..*left as usize]).await?;
+                        write_all(stream, out).await?;
+                        return Ok(false);
+                    }
+                    *left -= data.len() as u64;
+                }
+                if delimited == Delimited::Chunked {
+                    write_hex(out, data.len());
+                    out.extend_from_slice(b"\r\n");
+                    write_data(stream, out, &data).await?;
+                    out.extend_from_slice(b"\r\n");
+                } else {
+                    write_data(stream, out, &data).await?;
+                }
+            }
+            Next::End => {
+                if delimited == Delimited::Chunked {
+                    out.extend_from_slice(b"0\r\n\r\n");
+                }
+                write_all(stream, out).await?;
+                // A body that ended short of its length leaves the caller waiting for the rest:
+                // closing the connection tells it.
+                let complete = left.is_none_or(|left| left == 0);
+                return Ok(keep_alive && complete && delimited != Delimited::Close);
+            }
+            Next::Failed => {
+                // The answer cannot be completed (its body failed, or the caller left): what
+                // was sent stands, and closing the connection without the last chunk tells the
+                // caller it is cut short.
+                let _ = write_all(stream, out).await;
+                return Ok(false);
+            }
+        }
+    }
+}
+
+/// What an answer's body has next.
+enum Next {
+    Frame(Frame<Bytes>),
+    End,
+    Failed,
+    /// Nothing yet: write out what is waiting.
+    Flush,
+}
+
+fn write_length(out: &mut Vec<u8>, length: u64) {
+    out.extend_from_slice(b"content-length: ");
+    out.extend_from_slice(itoa(length, &mut [0; 20]));
+    out.extend_from_slice(b"\r\n");
+}
+
+fn write_hex(out: &mut Vec<u8>, mut value: usize) {
+    let mut digits = [0u8; 16];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b"0123456789abcdef"[value & 15];
+        value >>= 4;
+        if value == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[start..]);
+}
+
+/// Appends `data` to `out`, or, when it is large, writes `out` and then `data` itself.
+async fn write_data(stream: &mut TcpStream, out: &mut Vec<u8>, data: &[u8]) -> io::Result<()> {
+    if data.len() <= COPY_LIMIT {
+        out.extend_from_slice(data);
+        return Ok(());
+    }
+    write_all(stream, out).await?;
+    let mut data = data;
+    while !data.is_empty() {
+        let written = write_some(stream, data).await?;
+        data = &data[written..];
+    }
+    Ok(())
+}
+
+/// Writes all of `out` and clears it.
+async fn write_all(stream: &mut TcpStream, out: &mut Vec<u8>) -> io::Result<()> {
+    let mut written = 0;
+    while written < out.len() {
+        written += write_some(stream, &out[written..]).await?;
+    }
+    out.clear();
+    Ok(())
+}
+
+/// One write of some of `data`. A socket that is writable is written without registering for
+/// readiness (a plain `write` system call); only a full one waits.
+async fn write_some(stream: &mut TcpStream, data: &[u8]) -> io::Result<usize> {
+    loop {
+        match stream.try_write(data) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(written) => return Ok(written),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn invalid_data(message: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, message.to_owned())
+}
+
+/// Appends a `Date` field with the current time, formatted once a second per thread.
+fn write_date(out: &mut Vec<u8>) {
+    thread_local! {
+        static DATE: RefCell<(u64, [u8; 29])> = const { RefCell::new((u64::MAX, [0; 29])) };
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO);
+    DATE.with_borrow_mut(|(second, text)| {
+        if *second != now.as_secs() {
+            *second = now.as_secs();
+            let formatted = httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_secs(*second));
+            text.copy_from_slice(&formatted.as_bytes()[..29]);
+        }
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(text);
+        out.extend_from_slice(b"\r\n");
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head_of(raw: &str) -> Result<Option<Head>, Refusal> {
+        parse_request_head(&mut BytesMut::from(raw))
+    }
+
+    fn refusal_of(raw: &str) -> (StatusCode, &'static str) {
+        match head_of(raw) {
+            Err(refusal) => (refusal.status, refusal.message),
+            Ok(_) => panic!("{raw:?} was accepted"),
+        }
+    }
+
+    #[test]
+    fn a_head_is_parsed_into_the_request_and_its_framing() {
+        let mut buf = BytesMut::from(
+            "POST /openai/x?api-version=1 HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\nX-A: 1\r\nx-a: 2\r\n\r\nhello",
+        );
+        let head = parse_request_head(&mut buf).unwrap().unwrap();
+        assert_eq!(head.request.method(), Method::POST);
+        assert_eq!(head.request.uri(), "/openai/x?api-version=1");
+        assert_eq!(head.request.version(), http::Version::HTTP_11);
+        let values: Vec<_> = head.request.headers().get_all("x-a").iter().collect();
+        assert_eq!(values, ["1", "2"]);
+        assert!(matches!(head.body, BodyFraming::Length(5)));
+        assert!(head.keep_alive);
+        assert_eq!(&buf[..], b"hello", "the body stays in the buffer");
+    }
+
+    #[test]
+    fn an_incomplete_head_waits_for_more() {
+        assert!(
+            head_of("POST / HTTP/1.1\r\nHost: gw\r\n")
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn keep_alive_follows_the_version_and_the_connection_field() {
+        let keep = |raw: &str| head_of(raw).unwrap().unwrap().keep_alive;
+        assert!(keep("GET / HTTP/1.1\r\n\r\n"));
+        assert!(!keep("GET / HTTP/1.1\r\nConnection: Close\r\n\r\n"));
+        assert!(!keep("GET / HTTP/1.0\r\n\r\n"));
+        assert!(keep("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"));
+    }
+
+    #[test]
+    fn smuggling_shapes_are_refused() {
+        let cases = [
+            "POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 5, 6\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 0x5\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n",
+            "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding : chunked\r\n\r\n",
+        ];
+        for raw in cases {
+            assert_eq!(refusal_of(raw).0, StatusCode::BAD_REQUEST, "{raw:?}");
+        }
+        let (status, message) =
+            refusal_of("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n");
+        assert_eq!(status, StatusCode::NOT_IMPLEMENTED, "{message}");
+    }
+
+    #[test]
+    fn agreeing_lengths_are_one_length() {
+        let head = head_of("POST / HTTP/1.1\r\nContent-Length: 5\r\ncontent-length: 5, 5\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(matches!(head.body, BodyFraming::Length(5)));
+    }
+
+    #[test]
+    fn oversized_and_malformed_heads_are_refused() {
+        let fields: String = (0..101).map(|i| format!("x-{i}: v\r\n")).collect();
+        let raw = format!("GET / HTTP/1.1\r\n{fields}\r\n");
+        assert_eq!(
+            refusal_of(&raw).0,
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        );
+        let raw = format!(
+            "GET / HTTP/1.1\r\nx-big: {}\r\n",
+            "a".repeat(MAX_HEAD_BYTES + 1)
+        );
+        assert_eq!(
+            refusal_of(&raw).0,
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        );
+        assert_eq!(
+            refusal_of("GET / HTTP/2.0\r\n\r\n").0,
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            refusal_of("G\0T / HTTP/1.1\r\n\r\n").0,
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            refusal_of("GET / HTTP/1.1\r\nx: a\0b\r\n\r\n").0,
+            StatusCode::BAD_REQUEST
+        );
+    }
+
+    #[test]
+    fn a_body_in_the_buffer_is_taken_whole() {
+        let mut buf = BytesMut::from("helloGET");
+        let (body, feed) = take_body(&mut buf, BodyFraming::Length(5), false);
+        assert!(feed.is_none());
+        assert!(matches!(&body.kind, BodyKind::Complete(Some(data)) if data == "hello"));
+        assert_eq!(&buf[..], b"GET");
+    }
+
+    #[test]
+    fn a_chunked_body_in_the_buffer_is_decoded_and_what_follows_kept() {
+        let mut buf = BytesMut::from("5\r\nhello\r\n0\r\n\r\nGET");
+        let (body, feed) = take_body(&mut buf, BodyFraming::Chunked, true);
+        let feed = feed.unwrap();
+        let fed = feed.lock();
+        assert!(fed.ended);
+        assert!(
+            !fed.expects_continue,
+            "a body already here needs no 100 Continue"
+        );
+        assert_eq!(fed.pieces, [Bytes::from_static(b"hello")]);
+        drop(fed);
+        assert_eq!(&buf[..], b"GET");
+        drop(body);
+        assert!(feed.lock().dropped);
+    }
+}
