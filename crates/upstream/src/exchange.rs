@@ -251,7 +251,6 @@ const JOIN_LIMIT: usize = 4 * 1024;
 ///
 /// While the socket takes no more, the backend may be answering without reading the rest: what
 /// it sends goes into `buf`, and writing stops with [`Sent::Answered`].
-
 async fn write_part(
     stream: &mut Stream,
     buf: &mut BytesMut,

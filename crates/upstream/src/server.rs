@@ -236,6 +236,9 @@ struct Fed {
     error: Option<io::Error>,
     /// Who waits for the next piece; set while the body is starved.
     waker: Option<Waker>,
+    /// The connection's task, when it waits for the body to ask for more: the body may be read
+    /// on another task (a client's connection task, say), which must wake it.
+    connection: Option<Waker>,
     /// The body was dropped: nothing more is decoded into it.
     dropped: bool,
     /// `Expect: 100-continue`, not yet answered.
@@ -262,6 +265,9 @@ impl Feed {
         match &mut fed.waker {
             Some(waker) if waker.will_wake(cx.waker()) => {}
             waker => *waker = Some(cx.waker().clone()),
+        }
+        if let Some(connection) = fed.connection.take() {
+            connection.wake();
         }
         Poll::Pending
     }
@@ -336,35 +342,36 @@ enum BodyFraming {
     Chunked,
 }
 
-async fn serve<S, B>(
-    mut stream: TcpStream,
-    mut service: S,
-    graceful: Arc<AtomicBool>,
-) -> io::Result<()>
+async fn serve<S, B>(stream: TcpStream, mut service: S, graceful: Arc<AtomicBool>) -> io::Result<()>
 where
     S: Service<Request<RequestBody>, Response = Response<B>>,
     S::Error: Into<BoxError>,
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    let mut buf = BytesMut::with_capacity(READ_SIZE);
+    let mut caller = Caller {
+        stream,
+        buf: BytesMut::with_capacity(READ_SIZE),
+        feed: None,
+        continue_sent: 0,
+    };
     let mut out = Vec::with_capacity(1024);
     loop {
         let head = loop {
-            if !buf.is_empty() {
-                match parse_request_head(&mut buf) {
+            if !caller.buf.is_empty() {
+                match parse_request_head(&mut caller.buf) {
                     Ok(Some(head)) => break head,
                     Ok(None) => {}
-                    Err(refusal) => return refuse(stream, &mut out, &refusal).await,
+                    Err(refusal) => return refuse(caller.stream, &mut out, &refusal).await,
                 }
             }
             let read = poll_fn(|cx| {
                 // Idle: a graceful shutdown ends the connection here.
-                if buf.is_empty() && graceful.load(Ordering::Acquire) {
+                if caller.buf.is_empty() && graceful.load(Ordering::Acquire) {
                     return Poll::Ready(Ok(0));
                 }
-                make_read_room(&mut buf);
-                tokio_util::io::poll_read_buf(Pin::new(&mut stream), cx, &mut buf)
+                make_read_room(&mut caller.buf);
+                tokio_util::io::poll_read_buf(Pin::new(&mut caller.stream), cx, &mut caller.buf)
             })
             .await?;
             if read == 0 {
@@ -378,15 +385,18 @@ where
             mut keep_alive,
             expects_continue,
         } = head;
-        let (body, feed) = take_body(&mut buf, body_framing, expects_continue);
-        let head_request = request.method() == Method::HEAD;
-        let http10 = request.version() == http::Version::HTTP_10;
+        let (body, feed) = take_body(&mut caller.buf, body_framing, expects_continue);
+        caller.feed = feed;
+        caller.continue_sent = 0;
+        let asked = Asked {
+            head: request.method() == Method::HEAD,
+            http10: request.version() == http::Version::HTTP_10,
+        };
         let request = request.map(|()| body);
 
         poll_fn(|cx| service.poll_ready(cx))
             .await
             .map_err(|e| io::Error::other(e.into()))?;
-        let mut continue_sent = 0;
         // The service's future is dropped once it has answered, before the answer is written.
         let answer = {
             let mut future = pin!(service.call(request));
@@ -395,23 +405,10 @@ where
                     if let Poll::Ready(result) = future.as_mut().poll(cx) {
                         return Poll::Ready(Some(result.map_err(|e| io::Error::other(e.into()))));
                     }
-                    match &feed {
-                        Some(feed) if !feed.lock().ended => {
-                            match feed_body(feed, &mut stream, &mut buf, &mut continue_sent, cx) {
-                                Poll::Ready(Ok(())) => continue,
-                                Poll::Ready(Err(e)) => {
-                                    feed.lock().fail(e);
-                                    continue;
-                                }
-                                Poll::Pending => return Poll::Pending,
-                            }
-                        }
-                        _ => {
-                            return match watch_caller(&mut stream, &mut buf, cx) {
-                                Poll::Ready(()) => Poll::Ready(None),
-                                Poll::Pending => Poll::Pending,
-                            };
-                        }
+                    match caller.poll_event(cx) {
+                        Poll::Ready(CallerEvent::BodyFed) => {}
+                        Poll::Ready(CallerEvent::Left) => return Poll::Ready(None),
+                        Poll::Pending => return Poll::Pending,
                     }
                 }
             })
@@ -420,26 +417,77 @@ where
         // The caller left: the service's future (and whatever it was waiting for) is dropped.
         let Some(answer) = answer else { return Ok(()) };
         let response = answer?;
-        if let Some(feed) = &feed {
-            // A body the service did not read to its end leaves the connection out of step.
-            keep_alive &= feed.lock().framing.is_done();
-        }
+        // A body dropped before its end (a 413, say) leaves the connection out of step.
+        keep_alive &= !caller.body_abandoned();
         keep_alive &= !graceful.load(Ordering::Acquire);
-        let kept = write_response(
-            &mut stream,
-            &mut buf,
-            &mut out,
-            response,
-            head_request,
-            http10,
-            keep_alive,
-        )
-        .await?;
-        if !kept {
-            close(stream, buf).await;
+        let kept = write_response(&mut caller, &mut out, response, asked, keep_alive).await?;
+        // The answer may have carried the request body on (an echo): it must have ended.
+        if !kept || !caller.body_complete() {
+            close(caller.stream, caller.buf).await;
             return Ok(());
         }
     }
+}
+
+/// The caller's side of a connection: its socket, what was read from it and not used yet, and
+/// the body of the request in flight while it is still arriving.
+struct Caller {
+    stream: TcpStream,
+    buf: BytesMut,
+    feed: Option<Arc<Feed>>,
+    /// How much of a `100 Continue` for the request in flight has been written.
+    continue_sent: usize,
+}
+
+impl Caller {
+    /// Serves the caller's side while the service or an answer's body waits: reads for a request
+    /// body still arriving when it asks for more (on whichever task reads it), and otherwise
+    /// reads ahead to notice the caller leaving.
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<CallerEvent> {
+        if let Some(feed) = &self.feed
+            && !feed.lock().ended
+        {
+            match feed_body(
+                feed,
+                &mut self.stream,
+                &mut self.buf,
+                &mut self.continue_sent,
+                cx,
+            ) {
+                Poll::Ready(Ok(())) => return Poll::Ready(CallerEvent::BodyFed),
+                Poll::Ready(Err(e)) => {
+                    feed.lock().fail(e);
+                    return Poll::Ready(CallerEvent::BodyFed);
+                }
+                Poll::Pending => {}
+            }
+        }
+        watch_caller(&mut self.stream, &mut self.buf, cx).map(|()| CallerEvent::Left)
+    }
+
+    /// Whether the request's body was dropped before its end.
+    fn body_abandoned(&self) -> bool {
+        self.feed.as_ref().is_some_and(|feed| {
+            let fed = feed.lock();
+            fed.dropped && !fed.framing.is_done()
+        })
+    }
+
+    /// Whether the request's body was read to its end (or came whole with its head).
+    fn body_complete(&self) -> bool {
+        self.feed
+            .as_ref()
+            .is_none_or(|feed| feed.lock().framing.is_done())
+    }
+}
+
+/// What the request asked that shapes its answer on the wire.
+#[derive(Clone, Copy)]
+struct Asked {
+    /// A `HEAD` request: the answer has no body.
+    head: bool,
+    /// From an HTTP/1.0 caller: no chunked coding.
+    http10: bool,
 }
 
 /// The request's body: taken whole from `buf` when it is all there, else a feed that the
@@ -464,6 +512,7 @@ fn take_body(
         ended: false,
         error: None,
         waker: None,
+        connection: None,
         dropped: false,
         expects_continue,
     };
@@ -494,6 +543,10 @@ fn feed_body(
     loop {
         let mut fed = feed.lock();
         if !fed.is_starved() {
+            match &mut fed.connection {
+                Some(waker) if waker.will_wake(cx.waker()) => {}
+                waker => *waker = Some(cx.waker().clone()),
+            }
             return Poll::Pending;
         }
         if fed.expects_continue {
@@ -526,8 +579,17 @@ fn feed_body(
     }
 }
 
+/// What the caller's side of the connection did while the service or an answer's body waited.
+enum CallerEvent {
+    /// The request body has something new: poll again.
+    BodyFed,
+    /// The caller closed the connection (or it failed).
+    Left,
+}
+
 /// Reads ahead on the caller's connection while its request is in flight: `Ready` when the
-/// caller has closed it (or it failed); bytes it sends meanwhile (a pipelined request) are kept.
+/// caller has closed it (or it failed); bytes it sends meanwhile (a pipelined request, or the
+/// rest of a body nobody asked for yet) are kept.
 fn watch_caller(stream: &mut TcpStream, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<()> {
     while buf.len() < READ_AHEAD_LIMIT {
         make_read_room(buf);
@@ -773,12 +835,10 @@ enum Delimited {
 
 /// Writes `response`; whether the connection may carry another request.
 async fn write_response<B>(
-    stream: &mut TcpStream,
-    buf: &mut BytesMut,
+    caller: &mut Caller,
     out: &mut Vec<u8>,
     response: Response<B>,
-    head_request: bool,
-    http10: bool,
+    asked: Asked,
     mut keep_alive: bool,
 ) -> io::Result<bool>
 where
@@ -828,7 +888,7 @@ where
             write_length(out, length);
         }
         Delimited::Nothing
-    } else if head_request {
+    } else if asked.head {
         if let Some(length) = length {
             write_length(out, length);
         }
@@ -836,7 +896,7 @@ where
     } else if let Some(length) = length {
         write_length(out, length);
         Delimited::Length(length)
-    } else if http10 {
+    } else if asked.http10 {
         keep_alive = false;
         Delimited::Close
     } else {
@@ -845,7 +905,7 @@ where
     };
     if !keep_alive {
         out.extend_from_slice(b"connection: close\r\n");
-    } else if http10 {
+    } else if asked.http10 {
         out.extend_from_slice(b"connection: keep-alive\r\n");
     }
     out.extend_from_slice(b"\r\n");
@@ -854,7 +914,7 @@ where
         // The body is not sent; dropping it may close the backend's connection, which the
         // backend's `Content-Length` would have said nothing about anyway.
         drop(body);
-        write_all(stream, out).await?;
+        write_all(&mut caller.stream, out).await?;
         return Ok(keep_alive);
     }
     let mut body = pin!(body);
@@ -869,14 +929,17 @@ where
             Poll::Ready(None) => Poll::Ready(Next::End),
             // Whatever is ready goes out before waiting for more.
             Poll::Pending if !out.is_empty() => Poll::Ready(Next::Flush),
-            Poll::Pending => match watch_caller(stream, buf, cx) {
-                Poll::Ready(()) => Poll::Ready(Next::Failed),
+            // A request body that the answer carries on is read as the answer asks.
+            Poll::Pending => match caller.poll_event(cx) {
+                Poll::Ready(CallerEvent::BodyFed) => Poll::Ready(Next::Fed),
+                Poll::Ready(CallerEvent::Left) => Poll::Ready(Next::Failed),
                 Poll::Pending => Poll::Pending,
             },
         })
         .await;
         match next {
-            Next::Flush => write_all(stream, out).await?,
+            Next::Fed => {}
+            Next::Flush => write_all(&mut caller.stream, out).await?,
             Next::Frame(frame) => {
                 let Ok(data) = frame.into_data() else {
                     // Trailers are not sent.
@@ -889,8 +952,8 @@ where
                     if data.len() as u64 > *left {
                         // The body runs past its length: the caller gets what was promised,
                         // and the connection is closed.
-                        write_data(stream, out, &data[..*left as usize]).await?;
-                        write_all(stream, out).await?;
+                        write_data(&mut caller.stream, out, &data[..*left as usize]).await?;
+                        write_all(&mut caller.stream, out).await?;
                         return Ok(false);
                     }
                     *left -= data.len() as u64;
@@ -898,17 +961,17 @@ where
                 if delimited == Delimited::Chunked {
                     write_hex(out, data.len());
                     out.extend_from_slice(b"\r\n");
-                    write_data(stream, out, &data).await?;
+                    write_data(&mut caller.stream, out, &data).await?;
                     out.extend_from_slice(b"\r\n");
                 } else {
-                    write_data(stream, out, &data).await?;
+                    write_data(&mut caller.stream, out, &data).await?;
                 }
             }
             Next::End => {
                 if delimited == Delimited::Chunked {
                     out.extend_from_slice(b"0\r\n\r\n");
                 }
-                write_all(stream, out).await?;
+                write_all(&mut caller.stream, out).await?;
                 // A body that ended short of its length leaves the caller waiting for the rest:
                 // closing the connection tells it.
                 let complete = left.is_none_or(|left| left == 0);
@@ -918,7 +981,7 @@ where
                 // The answer cannot be completed (its body failed, or the caller left): what
                 // was sent stands, and closing the connection without the last chunk tells the
                 // caller it is cut short.
-                let _ = write_all(stream, out).await;
+                let _ = write_all(&mut caller.stream, out).await;
                 return Ok(false);
             }
         }
@@ -932,6 +995,8 @@ enum Next {
     Failed,
     /// Nothing yet: write out what is waiting.
     Flush,
+    /// Nothing yet, but the request body it may be carrying on got more: poll it again.
+    Fed,
 }
 
 fn write_length(out: &mut Vec<u8>, length: u64) {

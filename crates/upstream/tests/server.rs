@@ -1,0 +1,1700 @@
+//! Wire behaviour of `aoai_upstream::server` over real loopback sockets.
+//!
+//! Each test serves a small tower service (one that records what it received and answers with a
+//! chosen body, or one built for the case) with `serve_connection`, and talks to it from a raw
+//! TCP client that writes exact bytes and parses the answers itself, so the test controls the
+//! request framing and sees the answer's framing exactly. Covered: what the service receives
+//! (method, target, headers, body bytes, bodies in pieces or read on another task, chunked
+//! bodies, `Expect: 100-continue`), keep-alive, HTTP/1.0 and pipelining, the refusals (smuggling
+//! shapes, malformed and oversized heads, invalid chunked bodies), the framing of answers
+//! (length, chunked, close, `HEAD`, 204, short, long and failing bodies, the service's own
+//! framing fields), streaming without buffering (an answer's frames, a request body streamed
+//! back), cancellation when the caller leaves (a body read or not), graceful shutdown, service
+//! errors, and an answer to a caller still sending a body nobody reads. Every wait is bounded by
+//! [`WAIT`]: a hang fails instead of blocking.
+
+use std::{
+    convert::Infallible,
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, SystemTime},
+};
+
+use aoai_upstream::server::{Connection, RequestBody, serve_connection};
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{
+        TcpListener, TcpStream,
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+    },
+    sync::{Notify, mpsc, oneshot},
+    task::JoinHandle,
+    time::{sleep, timeout},
+};
+use tower::Service;
+
+mod support;
+
+use support::{TestBody, WAIT, find, full};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A bound for something that must not happen (a drop too early, a connection ending too early).
+const MUST_NOT_HAPPEN: Duration = Duration::from_millis(50);
+
+/// Awaits `future` for at most [`WAIT`], naming `what` if it times out.
+async fn within<F: Future>(what: &str, future: F) -> F::Output {
+    timeout(WAIT, future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Services
+
+/// One request as the service received it.
+#[derive(Debug)]
+struct Received {
+    method: String,
+    /// Path and query, as the request line had them.
+    uri: String,
+    version: http::Version,
+    /// Names as `http` spells them (lowercase), values as received, in `HeaderMap` order.
+    headers: Vec<(String, String)>,
+    /// The body's exact size hint when the service was called.
+    size_hint: Option<u64>,
+    /// The body read to its end, or the kind of error reading it gave; `None` when the service
+    /// did not read it.
+    body: Option<Result<Vec<u8>, io::ErrorKind>>,
+}
+
+impl Received {
+    fn body(&self) -> &[u8] {
+        match &self.body {
+            Some(Ok(body)) => body,
+            other => panic!("the body was not read whole: {other:?}"),
+        }
+    }
+}
+
+/// What a recording service received, and how many times it was called.
+struct Log {
+    rx: mpsc::UnboundedReceiver<Received>,
+    calls: Arc<AtomicUsize>,
+}
+
+impl Log {
+    async fn next(&mut self) -> Received {
+        within("the service to record a request", self.rx.recv())
+            .await
+            .expect("service gone")
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    fn assert_no_more(&mut self) {
+        if let Ok(received) = self.rx.try_recv() {
+            panic!("the service received another request: {received:?}");
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ReadBody {
+    /// Reads the body to its end before answering.
+    Whole,
+    /// Answers without touching the body.
+    Never,
+}
+
+/// A service that records each request (after reading its body, if `read` says so) and answers
+/// with `respond(received)`.
+fn recorder(
+    read: ReadBody,
+    respond: impl Fn(&Received) -> Response<TestBody> + Send + Sync + 'static,
+) -> (
+    impl Service<
+        Request<RequestBody>,
+        Response = Response<TestBody>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static,
+    Log,
+) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&calls);
+    let respond = Arc::new(respond);
+    let service = tower::service_fn(move |request: Request<RequestBody>| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        let tx = tx.clone();
+        let respond = Arc::clone(&respond);
+        async move {
+            let (parts, body) = request.into_parts();
+            let size_hint = body.size_hint().exact();
+            let body = match read {
+                ReadBody::Whole => Some(
+                    body.collect()
+                        .await
+                        .map(|collected| collected.to_bytes().to_vec())
+                        .map_err(|e| e.kind()),
+                ),
+                ReadBody::Never => None,
+            };
+            let received = Received {
+                method: parts.method.to_string(),
+                uri: parts.uri.to_string(),
+                version: parts.version,
+                headers: parts
+                    .headers
+                    .iter()
+                    .map(|(name, value)| {
+                        (
+                            name.as_str().to_owned(),
+                            String::from_utf8_lossy(value.as_bytes()).into_owned(),
+                        )
+                    })
+                    .collect(),
+                size_hint,
+                body,
+            };
+            let response = respond(&received);
+            let _ = tx.send(received);
+            Ok::<_, Infallible>(response)
+        }
+    });
+    (service, Log { rx, calls })
+}
+
+/// Reads each body whole and answers `200` with `"{method} {uri} {body}"`.
+fn echo_recorder() -> (
+    impl Service<
+        Request<RequestBody>,
+        Response = Response<TestBody>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static,
+    Log,
+) {
+    recorder(ReadBody::Whole, |received| {
+        Response::new(full(echo_text(received)))
+    })
+}
+
+fn echo_text(received: &Received) -> String {
+    let body = match &received.body {
+        Some(Ok(body)) => String::from_utf8_lossy(body).into_owned(),
+        Some(Err(kind)) => format!("<{kind:?}>"),
+        None => String::new(),
+    };
+    format!("{} {} {body}", received.method, received.uri)
+}
+
+/// A response body fed by a channel: each message is one data frame (or an error), a closed
+/// channel ends it. Its size is never known up front.
+struct ChannelBody(mpsc::Receiver<Result<Bytes, io::Error>>);
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|message| message.map(|frame| frame.map(Frame::data)))
+    }
+}
+
+fn channel_body() -> (mpsc::Sender<Result<Bytes, io::Error>>, TestBody) {
+    let (tx, rx) = mpsc::channel(8);
+    (tx, ChannelBody(rx).boxed_unsync())
+}
+
+/// A channel body already holding `frames` and then ending.
+fn streamed(frames: &[&'static str]) -> TestBody {
+    let (tx, body) = channel_body();
+    for frame in frames {
+        tx.try_send(Ok(Bytes::from_static(frame.as_bytes())))
+            .unwrap();
+    }
+    body
+}
+
+/// Sends on its channel when dropped: tells the test a service future was dropped.
+struct DropSignal(mpsc::UnboundedSender<()>);
+
+impl Drop for DropSignal {
+    fn drop(&mut self) {
+        let _ = self.0.send(());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server side
+
+/// A listener on `127.0.0.1:0` serving every accepted connection with a clone of one service.
+struct Server {
+    addr: SocketAddr,
+    /// Each connection's outcome, as connections end.
+    ended: mpsc::UnboundedReceiver<io::Result<()>>,
+}
+
+impl Server {
+    async fn start<S, B>(service: S) -> Self
+    where
+        S: Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, ended) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let connection = serve_connection(stream, service.clone());
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send(connection.await);
+                });
+            }
+        });
+        Self { addr, ended }
+    }
+
+    async fn connect(&self) -> Client {
+        Client::connect(self.addr).await
+    }
+
+    /// The outcome of the next connection to end.
+    async fn next_end(&mut self) -> io::Result<()> {
+        within("a served connection to end", self.ended.recv())
+            .await
+            .expect("accept loop gone")
+    }
+
+    /// Checks that no served connection has ended yet.
+    fn assert_none_ended(&mut self) {
+        if let Ok(outcome) = self.ended.try_recv() {
+            panic!("a connection ended: {outcome:?}");
+        }
+    }
+}
+
+/// Polls `connection` on a task of its own until the returned sender fires, then calls
+/// `graceful_shutdown` and keeps polling it to its end.
+fn run_with_shutdown(connection: Connection) -> (oneshot::Sender<()>, JoinHandle<io::Result<()>>) {
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let mut connection = connection;
+        tokio::select! {
+            outcome = &mut connection => return outcome,
+            _ = rx => {}
+        }
+        connection.graceful_shutdown();
+        connection.await
+    });
+    (tx, task)
+}
+
+/// One connection accepted on a fresh listener and served by `service` under
+/// [`run_with_shutdown`], with its client.
+async fn served_with_shutdown<S>(
+    service: S,
+) -> (Client, oneshot::Sender<()>, JoinHandle<io::Result<()>>)
+where
+    S: Service<Request<RequestBody>, Response = Response<TestBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let client = Client::connect(listener.local_addr().unwrap()).await;
+    let (stream, _) = within("accept", listener.accept()).await.unwrap();
+    let (shutdown, task) = run_with_shutdown(serve_connection(stream, service));
+    (client, shutdown, task)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client side
+
+/// An answer as read off the wire.
+#[derive(Debug)]
+struct Answer {
+    status_line: String,
+    status: u16,
+    /// Names lowercased, values trimmed, in wire order.
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn header_count(&self, name: &str) -> usize {
+        self.headers.iter().filter(|(n, _)| n == name).count()
+    }
+
+    fn text(&self) -> &str {
+        std::str::from_utf8(&self.body).expect("a UTF-8 body")
+    }
+
+    fn is_chunked(&self) -> bool {
+        self.header("transfer-encoding")
+            .is_some_and(|te| te.eq_ignore_ascii_case("chunked"))
+    }
+
+    /// The answer carries `connection: close` (and no other `connection` field).
+    fn says_close(&self) -> bool {
+        self.header_count("connection") == 1 && self.header("connection") == Some("close")
+    }
+}
+
+/// A raw HTTP/1.1 client: writes exact bytes, parses answers itself.
+struct Client {
+    reader: OwnedReadHalf,
+    /// Taken by a test that writes from a task of its own.
+    writer: Option<OwnedWriteHalf>,
+    buf: Vec<u8>,
+}
+
+impl Client {
+    async fn connect(addr: SocketAddr) -> Self {
+        let stream = within("connect", TcpStream::connect(addr)).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        let (reader, writer) = stream.into_split();
+        Self {
+            reader,
+            writer: Some(writer),
+            buf: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, bytes: impl AsRef<[u8]>) {
+        let writer = self.writer.as_mut().expect("writer taken");
+        within("write", writer.write_all(bytes.as_ref()))
+            .await
+            .expect("write failed");
+    }
+
+    /// Writes each piece on its own, with a short pause after each.
+    async fn send_in_pieces(&mut self, pieces: &[&[u8]]) {
+        for piece in pieces {
+            self.send(piece).await;
+            sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// One read into the buffer; `false` at the end of the stream. A reset fails the test.
+    async fn fill(&mut self) -> bool {
+        self.buf.reserve(16 * 1024);
+        let read = within("read", self.reader.read_buf(&mut self.buf))
+            .await
+            .unwrap_or_else(|e| panic!("read failed: {e} (after {:?})", self.shown()));
+        read > 0
+    }
+
+    fn shown(&self) -> String {
+        String::from_utf8_lossy(&self.buf).into_owned()
+    }
+
+    /// The status line and fields of the next answer.
+    async fn read_head(&mut self) -> Answer {
+        let end = loop {
+            if let Some(end) = find(&self.buf, b"\r\n\r\n") {
+                break end;
+            }
+            assert!(
+                self.fill().await,
+                "closed before an answer's head; got {:?}",
+                self.shown()
+            );
+        };
+        let head: Vec<u8> = self.buf.drain(..end + 4).collect();
+        let head = String::from_utf8(head[..end].to_vec()).expect("a UTF-8 head");
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap().to_owned();
+        assert!(
+            status_line.starts_with("HTTP/1.1 "),
+            "status line {status_line:?}"
+        );
+        let status = status_line[9..12].parse().expect("a status code");
+        let headers = lines
+            .map(|line| {
+                let (name, value) = line
+                    .split_once(':')
+                    .unwrap_or_else(|| panic!("field line {line:?}"));
+                (name.to_ascii_lowercase(), value.trim().to_owned())
+            })
+            .collect();
+        Answer {
+            status_line,
+            status,
+            headers,
+            body: Vec::new(),
+        }
+    }
+
+    /// The next answer, body included, framed as its head says (no body for 1xx, 204 and
+    /// 304; an answer with neither length nor chunking runs to the end of the stream).
+    async fn read_answer(&mut self) -> Answer {
+        let mut answer = self.read_head().await;
+        if answer.status < 200 || answer.status == 204 || answer.status == 304 {
+            return answer;
+        }
+        answer.body = if answer.is_chunked() {
+            self.read_chunked().await
+        } else if let Some(length) = answer.header("content-length") {
+            let length = length.parse().expect("a decimal content-length");
+            self.read_exact(length).await
+        } else {
+            self.read_to_end().await
+        };
+        answer
+    }
+
+    /// The answer to a `HEAD` request: its head only.
+    async fn read_head_answer(&mut self) -> Answer {
+        self.read_head().await
+    }
+
+    async fn read_exact(&mut self, n: usize) -> Vec<u8> {
+        while self.buf.len() < n {
+            assert!(
+                self.fill().await,
+                "closed after {} of {n} body bytes",
+                self.buf.len()
+            );
+        }
+        self.buf.drain(..n).collect()
+    }
+
+    /// Everything until the server closes the connection.
+    async fn read_to_end(&mut self) -> Vec<u8> {
+        while self.fill().await {}
+        std::mem::take(&mut self.buf)
+    }
+
+    async fn read_line(&mut self) -> String {
+        loop {
+            if let Some(end) = find(&self.buf, b"\r\n") {
+                let line: Vec<u8> = self.buf.drain(..end + 2).collect();
+                return String::from_utf8_lossy(&line[..end]).into_owned();
+            }
+            assert!(self.fill().await, "closed mid-line: {:?}", self.shown());
+        }
+    }
+
+    /// The next chunk's data, or `None` at the last chunk (its trailers read too).
+    async fn read_chunk(&mut self) -> Option<Vec<u8>> {
+        let line = self.read_line().await;
+        let size = line.split(';').next().unwrap().trim();
+        let size =
+            usize::from_str_radix(size, 16).unwrap_or_else(|_| panic!("chunk size line {line:?}"));
+        if size == 0 {
+            while !self.read_line().await.is_empty() {}
+            return None;
+        }
+        let data = self.read_exact(size).await;
+        assert_eq!(self.read_exact(2).await, b"\r\n", "chunk without its CRLF");
+        Some(data)
+    }
+
+    async fn read_chunked(&mut self) -> Vec<u8> {
+        let mut body = Vec::new();
+        while let Some(chunk) = self.read_chunk().await {
+            body.extend_from_slice(&chunk);
+        }
+        body
+    }
+
+    /// The server closes the connection (cleanly) with nothing more sent.
+    async fn expect_closed(&mut self) {
+        assert!(
+            self.buf.is_empty(),
+            "unexpected bytes before the close: {:?}",
+            self.shown()
+        );
+        assert!(
+            !self.fill().await,
+            "expected the connection closed, got {:?}",
+            self.shown()
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checks
+
+/// The answer has exactly one `date` field, an HTTP date within a few seconds of now.
+fn assert_date_is_now(answer: &Answer) {
+    assert_eq!(answer.header_count("date"), 1, "{answer:?}");
+    let date = answer.header("date").unwrap();
+    let date = httpdate::parse_http_date(date).unwrap_or_else(|e| panic!("date {date:?}: {e}"));
+    let now = SystemTime::now();
+    let off = now.duration_since(date).unwrap_or_else(|e| e.duration());
+    assert!(off < Duration::from_secs(5), "date {off:?} away from now");
+}
+
+/// The answer has exactly one `content-length` field, `length`.
+fn assert_content_length(answer: &Answer, length: usize) {
+    assert_eq!(answer.header_count("content-length"), 1, "{answer:?}");
+    assert_eq!(
+        answer.header("content-length"),
+        Some(length.to_string().as_str()),
+        "{answer:?}"
+    );
+}
+
+/// `raw` on a fresh connection is refused with `status`, a JSON error of `code`, and
+/// `connection: close`; the connection is closed, and the service never called.
+async fn assert_refused(raw: &[u8], status: u16, code: &str) {
+    let (service, mut log) = echo_recorder();
+    let mut server = Server::start(service).await;
+    let mut client = server.connect().await;
+    client.send(raw).await;
+    let answer = client.read_answer().await;
+    assert_eq!(answer.status, status, "{answer:?}");
+    assert_eq!(
+        answer.status_line,
+        format!(
+            "HTTP/1.1 {status} {}",
+            StatusCode::from_u16(status)
+                .unwrap()
+                .canonical_reason()
+                .unwrap()
+        )
+    );
+    assert_eq!(answer.header("content-type"), Some("application/json"));
+    assert_content_length(&answer, answer.body.len());
+    assert!(answer.says_close(), "{answer:?}");
+    assert_date_is_now(&answer);
+    let prefix = format!(r#"{{"error":{{"code":"{code}","message":""#);
+    let message = answer
+        .text()
+        .strip_prefix(prefix.as_str())
+        .and_then(|rest| rest.strip_suffix(r#""}}"#))
+        .unwrap_or_else(|| panic!("error body {:?}", answer.text()));
+    assert!(
+        !message.is_empty() && !message.contains('"'),
+        "message {message:?}"
+    );
+    client.expect_closed().await;
+    drop(client);
+    server
+        .next_end()
+        .await
+        .expect("a refusal ends the connection cleanly");
+    assert_eq!(log.calls(), 0, "the service was called");
+    log.assert_no_more();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. A request and its answer
+
+#[tokio::test]
+async fn a_post_arriving_with_its_body_reaches_the_service_whole_and_is_answered() {
+    let (service, mut log) = recorder(ReadBody::Whole, |received| {
+        let mut response = Response::new(full(format!("got {} bytes", received.body().len())));
+        response
+            .headers_mut()
+            .insert("x-answer", "yes".parse().unwrap());
+        response
+    });
+    let mut server = Server::start(service).await;
+    let mut client = server.connect().await;
+    let body = r#"{"messages":[{"role":"user","content":"Hi"}]}"#;
+    client
+        .send(format!(
+            "POST /openai/deployments/d/chat/completions?api-version=2024-10-21 HTTP/1.1\r\n\
+             Host: gw\r\nX-Multi: one\r\nContent-Type: application/json\r\nx-multi: two\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        ))
+        .await;
+
+    let answer = client.read_answer().await;
+    assert_eq!(answer.status_line, "HTTP/1.1 200 OK");
+    assert_eq!(answer.text(), format!("got {} bytes", body.len()));
+    assert_content_length(&answer, answer.body.len());
+    assert_date_is_now(&answer);
+    assert_eq!(answer.header("x-answer"), Some("yes"));
+    assert_eq!(answer.header("connection"), None, "{answer:?}");
+
+    let received = log.next().await;
+    assert_eq!(received.method, "POST");
+    assert_eq!(
+        received.uri,
+        "/openai/deployments/d/chat/completions?api-version=2024-10-21"
+    );
+    assert_eq!(received.version, http::Version::HTTP_11);
+    let length = body.len().to_string();
+    assert_eq!(
+        received.headers,
+        [
+            ("host", "gw"),
+            ("x-multi", "one"),
+            ("x-multi", "two"),
+            ("content-type", "application/json"),
+            ("content-length", length.as_str()),
+        ]
+        .map(|(n, v)| (n.to_owned(), v.to_owned()))
+    );
+    assert_eq!(received.size_hint, Some(body.len() as u64));
+    assert_eq!(received.body(), body.as_bytes());
+    server.assert_none_ended();
+}
+
+#[tokio::test]
+async fn an_answer_with_its_own_date_keeps_it() {
+    let (service, _log) = recorder(ReadBody::Whole, |_| {
+        let mut response = Response::new(full("dated"));
+        response
+            .headers_mut()
+            .insert("date", "Thu, 01 Jan 2015 00:00:00 GMT".parse().unwrap());
+        response
+    });
+    let server = Server::start(service).await;
+    let mut client = server.connect().await;
+    client.send("GET / HTTP/1.1\r\n\r\n").await;
+    let answer = client.read_answer().await;
+    assert_eq!(answer.header_count("date"), 1, "{answer:?}");
+    assert_eq!(answer.header("date"), Some("Thu, 01 Jan 2015 00:00:00 GMT"));
+    assert_eq!(answer.text(), "dated");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Keep-alive
+
+#[tokio::test]
+async fn two_requests_in_turn_on_one_connection_are_both_answered() {
+    let (service, mut log) = echo_recorder();
+    let mut server = Server::start(service).await;
+    let mut client = server.connect().await;
+
+    client
+        .send("POST /first HTTP/1.1\r\nContent-Length: 3\r\n\r\none")
+        .await;
+    let first = client.read_answer().await;
+    assert_eq!(first.status, 200);
+    assert_eq!(first.text(), "POST /first one");
+    assert_eq!(first.header("connection"), None);
+
+    client.send("GET /second?x=1 HTTP/1.1\r\n\r\n").await;
+    let second = client.read_answer().await;
+    assert_eq!(second.status, 200);
+    assert_eq!(second.text(), "GET /second?x=1 ");
+
+    assert_eq!(log.next().await.uri, "/first");
+    let received = log.next().await;
+    assert_eq!(received.uri, "/second?x=1");
+    assert_eq!(received.size_hint, Some(0));
+    assert_eq!(received.body(), b"");
+    server.assert_none_ended();
+
+    drop(client);
+    server
+        .next_end()
+        .await
+        .expect("the caller closing an idle connection ends it cleanly");
+}
+
+#[tokio::test]
+async fn an_http10_request_without_keep_alive_is_answered_and_the_connection_closed() {
+    let (service, mut log) = echo_recorder();
+    let server = Server::start(service).await;
+    let mut client = server.connect().await;
+    client.send("GET /old HTTP/1.0\r\nHost: gw\r\n\r\n").await;
+    let answer = client.read_answer().await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.text(), "GET /old ");
+    assert_content_length(&answer, answer.body.len());
+    assert!(answer.says_close(), "{answer:?}");
+    client.expect_closed().await;
+    assert_eq!(log.next().await.version, http::Version::HTTP_10);
+}
+
+#[tokio::test]
+async fn an_http10_request_with_keep_alive_keeps_the_connection() {
+    let (service, mut log) = echo_recorder();
+    let server = Server::start(service).await;
+    let mut client = server.connect().await;
+
+    client
+        .send("GET /one HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        .await;
+    let first = client.read_answer().await;
+    assert_eq!(first.status, 200);
+    assert_eq!(first.text(), "GET /one ");
+    assert_content_length(&first, first.body.len());
+    assert_eq!(first.header_count("connection"), 1, "{first:?}");
+    assert_eq!(first.header("connection"), Some("keep-alive"));
+
+    // Still open: a second request (without keep-alive this time) is answered, then closed.
+    client.send("GET /two HTTP/1.0\r\n\r\n").await;
+    let second = client.read_answer().await;
+    assert_eq!(second.text(), "GET /two ");
+    assert!(second.says_close(), "{second:?}");
+    client.expect_closed().await;
+
+    assert_eq!(log.next().await.version, http::Version::HTTP_10);
+    assert_eq!(log.next().await.uri, "/two");
+}
+
+#[tokio::test]
+async fn connection_close_on_http11_is_answered_with_close_and_the_connection_closed() {
+    let (service, mut log) = echo_recorder();
+    let mut server = Server::start(service).await;
+    let mut client = server.connect().await;
+    client
+        .send("GET /last HTTP/1.1\r\nConnection: close\r\n\r\n")
+        .await;
+    let answer = client.read_answer().await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.text(), "GET /last ");
+    assert!(answer.says_close(), "{answer:?}");
+    client.expect_closed().await;
+    assert_eq!(log.next().await.uri, "/last");
+    drop(client);
+    server.next_end().await.expect("ends cleanly");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Pipelining
+
+#[tokio::test]
+async fn pipelined_requests_in_one_write_are_answered_in_order() {
+    let (service, mut log) = echo_recorder();
+    let server = Server::start(service).await;
+    let mut client = server.connect().await;
+    client
+        .send(
+            "GET /first HTTP/1.1\r\n\r\n\
+             POST /second HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello\
+             GET /third HTTP/1.1\r\n\r\n",
+        )
+        .await;
+    for expected in ["GET /first ", "POST /second hello", "GET /third "] {
+        let answer = client.read_answer().await;
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.text(), expected);
+    }
+    for expected in ["/first", "/second", "/third"] {
+        assert_eq!(log.next().await.uri, expected);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. A body in pieces
+
+#[tokio::test]
+async fn a_body_arriving_in_pieces_reaches_the_service_whole() {
+    let (service, mut log) = echo_recorder();
+    let server = Server::start(service).await;
+    let mut client = server.connect().await;
+    client
+        .send("POST /pieces HTTP/1.1\r\nContent-Length: 26\r\n\r\n")
+        .await;
+    sleep(Duration::from_millis(20)).await;
+    client
+        .send_in_pieces(&[b"abcdefg", b"hijklmn", b"opqrstu", b"vwxyz"])
+        .await;
+
+    let answer = client.read_answer().await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.text(), "POST /pieces abcdefghijklmnopqrstuvwxyz");
+    let received = log.next().await;
+    assert_eq!(received.size_hint, Some(26), "the declared length");
+    assert_eq!(received.body(), b"abcdefghijklmnopqrstuvwxyz");
+
+    // The body's end was found exactly: the connection carries the next request.
+    client.send("GET /after HTTP/1.1\r\n\r\n").await;
+    assert_eq!(client.read_answer().await.text(), "GET /after ");
+}
+
+#[tokio::test]
+async fn a_body_whose_rest_arrives_with_the_next_request_is_split_right() {
+    let (service, mut log) = echo_recorder();
+    let server = Server::start(service).await;
+    let mut client = server.connect().await;
+    client
+        .send("POST /split HTTP/1.1\r\nContent-Length: 10\r\n\r\n01234")
+        .await;
+    sleep(Duration::from_millis(20)).await;
+    client.send("56789GET /next HTTP/1.1\r\n\r\n").await;
+    assert_eq!(client.read_answer().await.text(), "POST /split 0123456789");
+    assert_eq!(client.read_answer().await.text(), "GET /next ");
+    assert_eq!(log.next().await.body(), b"0123456789");
+    assert_eq!(log.next().await.uri, "/next");
+}
+
+#[tokio::test]
+async fn a_body_read_on_another_task_still_arrives() {
+    // As a service does that hands the body to a client whose connection task sends it (hyper's
+    // client, reqwest): the body is polled from a task other than the connection's, while the
+    // rest of it has yet to arrive.
+    let service = tower::service_fn(|request: Request<RequestBody>| async move {
+        let body = tokio::spawn(async move { request.into_body().collect().await })
+            .await
+            .unwrap();
+        let text = match body {
+            Ok(body) => String::from_utf8_lossy(&body.to_bytes()).into_owned(),
+            Err(e) => format!("<{:?}>", e.kind()),
+        };
+        Ok::<_, Infallible>(Response::new(full(text)))
+    });
+    let server = Server::start(service).await;
+    let mut client = server.connect().await;
+    client
+        .send("POST /elsewhere HTTP/1.1\r\nContent-Length: 10\r\n\r\n")
+        .await;
+    sleep(Duration::from_millis(20)).await;
+    client.send_in_pieces(&[b"hello", b"world"]).await;
+    let answer = client.read_answer().await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.text(), "helloworld");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Chunked request bodies
+
+#[tokio::test]
+async fn a_chunked_body_in_one_write_is_decoded_and_the_next_pipelined_request_served() {
+    let (service, mut log) = echo_recorder();
+    let server = Server::start(service).await;
+    let mut client = server.connect().await;
+    client
+        .send(
+            "POST /chunked HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n\
+             5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n\
+             GET /next HTTP/1.1\r\n\r\n",
+        )
+        .await;
+    assert_eq!(
+        client.read_answer().await.text(),
+        "POST /chunked hello world"
+    );
+    assert_eq!(client.read_answer().await.text(), "GET /next ");
+    let received = log.next().await;
+    assert_eq!(received.body(), b"hello world");
+    assert_eq!(received.size_hint, None, "a chunked body's size is unknown");
+    assert_eq!(
+        received.headers,
+        [("transfer-encoding".to_owned(), "chunked".to_owned())]
+    );
+    assert_eq!(log.next().await.uri, "/next");
+}
+
+#[tokio::test]
+async fn a_chunked_body_split_across_writes_is_decoded() {
+    let (service, mut log) = echo_recorder();
+    let server = Server::start(service).await;
+    let mut client = server.connect().await;
+    client
+        .send("POST /split HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .await;
+    sleep(Duration::from_millis(20)).await;
+    // Boundaries inside the size line, its CRLF, the data, the data's CRLF and the last chunk.
+    client
+        .send_in_pieces(&[
+            b"5\r",
+            b"\nhel",
+            b"lo\r",
+            b"\n1",
+            b"0\r\n0123456789",
+            b"abcdef\r\n0",
+            b"\r\n\r",
+            b"\nGET /next HTTP/1.1\r\n\r\n",
+        ])
+        .await;
+    assert_eq!(
+        client.read_answer().await.text(),
+        "POST /split hello0123456789abcdef"
+    );
+    assert_eq!(client.read_answer().await.text(), "GET /next ");
+    assert_eq!(log.next().await.body(), b"hello0123456789abcdef");
+    assert_eq!(log.next().await.uri, "/next");
+}
+
+#[tokio::test]
+async fn chunk_extensions_and_trailers_are_accepted_and_not_part_of_the_body() {
+    let (service, mut log) = echo_recorder();
+    let server = Server::start(service).await;
+    let mut client = server.connect().await;
+    client
+        .send(
+            "POST /ext HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n\
+             5;name=value\r\nhello\r\n\
+             3 ; quoted=\"a;b\"\r\nabc\r\n\
+             0;last\r\nX-Trailer: t\r\nX-Other: u\r\n\r\n\
+             GET /next HTTP/1.1\r\n\r\n",
+        )
+        .await;
+    assert_eq!(client.read_answer().await.text(), "POST /ext helloabc");
+    assert_eq!(client.read_answer().await.text(), "GET /next ");
+    assert_eq!(log.next().await.body(), b"helloabc");
+    assert_eq!(log.next().await.uri, "/next");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Expect: 100-continue
+
+#[tokio::test]
+async fn expect_100_continue_is_answered_when_the_service_reads_the_body() {
+    let (service, mut log) = echo_recorder();
+    let server = Server::start(service).await;
+    let mut client = server.connect().await;
+    client
+        .send("POST /upload HTTP/1.1\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        .await;
+    let interim = client.read_head().await;
+    assert_eq!(interim.status_line, "HTTP/1.1 100 Continue");
+    assert!(interim.headers.is_empty(), "{interim:?}");
+
+    client.send("hello").await;
+    let answer = client.read_answer().await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.text(), "POST /upload hello");
+    assert_eq!(log.next().await.body(), b"hello");
+
+    client.send("GET /next HTTP/1.1\r\n\r\n").await;
+    assert_eq!(client.read_answer().await.text(), "GET /next ");
+}
+
+#[tokio::test]
+async fn expect_100_continue_with_a_chunked_body_is_answered_too() {
+    let (service, mut log) = echo_recorder();
+    let server = Server::start(service).await;
+    let mut client = server.connect().await;
+    client
+        .send("POST /upload HTTP/1.1\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n")
+        .await;
+    assert_eq!(client.read_head().await.status, 100);
+    client.send("3\r\nabc\r\n0\r\n\r\n").await;
+    assert_eq!(client.read_answer().await.text(), "POST /upload abc");
+    assert_eq!(log.next().await.body(), b"abc");
+}
+
+#[tokio::test]
+async fn expect_100_continue_with_the_body_already_sent_gets_the_answer_only() {
+    let (service, mut log) = echo_recorder();
+    let server = Server::start(service).await;
+    let mut client = server.connect().await;
+    client
+        .send(
+            "POST /eager HTTP/1.1\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\nhello\
+             GET /next HTTP/1.1\r\n\r\n",
+        )
+        .await;
+    let answer = client.read_answer().await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(answer.text(), "POST /eager hello");
+    assert_eq!(client.read_answer().await.text(), "GET /next ");
+    assert_eq!(log.next().await.body(), b"hello");
+}
+
+#[tokio::test]
+async fn expect_100_continue_is_not_answered_when_the_service_does_not_read_the_body() {
+    let (service, mut log) = recorder(ReadBody::Never, |_| {
+        let mut response = Response::new(full("no thanks"));
+        *response.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+        response
+    });
+    let server = Server::start(service).await;
+    let mut client = server.connect().await;
+    client
+        .send("POST /upload HTTP/1.1\r\nContent-Length: 1000000\r\nExpect: 100-continue\r\n\r\n")
+        .await;
+    // The first thing back is the final answer, though no body byte was sent.
+    let answer = client.read_answer().await;
+    assert_eq!(answer.status_line, "HTTP/1.1 413 Payload Too Large");
+    assert_eq!(answer.text(), "no thanks");
+    assert!(answer.says_close(), "{answer:?}");
+    client.expect_closed().await;
+    let received = log.next().await;
+    assert_eq!(received.uri, "/upload");
+    assert_eq!(received.size_hint, Some(1_000_000));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. Refusals
+
+#[tokio::test]
+async fn content_length_with_transfer_encoding_is_refused_400() {
+    // The smuggling shape: whichever framing a front end picked, `/smuggled` must not be served.
+    assert_refused(
+        b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n\
+          0\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n",
+        400,
+        "BadRequest",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn conflicting_content_lengths_are_refused_400() {
+    assert_refused(
+        b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        400,
+        "BadRequest",
+    )
+    .await;
+    assert_refused(
+        b"POST / HTTP/1.1\r\nContent-Length: 5, 6\r\n\r\nhello!",
+        400,
+        "BadRequest",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_malformed_content_length_is_refused_400() {
+    assert_refused(
+        b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\nhello",
+        400,
+        "BadRequest",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_transfer_coding_other_than_chunked_is_refused_400() {
+    assert_refused(
+        b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\nxxxxx",
+        400,
+        "BadRequest",
+    )
+    .await;
+    assert_refused(
+        b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n",
+        400,
+        "BadRequest",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_coding_before_chunked_is_refused_501() {
+    assert_refused(
+        b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        501,
+        "NotImplemented",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_malformed_request_line_is_refused_400() {
+    assert_refused(b"GET / HTTP/1.1x\r\n\r\n", 400, "BadRequest").await;
+    assert_refused(b"GET / HTTP/2.0\r\n\r\n", 400, "BadRequest").await;
+    assert_refused(b"G(T / HTTP/1.1\r\n\r\n", 400, "BadRequest").await;
+}
+
+#[tokio::test]
+async fn more_than_100_header_fields_are_refused_431() {
+    let fields: String = (0..101).map(|i| format!("x-f{i}: v\r\n")).collect();
+    assert_refused(
+        format!("GET / HTTP/1.1\r\n{fields}\r\n").as_bytes(),
+        431,
+        "RequestHeaderFieldsTooLarge",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_head_over_64_kib_is_refused_431() {
+    let big = "a".repeat(70 * 1024);
+    assert_refused(
+        format!("GET / HTTP/1.1\r\nx-big: {big}\r\n\r\n").as_bytes(),
+        431,
+        "RequestHeaderFieldsTooLarge",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn heads_at_the_limits_are_accepted() {
+    let (service, mut log) = echo_recorder();
+    let server = Server::start(service).await;
+    let mut client = server.connect().await;
+
+    let fields: String = (0..100).map(|i| format!("x-f{i}: v{i}\r\n")).collect();
+    client
+        .send(format!("GET /many HTTP/1.1\r\n{fields}\r\n"))
+        .await;
+    assert_eq!(client.read_answer().await.status, 200);
+    let received = log.next().await;
+    assert_eq!(received.headers.len(), 100);
+    assert_eq!(received.headers[99], ("x-f99".to_owned(), "v99".to_owned()));
+
+    let big = "b".repeat(60 * 1024);
+    client
+        .send(format!("GET /big HTTP/1.1\r\nx-big: {big}\r\n\r\n"))
+        .await;
+    assert_eq!(client.read_answer().await.status, 200);
+    let received = log.next().await;
+    assert_eq!(received.headers, [("x-big".to_owned(), big)]);
+}
+
+#[tokio::test]
+async fn transfer_encoding_on_http10_is_refused_400() {
+    assert_refused(
+        b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        400,
+        "BadRequest",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_invalid_chunk_size_fails_the_body_and_closes_the_connection() {
+    let (service, mut log) = recorder(ReadBody::Whole, |received| {
+        let mut response = Response::new(full(echo_text(received)));
+        if received.body.as_ref().is_some_and(Result::is_err) {
+            *response.status_mut() = StatusCode::BAD_REQUEST;
+        }
+        response
+    });
+    let server = Server::start(service).await;
+
+    // Arriving with the head.
+    let mut client = server.connect().await;
+    client
+        .send(
+            "POST /bad HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n\
+             zz\r\nhello\r\n0\r\n\r\nGET /after HTTP/1.1\r\n\r\n",
+        )
+        .await;
+    let answer = client.read_answer().await;
+    assert_eq!(answer.status, 400);
+    assert_eq!(answer.text(), "POST /bad <InvalidData>");
+    assert!(answer.says_close(), "{answer:?}");
+    client.expect_closed().await;
+    assert_eq!(log.next().await.body, Some(Err(io::ErrorKind::InvalidData)));
+
+    // Arriving after a good chunk.
+    let mut client = server.connect().await;
+    client
+        .send("POST /bad-later HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        .await;
+    sleep(Duration::from_millis(20)).await;
+    client
+        .send("5x\r\nworld\r\n0\r\n\r\nGET /after HTTP/1.1\r\n\r\n")
+        .await;
+    let answer = client.read_answer().await;
+    assert_eq!(answer.status, 400);
+    assert_eq!(answer.text(), "POST /bad-later <InvalidData>");
+    assert!(answer.says_close(), "{answer:?}");
+    client.expect_closed().await;
+    assert_eq!(log.next().await.body, Some(Err(io::ErrorKind::InvalidData)));
+
+    assert_eq!(log.calls(), 2, "`/after` must not be served");
+    log.assert_no_more();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. Answer framing
+
+#[tokio::test]
+async fn an_answer_of_known_size_gets_content_length() {
+    let (service, _log) = recorder(ReadBody::Whole, |_| Response::new(full("exactly 16 bytes")));
+    let server = Server::start(service).await;
+    let mut client = server.connect().await;
+    client.send("GET / HTTP/1.1\r\n\r\n").await;
+    let answer = client.read_answer().await;
+    assert_content_length(&answer, 16);
+    assert_eq!(answer.header("transfer-encoding"), None);
+    assert_eq!(answer.text(), "exactly 16 bytes");
+}
+
+#[tokio::test]
+async fn a_streaming_answer_is_chunked_for_http11() {
+    let (service, _log) = recorder(ReadBody::Whole, |_| {
+        Response::new(streamed(&["hello", " ", "world"]))
+    });
+    let mut server = Server::start(service).await;
+    let mut client = server.connect().await;
+    client.send("GET /stream HTTP/1.1\r\n\r\n").await;
+    let answer = client.read_answer().await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.header_count("transfer-encoding"), 1, "{answer:?}");
+    assert!(answer.is_chunked(), "{answer:?}");
+    assert_eq!(answer.header("content-length"), None);
+    assert_eq!(answer.text(), "hello world");
+    assert_eq!(answer.header("connection"), None);
+
+    // The last chunk ended it exactly: the connection carries the next request.
+    client.send("GET /again HTTP/1.1\r\n\r\n").await;
+    assert_eq!(client.read_answer().await.text(), "hello world");
+    server.assert_none_ended();
+}
+
+#[tokio::test]
+async fn a_streaming_answer_to_http10_is_delimited_by_close() {
+    let (service, _log) = recorder(ReadBody::Whole, |_| {
+        Response::new(streamed(&["part one, ", "part two"]))
+    });
+    let server = Server::start(service).await;
+    let mut client = server.connect().await;
+    // Even a caller asking to keep the connection: only closing it can end the body.
+    client
+        .send("GET /stream HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        .await;
+    let answer = client.read_answer().await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.header("transfer-encoding"), None, "{answer:?}");
+    assert_eq!(answer.header("content-length"), None, "{answer:?}");
+    assert!(answer.says_close(), "{answer:?}");
+    assert_eq!(answer.text(), "part one, part two");
+}
+
+#[tokio::test]
+async fn a_head_request_gets_content_length_and_no_body_and_the_connection_stays_usable() {
+    let (service, mut log) = echo_recorder();
+    let server = Server::start(service).await;
+    let mut client = server.connect().await;
+    client.send("HEAD /resource HTTP/1.1\r\n\r\n").await;
+    let answer = client.read_head_answer().await;
+    assert_eq!(answer.status, 200);
+    assert_content_length(&answer, "HEAD /resource ".len());
+    assert_eq!(log.next().await.method, "HEAD");
+
+    // Any body byte sent after the HEAD answer would come before this answer's status line.
+    client.send("GET /next HTTP/1.1\r\n\r\n").await;
+    let next = client.read_answer().await;
+    assert_eq!(next.text(), "GET /next ");
+}
+
+#[tokio::test]
+async fn a_head_request_for_a_streaming_answer_gets_no_body() {
+    let (service, _log) = recorder(ReadBody::Whole, |received| {
+        if received.method == "HEAD" {
+            Response::new(streamed(&["never sent"]))
+        } else {
+            Response::new(full("after"))
+        }
+    });
+    let server = Server::start(service).await;
+    let mut client = server.connect().await;
+    client.send("HEAD /stream HTTP/1.1\r\n\r\n").await;
+    let answer = client.read_head_answer().await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.header("content-length"), None, "{answer:?}");
+    client.send("GET /next HTTP/1.1\r\n\r\n").await;
+    assert_eq!(client.read_answer().await.text(), "after");
+}
+
+#[tokio::test]
+async fn a_204_answer_has_no_body_and_no_content_length() {
+    let (service, _log) = recorder(ReadBody::Whole, |received| {
+        if received.uri == "/none" {
+            // A body the service gave anyway must not reach the wire.
+            let mut response = Response::new(full("not sent"));
+            *response.status_mut() = StatusCode::NO_CONTENT;
+            response
+        } else {
+            Response::new(full("after"))
+        }
+    });
+    let server = Server::start(service).await;
+    let mut client = server.connect().await;
+    client.send("DELETE /none HTTP/1.1\r\n\r\n").await;
+    let answer = client.read_head().await;
+    assert_eq!(answer.status_line, "HTTP/1.1 204 No Content");
+    assert_eq!(answer.header("content-length"), None, "{answer:?}");
+    assert_eq!(answer.header("transfer-encoding"), None, "{answer:?}");
+    client.send("GET /next HTTP/1.1\r\n\r\n").await;
+    assert_eq!(client.read_answer().await.text(), "after");
+}
+
+#[tokio::test]
+async fn an_answer_with_connection_close_closes_the_connection() {
+    let (service, _log) = recorder(ReadBody::Whole, |_| {
+        let mut response = Response::new(full("bye"));
+        response
+            .headers_mut()
+            .insert("connection", "close".parse().unwrap());
+        response
+    });
+    let server = Server::start(service).await;
+    let mut client = server.connect().await;
+    client.send("GET / HTTP/1.1\r\n\r\n").await;
+    let answer = client.read_answer().await;
+    assert_eq!(answer.text(), "bye");
+    assert!(answer.says_close(), "{answer:?}");
+    client.expect_closed().await;
+}
+
+#[tokio::test]
+async fn an_answer_body_shorter_than_its_content_length_closes_the_connection() {
+    let (service, _log) = recorder(ReadBody::Whole, |_| {
+        let mut response = Response::new(full("short"));
+        response
+            .headers_mut()
+            .insert("content-length", "10".parse().unwrap());
+        response
+    });
+    let mut server = Server::start(service).await;
+    let mut client = server.connect().await;
+    client.send("GET / HTTP/1.1\r\n\r\n").await;
+    let answer = client.read_head().await;
+    assert_content_length(&answer, 10);
+    // What the body had, then the close that tells the caller it is cut short.
+    assert_eq!(client.read_to_end().await, b"short");
+    drop(client);
+    server.next_end().await.expect("ends without an I/O error");
+}
+
+#[tokio::test]
+async fn an_answer_body_longer_than_its_content_length_is_cut_and_the_connection_closed() {
+    let (service, _log) = recorder(ReadBody::Whole, |_| {
+        let mut response = Response::new(full("too long"));
+        response
+            .headers_mut()
+            .insert("content-length", "3".parse().unwrap());
+        response
+    });
+    let server = Server::start(service).await;
+    let mut client = server.connect().await;
+    client.send("GET / HTTP/1.1\r\n\r\n").await;
+    let answer = client.read_head().await;
+    assert_content_length(&answer, 3);
+    assert_eq!(client.read_to_end().await, b"too");
+}
+
+#[tokio::test]
+async fn the_answers_own_transfer_encoding_is_not_duplicated() {
+    let (service, _log) = recorder(ReadBody::Whole, |received| {
+        let mut response = if received.uri == "/stream" {
+            Response::new(streamed(&["abc", "def"]))
+        } else {
+            Response::new(full("sized"))
+        };
+        response
+            .headers_mut()
+            .insert("transfer-encoding", "chunked".parse().unwrap());
+        response
+    });
+    let server = Server::start(service).await;
+    let mut client = server.connect().await;
+
+    client.send("GET /stream HTTP/1.1\r\n\r\n").await;
+    let answer = client.read_answer().await;
+    assert_eq!(answer.header_count("transfer-encoding"), 1, "{answer:?}");
+    assert!(answer.is_chunked());
+    assert_eq!(answer.text(), "abcdef");
+
+    // A body of known size goes with its length whatever the service's field said.
+    client.send("GET /sized HTTP/1.1\r\n\r\n").await;
+    let answer = client.read_answer().await;
+    assert_eq!(answer.header("transfer-encoding"), None, "{answer:?}");
+    assert_content_length(&answer, 5);
+    assert_eq!(answer.text(), "sized");
+
+    client.send("GET /sized HTTP/1.1\r\n\r\n").await;
+    assert_eq!(client.read_answer().await.text(), "sized");
+}
+
+#[tokio::test]
+async fn an_answer_body_failing_midway_closes_without_the_last_chunk() {
+    let (tx, body) = channel_body();
+    tx.try_send(Ok(Bytes::from_static(b"partial"))).unwrap();
+    tx.try_send(Err(io::Error::other("backend gone"))).unwrap();
+    let slot = std::sync::Mutex::new(Some(body));
+    let (service, _log) = recorder(ReadBody::Whole, move |_| {
+        Response::new(slot.lock().unwrap().take().expect("one streaming answer"))
+    });
+    let server = Server::start(service).await;
+    let mut client = server.connect().await;
+    client.send("GET /stream HTTP/1.1\r\n\r\n").await;
+    let answer = client.read_head().await;
+    assert!(answer.is_chunked(), "{answer:?}");
+    assert_eq!(client.read_chunk().await.as_deref(), Some(&b"partial"[..]));
+    assert_eq!(
+        client.read_to_end().await,
+        b"",
+        "no last chunk: the caller must see the body cut short"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. Streaming
+
+#[tokio::test]
+async fn a_streaming_answer_reaches_the_caller_frame_by_frame() {
+    let (tx, body) = channel_body();
+    let slot = std::sync::Mutex::new(Some(body));
+    let (service, _log) = recorder(ReadBody::Whole, move |_| {
+        Response::new(slot.lock().unwrap().take().expect("one streaming answer"))
+    });
+    let server = Server::start(service).await;
+    let mut client = server.connect().await;
+    client
+        .send("POST /sse HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}")
+        .await;
+
+    tx.send(Ok(Bytes::from_static(b"data: first\n\n")))
+        .await
+        .unwrap();
+    let answer = client.read_head().await;
+    assert!(answer.is_chunked(), "{answer:?}");
+    // The second frame is not released until the first has been read by the caller.
+    assert_eq!(
+        client.read_chunk().await.as_deref(),
+        Some(&b"data: first\n\n"[..])
+    );
+    tx.send(Ok(Bytes::from_static(b"data: second\n\n")))
+        .await
+        .unwrap();
+    assert_eq!(
+        client.read_chunk().await.as_deref(),
+        Some(&b"data: second\n\n"[..])
+    );
+    drop(tx);
+    assert_eq!(client.read_chunk().await, None);
+}
+
+#[tokio::test]
+async fn a_service_answering_with_its_request_body_streams_it_back() {
+    // The answer's body is the request's body: what arrives after the answer started must
+    // still be read off the connection and go back out.
+    let service = tower::service_fn(|request: Request<RequestBody>| async move {
+        Ok::<_, Infallible>(Response::new(request.into_body()))
+    });
+    let server = Server::start(service).await;
+    let mut client = server.connect().await;
+    client
+        .send("POST /echo HTTP/1.1\r\nContent-Length: 10\r\n\r\nhello")
+        .await;
+    let answer = client.read_head().await;
+    assert_eq!(answer.status, 200);
+    assert_content_length(&answer, 10);
+    assert_eq!(client.read_exact(5).await, b"hello");
+    client.send("world").await;
+    assert_eq!(client.read_exact(5).await, b"world");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 10. The caller leaving
+
+#[tokio::test]
+async fn a_caller_leaving_cancels_the_service_future() {
+    let (called_tx, mut called) = mpsc::unbounded_channel();
+    let (dropped_tx, mut dropped) = mpsc::unbounded_channel();
+    let service = tower::service_fn(move |_: Request<RequestBody>| {
+        let _ = called_tx.send(());
+        let guard = DropSignal(dropped_tx.clone());
+        async move {
+            let _guard = guard;
+            std::future::pending::<Result<Response<TestBody>, Infallible>>().await
+        }
+    });
+    let mut server = Server::start(service).await;
+    let mut client = server.connect().await;
+    client.send("GET /forever HTTP/1.1\r\n\r\n").await;
+    within("the service to be called", called.recv())
+        .await
+        .unwrap();
+    assert!(
+        timeout(MUST_NOT_HAPPEN, dropped.recv()).await.is_err(),
+        "the service future was dropped while its caller was still there"
+    );
+
+    drop(client);
+    within("the service future to be dropped", dropped.recv())
+        .await
+        .unwrap();
+    server.next_end().await.expect("ends cleanly");
+}
+
+#[tokio::test]
+async fn a_caller_closing_mid_body_fails_the_body_with_unexpected_eof() {
+    let (service, mut log) = echo_recorder();
+    let server = Server::start(service).await;
+    let mut client = server.connect().await;
+    client
+        .send("POST /cut HTTP/1.1\r\nContent-Length: 100\r\n\r\nonly ten b")
+        .await;
+    sleep(Duration::from_millis(20)).await;
+    drop(client);
+    let received = log.next().await;
+    assert_eq!(received.uri, "/cut");
+    assert_eq!(received.body, Some(Err(io::ErrorKind::UnexpectedEof)));
+}
+
+#[tokio::test]
+async fn a_caller_leaving_cancels_a_service_that_has_not_read_the_body() {
+    let (called_tx, mut called) = mpsc::unbounded_channel();
+    let (dropped_tx, mut dropped) = mpsc::unbounded_channel();
+    let service = tower::service_fn(move |request: Request<RequestBody>| {
+        let _ = called_tx.send(());
+        let guard = DropSignal(dropped_tx.clone());
+        async move {
+            // Holds the body without reading it yet (waiting for a slot, a token...), while the
+            // rest of it has yet to arrive: the caller leaving must still cancel the request.
+            let _body = request.into_body();
+            let _guard = guard;
+            std::future::pending::<Result<Response<TestBody>, Infallible>>().await
+        }
+    });
+    let server = Server::start(service).await;
+    let mut client = server.connect().await;
+    client
+        .send("POST /held HTTP/1.1\r\nContent-Length: 10\r\n\r\nhalf!")
+        .await;
+    within("the service to be called", called.recv())
+        .await
+        .unwrap();
+    drop(client);
+    within("the service future to be dropped", dropped.recv())
+        .await
+        .unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 11. Graceful shutdown
+
+#[tokio::test]
+async fn graceful_shutdown_ends_an_idle_connection() {
+    let (service, _log) = echo_recorder();
+    let (mut client, shutdown, task) = served_with_shutdown(service).await;
+    client.send("GET /one HTTP/1.1\r\n\r\n").await;
+    let answer = client.read_answer().await;
+    assert_eq!(answer.text(), "GET /one ");
+    assert_eq!(answer.header("connection"), None, "kept alive: {answer:?}");
+    sleep(MUST_NOT_HAPPEN).await;
+    assert!(!task.is_finished(), "ended before the shutdown");
+
+    shutdown.send(()).unwrap();
+    within("the idle connection to end", task)
+        .await
+        .unwrap()
+        .expect("ends cleanly");
+    client.expect_closed().await;
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_the_request_in_flight_with_connection_close() {
+    let release = Arc::new(Notify::new());
+    let (called_tx, mut called) = mpsc::unbounded_channel();
+    let service = {
+        let release = Arc::clone(&release);
+        tower::service_fn(move |request: Request<RequestBody>| {
+            let release = Arc::clone(&release);
+            let _ = called_tx.send(request.uri().to_string());
+            async move {
+                release.notified().await;
+                Ok::<_, Infallible>(Response::new(full("finished")))
+            }
+        })
+    };
+    let (mut client, shutdown, task) = served_with_shutdown(service).await;
+    client.send("GET /slow HTTP/1.1\r\n\r\n").await;
+    assert_eq!(
+        within("the service to be called", called.recv()).await,
+        Some("/slow".to_owned())
+    );
+
+    shutdown.send(()).unwrap();
+    sleep(MUST_NOT_HAPPEN).await;
+    assert!(!task.is_finished(), "ended with its request in flight");
+
+    release.notify_one();
+    let answer = client.read_answer().await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.text(), "finished");
+    assert!(answer.says_close(), "{answer:?}");
+    client.expect_closed().await;
+    drop(client);
+    within("the connection to end", task)
+        .await
+        .unwrap()
+        .expect("ends cleanly");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 12. Service errors
+
+#[tokio::test]
+async fn a_service_error_closes_the_connection_without_an_answer() {
+    let service = tower::service_fn(|_: Request<RequestBody>| async {
+        Err::<Response<TestBody>, _>(io::Error::other("service failed: boom"))
+    });
+    let mut server = Server::start(service).await;
+    let mut client = server.connect().await;
+    client.send("GET / HTTP/1.1\r\n\r\n").await;
+    client.expect_closed().await;
+    let error = server
+        .next_end()
+        .await
+        .expect_err("the connection ends with the service's error");
+    assert!(error.to_string().contains("boom"), "{error}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 13. An answer to a caller still sending
+
+#[tokio::test]
+async fn an_answer_to_a_body_nobody_reads_reaches_a_caller_still_sending() {
+    const LENGTH: usize = 4 * 1024 * 1024;
+    let (service, mut log) = recorder(ReadBody::Never, |_| {
+        let mut response = Response::new(full("too large"));
+        *response.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+        response
+    });
+    let mut server = Server::start(service).await;
+    let mut client = server.connect().await;
+    let mut writer = client.writer.take().unwrap();
+    let sending = tokio::spawn(async move {
+        writer
+            .write_all(
+                format!("POST /upload HTTP/1.1\r\nContent-Length: {LENGTH}\r\n\r\n").as_bytes(),
+            )
+            .await?;
+        let piece = vec![b'x'; 64 * 1024];
+        for _ in 0..LENGTH / piece.len() {
+            writer.write_all(&piece).await?;
+        }
+        io::Result::Ok(writer)
+    });
+
+    let answer = client.read_answer().await;
+    assert_eq!(answer.status, 413);
+    assert_eq!(answer.text(), "too large");
+    assert!(answer.says_close(), "{answer:?}");
+    client.expect_closed().await;
+    let received = log.next().await;
+    assert_eq!(received.size_hint, Some(LENGTH as u64));
+
+    // The server read what the caller still sent instead of resetting the connection.
+    let writer = within("the caller to finish sending", sending)
+        .await
+        .unwrap()
+        .expect("the caller's body was not refused by a reset");
+    drop(writer);
+    server.next_end().await.expect("ends cleanly");
+}
