@@ -119,11 +119,23 @@ impl Gateway {
     /// Starts the gateway on a free loopback port over `sims`, with no other flag; returns it,
     /// its address and its base URL.
     fn over(sims: &[SimHandle]) -> (Self, String, String) {
+        Self::over_with(sims, &[])
+    }
+
+    /// [`over`](Self::over), with `flags` after the backends.
+    fn over_with(sims: &[SimHandle], flags: &[&str]) -> (Self, String, String) {
+        let backends: Vec<String> = sims.iter().map(backend_flag).collect();
+        Self::over_urls(&backends, flags)
+    }
+
+    /// The gateway on a free loopback port over `backends` (`NAME=URL` each), then `flags`.
+    fn over_urls(backends: &[String], flags: &[&str]) -> (Self, String, String) {
         let addr = free_addr();
         let mut args = vec!["--listen".to_owned(), addr.clone()];
-        for sim in sims {
-            args.extend(["--backend".to_owned(), backend_flag(sim)]);
+        for backend in backends {
+            args.extend(["--backend".to_owned(), backend.clone()]);
         }
+        args.extend(flags.iter().map(|&flag| flag.to_owned()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let base = format!("http://{addr}");
         (Self::spawn(&args, &[]), addr, base)
@@ -642,4 +654,691 @@ impl tokio::io::AsyncWrite for SkipFirst {
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP/1.1 on the wire: what the gateway's lean server does for callers that write raw bytes.
+
+/// An answer as read off the wire by [`RawCaller`].
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    /// Names lowercased, values trimmed, in wire order.
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn text(&self) -> &str {
+        std::str::from_utf8(&self.body).unwrap_or_else(|e| panic!("{e}: {self:?}"))
+    }
+
+    fn is_chunked(&self) -> bool {
+        self.header("transfer-encoding")
+            .is_some_and(|te| te.eq_ignore_ascii_case("chunked"))
+    }
+
+    fn says_close(&self) -> bool {
+        self.header("connection")
+            .is_some_and(|c| c.eq_ignore_ascii_case("close"))
+    }
+}
+
+/// A caller of the gateway that writes exact bytes (each write its own segment) and parses the
+/// answers itself. Every read and write is bounded by `BOUND`; a reset fails the test.
+struct RawCaller {
+    stream: tokio::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawCaller {
+    async fn connect(addr: &str) -> Self {
+        let stream = tokio::time::timeout(BOUND, tokio::net::TcpStream::connect(addr))
+            .await
+            .expect("connect within BOUND")
+            .unwrap();
+        stream.set_nodelay(true).unwrap();
+        Self {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        tokio::time::timeout(BOUND, self.stream.write_all(bytes))
+            .await
+            .expect("write within BOUND")
+            .unwrap_or_else(|e| panic!("write failed: {e}"));
+    }
+
+    /// Writes each piece on its own, with a short pause after each, so the gateway reads them
+    /// one by one.
+    async fn send_in_pieces(&mut self, pieces: &[&[u8]]) {
+        for piece in pieces {
+            self.send(piece).await;
+            tokio::time::sleep(Duration::from_millis(15)).await;
+        }
+    }
+
+    /// One read into the buffer; `false` at the end of the stream.
+    async fn fill(&mut self) -> bool {
+        self.buf.reserve(16 * 1024);
+        let read = tokio::time::timeout(BOUND, self.stream.read_buf(&mut self.buf))
+            .await
+            .unwrap_or_else(|_| panic!("nothing read within BOUND after {:?}", self.shown()))
+            .unwrap_or_else(|e| panic!("read failed: {e} (after {:?})", self.shown()));
+        read > 0
+    }
+
+    fn shown(&self) -> String {
+        String::from_utf8_lossy(&self.buf).into_owned()
+    }
+
+    /// The status line and fields of the next answer.
+    async fn read_head(&mut self) -> Answer {
+        let end = loop {
+            if let Some(end) = find(&self.buf, b"\r\n\r\n") {
+                break end;
+            }
+            assert!(
+                self.fill().await,
+                "closed before an answer's head; got {:?}",
+                self.shown()
+            );
+        };
+        let head: Vec<u8> = self.buf.drain(..end + 4).collect();
+        let head = String::from_utf8(head[..end].to_vec()).expect("a UTF-8 head");
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap();
+        assert!(
+            status_line.starts_with("HTTP/1.1 "),
+            "status line {status_line:?}"
+        );
+        let status = status_line[9..12].parse().expect("a status code");
+        let headers = lines
+            .map(|line| {
+                let (name, value) = line
+                    .split_once(':')
+                    .unwrap_or_else(|| panic!("field line {line:?}"));
+                (name.to_ascii_lowercase(), value.trim().to_owned())
+            })
+            .collect();
+        Answer {
+            status,
+            headers,
+            body: Vec::new(),
+        }
+    }
+
+    /// The next answer, body included, framed as its head says (no body for 1xx; an answer with
+    /// neither length nor chunking runs to the end of the stream).
+    async fn read_answer(&mut self) -> Answer {
+        let mut answer = self.read_head().await;
+        if answer.status < 200 || answer.status == 204 || answer.status == 304 {
+            return answer;
+        }
+        answer.body = if answer.is_chunked() {
+            let mut body = Vec::new();
+            while let Some(chunk) = self.read_chunk().await {
+                body.extend_from_slice(&chunk);
+            }
+            body
+        } else if let Some(length) = answer.header("content-length") {
+            let length = length.parse().expect("a decimal content-length");
+            self.read_exact(length).await
+        } else {
+            self.read_to_end().await
+        };
+        answer
+    }
+
+    async fn read_exact(&mut self, n: usize) -> Vec<u8> {
+        while self.buf.len() < n {
+            assert!(
+                self.fill().await,
+                "closed after {} of {n} body bytes",
+                self.buf.len()
+            );
+        }
+        self.buf.drain(..n).collect()
+    }
+
+    async fn read_line(&mut self) -> String {
+        loop {
+            if let Some(end) = find(&self.buf, b"\r\n") {
+                let line: Vec<u8> = self.buf.drain(..end + 2).collect();
+                return String::from_utf8_lossy(&line[..end]).into_owned();
+            }
+            assert!(self.fill().await, "closed mid-line: {:?}", self.shown());
+        }
+    }
+
+    /// The next chunk's data, or `None` at the last chunk (its trailers read too).
+    async fn read_chunk(&mut self) -> Option<Vec<u8>> {
+        let line = self.read_line().await;
+        let size = line.split(';').next().unwrap().trim();
+        let size =
+            usize::from_str_radix(size, 16).unwrap_or_else(|_| panic!("chunk size line {line:?}"));
+        if size == 0 {
+            while !self.read_line().await.is_empty() {}
+            return None;
+        }
+        let data = self.read_exact(size).await;
+        assert_eq!(self.read_exact(2).await, b"\r\n", "chunk without its CRLF");
+        Some(data)
+    }
+
+    /// Everything until the gateway closes the connection (cleanly: a reset fails).
+    async fn read_to_end(&mut self) -> Vec<u8> {
+        while self.fill().await {}
+        std::mem::take(&mut self.buf)
+    }
+
+    /// The gateway closes the connection cleanly, with nothing more sent.
+    async fn expect_closed(&mut self) {
+        let rest = self.read_to_end().await;
+        assert!(
+            rest.is_empty(),
+            "unexpected bytes before the close: {:?}",
+            String::from_utf8_lossy(&rest)
+        );
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack
+        .windows(needle.len())
+        .position(|window| window == needle)
+}
+
+/// The head of a chat completions `POST` to the gateway, with `fields` (each ending in CRLF)
+/// before the blank line.
+fn chat_head(fields: &str) -> String {
+    format!(
+        "POST {CHAT} HTTP/1.1\r\nhost: gateway\r\ncontent-type: application/json\r\n{fields}\r\n"
+    )
+}
+
+/// A chat request head and body with `Content-Length`, as one string.
+fn chat_request(body: &str) -> String {
+    let mut request = chat_head(&format!("content-length: {}\r\n", body.len()));
+    request.push_str(body);
+    request
+}
+
+/// `body` in the chunked coding, one chunk per piece of `sizes` bytes (the rest in a last chunk),
+/// then the last chunk.
+fn chunked(body: &[u8], sizes: &[usize]) -> Vec<u8> {
+    let mut wire = Vec::new();
+    let mut rest = body;
+    for &size in sizes {
+        let (chunk, after) = rest.split_at(size.min(rest.len()));
+        wire.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        wire.extend_from_slice(chunk);
+        wire.extend_from_slice(b"\r\n");
+        rest = after;
+    }
+    if !rest.is_empty() {
+        wire.extend_from_slice(format!("{:x}\r\n", rest.len()).as_bytes());
+        wire.extend_from_slice(rest);
+        wire.extend_from_slice(b"\r\n");
+    }
+    wire.extend_from_slice(b"0\r\n\r\n");
+    wire
+}
+
+/// `bytes` cut at `at` (ascending offsets).
+fn cut<'a>(bytes: &'a [u8], at: &[usize]) -> Vec<&'a [u8]> {
+    let mut pieces = Vec::new();
+    let mut start = 0;
+    for &end in at {
+        pieces.push(&bytes[start..end]);
+        start = end;
+    }
+    pieces.push(&bytes[start..]);
+    pieces
+}
+
+/// A chat request body of exactly `len` bytes of JSON.
+fn chat_body_of_len(len: usize) -> String {
+    let frame = r#"{"messages":[{"role":"user","content":""}]}"#;
+    let body = format!(
+        r#"{{"messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(len - frame.len())
+    );
+    assert_eq!(body.len(), len);
+    body
+}
+
+/// The answer is an Azure-shaped JSON error: `{"error":{"code":"..","message":".."}}`, both
+/// non-empty strings. Returns the code.
+fn assert_json_error(answer: &Answer) -> String {
+    assert_eq!(
+        answer.header("content-type"),
+        Some("application/json"),
+        "{answer:?}"
+    );
+    let value: Value =
+        serde_json::from_slice(&answer.body).unwrap_or_else(|e| panic!("{e}: {answer:?}"));
+    let code = value["error"]["code"]
+        .as_str()
+        .filter(|code| !code.is_empty())
+        .unwrap_or_else(|| panic!("no error code: {value}"));
+    assert!(
+        value["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "no error message: {value}"
+    );
+    code.to_owned()
+}
+
+/// The chat completion in `answer` is `sim`'s: 200, `x-served-by`, and the emulator's greeting.
+fn assert_chat_from(answer: &Answer, sim: &str) {
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(answer.header("x-served-by"), Some(sim), "{answer:?}");
+    let value: Value =
+        serde_json::from_slice(&answer.body).unwrap_or_else(|e| panic!("{e}: {answer:?}"));
+    let text = value["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_else(|| panic!("not a chat completion: {value}"));
+    assert!(text.starts_with(&format!("Hello from {sim} ")), "{text}");
+}
+
+/// A body over `--body-limit`, framed by `Content-Length` and arriving in several writes after
+/// its head, is refused with 413 in Azure's error shape before any backend is contacted; the
+/// caller reads the answer and a clean close (no reset), though it kept sending the body the
+/// gateway did not want. A body at the limit, sent the same way, is served.
+#[tokio::test]
+async fn a_body_over_the_limit_arriving_in_pieces_gets_413_and_reaches_no_backend() {
+    const LIMIT: usize = 1024;
+    let sims = sims(2).await;
+    let (mut gateway, addr, base) = Gateway::over_with(&sims, &["--body-limit", "1024"]);
+    gateway.ready(&base, None).await;
+
+    let body = chat_body_of_len(4 * LIMIT);
+    let head = chat_head(&format!("content-length: {}\r\n", body.len()));
+    let mut wire = head.clone().into_bytes();
+    wire.extend_from_slice(body.as_bytes());
+    // The head with the body's first 100 bytes, then the rest in 512-byte writes.
+    let cuts: Vec<usize> = (0..)
+        .map(|i| head.len() + 100 + 512 * i)
+        .take_while(|&at| at < wire.len())
+        .collect();
+    let pieces = cut(&wire, &cuts);
+    assert!(pieces.len() > 4, "{}", pieces.len());
+    let mut caller = RawCaller::connect(&addr).await;
+    caller.send_in_pieces(&pieces).await;
+    let answer = caller.read_answer().await;
+    assert_eq!(answer.status, 413, "{answer:?}");
+    assert_eq!(assert_json_error(&answer), "request_body_too_large");
+    assert!(
+        answer.text().contains(&LIMIT.to_string()),
+        "the message names the limit: {}",
+        answer.text()
+    );
+    // The rest of the body was never read as a request: the connection is closed, cleanly.
+    assert!(answer.says_close(), "{answer:?}");
+    caller.expect_closed().await;
+    assert_eq!(sims[0].request_count() + sims[1].request_count(), 0);
+
+    // The same over chunked framing, which says no length up front: refused once the body
+    // read runs over the limit.
+    let mut wire = chat_head("transfer-encoding: chunked\r\n").into_bytes();
+    let head_len = wire.len();
+    wire.extend_from_slice(&chunked(body.as_bytes(), &[300, 300, 300, 300, 300, 300]));
+    let cuts: Vec<usize> = (0..)
+        .map(|i| head_len + 200 + 400 * i)
+        .take_while(|&at| at < wire.len())
+        .collect();
+    let mut caller = RawCaller::connect(&addr).await;
+    caller.send_in_pieces(&cut(&wire, &cuts)).await;
+    let answer = caller.read_answer().await;
+    assert_eq!(answer.status, 413, "{answer:?}");
+    assert_eq!(assert_json_error(&answer), "request_body_too_large");
+    assert!(answer.says_close(), "{answer:?}");
+    caller.expect_closed().await;
+    assert_eq!(sims[0].request_count() + sims[1].request_count(), 0);
+
+    // At the limit exactly, in pieces: served, and the backend gets every byte.
+    let body = chat_body_of_len(LIMIT);
+    let wire = chat_request(&body);
+    let at = wire.len() - body.len();
+    let mut caller = RawCaller::connect(&addr).await;
+    caller
+        .send_in_pieces(&cut(wire.as_bytes(), &[at + 10, at + 500]))
+        .await;
+    let answer = caller.read_answer().await;
+    assert_chat_from(&answer, "a");
+    let received = sims[0].requests();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].body, body.as_bytes());
+    assert_eq!(sims[1].request_count(), 0);
+}
+
+/// A chunked request body whose chunks (and chunk-size lines) are split across writes reaches
+/// the backend whole, byte for byte; the connection then serves the next request.
+#[tokio::test]
+async fn a_chunked_body_split_across_writes_reaches_the_backend_whole() {
+    let sims = sims(2).await;
+    let (mut gateway, addr, base) = Gateway::over(&sims);
+    gateway.ready(&base, None).await;
+
+    let body = serde_json::json!({
+        "messages": [
+            { "role": "system", "content": "You answer in one word." },
+            { "role": "user", "content": "Hello, in several chunks, over several writes" }
+        ],
+        "temperature": 0.5
+    })
+    .to_string();
+    let mut wire = chat_head("transfer-encoding: chunked\r\n").into_bytes();
+    let head_len = wire.len();
+    wire.extend_from_slice(&chunked(body.as_bytes(), &[7, 40, 1, 30]));
+    // Cut inside the head, inside the first chunk-size line's CRLF, mid-data, and before the
+    // last chunk.
+    let last = wire.len() - b"0\r\n\r\n".len();
+    let pieces = cut(
+        &wire,
+        &[
+            head_len - 10,
+            head_len + 2,
+            head_len + 20,
+            head_len + 60,
+            last,
+        ],
+    );
+    let mut caller = RawCaller::connect(&addr).await;
+    caller.send_in_pieces(&pieces).await;
+    let answer = caller.read_answer().await;
+    assert_chat_from(&answer, "a");
+    assert!(!answer.says_close(), "{answer:?}");
+
+    let received = sims[0].requests();
+    assert_eq!(received.len(), 1);
+    assert_eq!(
+        String::from_utf8_lossy(&received[0].body),
+        body,
+        "the backend got another body"
+    );
+    assert_eq!(
+        received[0].path,
+        "/openai/deployments/gpt-4o/chat/completions"
+    );
+
+    // The chunked body ended where its last chunk said: the next request on the connection is
+    // read from the right place.
+    let next = chat_body().to_string();
+    caller.send(chat_request(&next).as_bytes()).await;
+    let answer = caller.read_answer().await;
+    assert_chat_from(&answer, "b");
+    assert_eq!(sims[1].requests()[0].body, next.as_bytes());
+}
+
+/// `Expect: 100-continue`: the caller gets `100 Continue` before it sends the body, then the
+/// backend's answer; the backend gets the body.
+#[tokio::test]
+async fn expect_100_continue_gets_100_before_the_body_then_the_answer() {
+    let sims = sims(2).await;
+    let (mut gateway, addr, base) = Gateway::over(&sims);
+    gateway.ready(&base, None).await;
+
+    let body = chat_body().to_string();
+    let mut caller = RawCaller::connect(&addr).await;
+    caller
+        .send(
+            chat_head(&format!(
+                "content-length: {}\r\nexpect: 100-continue\r\n",
+                body.len()
+            ))
+            .as_bytes(),
+        )
+        .await;
+    let interim = caller.read_answer().await;
+    assert_eq!(interim.status, 100, "{interim:?}");
+    assert!(
+        caller.buf.is_empty(),
+        "more after 100: {:?}",
+        caller.shown()
+    );
+    assert_eq!(sims[0].request_count() + sims[1].request_count(), 0);
+
+    caller.send(body.as_bytes()).await;
+    let answer = caller.read_answer().await;
+    assert_chat_from(&answer, "a");
+    let received = sims[0].requests();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].body, body.as_bytes());
+
+    // Chunked with `Expect`, on the same connection.
+    caller
+        .send(chat_head("transfer-encoding: chunked\r\nexpect: 100-continue\r\n").as_bytes())
+        .await;
+    let interim = caller.read_answer().await;
+    assert_eq!(interim.status, 100, "{interim:?}");
+    caller.send(&chunked(body.as_bytes(), &[10])).await;
+    let answer = caller.read_answer().await;
+    assert_chat_from(&answer, "b");
+    assert_eq!(sims[1].requests()[0].body, body.as_bytes());
+}
+
+/// Two chat requests in one write on one kept-alive connection: two answers, in order, from the
+/// two backends in turn; the connection then serves a third.
+#[tokio::test]
+async fn pipelined_requests_on_one_connection_are_answered_in_order_by_each_backend() {
+    let sims = sims(2).await;
+    let (mut gateway, addr, base) = Gateway::over(&sims);
+    gateway.ready(&base, None).await;
+
+    let first = serde_json::json!({ "messages": [{ "role": "user", "content": "first" }] });
+    let second = serde_json::json!({ "messages": [{ "role": "user", "content": "second" }] });
+    let (first, second) = (first.to_string(), second.to_string());
+    let mut caller = RawCaller::connect(&addr).await;
+    caller
+        .send(format!("{}{}", chat_request(&first), chat_request(&second)).as_bytes())
+        .await;
+    let one = caller.read_answer().await;
+    let two = caller.read_answer().await;
+    assert_chat_from(&one, "a");
+    assert_chat_from(&two, "b");
+    assert!(!one.says_close() && !two.says_close(), "{one:?} {two:?}");
+    assert_eq!(sims[0].requests()[0].body, first.as_bytes());
+    assert_eq!(sims[1].requests()[0].body, second.as_bytes());
+
+    let third = chat_body().to_string();
+    caller.send(chat_request(&third).as_bytes()).await;
+    assert_chat_from(&caller.read_answer().await, "a");
+    assert_eq!(sims[0].request_count(), 2);
+    assert_eq!(sims[1].request_count(), 1);
+}
+
+/// A backend that answers its first connection's request with the start of an endless SSE
+/// stream: returns its URL, the request it received (once it has answered the head and first
+/// event), and when the gateway closes that connection (a reset counts).
+async fn endless_stream_backend() -> (
+    String,
+    tokio::sync::oneshot::Receiver<Vec<u8>>,
+    tokio::sync::oneshot::Receiver<()>,
+) {
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (started_tx, started) = tokio::sync::oneshot::channel();
+    let (closed_tx, closed) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let Ok(Ok((mut stream, _))) = tokio::time::timeout(BOUND, listener.accept()).await else {
+            return;
+        };
+        let mut request = Vec::new();
+        let mut buf = [0u8; 4096];
+        // The head, then as many body bytes as it says.
+        let complete = |request: &[u8]| {
+            let end = find(request, b"\r\n\r\n")?;
+            let head = String::from_utf8_lossy(&request[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|line| line.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap_or(0));
+            (request.len() >= end + 4 + length).then_some(())
+        };
+        while complete(&request).is_none() {
+            match tokio::time::timeout(BOUND, stream.read(&mut buf)).await {
+                Ok(Ok(read)) if read > 0 => request.extend_from_slice(&buf[..read]),
+                _ => return,
+            }
+        }
+        let event = "data: {\"choices\":[],\"prompt_filter_results\":[]}\n\n";
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+             transfer-encoding: chunked\r\n\r\n{:x}\r\n{event}\r\n",
+            event.len()
+        );
+        if stream.write_all(answer.as_bytes()).await.is_err() {
+            return;
+        }
+        let _ = started_tx.send(request);
+        // The stream never goes on: only the gateway closing the connection ends this.
+        loop {
+            match tokio::time::timeout(BOUND, stream.read(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) => {
+                    let _ = closed_tx.send(());
+                    return;
+                }
+                Ok(Ok(_)) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    (url, started, closed)
+}
+
+/// A caller that leaves while its streamed completion is in flight: the gateway closes its
+/// connection to the backend (it stops reading the stream), and goes on serving.
+#[tokio::test]
+async fn a_caller_leaving_mid_stream_closes_the_backend_stream_and_the_gateway_serves_on() {
+    let (stream_url, started, mut closed) = endless_stream_backend().await;
+    let sims = sims(1).await;
+    let (mut gateway, addr, base) = Gateway::over_urls(
+        &[format!("endless={stream_url}"), backend_flag(&sims[0])],
+        &[],
+    );
+    gateway.ready(&base, None).await;
+
+    let body = serde_json::json!({
+        "messages": [{ "role": "user", "content": "Stream to me" }],
+        "stream": true
+    })
+    .to_string();
+    let mut caller = RawCaller::connect(&addr).await;
+    caller.send(chat_request(&body).as_bytes()).await;
+    let head = caller.read_head().await;
+    assert_eq!(head.status, 200, "{head:?}");
+    assert_eq!(head.header("x-served-by"), Some("endless"), "{head:?}");
+    assert!(head.is_chunked(), "{head:?}");
+    let first = caller.read_chunk().await.expect("the first event");
+    assert!(
+        String::from_utf8_lossy(&first).starts_with("data: {"),
+        "{}",
+        String::from_utf8_lossy(&first)
+    );
+    let received = tokio::time::timeout(BOUND, started)
+        .await
+        .expect("the backend answered")
+        .expect("the backend task reports its request");
+    assert!(
+        find(&received, body.as_bytes()).is_some(),
+        "the backend got {:?}",
+        String::from_utf8_lossy(&received)
+    );
+    // The stream is in flight, and the gateway holds its backend connection open.
+    assert!(closed.try_recv().is_err(), "closed before the caller left");
+
+    drop(caller);
+    tokio::time::timeout(BOUND, closed)
+        .await
+        .expect("the gateway closes the backend's stream when its caller leaves")
+        .expect("the backend task reports the close");
+
+    // The gateway serves on: the next request, and its admin route.
+    let response = chat(&client(), &base).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(served_by(&response), "a");
+    let backends = gateway.ready(&base, None).await;
+    assert_eq!(backends["backends"][0]["name"], "endless", "{backends}");
+    assert_eq!(backends["backends"][0]["attempts"], 1, "{backends}");
+    assert_eq!(sims[0].request_count(), 1);
+}
+
+/// Requests whose framing cannot be trusted (the shapes request smuggling uses) or whose head
+/// is malformed get 400 with a JSON error and a closed connection; no backend hears of them,
+/// and the gateway serves the next caller.
+#[tokio::test]
+async fn malformed_requests_get_400_with_a_json_error_and_reach_no_backend() {
+    let sims = sims(2).await;
+    let (mut gateway, addr, base) = Gateway::over(&sims);
+    gateway.ready(&base, None).await;
+
+    let body = chat_body().to_string();
+    let cases = [
+        (
+            "content-length and transfer-encoding",
+            format!(
+                "{}{}",
+                chat_head(&format!(
+                    "content-length: {}\r\ntransfer-encoding: chunked\r\n",
+                    body.len()
+                )),
+                String::from_utf8(chunked(body.as_bytes(), &[])).unwrap()
+            ),
+        ),
+        (
+            "conflicting content-lengths",
+            format!(
+                "{}{body}",
+                chat_head(&format!(
+                    "content-length: {}\r\ncontent-length: {}\r\n",
+                    body.len(),
+                    body.len() + 1
+                ))
+            ),
+        ),
+        (
+            "a malformed content-length",
+            format!("{}{body}", chat_head("content-length: 12abc\r\n")),
+        ),
+        (
+            "a transfer coding other than chunked",
+            format!("{}{body}", chat_head("transfer-encoding: gzip\r\n")),
+        ),
+        (
+            "a field line without a colon",
+            format!("{}{body}", chat_head("content-length 5\r\n")),
+        ),
+    ];
+    for (what, request) in &cases {
+        let mut caller = RawCaller::connect(&addr).await;
+        caller.send(request.as_bytes()).await;
+        let answer = caller.read_answer().await;
+        assert_eq!(answer.status, 400, "{what}: {answer:?}");
+        assert_json_error(&answer);
+        assert!(answer.says_close(), "{what}: {answer:?}");
+        caller.expect_closed().await;
+        assert_eq!(
+            sims[0].request_count() + sims[1].request_count(),
+            0,
+            "{what}: a backend was contacted"
+        );
+    }
+
+    let response = chat(&client(), &base).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(served_by(&response), "a");
 }

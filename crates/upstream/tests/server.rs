@@ -180,21 +180,9 @@ fn recorder(
     (service, Log { rx, calls })
 }
 
-/// Reads each body whole and answers `200` with `"{method} {uri} {body}"`.
-fn echo_recorder() -> (
-    impl Service<
-        Request<RequestBody>,
-        Response = Response<TestBody>,
-        Error = Infallible,
-        Future: Send + 'static,
-    > + Clone
-    + Send
-    + 'static,
-    Log,
-) {
-    recorder(ReadBody::Whole, |received| {
-        Response::new(full(echo_text(received)))
-    })
+/// A `respond` for [`recorder`]: `200` with `"{method} {uri} {body}"`.
+fn echo(received: &Received) -> Response<TestBody> {
+    Response::new(full(echo_text(received)))
 }
 
 fn echo_text(received: &Received) -> String {
@@ -204,6 +192,26 @@ fn echo_text(received: &Received) -> String {
         None => String::new(),
     };
     format!("{} {} {body}", received.method, received.uri)
+}
+
+/// An answer of `body` with `status`.
+fn with_status(body: TestBody, status: StatusCode) -> Response<TestBody> {
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    response
+}
+
+/// An answer of `body` with the field `name: value`.
+fn with_field(body: TestBody, name: &'static str, value: &'static str) -> Response<TestBody> {
+    let mut response = Response::new(body);
+    response.headers_mut().insert(name, value.parse().unwrap());
+    response
+}
+
+/// A `respond` for [`recorder`] that answers its one request with `body`.
+fn once(body: TestBody) -> impl Fn(&Received) -> Response<TestBody> + Send + Sync + 'static {
+    let slot = std::sync::Mutex::new(Some(body));
+    move |_| Response::new(slot.lock().unwrap().take().expect("one streaming answer"))
 }
 
 /// A response body fed by a channel: each message is one data frame (or an error), a closed
@@ -259,7 +267,8 @@ struct Server {
 }
 
 impl Server {
-    async fn start<S, B>(service: S) -> Self
+    /// Serves `service` on a fresh listener, and connects one client to it.
+    async fn start<S, B>(service: S) -> (Self, Client)
     where
         S: Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
         S::Future: Send + 'static,
@@ -279,7 +288,9 @@ impl Server {
                 });
             }
         });
-        Self { addr, ended }
+        let server = Self { addr, ended };
+        let client = server.connect().await;
+        (server, client)
     }
 
     async fn connect(&self) -> Client {
@@ -293,12 +304,72 @@ impl Server {
             .expect("accept loop gone")
     }
 
+    /// Drops `client`, then gives the outcome of the next connection to end.
+    async fn end_of(&mut self, client: Client) -> io::Result<()> {
+        drop(client);
+        self.next_end().await
+    }
+
     /// Checks that no served connection has ended yet.
     fn assert_none_ended(&mut self) {
         if let Ok(outcome) = self.ended.try_recv() {
             panic!("a connection ended: {outcome:?}");
         }
     }
+}
+
+/// A [`recorder`] served by a [`Server`], with one client connected.
+async fn recorded(
+    read: ReadBody,
+    respond: impl Fn(&Received) -> Response<TestBody> + Send + Sync + 'static,
+) -> (Server, Client, Log) {
+    let (service, log) = recorder(read, respond);
+    let (server, client) = Server::start(service).await;
+    (server, client, log)
+}
+
+/// A recorder reading each body whole and answering with [`echo`], served, with one client.
+async fn echoed() -> (Server, Client, Log) {
+    recorded(ReadBody::Whole, echo).await
+}
+
+/// What a service that never answers tells: each call, and each of its futures dropped.
+struct Hanging {
+    called: mpsc::UnboundedReceiver<()>,
+    dropped: mpsc::UnboundedReceiver<()>,
+}
+
+impl Hanging {
+    async fn called(&mut self) {
+        within("the service to be called", self.called.recv())
+            .await
+            .unwrap();
+    }
+
+    async fn dropped(&mut self) {
+        within("the service future to be dropped", self.dropped.recv())
+            .await
+            .unwrap();
+    }
+}
+
+/// A service that never answers, served, with one client. With `hold_body` its future holds the
+/// request's body without reading it; without, the request is dropped before the future runs.
+async fn hanging(hold_body: bool) -> (Server, Client, Hanging) {
+    let (called_tx, called) = mpsc::unbounded_channel();
+    let (dropped_tx, dropped) = mpsc::unbounded_channel();
+    let service = tower::service_fn(move |request: Request<RequestBody>| {
+        let _ = called_tx.send(());
+        let guard = DropSignal(dropped_tx.clone());
+        let body = hold_body.then(|| request.into_body());
+        async move {
+            let _body = body;
+            let _guard = guard;
+            std::future::pending::<Result<Response<TestBody>, Infallible>>().await
+        }
+    });
+    let (server, client) = Server::start(service).await;
+    (server, client, Hanging { called, dropped })
 }
 
 /// Polls `connection` on a task of its own until the returned sender fires, then calls
@@ -399,6 +470,18 @@ impl Client {
         within("write", writer.write_all(bytes.as_ref()))
             .await
             .expect("write failed");
+    }
+
+    /// Writes `bytes`, then pauses so that the server reads them before whatever comes next.
+    async fn send_alone(&mut self, bytes: impl AsRef<[u8]>) {
+        self.send(bytes).await;
+        sleep(Duration::from_millis(20)).await;
+    }
+
+    /// Writes `bytes` and reads the answer.
+    async fn ask(&mut self, bytes: impl AsRef<[u8]>) -> Answer {
+        self.send(bytes).await;
+        self.read_answer().await
     }
 
     /// Writes each piece on its own, with a short pause after each.
@@ -545,6 +628,12 @@ impl Client {
             self.shown()
         );
     }
+
+    /// `answer` says `connection: close`, and the server closes the connection after it.
+    async fn expect_close(&mut self, answer: &Answer) {
+        assert!(answer.says_close(), "{answer:?}");
+        self.expect_closed().await;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -570,14 +659,33 @@ fn assert_content_length(answer: &Answer, length: usize) {
     );
 }
 
+/// The answer is a `200` with the body `text`.
+fn assert_ok(answer: &Answer, text: &str) {
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(answer.text(), text);
+}
+
+/// The next two answers are [`echo`]'s: `text` for a request whose body was `body`, then
+/// `GET /next `, and the service received them so. Gives what it received first.
+async fn assert_echoed_then_next(
+    client: &mut Client,
+    log: &mut Log,
+    text: &str,
+    body: &[u8],
+) -> Received {
+    assert_eq!(client.read_answer().await.text(), text);
+    assert_eq!(client.read_answer().await.text(), "GET /next ");
+    let received = log.next().await;
+    assert_eq!(received.body(), body);
+    assert_eq!(log.next().await.uri, "/next");
+    received
+}
+
 /// `raw` on a fresh connection is refused with `status`, a JSON error of `code`, and
 /// `connection: close`; the connection is closed, and the service never called.
 async fn assert_refused(raw: &[u8], status: u16, code: &str) {
-    let (service, mut log) = echo_recorder();
-    let mut server = Server::start(service).await;
-    let mut client = server.connect().await;
-    client.send(raw).await;
-    let answer = client.read_answer().await;
+    let (mut server, mut client, mut log) = echoed().await;
+    let answer = client.ask(raw).await;
     assert_eq!(answer.status, status, "{answer:?}");
     assert_eq!(
         answer.status_line,
@@ -591,7 +699,6 @@ async fn assert_refused(raw: &[u8], status: u16, code: &str) {
     );
     assert_eq!(answer.header("content-type"), Some("application/json"));
     assert_content_length(&answer, answer.body.len());
-    assert!(answer.says_close(), "{answer:?}");
     assert_date_is_now(&answer);
     let prefix = format!(r#"{{"error":{{"code":"{code}","message":""#);
     let message = answer
@@ -603,14 +710,23 @@ async fn assert_refused(raw: &[u8], status: u16, code: &str) {
         !message.is_empty() && !message.contains('"'),
         "message {message:?}"
     );
-    client.expect_closed().await;
-    drop(client);
+    client.expect_close(&answer).await;
     server
-        .next_end()
+        .end_of(client)
         .await
         .expect("a refusal ends the connection cleanly");
     assert_eq!(log.calls(), 0, "the service was called");
     log.assert_no_more();
+}
+
+/// [`assert_refused`] with `400 BadRequest`.
+async fn assert_bad_request(raw: &[u8]) {
+    assert_refused(raw, 400, "BadRequest").await;
+}
+
+/// [`assert_refused`] with `431 RequestHeaderFieldsTooLarge`.
+async fn assert_head_too_large(raw: &str) {
+    assert_refused(raw.as_bytes(), 431, "RequestHeaderFieldsTooLarge").await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -618,18 +734,14 @@ async fn assert_refused(raw: &[u8], status: u16, code: &str) {
 
 #[tokio::test]
 async fn a_post_arriving_with_its_body_reaches_the_service_whole_and_is_answered() {
-    let (service, mut log) = recorder(ReadBody::Whole, |received| {
-        let mut response = Response::new(full(format!("got {} bytes", received.body().len())));
-        response
-            .headers_mut()
-            .insert("x-answer", "yes".parse().unwrap());
-        response
-    });
-    let mut server = Server::start(service).await;
-    let mut client = server.connect().await;
+    let (mut server, mut client, mut log) = recorded(ReadBody::Whole, |received| {
+        let body = full(format!("got {} bytes", received.body().len()));
+        with_field(body, "x-answer", "yes")
+    })
+    .await;
     let body = r#"{"messages":[{"role":"user","content":"Hi"}]}"#;
-    client
-        .send(format!(
+    let answer = client
+        .ask(format!(
             "POST /openai/deployments/d/chat/completions?api-version=2024-10-21 HTTP/1.1\r\n\
              Host: gw\r\nX-Multi: one\r\nContent-Type: application/json\r\nx-multi: two\r\n\
              Content-Length: {}\r\n\r\n{body}",
@@ -637,7 +749,6 @@ async fn a_post_arriving_with_its_body_reaches_the_service_whole_and_is_answered
         ))
         .await;
 
-    let answer = client.read_answer().await;
     assert_eq!(answer.status_line, "HTTP/1.1 200 OK");
     assert_eq!(answer.text(), format!("got {} bytes", body.len()));
     assert_content_length(&answer, answer.body.len());
@@ -671,19 +782,12 @@ async fn a_post_arriving_with_its_body_reaches_the_service_whole_and_is_answered
 
 #[tokio::test]
 async fn an_answer_with_its_own_date_keeps_it() {
-    let (service, _log) = recorder(ReadBody::Whole, |_| {
-        let mut response = Response::new(full("dated"));
-        response
-            .headers_mut()
-            .insert("date", "Thu, 01 Jan 2015 00:00:00 GMT".parse().unwrap());
-        response
-    });
-    let server = Server::start(service).await;
-    let mut client = server.connect().await;
-    client.send("GET / HTTP/1.1\r\n\r\n").await;
-    let answer = client.read_answer().await;
+    const DATE: &str = "Thu, 01 Jan 2015 00:00:00 GMT";
+    let (_server, mut client, _log) =
+        recorded(ReadBody::Whole, |_| with_field(full("dated"), "date", DATE)).await;
+    let answer = client.ask("GET / HTTP/1.1\r\n\r\n").await;
     assert_eq!(answer.header_count("date"), 1, "{answer:?}");
-    assert_eq!(answer.header("date"), Some("Thu, 01 Jan 2015 00:00:00 GMT"));
+    assert_eq!(answer.header("date"), Some(DATE));
     assert_eq!(answer.text(), "dated");
 }
 
@@ -692,22 +796,16 @@ async fn an_answer_with_its_own_date_keeps_it() {
 
 #[tokio::test]
 async fn two_requests_in_turn_on_one_connection_are_both_answered() {
-    let (service, mut log) = echo_recorder();
-    let mut server = Server::start(service).await;
-    let mut client = server.connect().await;
+    let (mut server, mut client, mut log) = echoed().await;
 
-    client
-        .send("POST /first HTTP/1.1\r\nContent-Length: 3\r\n\r\none")
+    let first = client
+        .ask("POST /first HTTP/1.1\r\nContent-Length: 3\r\n\r\none")
         .await;
-    let first = client.read_answer().await;
-    assert_eq!(first.status, 200);
-    assert_eq!(first.text(), "POST /first one");
+    assert_ok(&first, "POST /first one");
     assert_eq!(first.header("connection"), None);
 
-    client.send("GET /second?x=1 HTTP/1.1\r\n\r\n").await;
-    let second = client.read_answer().await;
-    assert_eq!(second.status, 200);
-    assert_eq!(second.text(), "GET /second?x=1 ");
+    let second = client.ask("GET /second?x=1 HTTP/1.1\r\n\r\n").await;
+    assert_ok(&second, "GET /second?x=1 ");
 
     assert_eq!(log.next().await.uri, "/first");
     let received = log.next().await;
@@ -716,50 +814,38 @@ async fn two_requests_in_turn_on_one_connection_are_both_answered() {
     assert_eq!(received.body(), b"");
     server.assert_none_ended();
 
-    drop(client);
     server
-        .next_end()
+        .end_of(client)
         .await
         .expect("the caller closing an idle connection ends it cleanly");
 }
 
 #[tokio::test]
 async fn an_http10_request_without_keep_alive_is_answered_and_the_connection_closed() {
-    let (service, mut log) = echo_recorder();
-    let server = Server::start(service).await;
-    let mut client = server.connect().await;
-    client.send("GET /old HTTP/1.0\r\nHost: gw\r\n\r\n").await;
-    let answer = client.read_answer().await;
-    assert_eq!(answer.status, 200);
-    assert_eq!(answer.text(), "GET /old ");
+    let (_server, mut client, mut log) = echoed().await;
+    let answer = client.ask("GET /old HTTP/1.0\r\nHost: gw\r\n\r\n").await;
+    assert_ok(&answer, "GET /old ");
     assert_content_length(&answer, answer.body.len());
-    assert!(answer.says_close(), "{answer:?}");
-    client.expect_closed().await;
+    client.expect_close(&answer).await;
     assert_eq!(log.next().await.version, http::Version::HTTP_10);
 }
 
 #[tokio::test]
 async fn an_http10_request_with_keep_alive_keeps_the_connection() {
-    let (service, mut log) = echo_recorder();
-    let server = Server::start(service).await;
-    let mut client = server.connect().await;
+    let (_server, mut client, mut log) = echoed().await;
 
-    client
-        .send("GET /one HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    let first = client
+        .ask("GET /one HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
         .await;
-    let first = client.read_answer().await;
-    assert_eq!(first.status, 200);
-    assert_eq!(first.text(), "GET /one ");
+    assert_ok(&first, "GET /one ");
     assert_content_length(&first, first.body.len());
     assert_eq!(first.header_count("connection"), 1, "{first:?}");
     assert_eq!(first.header("connection"), Some("keep-alive"));
 
     // Still open: a second request (without keep-alive this time) is answered, then closed.
-    client.send("GET /two HTTP/1.0\r\n\r\n").await;
-    let second = client.read_answer().await;
+    let second = client.ask("GET /two HTTP/1.0\r\n\r\n").await;
     assert_eq!(second.text(), "GET /two ");
-    assert!(second.says_close(), "{second:?}");
-    client.expect_closed().await;
+    client.expect_close(&second).await;
 
     assert_eq!(log.next().await.version, http::Version::HTTP_10);
     assert_eq!(log.next().await.uri, "/two");
@@ -767,20 +853,14 @@ async fn an_http10_request_with_keep_alive_keeps_the_connection() {
 
 #[tokio::test]
 async fn connection_close_on_http11_is_answered_with_close_and_the_connection_closed() {
-    let (service, mut log) = echo_recorder();
-    let mut server = Server::start(service).await;
-    let mut client = server.connect().await;
-    client
-        .send("GET /last HTTP/1.1\r\nConnection: close\r\n\r\n")
+    let (mut server, mut client, mut log) = echoed().await;
+    let answer = client
+        .ask("GET /last HTTP/1.1\r\nConnection: close\r\n\r\n")
         .await;
-    let answer = client.read_answer().await;
-    assert_eq!(answer.status, 200);
-    assert_eq!(answer.text(), "GET /last ");
-    assert!(answer.says_close(), "{answer:?}");
-    client.expect_closed().await;
+    assert_ok(&answer, "GET /last ");
+    client.expect_close(&answer).await;
     assert_eq!(log.next().await.uri, "/last");
-    drop(client);
-    server.next_end().await.expect("ends cleanly");
+    server.end_of(client).await.expect("ends cleanly");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -788,9 +868,7 @@ async fn connection_close_on_http11_is_answered_with_close_and_the_connection_cl
 
 #[tokio::test]
 async fn pipelined_requests_in_one_write_are_answered_in_order() {
-    let (service, mut log) = echo_recorder();
-    let server = Server::start(service).await;
-    let mut client = server.connect().await;
+    let (_server, mut client, mut log) = echoed().await;
     client
         .send(
             "GET /first HTTP/1.1\r\n\r\n\
@@ -799,9 +877,7 @@ async fn pipelined_requests_in_one_write_are_answered_in_order() {
         )
         .await;
     for expected in ["GET /first ", "POST /second hello", "GET /third "] {
-        let answer = client.read_answer().await;
-        assert_eq!(answer.status, 200);
-        assert_eq!(answer.text(), expected);
+        assert_ok(&client.read_answer().await, expected);
     }
     for expected in ["/first", "/second", "/third"] {
         assert_eq!(log.next().await.uri, expected);
@@ -813,43 +889,39 @@ async fn pipelined_requests_in_one_write_are_answered_in_order() {
 
 #[tokio::test]
 async fn a_body_arriving_in_pieces_reaches_the_service_whole() {
-    let (service, mut log) = echo_recorder();
-    let server = Server::start(service).await;
-    let mut client = server.connect().await;
+    let (_server, mut client, mut log) = echoed().await;
     client
-        .send("POST /pieces HTTP/1.1\r\nContent-Length: 26\r\n\r\n")
+        .send_alone("POST /pieces HTTP/1.1\r\nContent-Length: 26\r\n\r\n")
         .await;
-    sleep(Duration::from_millis(20)).await;
     client
         .send_in_pieces(&[b"abcdefg", b"hijklmn", b"opqrstu", b"vwxyz"])
         .await;
 
     let answer = client.read_answer().await;
-    assert_eq!(answer.status, 200);
-    assert_eq!(answer.text(), "POST /pieces abcdefghijklmnopqrstuvwxyz");
+    assert_ok(&answer, "POST /pieces abcdefghijklmnopqrstuvwxyz");
     let received = log.next().await;
     assert_eq!(received.size_hint, Some(26), "the declared length");
     assert_eq!(received.body(), b"abcdefghijklmnopqrstuvwxyz");
 
     // The body's end was found exactly: the connection carries the next request.
-    client.send("GET /after HTTP/1.1\r\n\r\n").await;
-    assert_eq!(client.read_answer().await.text(), "GET /after ");
+    let next = client.ask("GET /after HTTP/1.1\r\n\r\n").await;
+    assert_eq!(next.text(), "GET /after ");
 }
 
 #[tokio::test]
 async fn a_body_whose_rest_arrives_with_the_next_request_is_split_right() {
-    let (service, mut log) = echo_recorder();
-    let server = Server::start(service).await;
-    let mut client = server.connect().await;
+    let (_server, mut client, mut log) = echoed().await;
     client
-        .send("POST /split HTTP/1.1\r\nContent-Length: 10\r\n\r\n01234")
+        .send_alone("POST /split HTTP/1.1\r\nContent-Length: 10\r\n\r\n01234")
         .await;
-    sleep(Duration::from_millis(20)).await;
     client.send("56789GET /next HTTP/1.1\r\n\r\n").await;
-    assert_eq!(client.read_answer().await.text(), "POST /split 0123456789");
-    assert_eq!(client.read_answer().await.text(), "GET /next ");
-    assert_eq!(log.next().await.body(), b"0123456789");
-    assert_eq!(log.next().await.uri, "/next");
+    assert_echoed_then_next(
+        &mut client,
+        &mut log,
+        "POST /split 0123456789",
+        b"0123456789",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -867,16 +939,12 @@ async fn a_body_read_on_another_task_still_arrives() {
         };
         Ok::<_, Infallible>(Response::new(full(text)))
     });
-    let server = Server::start(service).await;
-    let mut client = server.connect().await;
+    let (_server, mut client) = Server::start(service).await;
     client
-        .send("POST /elsewhere HTTP/1.1\r\nContent-Length: 10\r\n\r\n")
+        .send_alone("POST /elsewhere HTTP/1.1\r\nContent-Length: 10\r\n\r\n")
         .await;
-    sleep(Duration::from_millis(20)).await;
     client.send_in_pieces(&[b"hello", b"world"]).await;
-    let answer = client.read_answer().await;
-    assert_eq!(answer.status, 200);
-    assert_eq!(answer.text(), "helloworld");
+    assert_ok(&client.read_answer().await, "helloworld");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -884,9 +952,7 @@ async fn a_body_read_on_another_task_still_arrives() {
 
 #[tokio::test]
 async fn a_chunked_body_in_one_write_is_decoded_and_the_next_pipelined_request_served() {
-    let (service, mut log) = echo_recorder();
-    let server = Server::start(service).await;
-    let mut client = server.connect().await;
+    let (_server, mut client, mut log) = echoed().await;
     client
         .send(
             "POST /chunked HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n\
@@ -894,30 +960,21 @@ async fn a_chunked_body_in_one_write_is_decoded_and_the_next_pipelined_request_s
              GET /next HTTP/1.1\r\n\r\n",
         )
         .await;
-    assert_eq!(
-        client.read_answer().await.text(),
-        "POST /chunked hello world"
-    );
-    assert_eq!(client.read_answer().await.text(), "GET /next ");
-    let received = log.next().await;
-    assert_eq!(received.body(), b"hello world");
+    let text = "POST /chunked hello world";
+    let received = assert_echoed_then_next(&mut client, &mut log, text, b"hello world").await;
     assert_eq!(received.size_hint, None, "a chunked body's size is unknown");
     assert_eq!(
         received.headers,
         [("transfer-encoding".to_owned(), "chunked".to_owned())]
     );
-    assert_eq!(log.next().await.uri, "/next");
 }
 
 #[tokio::test]
 async fn a_chunked_body_split_across_writes_is_decoded() {
-    let (service, mut log) = echo_recorder();
-    let server = Server::start(service).await;
-    let mut client = server.connect().await;
+    let (_server, mut client, mut log) = echoed().await;
     client
-        .send("POST /split HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .send_alone("POST /split HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
         .await;
-    sleep(Duration::from_millis(20)).await;
     // Boundaries inside the size line, its CRLF, the data, the data's CRLF and the last chunk.
     client
         .send_in_pieces(&[
@@ -931,20 +988,14 @@ async fn a_chunked_body_split_across_writes_is_decoded() {
             b"\nGET /next HTTP/1.1\r\n\r\n",
         ])
         .await;
-    assert_eq!(
-        client.read_answer().await.text(),
-        "POST /split hello0123456789abcdef"
-    );
-    assert_eq!(client.read_answer().await.text(), "GET /next ");
-    assert_eq!(log.next().await.body(), b"hello0123456789abcdef");
-    assert_eq!(log.next().await.uri, "/next");
+    let body = b"hello0123456789abcdef";
+    let text = "POST /split hello0123456789abcdef";
+    assert_echoed_then_next(&mut client, &mut log, text, body).await;
 }
 
 #[tokio::test]
 async fn chunk_extensions_and_trailers_are_accepted_and_not_part_of_the_body() {
-    let (service, mut log) = echo_recorder();
-    let server = Server::start(service).await;
-    let mut client = server.connect().await;
+    let (_server, mut client, mut log) = echoed().await;
     client
         .send(
             "POST /ext HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n\
@@ -954,10 +1005,7 @@ async fn chunk_extensions_and_trailers_are_accepted_and_not_part_of_the_body() {
              GET /next HTTP/1.1\r\n\r\n",
         )
         .await;
-    assert_eq!(client.read_answer().await.text(), "POST /ext helloabc");
-    assert_eq!(client.read_answer().await.text(), "GET /next ");
-    assert_eq!(log.next().await.body(), b"helloabc");
-    assert_eq!(log.next().await.uri, "/next");
+    assert_echoed_then_next(&mut client, &mut log, "POST /ext helloabc", b"helloabc").await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -965,9 +1013,7 @@ async fn chunk_extensions_and_trailers_are_accepted_and_not_part_of_the_body() {
 
 #[tokio::test]
 async fn expect_100_continue_is_answered_when_the_service_reads_the_body() {
-    let (service, mut log) = echo_recorder();
-    let server = Server::start(service).await;
-    let mut client = server.connect().await;
+    let (_server, mut client, mut log) = echoed().await;
     client
         .send("POST /upload HTTP/1.1\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
         .await;
@@ -975,66 +1021,52 @@ async fn expect_100_continue_is_answered_when_the_service_reads_the_body() {
     assert_eq!(interim.status_line, "HTTP/1.1 100 Continue");
     assert!(interim.headers.is_empty(), "{interim:?}");
 
-    client.send("hello").await;
-    let answer = client.read_answer().await;
-    assert_eq!(answer.status, 200);
-    assert_eq!(answer.text(), "POST /upload hello");
+    assert_ok(&client.ask("hello").await, "POST /upload hello");
     assert_eq!(log.next().await.body(), b"hello");
 
-    client.send("GET /next HTTP/1.1\r\n\r\n").await;
-    assert_eq!(client.read_answer().await.text(), "GET /next ");
+    let next = client.ask("GET /next HTTP/1.1\r\n\r\n").await;
+    assert_eq!(next.text(), "GET /next ");
 }
 
 #[tokio::test]
 async fn expect_100_continue_with_a_chunked_body_is_answered_too() {
-    let (service, mut log) = echo_recorder();
-    let server = Server::start(service).await;
-    let mut client = server.connect().await;
+    let (_server, mut client, mut log) = echoed().await;
     client
         .send("POST /upload HTTP/1.1\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n")
         .await;
     assert_eq!(client.read_head().await.status, 100);
-    client.send("3\r\nabc\r\n0\r\n\r\n").await;
-    assert_eq!(client.read_answer().await.text(), "POST /upload abc");
+    let answer = client.ask("3\r\nabc\r\n0\r\n\r\n").await;
+    assert_eq!(answer.text(), "POST /upload abc");
     assert_eq!(log.next().await.body(), b"abc");
 }
 
 #[tokio::test]
 async fn expect_100_continue_with_the_body_already_sent_gets_the_answer_only() {
-    let (service, mut log) = echo_recorder();
-    let server = Server::start(service).await;
-    let mut client = server.connect().await;
-    client
-        .send(
+    let (_server, mut client, mut log) = echoed().await;
+    let answer = client
+        .ask(
             "POST /eager HTTP/1.1\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\nhello\
              GET /next HTTP/1.1\r\n\r\n",
         )
         .await;
-    let answer = client.read_answer().await;
-    assert_eq!(answer.status, 200, "{answer:?}");
-    assert_eq!(answer.text(), "POST /eager hello");
+    assert_ok(&answer, "POST /eager hello");
     assert_eq!(client.read_answer().await.text(), "GET /next ");
     assert_eq!(log.next().await.body(), b"hello");
 }
 
 #[tokio::test]
 async fn expect_100_continue_is_not_answered_when_the_service_does_not_read_the_body() {
-    let (service, mut log) = recorder(ReadBody::Never, |_| {
-        let mut response = Response::new(full("no thanks"));
-        *response.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
-        response
-    });
-    let server = Server::start(service).await;
-    let mut client = server.connect().await;
-    client
-        .send("POST /upload HTTP/1.1\r\nContent-Length: 1000000\r\nExpect: 100-continue\r\n\r\n")
-        .await;
+    let (_server, mut client, mut log) = recorded(ReadBody::Never, |_| {
+        with_status(full("no thanks"), StatusCode::PAYLOAD_TOO_LARGE)
+    })
+    .await;
     // The first thing back is the final answer, though no body byte was sent.
-    let answer = client.read_answer().await;
+    let answer = client
+        .ask("POST /upload HTTP/1.1\r\nContent-Length: 1000000\r\nExpect: 100-continue\r\n\r\n")
+        .await;
     assert_eq!(answer.status_line, "HTTP/1.1 413 Payload Too Large");
     assert_eq!(answer.text(), "no thanks");
-    assert!(answer.says_close(), "{answer:?}");
-    client.expect_closed().await;
+    client.expect_close(&answer).await;
     let received = log.next().await;
     assert_eq!(received.uri, "/upload");
     assert_eq!(received.size_hint, Some(1_000_000));
@@ -1046,55 +1078,30 @@ async fn expect_100_continue_is_not_answered_when_the_service_does_not_read_the_
 #[tokio::test]
 async fn content_length_with_transfer_encoding_is_refused_400() {
     // The smuggling shape: whichever framing a front end picked, `/smuggled` must not be served.
-    assert_refused(
+    assert_bad_request(
         b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n\
           0\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n",
-        400,
-        "BadRequest",
     )
     .await;
 }
 
 #[tokio::test]
 async fn conflicting_content_lengths_are_refused_400() {
-    assert_refused(
-        b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
-        400,
-        "BadRequest",
-    )
-    .await;
-    assert_refused(
-        b"POST / HTTP/1.1\r\nContent-Length: 5, 6\r\n\r\nhello!",
-        400,
-        "BadRequest",
-    )
-    .await;
+    assert_bad_request(b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!")
+        .await;
+    assert_bad_request(b"POST / HTTP/1.1\r\nContent-Length: 5, 6\r\n\r\nhello!").await;
 }
 
 #[tokio::test]
 async fn a_malformed_content_length_is_refused_400() {
-    assert_refused(
-        b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\nhello",
-        400,
-        "BadRequest",
-    )
-    .await;
+    assert_bad_request(b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\nhello").await;
 }
 
 #[tokio::test]
 async fn a_transfer_coding_other_than_chunked_is_refused_400() {
-    assert_refused(
-        b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\nxxxxx",
-        400,
-        "BadRequest",
-    )
-    .await;
-    assert_refused(
-        b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n",
-        400,
-        "BadRequest",
-    )
-    .await;
+    assert_bad_request(b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\nxxxxx").await;
+    assert_bad_request(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n")
+        .await;
 }
 
 #[tokio::test]
@@ -1109,108 +1116,92 @@ async fn a_coding_before_chunked_is_refused_501() {
 
 #[tokio::test]
 async fn a_malformed_request_line_is_refused_400() {
-    assert_refused(b"GET / HTTP/1.1x\r\n\r\n", 400, "BadRequest").await;
-    assert_refused(b"GET / HTTP/2.0\r\n\r\n", 400, "BadRequest").await;
-    assert_refused(b"G(T / HTTP/1.1\r\n\r\n", 400, "BadRequest").await;
+    assert_bad_request(b"GET / HTTP/1.1x\r\n\r\n").await;
+    assert_bad_request(b"GET / HTTP/2.0\r\n\r\n").await;
+    assert_bad_request(b"G(T / HTTP/1.1\r\n\r\n").await;
 }
 
 #[tokio::test]
 async fn more_than_100_header_fields_are_refused_431() {
     let fields: String = (0..101).map(|i| format!("x-f{i}: v\r\n")).collect();
-    assert_refused(
-        format!("GET / HTTP/1.1\r\n{fields}\r\n").as_bytes(),
-        431,
-        "RequestHeaderFieldsTooLarge",
-    )
-    .await;
+    assert_head_too_large(&format!("GET / HTTP/1.1\r\n{fields}\r\n")).await;
 }
 
 #[tokio::test]
 async fn a_head_over_64_kib_is_refused_431() {
     let big = "a".repeat(70 * 1024);
-    assert_refused(
-        format!("GET / HTTP/1.1\r\nx-big: {big}\r\n\r\n").as_bytes(),
-        431,
-        "RequestHeaderFieldsTooLarge",
-    )
-    .await;
+    assert_head_too_large(&format!("GET / HTTP/1.1\r\nx-big: {big}\r\n\r\n")).await;
 }
 
 #[tokio::test]
 async fn heads_at_the_limits_are_accepted() {
-    let (service, mut log) = echo_recorder();
-    let server = Server::start(service).await;
-    let mut client = server.connect().await;
+    let (_server, mut client, mut log) = echoed().await;
 
     let fields: String = (0..100).map(|i| format!("x-f{i}: v{i}\r\n")).collect();
-    client
-        .send(format!("GET /many HTTP/1.1\r\n{fields}\r\n"))
+    let answer = client
+        .ask(format!("GET /many HTTP/1.1\r\n{fields}\r\n"))
         .await;
-    assert_eq!(client.read_answer().await.status, 200);
+    assert_eq!(answer.status, 200);
     let received = log.next().await;
     assert_eq!(received.headers.len(), 100);
     assert_eq!(received.headers[99], ("x-f99".to_owned(), "v99".to_owned()));
 
     let big = "b".repeat(60 * 1024);
-    client
-        .send(format!("GET /big HTTP/1.1\r\nx-big: {big}\r\n\r\n"))
+    let answer = client
+        .ask(format!("GET /big HTTP/1.1\r\nx-big: {big}\r\n\r\n"))
         .await;
-    assert_eq!(client.read_answer().await.status, 200);
+    assert_eq!(answer.status, 200);
     let received = log.next().await;
     assert_eq!(received.headers, [("x-big".to_owned(), big)]);
 }
 
 #[tokio::test]
 async fn transfer_encoding_on_http10_is_refused_400() {
-    assert_refused(
+    assert_bad_request(
         b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
-        400,
-        "BadRequest",
     )
     .await;
 }
 
+/// The next answer is the `400` of [`echo`] for a body that failed as invalid (`text`), and the
+/// connection is closed after it.
+async fn assert_invalid_body_answered(client: &mut Client, log: &mut Log, text: &str) {
+    let answer = client.read_answer().await;
+    assert_eq!(answer.status, 400);
+    assert_eq!(answer.text(), text);
+    client.expect_close(&answer).await;
+    assert_eq!(log.next().await.body, Some(Err(io::ErrorKind::InvalidData)));
+}
+
 #[tokio::test]
 async fn an_invalid_chunk_size_fails_the_body_and_closes_the_connection() {
-    let (service, mut log) = recorder(ReadBody::Whole, |received| {
-        let mut response = Response::new(full(echo_text(received)));
+    let (server, mut client, mut log) = recorded(ReadBody::Whole, |received| {
         if received.body.as_ref().is_some_and(Result::is_err) {
-            *response.status_mut() = StatusCode::BAD_REQUEST;
+            with_status(full(echo_text(received)), StatusCode::BAD_REQUEST)
+        } else {
+            echo(received)
         }
-        response
-    });
-    let server = Server::start(service).await;
+    })
+    .await;
 
     // Arriving with the head.
-    let mut client = server.connect().await;
     client
         .send(
             "POST /bad HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n\
              zz\r\nhello\r\n0\r\n\r\nGET /after HTTP/1.1\r\n\r\n",
         )
         .await;
-    let answer = client.read_answer().await;
-    assert_eq!(answer.status, 400);
-    assert_eq!(answer.text(), "POST /bad <InvalidData>");
-    assert!(answer.says_close(), "{answer:?}");
-    client.expect_closed().await;
-    assert_eq!(log.next().await.body, Some(Err(io::ErrorKind::InvalidData)));
+    assert_invalid_body_answered(&mut client, &mut log, "POST /bad <InvalidData>").await;
 
     // Arriving after a good chunk.
     let mut client = server.connect().await;
     client
-        .send("POST /bad-later HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        .send_alone("POST /bad-later HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
         .await;
-    sleep(Duration::from_millis(20)).await;
     client
         .send("5x\r\nworld\r\n0\r\n\r\nGET /after HTTP/1.1\r\n\r\n")
         .await;
-    let answer = client.read_answer().await;
-    assert_eq!(answer.status, 400);
-    assert_eq!(answer.text(), "POST /bad-later <InvalidData>");
-    assert!(answer.says_close(), "{answer:?}");
-    client.expect_closed().await;
-    assert_eq!(log.next().await.body, Some(Err(io::ErrorKind::InvalidData)));
+    assert_invalid_body_answered(&mut client, &mut log, "POST /bad-later <InvalidData>").await;
 
     assert_eq!(log.calls(), 2, "`/after` must not be served");
     log.assert_no_more();
@@ -1221,11 +1212,9 @@ async fn an_invalid_chunk_size_fails_the_body_and_closes_the_connection() {
 
 #[tokio::test]
 async fn an_answer_of_known_size_gets_content_length() {
-    let (service, _log) = recorder(ReadBody::Whole, |_| Response::new(full("exactly 16 bytes")));
-    let server = Server::start(service).await;
-    let mut client = server.connect().await;
-    client.send("GET / HTTP/1.1\r\n\r\n").await;
-    let answer = client.read_answer().await;
+    let (_server, mut client, _log) =
+        recorded(ReadBody::Whole, |_| Response::new(full("exactly 16 bytes"))).await;
+    let answer = client.ask("GET / HTTP/1.1\r\n\r\n").await;
     assert_content_length(&answer, 16);
     assert_eq!(answer.header("transfer-encoding"), None);
     assert_eq!(answer.text(), "exactly 16 bytes");
@@ -1233,13 +1222,11 @@ async fn an_answer_of_known_size_gets_content_length() {
 
 #[tokio::test]
 async fn a_streaming_answer_is_chunked_for_http11() {
-    let (service, _log) = recorder(ReadBody::Whole, |_| {
+    let (mut server, mut client, _log) = recorded(ReadBody::Whole, |_| {
         Response::new(streamed(&["hello", " ", "world"]))
-    });
-    let mut server = Server::start(service).await;
-    let mut client = server.connect().await;
-    client.send("GET /stream HTTP/1.1\r\n\r\n").await;
-    let answer = client.read_answer().await;
+    })
+    .await;
+    let answer = client.ask("GET /stream HTTP/1.1\r\n\r\n").await;
     assert_eq!(answer.status, 200);
     assert_eq!(answer.header_count("transfer-encoding"), 1, "{answer:?}");
     assert!(answer.is_chunked(), "{answer:?}");
@@ -1248,23 +1235,21 @@ async fn a_streaming_answer_is_chunked_for_http11() {
     assert_eq!(answer.header("connection"), None);
 
     // The last chunk ended it exactly: the connection carries the next request.
-    client.send("GET /again HTTP/1.1\r\n\r\n").await;
-    assert_eq!(client.read_answer().await.text(), "hello world");
+    let next = client.ask("GET /again HTTP/1.1\r\n\r\n").await;
+    assert_eq!(next.text(), "hello world");
     server.assert_none_ended();
 }
 
 #[tokio::test]
 async fn a_streaming_answer_to_http10_is_delimited_by_close() {
-    let (service, _log) = recorder(ReadBody::Whole, |_| {
+    let (_server, mut client, _log) = recorded(ReadBody::Whole, |_| {
         Response::new(streamed(&["part one, ", "part two"]))
-    });
-    let server = Server::start(service).await;
-    let mut client = server.connect().await;
+    })
+    .await;
     // Even a caller asking to keep the connection: only closing it can end the body.
-    client
-        .send("GET /stream HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    let answer = client
+        .ask("GET /stream HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
         .await;
-    let answer = client.read_answer().await;
     assert_eq!(answer.status, 200);
     assert_eq!(answer.header("transfer-encoding"), None, "{answer:?}");
     assert_eq!(answer.header("content-length"), None, "{answer:?}");
@@ -1274,9 +1259,7 @@ async fn a_streaming_answer_to_http10_is_delimited_by_close() {
 
 #[tokio::test]
 async fn a_head_request_gets_content_length_and_no_body_and_the_connection_stays_usable() {
-    let (service, mut log) = echo_recorder();
-    let server = Server::start(service).await;
-    let mut client = server.connect().await;
+    let (_server, mut client, mut log) = echoed().await;
     client.send("HEAD /resource HTTP/1.1\r\n\r\n").await;
     let answer = client.read_head_answer().await;
     assert_eq!(answer.status, 200);
@@ -1284,139 +1267,111 @@ async fn a_head_request_gets_content_length_and_no_body_and_the_connection_stays
     assert_eq!(log.next().await.method, "HEAD");
 
     // Any body byte sent after the HEAD answer would come before this answer's status line.
-    client.send("GET /next HTTP/1.1\r\n\r\n").await;
-    let next = client.read_answer().await;
+    let next = client.ask("GET /next HTTP/1.1\r\n\r\n").await;
     assert_eq!(next.text(), "GET /next ");
 }
 
 #[tokio::test]
 async fn a_head_request_for_a_streaming_answer_gets_no_body() {
-    let (service, _log) = recorder(ReadBody::Whole, |received| {
+    let (_server, mut client, _log) = recorded(ReadBody::Whole, |received| {
         if received.method == "HEAD" {
             Response::new(streamed(&["never sent"]))
         } else {
             Response::new(full("after"))
         }
-    });
-    let server = Server::start(service).await;
-    let mut client = server.connect().await;
+    })
+    .await;
     client.send("HEAD /stream HTTP/1.1\r\n\r\n").await;
     let answer = client.read_head_answer().await;
     assert_eq!(answer.status, 200);
     assert_eq!(answer.header("content-length"), None, "{answer:?}");
-    client.send("GET /next HTTP/1.1\r\n\r\n").await;
-    assert_eq!(client.read_answer().await.text(), "after");
+    let next = client.ask("GET /next HTTP/1.1\r\n\r\n").await;
+    assert_eq!(next.text(), "after");
 }
 
 #[tokio::test]
 async fn a_204_answer_has_no_body_and_no_content_length() {
-    let (service, _log) = recorder(ReadBody::Whole, |received| {
+    let (_server, mut client, _log) = recorded(ReadBody::Whole, |received| {
         if received.uri == "/none" {
             // A body the service gave anyway must not reach the wire.
-            let mut response = Response::new(full("not sent"));
-            *response.status_mut() = StatusCode::NO_CONTENT;
-            response
+            with_status(full("not sent"), StatusCode::NO_CONTENT)
         } else {
             Response::new(full("after"))
         }
-    });
-    let server = Server::start(service).await;
-    let mut client = server.connect().await;
+    })
+    .await;
     client.send("DELETE /none HTTP/1.1\r\n\r\n").await;
     let answer = client.read_head().await;
     assert_eq!(answer.status_line, "HTTP/1.1 204 No Content");
     assert_eq!(answer.header("content-length"), None, "{answer:?}");
     assert_eq!(answer.header("transfer-encoding"), None, "{answer:?}");
-    client.send("GET /next HTTP/1.1\r\n\r\n").await;
-    assert_eq!(client.read_answer().await.text(), "after");
+    let next = client.ask("GET /next HTTP/1.1\r\n\r\n").await;
+    assert_eq!(next.text(), "after");
 }
 
 #[tokio::test]
 async fn an_answer_with_connection_close_closes_the_connection() {
-    let (service, _log) = recorder(ReadBody::Whole, |_| {
-        let mut response = Response::new(full("bye"));
-        response
-            .headers_mut()
-            .insert("connection", "close".parse().unwrap());
-        response
-    });
-    let server = Server::start(service).await;
-    let mut client = server.connect().await;
-    client.send("GET / HTTP/1.1\r\n\r\n").await;
-    let answer = client.read_answer().await;
+    let (_server, mut client, _log) = recorded(ReadBody::Whole, |_| {
+        with_field(full("bye"), "connection", "close")
+    })
+    .await;
+    let answer = client.ask("GET / HTTP/1.1\r\n\r\n").await;
     assert_eq!(answer.text(), "bye");
-    assert!(answer.says_close(), "{answer:?}");
-    client.expect_closed().await;
+    client.expect_close(&answer).await;
 }
 
 #[tokio::test]
 async fn an_answer_body_shorter_than_its_content_length_closes_the_connection() {
-    let (service, _log) = recorder(ReadBody::Whole, |_| {
-        let mut response = Response::new(full("short"));
-        response
-            .headers_mut()
-            .insert("content-length", "10".parse().unwrap());
-        response
-    });
-    let mut server = Server::start(service).await;
-    let mut client = server.connect().await;
+    let (mut server, mut client, _log) = recorded(ReadBody::Whole, |_| {
+        with_field(full("short"), "content-length", "10")
+    })
+    .await;
     client.send("GET / HTTP/1.1\r\n\r\n").await;
-    let answer = client.read_head().await;
-    assert_content_length(&answer, 10);
+    assert_content_length(&client.read_head().await, 10);
     // What the body had, then the close that tells the caller it is cut short.
     assert_eq!(client.read_to_end().await, b"short");
-    drop(client);
-    server.next_end().await.expect("ends without an I/O error");
+    server
+        .end_of(client)
+        .await
+        .expect("ends without an I/O error");
 }
 
 #[tokio::test]
 async fn an_answer_body_longer_than_its_content_length_is_cut_and_the_connection_closed() {
-    let (service, _log) = recorder(ReadBody::Whole, |_| {
-        let mut response = Response::new(full("too long"));
-        response
-            .headers_mut()
-            .insert("content-length", "3".parse().unwrap());
-        response
-    });
-    let server = Server::start(service).await;
-    let mut client = server.connect().await;
+    let (_server, mut client, _log) = recorded(ReadBody::Whole, |_| {
+        with_field(full("too long"), "content-length", "3")
+    })
+    .await;
     client.send("GET / HTTP/1.1\r\n\r\n").await;
-    let answer = client.read_head().await;
-    assert_content_length(&answer, 3);
+    assert_content_length(&client.read_head().await, 3);
     assert_eq!(client.read_to_end().await, b"too");
 }
 
 #[tokio::test]
 async fn the_answers_own_transfer_encoding_is_not_duplicated() {
-    let (service, _log) = recorder(ReadBody::Whole, |received| {
-        let mut response = if received.uri == "/stream" {
-            Response::new(streamed(&["abc", "def"]))
+    let (_server, mut client, _log) = recorded(ReadBody::Whole, |received| {
+        let body = if received.uri == "/stream" {
+            streamed(&["abc", "def"])
         } else {
-            Response::new(full("sized"))
+            full("sized")
         };
-        response
-            .headers_mut()
-            .insert("transfer-encoding", "chunked".parse().unwrap());
-        response
-    });
-    let server = Server::start(service).await;
-    let mut client = server.connect().await;
+        with_field(body, "transfer-encoding", "chunked")
+    })
+    .await;
 
-    client.send("GET /stream HTTP/1.1\r\n\r\n").await;
-    let answer = client.read_answer().await;
+    let answer = client.ask("GET /stream HTTP/1.1\r\n\r\n").await;
     assert_eq!(answer.header_count("transfer-encoding"), 1, "{answer:?}");
     assert!(answer.is_chunked());
     assert_eq!(answer.text(), "abcdef");
 
     // A body of known size goes with its length whatever the service's field said.
-    client.send("GET /sized HTTP/1.1\r\n\r\n").await;
-    let answer = client.read_answer().await;
+    let answer = client.ask("GET /sized HTTP/1.1\r\n\r\n").await;
     assert_eq!(answer.header("transfer-encoding"), None, "{answer:?}");
     assert_content_length(&answer, 5);
     assert_eq!(answer.text(), "sized");
 
-    client.send("GET /sized HTTP/1.1\r\n\r\n").await;
-    assert_eq!(client.read_answer().await.text(), "sized");
+    let next = client.ask("GET /sized HTTP/1.1\r\n\r\n").await;
+    assert_eq!(next.text(), "sized");
 }
 
 #[tokio::test]
@@ -1424,12 +1379,7 @@ async fn an_answer_body_failing_midway_closes_without_the_last_chunk() {
     let (tx, body) = channel_body();
     tx.try_send(Ok(Bytes::from_static(b"partial"))).unwrap();
     tx.try_send(Err(io::Error::other("backend gone"))).unwrap();
-    let slot = std::sync::Mutex::new(Some(body));
-    let (service, _log) = recorder(ReadBody::Whole, move |_| {
-        Response::new(slot.lock().unwrap().take().expect("one streaming answer"))
-    });
-    let server = Server::start(service).await;
-    let mut client = server.connect().await;
+    let (_server, mut client, _log) = recorded(ReadBody::Whole, once(body)).await;
     client.send("GET /stream HTTP/1.1\r\n\r\n").await;
     let answer = client.read_head().await;
     assert!(answer.is_chunked(), "{answer:?}");
@@ -1447,12 +1397,7 @@ async fn an_answer_body_failing_midway_closes_without_the_last_chunk() {
 #[tokio::test]
 async fn a_streaming_answer_reaches_the_caller_frame_by_frame() {
     let (tx, body) = channel_body();
-    let slot = std::sync::Mutex::new(Some(body));
-    let (service, _log) = recorder(ReadBody::Whole, move |_| {
-        Response::new(slot.lock().unwrap().take().expect("one streaming answer"))
-    });
-    let server = Server::start(service).await;
-    let mut client = server.connect().await;
+    let (_server, mut client, _log) = recorded(ReadBody::Whole, once(body)).await;
     client
         .send("POST /sse HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}")
         .await;
@@ -1485,8 +1430,7 @@ async fn a_service_answering_with_its_request_body_streams_it_back() {
     let service = tower::service_fn(|request: Request<RequestBody>| async move {
         Ok::<_, Infallible>(Response::new(request.into_body()))
     });
-    let server = Server::start(service).await;
-    let mut client = server.connect().await;
+    let (_server, mut client) = Server::start(service).await;
     client
         .send("POST /echo HTTP/1.1\r\nContent-Length: 10\r\n\r\nhello")
         .await;
@@ -1503,43 +1447,27 @@ async fn a_service_answering_with_its_request_body_streams_it_back() {
 
 #[tokio::test]
 async fn a_caller_leaving_cancels_the_service_future() {
-    let (called_tx, mut called) = mpsc::unbounded_channel();
-    let (dropped_tx, mut dropped) = mpsc::unbounded_channel();
-    let service = tower::service_fn(move |_: Request<RequestBody>| {
-        let _ = called_tx.send(());
-        let guard = DropSignal(dropped_tx.clone());
-        async move {
-            let _guard = guard;
-            std::future::pending::<Result<Response<TestBody>, Infallible>>().await
-        }
-    });
-    let mut server = Server::start(service).await;
-    let mut client = server.connect().await;
+    let (mut server, mut client, mut service) = hanging(false).await;
     client.send("GET /forever HTTP/1.1\r\n\r\n").await;
-    within("the service to be called", called.recv())
-        .await
-        .unwrap();
+    service.called().await;
     assert!(
-        timeout(MUST_NOT_HAPPEN, dropped.recv()).await.is_err(),
+        timeout(MUST_NOT_HAPPEN, service.dropped.recv())
+            .await
+            .is_err(),
         "the service future was dropped while its caller was still there"
     );
 
     drop(client);
-    within("the service future to be dropped", dropped.recv())
-        .await
-        .unwrap();
+    service.dropped().await;
     server.next_end().await.expect("ends cleanly");
 }
 
 #[tokio::test]
 async fn a_caller_closing_mid_body_fails_the_body_with_unexpected_eof() {
-    let (service, mut log) = echo_recorder();
-    let server = Server::start(service).await;
-    let mut client = server.connect().await;
+    let (_server, mut client, mut log) = echoed().await;
     client
-        .send("POST /cut HTTP/1.1\r\nContent-Length: 100\r\n\r\nonly ten b")
+        .send_alone("POST /cut HTTP/1.1\r\nContent-Length: 100\r\n\r\nonly ten b")
         .await;
-    sleep(Duration::from_millis(20)).await;
     drop(client);
     let received = log.next().await;
     assert_eq!(received.uri, "/cut");
@@ -1548,31 +1476,15 @@ async fn a_caller_closing_mid_body_fails_the_body_with_unexpected_eof() {
 
 #[tokio::test]
 async fn a_caller_leaving_cancels_a_service_that_has_not_read_the_body() {
-    let (called_tx, mut called) = mpsc::unbounded_channel();
-    let (dropped_tx, mut dropped) = mpsc::unbounded_channel();
-    let service = tower::service_fn(move |request: Request<RequestBody>| {
-        let _ = called_tx.send(());
-        let guard = DropSignal(dropped_tx.clone());
-        async move {
-            // Holds the body without reading it yet (waiting for a slot, a token...), while the
-            // rest of it has yet to arrive: the caller leaving must still cancel the request.
-            let _body = request.into_body();
-            let _guard = guard;
-            std::future::pending::<Result<Response<TestBody>, Infallible>>().await
-        }
-    });
-    let server = Server::start(service).await;
-    let mut client = server.connect().await;
+    // The service holds the body without reading it yet (waiting for a slot, a token...), while
+    // the rest of it has yet to arrive: the caller leaving must still cancel the request.
+    let (_server, mut client, mut service) = hanging(true).await;
     client
         .send("POST /held HTTP/1.1\r\nContent-Length: 10\r\n\r\nhalf!")
         .await;
-    within("the service to be called", called.recv())
-        .await
-        .unwrap();
+    service.called().await;
     drop(client);
-    within("the service future to be dropped", dropped.recv())
-        .await
-        .unwrap();
+    service.dropped().await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1580,10 +1492,9 @@ async fn a_caller_leaving_cancels_a_service_that_has_not_read_the_body() {
 
 #[tokio::test]
 async fn graceful_shutdown_ends_an_idle_connection() {
-    let (service, _log) = echo_recorder();
+    let (service, _log) = recorder(ReadBody::Whole, echo);
     let (mut client, shutdown, task) = served_with_shutdown(service).await;
-    client.send("GET /one HTTP/1.1\r\n\r\n").await;
-    let answer = client.read_answer().await;
+    let answer = client.ask("GET /one HTTP/1.1\r\n\r\n").await;
     assert_eq!(answer.text(), "GET /one ");
     assert_eq!(answer.header("connection"), None, "kept alive: {answer:?}");
     sleep(MUST_NOT_HAPPEN).await;
@@ -1625,10 +1536,8 @@ async fn graceful_shutdown_finishes_the_request_in_flight_with_connection_close(
 
     release.notify_one();
     let answer = client.read_answer().await;
-    assert_eq!(answer.status, 200);
-    assert_eq!(answer.text(), "finished");
-    assert!(answer.says_close(), "{answer:?}");
-    client.expect_closed().await;
+    assert_ok(&answer, "finished");
+    client.expect_close(&answer).await;
     drop(client);
     within("the connection to end", task)
         .await
@@ -1644,8 +1553,7 @@ async fn a_service_error_closes_the_connection_without_an_answer() {
     let service = tower::service_fn(|_: Request<RequestBody>| async {
         Err::<Response<TestBody>, _>(io::Error::other("service failed: boom"))
     });
-    let mut server = Server::start(service).await;
-    let mut client = server.connect().await;
+    let (mut server, mut client) = Server::start(service).await;
     client.send("GET / HTTP/1.1\r\n\r\n").await;
     client.expect_closed().await;
     let error = server
@@ -1661,13 +1569,10 @@ async fn a_service_error_closes_the_connection_without_an_answer() {
 #[tokio::test]
 async fn an_answer_to_a_body_nobody_reads_reaches_a_caller_still_sending() {
     const LENGTH: usize = 4 * 1024 * 1024;
-    let (service, mut log) = recorder(ReadBody::Never, |_| {
-        let mut response = Response::new(full("too large"));
-        *response.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
-        response
-    });
-    let mut server = Server::start(service).await;
-    let mut client = server.connect().await;
+    let (mut server, mut client, mut log) = recorded(ReadBody::Never, |_| {
+        with_status(full("too large"), StatusCode::PAYLOAD_TOO_LARGE)
+    })
+    .await;
     let mut writer = client.writer.take().unwrap();
     let sending = tokio::spawn(async move {
         writer
@@ -1685,8 +1590,7 @@ async fn an_answer_to_a_body_nobody_reads_reaches_a_caller_still_sending() {
     let answer = client.read_answer().await;
     assert_eq!(answer.status, 413);
     assert_eq!(answer.text(), "too large");
-    assert!(answer.says_close(), "{answer:?}");
-    client.expect_closed().await;
+    client.expect_close(&answer).await;
     let received = log.next().await;
     assert_eq!(received.size_hint, Some(LENGTH as u64));
 
