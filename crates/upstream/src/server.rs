@@ -465,6 +465,16 @@ impl Caller {
         watch_caller(&mut self.stream, &mut self.buf, cx).map(|()| CallerEvent::Left)
     }
 
+    /// [`poll_event`](Self::poll_event) for an answer's body that waits (an SSE stream between
+    /// events): an empty read buffer is given back first, so that an idle stream costs its
+    /// connection no read buffer (8 KiB); the next read after the answer makes a new one.
+    fn poll_event_holding_less(&mut self, cx: &mut Context<'_>) -> Poll<CallerEvent> {
+        if self.buf.is_empty() && self.buf.capacity() > 0 && self.body_complete() {
+            self.buf = BytesMut::new();
+        }
+        self.poll_event(cx)
+    }
+
     /// Whether the request's body was dropped before its end.
     fn body_abandoned(&self) -> bool {
         self.feed.as_ref().is_some_and(|feed| {
@@ -590,8 +600,14 @@ enum CallerEvent {
 /// Reads ahead on the caller's connection while its request is in flight: `Ready` when the
 /// caller has closed it (or it failed); bytes it sends meanwhile (a pipelined request, or the
 /// rest of a body nobody asked for yet) are kept.
+///
+/// With nothing kept, it waits for the socket before it makes room to read: a stream waiting for
+/// its backend holds no read buffer (see `write_response`).
 fn watch_caller(stream: &mut TcpStream, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<()> {
     while buf.len() < READ_AHEAD_LIMIT {
+        if buf.is_empty() && std::task::ready!(stream.poll_read_ready(cx)).is_err() {
+            return Poll::Ready(());
+        }
         make_read_room(buf);
         match tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, buf) {
             Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(()),
@@ -929,12 +945,18 @@ where
             Poll::Ready(None) => Poll::Ready(Next::End),
             // Whatever is ready goes out before waiting for more.
             Poll::Pending if !out.is_empty() => Poll::Ready(Next::Flush),
-            // A request body that the answer carries on is read as the answer asks.
-            Poll::Pending => match caller.poll_event(cx) {
-                Poll::Ready(CallerEvent::BodyFed) => Poll::Ready(Next::Fed),
-                Poll::Ready(CallerEvent::Left) => Poll::Ready(Next::Failed),
-                Poll::Pending => Poll::Pending,
-            },
+            // A request body that the answer carries on is read as the answer asks. A stream
+            // that waits (for its next event) holds no write buffer either.
+            Poll::Pending => {
+                if out.capacity() > 0 {
+                    *out = Vec::new();
+                }
+                match caller.poll_event_holding_less(cx) {
+                    Poll::Ready(CallerEvent::BodyFed) => Poll::Ready(Next::Fed),
+                    Poll::Ready(CallerEvent::Left) => Poll::Ready(Next::Failed),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         })
         .await;
         match next {

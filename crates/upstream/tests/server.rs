@@ -1424,6 +1424,44 @@ async fn a_streaming_answer_reaches_the_caller_frame_by_frame() {
 }
 
 #[tokio::test]
+async fn a_request_pipelined_while_a_stream_waits_is_answered_after_it() {
+    // A waiting stream gives its read buffer back; what the caller sends meanwhile must still be
+    // read and kept for after the stream.
+    let (tx, body) = channel_body();
+    let streaming = std::sync::Mutex::new(Some(body));
+    let (_server, mut client, _log) = recorded(ReadBody::Whole, move |received| {
+        match streaming.lock().unwrap().take() {
+            Some(body) => Response::new(body),
+            None => Response::new(full(format!("after {}", received.uri))),
+        }
+    })
+    .await;
+    client
+        .send("POST /sse HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}")
+        .await;
+    tx.send(Ok(Bytes::from_static(b"data: first\n\n")))
+        .await
+        .unwrap();
+    assert!(client.read_head().await.is_chunked());
+    assert_eq!(
+        client.read_chunk().await.as_deref(),
+        Some(&b"data: first\n\n"[..])
+    );
+    // Sent alone, it is read while the stream waits, before the stream's next frame.
+    client.send_alone("GET /next HTTP/1.1\r\n\r\n").await;
+    tx.send(Ok(Bytes::from_static(b"data: second\n\n")))
+        .await
+        .unwrap();
+    assert_eq!(
+        client.read_chunk().await.as_deref(),
+        Some(&b"data: second\n\n"[..])
+    );
+    drop(tx);
+    assert_eq!(client.read_chunk().await, None);
+    assert_ok(&client.read_answer().await, "after /next");
+}
+
+#[tokio::test]
 async fn a_service_answering_with_its_request_body_streams_it_back() {
     // The answer's body is the request's body: what arrives after the answer started must
     // still be read off the connection and go back out.
