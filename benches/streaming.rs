@@ -13,16 +13,19 @@
 //!    directly (client → backend) and through the gateway (client → gateway → backend), over
 //!    HTTP/1.1 and over HTTP/2 prior knowledge (h2c), alternating so that both see the same
 //!    machine. The backend and the client set `TCP_NODELAY`.
-//! 2. **Idle streams.** 10,000 SSE streams held open at once through the gateway: client →
-//!    gateway over h2c (150 streams per connection), gateway → backend over HTTP/1.1 (one
-//!    connection per stream). To keep each process under the 20,000 file-descriptor limit the
+//! 2. **Idle streams.** SSE streams held open at once through the gateway, gateway → backend
+//!    over HTTP/1.1 (one connection per stream), measured twice: client → gateway over h2c
+//!    (10,000 streams, 150 per connection), then over HTTP/1.1 as most OpenAI SDKs call (9,000
+//!    streams, one connection each, opened 200 at a time). The gateway holds a socket per
+//!    backend stream and one per client connection, 18,000 in all over HTTP/1.1; to keep each
+//!    process under the 20,000 file-descriptor limit (checked before each measurement) the
 //!    backend runs in another process (this binary, re-executed with `AOAI_STREAM_BACKEND=1`);
-//!    each of its streams sends one event and then stays silent. The gateway's `VmRSS` is read
-//!    from `/proc` after a warm-up with no stream open, then with every stream open and past
-//!    its first event.
+//!    each of its streams sends one event and then stays silent. Each measurement starts a
+//!    gateway and a backend of its own, and reads the gateway's `VmRSS` from `/proc` after a
+//!    warm-up with no stream open, then with every stream open and past its first event.
 //!
 //! Every child process is killed when the bench ends, also on a panic; every wait has a
-//! timeout. Ends with a markdown table of the figures and the machine.
+//! timeout. Ends with markdown tables of the figures and the machine.
 //!
 //! `AOAI_STREAM_GATEWAY=PATH` measures another gateway binary (another build or branch) instead
 //! of `target/release/examples/gateway`.
@@ -64,15 +67,20 @@ const CHUNK_INTERVAL: Duration = Duration::from_millis(2);
 const ROUNDS: usize = 4;
 /// Chunks of the unmeasured stream each path starts with.
 const WARMUP_CHUNKS: usize = 50;
-/// Idle streams held open at once.
-const IDLE_STREAMS: usize = 10_000;
+/// Idle streams held open at once over h2c.
+const IDLE_H2C_STREAMS: usize = 10_000;
 /// Idle streams per h2c connection (hyper's server allows 200 by default).
 const STREAMS_PER_CONNECTION: usize = 150;
+/// Idle streams held open at once over HTTP/1.1, one client connection each: two sockets per
+/// stream in the gateway.
+const IDLE_HTTP1_STREAMS: usize = 9_000;
+/// File descriptors a process needs besides the sockets of its idle streams.
+const SPARE_FDS: usize = 500;
 /// Idle streams being opened at once.
 const OPENING_CONCURRENCY: usize = 200;
 /// Idle streams opened and closed before the baseline RSS is read. The first streams measured
 /// may reuse what these freed, so the growth may be under-counted by this many streams' worth
-/// (1 %).
+/// (about 1 %).
 const WARMUP_STREAMS: usize = 100;
 /// Pause before each RSS reading, for the gateway to settle.
 const SETTLE: Duration = Duration::from_secs(1);
@@ -110,7 +118,10 @@ async fn run(gateway: &Path) -> Result<(), Error> {
     let load_at_start = load_average();
     println!("streaming bench: gateway binary {}", gateway.display());
     let latency = measure_latency(gateway).await?;
-    let idle = measure_idle_streams(gateway).await?;
+    let idle = [
+        measure_idle_streams(gateway, Proto::H2c, IDLE_H2C_STREAMS).await?,
+        measure_idle_streams(gateway, Proto::Http1, IDLE_HTTP1_STREAMS).await?,
+    ];
     print_report(&load_at_start, &latency, &idle);
     Ok(())
 }
@@ -442,6 +453,14 @@ impl Proto {
             Proto::H2c => "h2c",
         }
     }
+
+    /// Idle streams per client connection: h2c multiplexes them, HTTP/1.1 carries one at a time.
+    fn streams_per_connection(self) -> usize {
+        match self {
+            Proto::Http1 => 1,
+            Proto::H2c => STREAMS_PER_CONNECTION,
+        }
+    }
 }
 
 /// A client connection: its request sender, and its connection task, aborted on drop.
@@ -453,6 +472,34 @@ struct Connection {
 enum Sender {
     Http1(http1::SendRequest<Full<Bytes>>),
     H2c(http2::SendRequest<Full<Bytes>>),
+}
+
+impl Sender {
+    /// Waits until the connection can take a request.
+    async fn ready(&mut self) -> Result<(), hyper::Error> {
+        match self {
+            Sender::Http1(s) => s.ready().await,
+            Sender::H2c(s) => s.ready().await,
+        }
+    }
+
+    async fn send_request(
+        &mut self,
+        request: Request<Full<Bytes>>,
+    ) -> Result<Response<Incoming>, hyper::Error> {
+        match self {
+            Sender::Http1(s) => s.send_request(request).await,
+            Sender::H2c(s) => s.send_request(request).await,
+        }
+    }
+
+    /// Another sender on the same connection, if its protocol multiplexes streams (h2c).
+    fn share(&self) -> Option<Sender> {
+        match self {
+            Sender::Http1(_) => None,
+            Sender::H2c(s) => Some(Sender::H2c(s.clone())),
+        }
+    }
 }
 
 /// Aborts a task when dropped.
@@ -544,12 +591,10 @@ async fn open_stream(
 ) -> Result<(Incoming, Connection), Error> {
     let mut connection = handshake(addr, proto).await?;
     let request = sse_request(addr, path_and_query, proto);
-    let response = match &mut connection.sender {
-        Sender::Http1(s) => timeout(STEP_TIMEOUT, s.send_request(request)).await,
-        Sender::H2c(s) => timeout(STEP_TIMEOUT, s.send_request(request)).await,
-    }
-    .map_err(|_| format!("no response headers from {addr} within {STEP_TIMEOUT:?}"))?
-    .map_err(|e| format!("request to {addr} failed: {e}"))?;
+    let response = timeout(STEP_TIMEOUT, connection.sender.send_request(request))
+        .await
+        .map_err(|_| format!("no response headers from {addr} within {STEP_TIMEOUT:?}"))?
+        .map_err(|e| format!("request to {addr} failed: {e}"))?;
     Ok((expect_ok(response).await?, connection))
 }
 
@@ -737,6 +782,8 @@ async fn measure_latency(gateway_binary: &Path) -> Result<Vec<LatencyRow>, Error
 // Idle streams.
 
 struct IdleReport {
+    /// How the client reaches the gateway.
+    proto: Proto,
     streams: usize,
     connections: usize,
     open_time: Duration,
@@ -783,82 +830,132 @@ fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
 }
 
-/// Opens `count` streams spread over `senders` and returns their bodies once each has
-/// delivered its first event.
+/// The soft limit on open files of this process, which the gateway and the backend inherit;
+/// `None` when unlimited or unknown.
+fn fd_limit() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let soft = limits
+        .lines()
+        .find_map(|line| line.strip_prefix("Max open files"))?
+        .split_whitespace()
+        .next()?;
+    soft.parse().ok()
+}
+
+/// An idle stream, with what keeps its connection open.
+struct IdleStream {
+    body: Incoming,
+    _sender: Sender,
+    /// The task of the stream's own connection; `None` on a shared connection.
+    _driver: Option<AbortOnDrop>,
+}
+
+/// Opens `count` streams to `addr` and returns them once each has delivered its first event,
+/// at most [`OPENING_CONCURRENCY`] opening at once: spread over the `shared` connections, or,
+/// when there are none, each on a new `proto` connection of its own.
 async fn open_idle_streams(
-    senders: &[http2::SendRequest<Full<Bytes>>],
     addr: SocketAddr,
+    proto: Proto,
+    shared: &[Connection],
     count: usize,
-) -> Result<Vec<Incoming>, Error> {
+) -> Result<Vec<IdleStream>, Error> {
     let permits = Arc::new(Semaphore::new(OPENING_CONCURRENCY));
+    let mut shared = shared.iter().cycle();
     let mut tasks = JoinSet::new();
-    for i in 0..count {
-        let mut sender = senders[i % senders.len()].clone();
+    for _ in 0..count {
+        let shared = shared
+            .next()
+            .and_then(|connection| connection.sender.share());
         let permits = permits.clone();
         tasks.spawn(async move {
             let _permit = permits.acquire_owned().await.map_err(|e| e.to_string())?;
+            let (mut sender, driver) = match shared {
+                Some(sender) => (sender, None),
+                None => {
+                    let Connection { sender, driver } = handshake(addr, proto).await?;
+                    (sender, Some(driver))
+                }
+            };
             sender
                 .ready()
                 .await
                 .map_err(|e| format!("connection lost: {e}"))?;
             let response = sender
-                .send_request(sse_request(addr, PATH, Proto::H2c))
+                .send_request(sse_request(addr, PATH, proto))
                 .await
                 .map_err(|e| format!("request failed: {e}"))?;
             let mut body = expect_ok(response).await?;
             match body.frame().await {
-                Some(Ok(frame)) if frame.is_data() => Ok(body),
+                Some(Ok(frame)) if frame.is_data() => Ok(IdleStream {
+                    body,
+                    _sender: sender,
+                    _driver: driver,
+                }),
                 Some(Err(e)) => Err(format!("the stream failed: {e}")),
                 _ => Err("the stream ended before its first event".to_owned()),
             }
         });
     }
-    let mut bodies = Vec::with_capacity(count);
+    let mut streams = Vec::with_capacity(count);
     let collect = async {
         while let Some(joined) = tasks.join_next().await {
-            bodies.push(joined.map_err(|e| e.to_string())??);
+            streams.push(joined.map_err(|e| e.to_string())??);
         }
         Ok::<_, Error>(())
     };
     timeout(OPEN_TIMEOUT, collect).await.map_err(|_| {
         format!(
             "{} of {count} streams opened within {OPEN_TIMEOUT:?}",
-            bodies.len()
+            streams.len()
         )
     })??;
-    Ok(bodies)
+    Ok(streams)
 }
 
-async fn measure_idle_streams(gateway_binary: &Path) -> Result<IdleReport, Error> {
+/// Holds `count` idle streams open through a gateway of its own, the client reaching it over
+/// `proto`, and reads what they cost.
+async fn measure_idle_streams(
+    gateway_binary: &Path,
+    proto: Proto,
+    count: usize,
+) -> Result<IdleReport, Error> {
+    let connections = count.div_ceil(proto.streams_per_connection());
+    // The gateway holds the most: a socket per client connection and one per backend stream.
+    let fds_needed = connections + count + SPARE_FDS;
+    if let Some(limit) = fd_limit().filter(|&limit| limit < fds_needed) {
+        return Err(format!(
+            "{count} idle {} streams need about {fds_needed} file descriptors in the gateway, \
+             over the limit of {limit} (ulimit -n)",
+            proto.label()
+        ));
+    }
     let (mut backend, backend_addr) = spawn_idle_backend()?;
     let (mut gateway, gateway_addr) = spawn_gateway(gateway_binary, backend_addr).await?;
     let pid = gateway.pid();
-    let connections = IDLE_STREAMS.div_ceil(STREAMS_PER_CONNECTION);
     println!(
-        "idle streams: {IDLE_STREAMS} over {connections} h2c connections (backend pid {}, \
-         gateway pid {pid})",
+        "idle streams: {count} over {connections} {} connections (backend pid {}, gateway pid \
+         {pid})",
+        proto.label(),
         backend.pid()
     );
-    let mut senders = Vec::with_capacity(connections);
-    let mut drivers = Vec::with_capacity(connections);
-    for _ in 0..connections {
-        let connection = handshake(gateway_addr, Proto::H2c).await?;
-        match connection.sender {
-            Sender::H2c(sender) => senders.push(sender),
-            Sender::Http1(_) => unreachable!("an h2c handshake"),
+    // Connections that carry many streams are opened up front; one that carries a single stream
+    // is opened with it.
+    let mut shared = Vec::new();
+    if proto.streams_per_connection() > 1 {
+        for _ in 0..connections {
+            shared.push(handshake(gateway_addr, proto).await?);
         }
-        drivers.push(connection.driver);
     }
 
     // Warm-up: the gateway serves a few streams and closes them again.
-    drop(open_idle_streams(&senders, gateway_addr, WARMUP_STREAMS).await?);
+    drop(open_idle_streams(gateway_addr, proto, &shared, WARMUP_STREAMS).await?);
     tokio::time::sleep(SETTLE).await;
     gateway.check_alive()?;
     let rss_base_kib = proc_status_kib(pid, "VmRSS")?;
     let backend_base_kib = proc_status_kib(backend.pid(), "VmRSS")?;
 
     let started = Instant::now();
-    let mut streams = open_idle_streams(&senders, gateway_addr, IDLE_STREAMS).await?;
+    let mut streams = open_idle_streams(gateway_addr, proto, &shared, count).await?;
     let open_time = started.elapsed();
     tokio::time::sleep(SETTLE).await;
     gateway.check_alive()?;
@@ -872,17 +969,17 @@ async fn measure_idle_streams(gateway_binary: &Path) -> Result<IdleReport, Error
     // An idle stream has nothing to deliver: a frame, an end or an error means it was lost.
     let still_open = streams
         .iter_mut()
-        .map(|body| body.frame().now_or_never().is_none())
+        .map(|stream| stream.body.frame().now_or_never().is_none())
         .filter(|&open| open)
         .count();
 
     drop(streams);
-    drop(senders);
-    drop(drivers);
+    drop(shared);
     drop(gateway);
     drop(backend);
     Ok(IdleReport {
-        streams: IDLE_STREAMS,
+        proto,
+        streams: count,
         connections,
         open_time,
         rss_base_kib,
@@ -933,7 +1030,7 @@ fn verdict(met: bool) -> &'static str {
     if met { "met" } else { "**missed**" }
 }
 
-fn print_report(load_at_start: &str, latency: &[LatencyRow], idle: &IdleReport) {
+fn print_report(load_at_start: &str, latency: &[LatencyRow], idle: &[IdleReport]) {
     println!();
     println!("## Streaming through the gateway");
     println!();
@@ -970,15 +1067,38 @@ fn print_report(load_at_start: &str, latency: &[LatencyRow], idle: &IdleReport) 
             micros(row.worst_first),
         );
     }
+    for idle in idle {
+        print_idle_table(idle);
+    }
+    println!();
+    println!("| target | figure | |");
+    println!("| --- | ---: | --- |");
+    println!(
+        "| added median latency under 1 ms | {} | {} |",
+        micros(worst_added),
+        verdict(worst_added < Duration::from_millis(1))
+    );
+    for idle in idle {
+        println!(
+            "| gateway RSS per idle {} stream under 16 KiB | {:.2} KiB | {} |",
+            idle.proto.label(),
+            idle.per_stream_kib(),
+            verdict(idle.per_stream_kib() < 16.0 && idle.still_open == idle.streams)
+        );
+    }
+}
+
+fn print_idle_table(idle: &IdleReport) {
     println!();
     println!(
-        "| {} idle streams through the gateway | value |",
-        idle.streams
+        "| {} idle {} streams through the gateway | value |",
+        idle.streams,
+        idle.proto.label()
     );
     println!("| --- | ---: |");
     let rows: [(&str, String); 11] = [
         (
-            "h2c connections, client → gateway",
+            &format!("{} connections, client → gateway", idle.proto.label()),
             idle.connections.to_string(),
         ),
         (
@@ -1017,17 +1137,4 @@ fn print_report(load_at_start: &str, latency: &[LatencyRow], idle: &IdleReport) 
     for (what, value) in rows {
         println!("| {what} | {value} |");
     }
-    println!();
-    println!("| target | figure | |");
-    println!("| --- | ---: | --- |");
-    println!(
-        "| added median latency under 1 ms | {} | {} |",
-        micros(worst_added),
-        verdict(worst_added < Duration::from_millis(1))
-    );
-    println!(
-        "| gateway RSS per idle stream under 16 KiB | {:.2} KiB | {} |",
-        idle.per_stream_kib(),
-        verdict(idle.per_stream_kib() < 16.0 && idle.still_open == idle.streams)
-    );
 }
