@@ -345,12 +345,16 @@ async fn tick(ticker: Ticker) {
     }
 }
 
+// These tests run on real time, with timeouts of a few hundred milliseconds at most: tokio's
+// paused clock (its `test-util` feature) would be compiled into the gateway example too, which
+// gets this package's dev-dependencies, and its clock takes a lock on every reading.
 #[cfg(test)]
 mod tests {
     use super::*;
 
     use std::future::{Pending, pending, ready};
 
+    use futures_util::FutureExt;
     use tower::ServiceExt;
     use tower::util::{ServiceFn, service_fn};
 
@@ -369,51 +373,63 @@ mod tests {
     /// A backend that never answers.
     type Hung = ServiceFn<fn(()) -> Pending<Result<(), BoxError>>>;
 
-    /// A backend that never answers, behind a five-minute timeout.
+    /// The timeout of [`hung`]: ticks of 10 ms.
+    const HUNG_TIMEOUT: Duration = Duration::from_millis(100);
+
+    /// A backend that never answers, behind a timeout of [`HUNG_TIMEOUT`].
     fn hung() -> AttemptTimeout<Hung> {
-        AttemptTimeout::new(
-            service_fn(hang as fn(()) -> _),
-            timer(Duration::from_secs(300)),
-        )
+        AttemptTimeout::new(service_fn(hang as fn(()) -> _), timer(HUNG_TIMEOUT))
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn a_call_that_never_answers_fails_with_elapsed_after_its_timeout() {
         let started = Instant::now();
         let error = hung().oneshot(()).await.unwrap_err();
         assert!(error.is::<Elapsed>(), "{error}");
         let waited = started.elapsed();
-        assert!(waited >= Duration::from_secs(300), "{waited:?}");
-        assert!(waited <= Duration::from_secs(302), "{waited:?}");
+        assert!(waited >= HUNG_TIMEOUT, "{waited:?}");
+        // Two ticks late at most, and whatever this shared machine adds.
+        assert!(waited <= HUNG_TIMEOUT * 10, "{waited:?}");
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn an_answer_just_before_the_timeout_is_returned() {
+    #[tokio::test]
+    async fn a_call_never_fails_before_its_timeout_whatever_the_phase_of_the_tick() {
         let timeout = Duration::from_millis(200);
         let timer = timer(timeout);
-        // Calls that never answer, one after the other, keep the ticks going, so that the calls
-        // below start at every phase of a tick.
+        // Calls that never answer, one after the other, keep the ticks (20 ms) going, and the
+        // calls below start 7 ms apart, at every phase of a tick. (A tick fires up to a
+        // millisecond late on tokio's timer, which would hide a call due a tick early only
+        // with ticks of a few milliseconds.)
         let hung = AttemptTimeout::new(service_fn(hang as fn(()) -> _), Arc::clone(&timer));
-        let keep_ticking = async move {
-            loop {
-                let _ = hung.clone().oneshot(()).await;
+        let keep_ticking = {
+            let hung = hung.clone();
+            async move {
+                loop {
+                    let _ = hung.clone().oneshot(()).await;
+                }
             }
         };
-        let service = AttemptTimeout::new(
-            service_fn(move |()| async move {
-                tokio::time::sleep(timeout - Duration::from_micros(1)).await;
-                Ok::<_, BoxError>("answer")
-            }),
-            timer,
-        );
-        let answers = async {
+        let calls = async {
+            let mut calls = Vec::new();
             for _ in 0..25 {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-                assert_eq!(service.clone().oneshot(()).await.unwrap(), "answer");
+                tokio::time::sleep(Duration::from_millis(7)).await;
+                let started = Instant::now();
+                // The instant it failed, taken as it failed.
+                let call = hung.clone().oneshot(()).map(|result| {
+                    let elapsed = result.is_err_and(|error| error.is::<Elapsed>());
+                    (elapsed, Instant::now())
+                });
+                calls.push((started, tokio::spawn(call)));
+            }
+            for (started, call) in calls {
+                let (elapsed, failed_at) = call.await.unwrap();
+                assert!(elapsed);
+                let waited = failed_at - started;
+                assert!(waited >= timeout, "failed after {waited:?}");
             }
         };
         tokio::select! {
-            () = answers => {}
+            () = calls => {}
             () = keep_ticking => unreachable!(),
         }
     }
@@ -427,7 +443,7 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn a_call_polled_by_another_waker_is_woken_through_that_one() {
         let mut service = hung();
         let mut call = std::pin::pin!(service.call(()));
@@ -442,7 +458,7 @@ mod tests {
             "same waker, nothing to do"
         );
         assert!(poll(call.as_mut(), &second).is_pending());
-        tokio::time::sleep(Duration::from_secs(303)).await;
+        tokio::time::sleep(HUNG_TIMEOUT * 3).await;
         assert_eq!(first.0.load(Ordering::Relaxed), 0);
         assert_eq!(second.0.load(Ordering::Relaxed), 1);
         let Poll::Ready(Err(error)) = poll(call.as_mut(), &second) else {
@@ -451,7 +467,7 @@ mod tests {
         assert!(error.is::<Elapsed>());
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn an_immediate_answer_or_error_takes_no_slot() {
         let timer = timer(Duration::from_secs(1));
         let service = AttemptTimeout::new(
@@ -471,9 +487,10 @@ mod tests {
         assert!(timer.waiting().lock().ticking.is_none(), "no ticking task");
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn slots_are_given_back_on_answer_and_on_drop_and_the_ticking_stops() {
-        let timer = timer(Duration::from_secs(10));
+        // Ticks of 100 ms, a timeout no call below reaches.
+        let timer = timer(Duration::from_secs(1));
         let (answer, answered) = tokio::sync::oneshot::channel::<()>();
         let answered = Arc::new(std::sync::Mutex::new(Some(answered)));
         let service = AttemptTimeout::new(
@@ -499,14 +516,14 @@ mod tests {
         second.abort();
         assert!(second.await.unwrap_err().is_cancelled());
         assert_eq!(taken(&timer), 0);
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(
             timer.waiting().lock().ticking.is_none(),
             "the ticking stopped"
         );
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn many_waiting_calls_all_time_out_and_their_slots_are_reused() {
         let service = hung();
         for _ in 0..2 {
@@ -529,13 +546,11 @@ mod tests {
         for _ in 0..2 {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_time()
-                .start_paused(true)
                 .build()
                 .unwrap();
             let error = runtime
                 .block_on(async {
-                    tokio::time::timeout(Duration::from_secs(600), service.clone().oneshot(()))
-                        .await
+                    tokio::time::timeout(HUNG_TIMEOUT * 20, service.clone().oneshot(())).await
                 })
                 .expect("the call times out instead of hanging")
                 .unwrap_err();
