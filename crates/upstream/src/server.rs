@@ -20,7 +20,8 @@
 //! - Answers framed by their `Content-Length` or exact size, else chunked (HTTP/1.1 callers) or
 //!   delimited by closing (HTTP/1.0 callers); a body that ends early or runs long closes the
 //!   connection. A `Date` field is added when the answer has none.
-//! - Each answer's body frame goes out as soon as it is produced: a stream is never buffered.
+//! - Each answer's body frame goes out as soon as it is produced: a stream is never buffered,
+//!   and while it waits for its next frame its connection holds no read or write buffer.
 //! - A caller that closes its connection while its request is in flight cancels it: the
 //!   service's future is dropped (and with it the backend exchange).
 //!
