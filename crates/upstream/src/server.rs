@@ -864,6 +864,13 @@ where
 {
     let (parts, body) = response.into_parts();
     let status = parts.status;
+    if status.is_informational() {
+        // Not an answer: the caller would wait on for the final one. Treated as the service
+        // failing.
+        return Err(io::Error::other(format!(
+            "the service answered with an interim status ({status})"
+        )));
+    }
     out.clear();
     write_status_line(out, status);
     let mut declared = None;
@@ -894,9 +901,7 @@ where
     if !date {
         write_date(out);
     }
-    let no_body = status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED;
+    let no_body = status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
     let length = declared.or_else(|| body.size_hint().exact());
     let delimited = if no_body {
         if status == StatusCode::NOT_MODIFIED

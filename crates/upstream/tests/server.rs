@@ -1601,6 +1601,21 @@ async fn a_service_error_closes_the_connection_without_an_answer() {
     assert!(error.to_string().contains("boom"), "{error}");
 }
 
+#[tokio::test]
+async fn an_interim_status_as_the_answer_closes_the_connection_without_it() {
+    let (mut server, mut client, _log) = recorded(ReadBody::Whole, |_| {
+        with_status(full(""), StatusCode::EARLY_HINTS)
+    })
+    .await;
+    client.send("GET / HTTP/1.1\r\n\r\n").await;
+    client.expect_closed().await;
+    let error = server
+        .next_end()
+        .await
+        .expect_err("the connection ends with an error");
+    assert!(error.to_string().contains("interim status"), "{error}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 13. An answer to a caller still sending
 
