@@ -18,7 +18,10 @@ use crate::{
     body::{READ_SIZE, UpstreamBody, make_read_room},
     conn::{Stream, connect},
     error::UpstreamError,
-    http1::{Framing, RequestFraming, ResponseHead, encode_request_head, parse_response_head},
+    http1::{
+        Framing, RequestFraming, ResponseHead, chunk_size_line, encode_request_head,
+        parse_response_head,
+    },
 };
 
 /// How sending ended.
@@ -323,20 +326,6 @@ async fn write_part(
         }
     }
     Ok(Sent::Whole)
-}
-
-/// `len` in hex followed by CRLF.
-fn chunk_size_line(mut len: usize, buf: &mut [u8; 20]) -> &[u8] {
-    let mut start = buf.len() - 2;
-    buf[start..].copy_from_slice(b"\r\n");
-    loop {
-        start -= 1;
-        buf[start] = b"0123456789abcdef"[len % 16];
-        len /= 16;
-        if len == 0 {
-            return &buf[start..];
-        }
-    }
 }
 
 /// Reads until a whole final response head is in `buf`. The error says whether any response

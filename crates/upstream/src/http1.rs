@@ -303,6 +303,20 @@ impl<'h> FramingFields<'h> {
     }
 }
 
+/// `len` in hex followed by CRLF.
+pub(crate) fn chunk_size_line(mut len: usize, buf: &mut [u8; 20]) -> &[u8] {
+    let mut start = buf.len() - 2;
+    buf[start..].copy_from_slice(b"\r\n");
+    loop {
+        start -= 1;
+        buf[start] = b"0123456789abcdef"[len % 16];
+        len /= 16;
+        if len == 0 {
+            return &buf[start..];
+        }
+    }
+}
+
 pub(crate) fn parse_decimal(digits: &[u8]) -> Option<u64> {
     if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
         return None;

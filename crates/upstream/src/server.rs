@@ -73,8 +73,11 @@ use tower::Service;
 use crate::{
     BoxError,
     body::{READ_SIZE, make_read_room},
-    headers::field_name,
-    http1::{Chunked, Decoded, Framing, MAX_HEAD_BYTES, itoa, parse_decimal},
+    headers::{FieldRole, connection_options, field_name},
+    http1::{
+        Chunked, Decoded, Framing, MAX_HEAD_BYTES, RequestFraming, chunk_size_line, itoa,
+        parse_decimal,
+    },
 };
 
 /// Most request header fields accepted (hyper's default too).
@@ -333,14 +336,9 @@ impl Refusal {
 /// What a request head says about its body and its connection.
 struct Head {
     request: Request<()>,
-    body: BodyFraming,
+    body: RequestFraming,
     keep_alive: bool,
     expects_continue: bool,
-}
-
-enum BodyFraming {
-    Length(u64),
-    Chunked,
 }
 
 async fn serve<S, B>(stream: TcpStream, mut service: S, graceful: Arc<AtomicBool>) -> io::Result<()>
@@ -505,17 +503,17 @@ struct Asked {
 /// connection fills as the service reads.
 fn take_body(
     buf: &mut BytesMut,
-    framing: BodyFraming,
+    framing: RequestFraming,
     expects_continue: bool,
 ) -> (RequestBody, Option<Arc<Feed>>) {
     let framing = match framing {
-        BodyFraming::Length(0) => return (RequestBody::complete(Bytes::new()), None),
-        BodyFraming::Length(length) if length <= buf.len() as u64 => {
+        RequestFraming::Length(0) => return (RequestBody::complete(Bytes::new()), None),
+        RequestFraming::Length(length) if length <= buf.len() as u64 => {
             let data = buf.split_to(length as usize).freeze();
             return (RequestBody::complete(data), None);
         }
-        BodyFraming::Length(length) => Framing::Length(length),
-        BodyFraming::Chunked => Framing::Chunked(Chunked::Size),
+        RequestFraming::Length(length) => Framing::Length(length),
+        RequestFraming::Chunked => Framing::Chunked(Chunked::Size),
     };
     let mut fed = Fed {
         framing,
@@ -719,9 +717,8 @@ struct RequestFields {
 
 impl RequestFields {
     fn read(&mut self, name: &[u8], value: &[u8]) -> Result<(), Refusal> {
-        let is = |known: &[u8]| name.eq_ignore_ascii_case(known);
-        match name.len() {
-            14 if is(b"content-length") => {
+        match FieldRole::of(name) {
+            FieldRole::ContentLength => {
                 // `Content-Length: 5, 5` and repeated fields are one length if they all agree.
                 for part in value.split(|&b| b == b',') {
                     let length = parse_decimal(part.trim_ascii())
@@ -732,7 +729,7 @@ impl RequestFields {
                     self.content_length = Some(length);
                 }
             }
-            17 if is(b"transfer-encoding") => {
+            FieldRole::TransferEncoding => {
                 for coding in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
                     if coding.is_empty() {
                         continue;
@@ -748,13 +745,13 @@ impl RequestFields {
                     self.transfer_encoding = Some(chunked);
                 }
             }
-            10 if is(b"connection") => {
-                for option in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            FieldRole::Connection => {
+                for option in connection_options(value) {
                     self.close |= option.eq_ignore_ascii_case(b"close");
                     self.keep_alive |= option.eq_ignore_ascii_case(b"keep-alive");
                 }
             }
-            6 if is(b"expect") => {
+            FieldRole::EndToEnd if name.eq_ignore_ascii_case(b"expect") => {
                 self.expects_continue |= value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
             }
             _ => {}
@@ -762,9 +759,9 @@ impl RequestFields {
         Ok(())
     }
 
-    fn body_framing(&self, http10: bool) -> Result<BodyFraming, Refusal> {
+    fn body_framing(&self, http10: bool) -> Result<RequestFraming, Refusal> {
         match (self.transfer_encoding, self.content_length) {
-            (None, length) => Ok(BodyFraming::Length(length.unwrap_or(0))),
+            (None, length) => Ok(RequestFraming::Length(length.unwrap_or(0))),
             (Some(_), Some(_)) => Err(Refusal::bad_request(
                 "both Transfer-Encoding and Content-Length",
             )),
@@ -778,7 +775,7 @@ impl RequestFields {
                 StatusCode::NOT_IMPLEMENTED,
                 "transfer codings other than chunked are not supported",
             )),
-            (Some(true), None) => Ok(BodyFraming::Chunked),
+            (Some(true), None) => Ok(RequestFraming::Chunked),
         }
     }
 }
@@ -883,10 +880,8 @@ where
             continue;
         }
         if *name == http::header::CONNECTION {
-            keep_alive &= !value
-                .as_bytes()
-                .split(|&b| b == b',')
-                .any(|option| option.trim_ascii().eq_ignore_ascii_case(b"close"));
+            keep_alive &= !connection_options(value.as_bytes())
+                .any(|option| option.eq_ignore_ascii_case(b"close"));
             continue;
         }
         if *name == http::header::TRANSFER_ENCODING || name.as_str() == "keep-alive" {
@@ -987,8 +982,7 @@ where
                     *left -= data.len() as u64;
                 }
                 if delimited == Delimited::Chunked {
-                    write_hex(out, data.len());
-                    out.extend_from_slice(b"\r\n");
+                    out.extend_from_slice(chunk_size_line(data.len(), &mut [0; 20]));
                     write_data(&mut caller.stream, out, &data).await?;
                     out.extend_from_slice(b"\r\n");
                 } else {
@@ -1033,20 +1027,6 @@ fn write_length(out: &mut Vec<u8>, length: u64) {
     out.extend_from_slice(b"\r\n");
 }
 
-fn write_hex(out: &mut Vec<u8>, mut value: usize) {
-    let mut digits = [0u8; 16];
-    let mut start = digits.len();
-    loop {
-        start -= 1;
-        digits[start] = b"0123456789abcdef"[value & 15];
-        value >>= 4;
-        if value == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[start..]);
-}
-
 /// Appends `data` to `out`, or, when it is large, writes `out` and then `data` itself.
 async fn write_data(stream: &mut TcpStream, out: &mut Vec<u8>, data: &[u8]) -> io::Result<()> {
     if data.len() <= COPY_LIMIT {
@@ -1054,21 +1034,22 @@ async fn write_data(stream: &mut TcpStream, out: &mut Vec<u8>, data: &[u8]) -> i
         return Ok(());
     }
     write_all(stream, out).await?;
-    let mut data = data;
-    while !data.is_empty() {
-        let written = write_some(stream, data).await?;
-        data = &data[written..];
-    }
-    Ok(())
+    write_whole(stream, data).await
 }
 
 /// Writes all of `out` and clears it.
 async fn write_all(stream: &mut TcpStream, out: &mut Vec<u8>) -> io::Result<()> {
-    let mut written = 0;
-    while written < out.len() {
-        written += write_some(stream, &out[written..]).await?;
-    }
+    write_whole(stream, out).await?;
     out.clear();
+    Ok(())
+}
+
+/// Writes all of `data`.
+async fn write_whole(stream: &mut TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        let written = write_some(stream, data).await?;
+        data = &data[written..];
+    }
     Ok(())
 }
 
@@ -1135,7 +1116,7 @@ mod tests {
         assert_eq!(head.request.version(), http::Version::HTTP_11);
         let values: Vec<_> = head.request.headers().get_all("x-a").iter().collect();
         assert_eq!(values, ["1", "2"]);
-        assert!(matches!(head.body, BodyFraming::Length(5)));
+        assert!(matches!(head.body, RequestFraming::Length(5)));
         assert!(head.keep_alive);
         assert_eq!(&buf[..], b"hello", "the body stays in the buffer");
     }
@@ -1185,7 +1166,7 @@ mod tests {
         let head = head_of("POST / HTTP/1.1\r\nContent-Length: 5\r\ncontent-length: 5, 5\r\n\r\n")
             .unwrap()
             .unwrap();
-        assert!(matches!(head.body, BodyFraming::Length(5)));
+        assert!(matches!(head.body, RequestFraming::Length(5)));
     }
 
     #[test]
@@ -1221,7 +1202,7 @@ mod tests {
     #[test]
     fn a_body_in_the_buffer_is_taken_whole() {
         let mut buf = BytesMut::from("helloGET");
-        let (body, feed) = take_body(&mut buf, BodyFraming::Length(5), false);
+        let (body, feed) = take_body(&mut buf, RequestFraming::Length(5), false);
         assert!(feed.is_none());
         assert!(matches!(&body.kind, BodyKind::Complete(Some(data)) if data == "hello"));
         assert_eq!(&buf[..], b"GET");
@@ -1230,7 +1211,7 @@ mod tests {
     #[test]
     fn a_chunked_body_in_the_buffer_is_decoded_and_what_follows_kept() {
         let mut buf = BytesMut::from("5\r\nhello\r\n0\r\n\r\nGET");
-        let (body, feed) = take_body(&mut buf, BodyFraming::Chunked, true);
+        let (body, feed) = take_body(&mut buf, RequestFraming::Chunked, true);
         let feed = feed.unwrap();
         let fed = feed.lock();
         assert!(fed.ended);
