@@ -73,7 +73,7 @@ use tower::Service;
 use crate::{
     BoxError,
     body::{READ_SIZE, make_read_room},
-    headers::{FieldRole, connection_options, field_name},
+    headers::{connection_options, field_name},
     http1::{
         Chunked, Decoded, Framing, MAX_HEAD_BYTES, RequestFraming, chunk_size_line, itoa,
         parse_decimal,
@@ -717,8 +717,11 @@ struct RequestFields {
 
 impl RequestFields {
     fn read(&mut self, name: &[u8], value: &[u8]) -> Result<(), Refusal> {
-        match FieldRole::of(name) {
-            FieldRole::ContentLength => {
+        // Four names, told apart by length first: `FieldRole::of`, which knows every hop-by-hop
+        // name, cost about 200 more instructions per proxied request here.
+        let is = |known: &[u8]| name.eq_ignore_ascii_case(known);
+        match name.len() {
+            14 if is(b"content-length") => {
                 // `Content-Length: 5, 5` and repeated fields are one length if they all agree.
                 for part in value.split(|&b| b == b',') {
                     let length = parse_decimal(part.trim_ascii())
@@ -729,7 +732,7 @@ impl RequestFields {
                     self.content_length = Some(length);
                 }
             }
-            FieldRole::TransferEncoding => {
+            17 if is(b"transfer-encoding") => {
                 for coding in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
                     if coding.is_empty() {
                         continue;
@@ -745,13 +748,13 @@ impl RequestFields {
                     self.transfer_encoding = Some(chunked);
                 }
             }
-            FieldRole::Connection => {
+            10 if is(b"connection") => {
                 for option in connection_options(value) {
                     self.close |= option.eq_ignore_ascii_case(b"close");
                     self.keep_alive |= option.eq_ignore_ascii_case(b"keep-alive");
                 }
             }
-            FieldRole::EndToEnd if name.eq_ignore_ascii_case(b"expect") => {
+            6 if is(b"expect") => {
                 self.expects_continue |= value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
             }
             _ => {}
