@@ -1591,29 +1591,29 @@ async fn a_service_error_closes_the_connection_without_an_answer() {
     let service = tower::service_fn(|_: Request<RequestBody>| async {
         Err::<Response<TestBody>, _>(io::Error::other("service failed: boom"))
     });
-    let (mut server, mut client) = Server::start(service).await;
-    client.send("GET / HTTP/1.1\r\n\r\n").await;
-    client.expect_closed().await;
-    let error = server
-        .next_end()
-        .await
-        .expect_err("the connection ends with the service's error");
-    assert!(error.to_string().contains("boom"), "{error}");
+    let (server, client) = Server::start(service).await;
+    assert_closed_unanswered(server, client, "boom").await;
 }
 
-#[tokio::test]
-async fn an_interim_status_as_the_answer_closes_the_connection_without_it() {
-    let (mut server, mut client, _log) = recorded(ReadBody::Whole, |_| {
-        with_status(full(""), StatusCode::EARLY_HINTS)
-    })
-    .await;
+/// Sends a request and checks that the connection closes without an answer and ends with an
+/// error saying `what`.
+async fn assert_closed_unanswered(mut server: Server, mut client: Client, what: &str) {
     client.send("GET / HTTP/1.1\r\n\r\n").await;
     client.expect_closed().await;
     let error = server
         .next_end()
         .await
         .expect_err("the connection ends with an error");
-    assert!(error.to_string().contains("interim status"), "{error}");
+    assert!(error.to_string().contains(what), "{error}");
+}
+
+#[tokio::test]
+async fn an_interim_status_as_the_answer_closes_the_connection_without_it() {
+    let (server, client, _log) = recorded(ReadBody::Whole, |_| {
+        with_status(full(""), StatusCode::EARLY_HINTS)
+    })
+    .await;
+    assert_closed_unanswered(server, client, "interim status").await;
 }
 
 // ---------------------------------------------------------------------------------------------
