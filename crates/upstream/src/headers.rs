@@ -161,7 +161,7 @@ pub(crate) fn connection_options(value: &[u8]) -> impl Iterator<Item = &[u8]> {
 
 /// Whether a `Connection` option names a field (to be dropped), rather than being `close` or
 /// `keep-alive`.
-fn names_a_field(option: &[u8]) -> bool {
+pub(crate) fn names_a_field(option: &[u8]) -> bool {
     !option.eq_ignore_ascii_case(b"close") && !option.eq_ignore_ascii_case(b"keep-alive")
 }
 

@@ -19,7 +19,9 @@
 //!   RFC 9112 requires against request smuggling), a coding before `chunked` (501).
 //! - Answers framed by their `Content-Length` or exact size, else chunked (HTTP/1.1 callers) or
 //!   delimited by closing (HTTP/1.0 callers); a body that ends early or runs long closes the
-//!   connection. A `Date` field is added when the answer has none.
+//!   connection. A `Date` field is added when the answer has none. An answer's own
+//!   `Connection: close` closes the connection after it; the options of its `Connection` that
+//!   name its own hop-by-hop fields are sent on with those fields.
 //! - Each answer's body frame goes out as soon as it is produced: a stream is never buffered,
 //!   and while it waits for its next frame its connection holds no read or write buffer.
 //! - A caller that closes its connection while its request is in flight cancels it: the
@@ -73,7 +75,7 @@ use tower::Service;
 use crate::{
     BoxError,
     body::{READ_SIZE, make_read_room},
-    headers::{connection_options, field_name},
+    headers::{connection_options, field_name, names_a_field},
     http1::{
         Chunked, Decoded, Framing, MAX_HEAD_BYTES, RequestFraming, chunk_size_line, itoa,
         parse_decimal,
@@ -850,6 +852,21 @@ enum Delimited {
     Close,
 }
 
+/// Writes a `Connection` field with the options of `options` that name fields, if any.
+fn write_named_options(out: &mut Vec<u8>, options: &[u8]) {
+    let mut named = connection_options(options).filter(|option| names_a_field(option));
+    let Some(first) = named.next() else {
+        return;
+    };
+    out.extend_from_slice(b"connection: ");
+    out.extend_from_slice(first);
+    for option in named {
+        out.extend_from_slice(b", ");
+        out.extend_from_slice(option);
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Writes `response`; whether the connection may carry another request.
 async fn write_response<B>(
     caller: &mut Caller,
@@ -883,8 +900,12 @@ where
             continue;
         }
         if *name == http::header::CONNECTION {
-            keep_alive &= !connection_options(value.as_bytes())
-                .any(|option| option.eq_ignore_ascii_case(b"close"));
+            let options = value.as_bytes();
+            keep_alive &=
+                !connection_options(options).any(|option| option.eq_ignore_ascii_case(b"close"));
+            // `close` and `keep-alive` are the connection's to say (below); options naming the
+            // answer's own hop-by-hop fields go to the caller with those fields.
+            write_named_options(out, options);
             continue;
         }
         if *name == http::header::TRANSFER_ENCODING || name.as_str() == "keep-alive" {

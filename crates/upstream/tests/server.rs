@@ -863,6 +863,46 @@ async fn connection_close_on_http11_is_answered_with_close_and_the_connection_cl
     server.end_of(client).await.expect("ends cleanly");
 }
 
+/// An answer of `body` with `x-trace: abc` and `connection: options`.
+fn traced(options: &'static str) -> Response<TestBody> {
+    let mut response = with_field(full("traced"), "x-trace", "abc");
+    response
+        .headers_mut()
+        .insert("connection", options.parse().unwrap());
+    response
+}
+
+#[tokio::test]
+async fn an_answer_naming_its_own_hop_by_hop_field_sends_both_and_keeps_the_connection() {
+    let (_server, mut client, mut log) =
+        recorded(ReadBody::Whole, |_| traced("x-trace, keep-alive")).await;
+    let answer = client.ask("GET /one HTTP/1.1\r\n\r\n").await;
+    assert_eq!(answer.text(), "traced");
+    assert_eq!(answer.header("x-trace"), Some("abc"), "{answer:?}");
+    assert_eq!(answer.header_count("connection"), 1, "{answer:?}");
+    assert_eq!(answer.header("connection"), Some("x-trace"));
+
+    let second = client.ask("GET /two HTTP/1.1\r\n\r\n").await;
+    assert_eq!(second.text(), "traced", "still open: {second:?}");
+    assert_eq!(log.next().await.uri, "/one");
+    assert_eq!(log.next().await.uri, "/two");
+}
+
+#[tokio::test]
+async fn an_answer_saying_close_with_a_named_field_is_closed_after_it() {
+    let (_server, mut client, _log) = recorded(ReadBody::Whole, |_| traced("close, x-trace")).await;
+    let answer = client.ask("GET / HTTP/1.1\r\n\r\n").await;
+    assert_eq!(answer.header("x-trace"), Some("abc"), "{answer:?}");
+    let connection: Vec<&str> = answer
+        .headers
+        .iter()
+        .filter(|(name, _)| name == "connection")
+        .map(|(_, value)| value.as_str())
+        .collect();
+    assert_eq!(connection, ["x-trace", "close"], "{answer:?}");
+    client.expect_closed().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. Pipelining
 
