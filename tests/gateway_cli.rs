@@ -8,6 +8,8 @@
 //! `cargo build --example gateway`.
 
 mod support;
+#[path = "../crates/upstream/tests/support/wire.rs"]
+mod wire;
 
 use std::fs::File;
 use std::net::{Ipv4Addr, TcpListener};
@@ -20,6 +22,7 @@ use aoai_sim::SimHandle;
 use serde_json::Value;
 use support::{BOUND, CHAT, chat, chat_body, client, served_by, sims};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use wire::{Answer, RawClient, find};
 
 /// The example binary, found from this test binary (`target/<profile>/deps/gateway_cli-*`).
 fn gateway_binary() -> PathBuf {
@@ -659,205 +662,6 @@ impl tokio::io::AsyncWrite for SkipFirst {
 // ---------------------------------------------------------------------------------------------
 // HTTP/1.1 on the wire: what the gateway's lean server does for callers that write raw bytes.
 
-/// An answer as read off the wire by [`RawCaller`].
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    /// Names lowercased, values trimmed, in wire order.
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn text(&self) -> &str {
-        std::str::from_utf8(&self.body).unwrap_or_else(|e| panic!("{e}: {self:?}"))
-    }
-
-    fn is_chunked(&self) -> bool {
-        self.header("transfer-encoding")
-            .is_some_and(|te| te.eq_ignore_ascii_case("chunked"))
-    }
-
-    fn says_close(&self) -> bool {
-        self.header("connection")
-            .is_some_and(|c| c.eq_ignore_ascii_case("close"))
-    }
-}
-
-/// A caller of the gateway that writes exact bytes (each write its own segment) and parses the
-/// answers itself. Every read and write is bounded by `BOUND`; a reset fails the test.
-struct RawCaller {
-    stream: tokio::net::TcpStream,
-    buf: Vec<u8>,
-}
-
-impl RawCaller {
-    async fn connect(addr: &str) -> Self {
-        let stream = tokio::time::timeout(BOUND, tokio::net::TcpStream::connect(addr))
-            .await
-            .expect("connect within BOUND")
-            .unwrap();
-        stream.set_nodelay(true).unwrap();
-        Self {
-            stream,
-            buf: Vec::new(),
-        }
-    }
-
-    async fn send(&mut self, bytes: &[u8]) {
-        tokio::time::timeout(BOUND, self.stream.write_all(bytes))
-            .await
-            .expect("write within BOUND")
-            .unwrap_or_else(|e| panic!("write failed: {e}"));
-    }
-
-    /// Writes each piece on its own, with a short pause after each, so the gateway reads them
-    /// one by one.
-    async fn send_in_pieces(&mut self, pieces: &[&[u8]]) {
-        for piece in pieces {
-            self.send(piece).await;
-            tokio::time::sleep(Duration::from_millis(15)).await;
-        }
-    }
-
-    /// One read into the buffer; `false` at the end of the stream.
-    async fn fill(&mut self) -> bool {
-        self.buf.reserve(16 * 1024);
-        let read = tokio::time::timeout(BOUND, self.stream.read_buf(&mut self.buf))
-            .await
-            .unwrap_or_else(|_| panic!("nothing read within BOUND after {:?}", self.shown()))
-            .unwrap_or_else(|e| panic!("read failed: {e} (after {:?})", self.shown()));
-        read > 0
-    }
-
-    fn shown(&self) -> String {
-        String::from_utf8_lossy(&self.buf).into_owned()
-    }
-
-    /// The status line and fields of the next answer.
-    async fn read_head(&mut self) -> Answer {
-        let end = loop {
-            if let Some(end) = find(&self.buf, b"\r\n\r\n") {
-                break end;
-            }
-            assert!(
-                self.fill().await,
-                "closed before an answer's head; got {:?}",
-                self.shown()
-            );
-        };
-        let head: Vec<u8> = self.buf.drain(..end + 4).collect();
-        let head = String::from_utf8(head[..end].to_vec()).expect("a UTF-8 head");
-        let mut lines = head.split("\r\n");
-        let status_line = lines.next().unwrap();
-        assert!(
-            status_line.starts_with("HTTP/1.1 "),
-            "status line {status_line:?}"
-        );
-        let status = status_line[9..12].parse().expect("a status code");
-        let headers = lines
-            .map(|line| {
-                let (name, value) = line
-                    .split_once(':')
-                    .unwrap_or_else(|| panic!("field line {line:?}"));
-                (name.to_ascii_lowercase(), value.trim().to_owned())
-            })
-            .collect();
-        Answer {
-            status,
-            headers,
-            body: Vec::new(),
-        }
-    }
-
-    /// The next answer, body included, framed as its head says (no body for 1xx; an answer with
-    /// neither length nor chunking runs to the end of the stream).
-    async fn read_answer(&mut self) -> Answer {
-        let mut answer = self.read_head().await;
-        if answer.status < 200 || answer.status == 204 || answer.status == 304 {
-            return answer;
-        }
-        answer.body = if answer.is_chunked() {
-            let mut body = Vec::new();
-            while let Some(chunk) = self.read_chunk().await {
-                body.extend_from_slice(&chunk);
-            }
-            body
-        } else if let Some(length) = answer.header("content-length") {
-            let length = length.parse().expect("a decimal content-length");
-            self.read_exact(length).await
-        } else {
-            self.read_to_end().await
-        };
-        answer
-    }
-
-    async fn read_exact(&mut self, n: usize) -> Vec<u8> {
-        while self.buf.len() < n {
-            assert!(
-                self.fill().await,
-                "closed after {} of {n} body bytes",
-                self.buf.len()
-            );
-        }
-        self.buf.drain(..n).collect()
-    }
-
-    async fn read_line(&mut self) -> String {
-        loop {
-            if let Some(end) = find(&self.buf, b"\r\n") {
-                let line: Vec<u8> = self.buf.drain(..end + 2).collect();
-                return String::from_utf8_lossy(&line[..end]).into_owned();
-            }
-            assert!(self.fill().await, "closed mid-line: {:?}", self.shown());
-        }
-    }
-
-    /// The next chunk's data, or `None` at the last chunk (its trailers read too).
-    async fn read_chunk(&mut self) -> Option<Vec<u8>> {
-        let line = self.read_line().await;
-        let size = line.split(';').next().unwrap().trim();
-        let size =
-            usize::from_str_radix(size, 16).unwrap_or_else(|_| panic!("chunk size line {line:?}"));
-        if size == 0 {
-            while !self.read_line().await.is_empty() {}
-            return None;
-        }
-        let data = self.read_exact(size).await;
-        assert_eq!(self.read_exact(2).await, b"\r\n", "chunk without its CRLF");
-        Some(data)
-    }
-
-    /// Everything until the gateway closes the connection (cleanly: a reset fails).
-    async fn read_to_end(&mut self) -> Vec<u8> {
-        while self.fill().await {}
-        std::mem::take(&mut self.buf)
-    }
-
-    /// The gateway closes the connection cleanly, with nothing more sent.
-    async fn expect_closed(&mut self) {
-        let rest = self.read_to_end().await;
-        assert!(
-            rest.is_empty(),
-            "unexpected bytes before the close: {:?}",
-            String::from_utf8_lossy(&rest)
-        );
-    }
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack
-        .windows(needle.len())
-        .position(|window| window == needle)
-}
-
 /// The head of a chat completions `POST` to the gateway, with `fields` (each ending in CRLF)
 /// before the blank line.
 fn chat_head(fields: &str) -> String {
@@ -974,7 +778,7 @@ async fn a_body_over_the_limit_arriving_in_pieces_gets_413_and_reaches_no_backen
         .collect();
     let pieces = cut(&wire, &cuts);
     assert!(pieces.len() > 4, "{}", pieces.len());
-    let mut caller = RawCaller::connect(&addr).await;
+    let mut caller = RawClient::connect(&addr).await;
     caller.send_in_pieces(&pieces).await;
     let answer = caller.read_answer().await;
     assert_eq!(answer.status, 413, "{answer:?}");
@@ -998,7 +802,7 @@ async fn a_body_over_the_limit_arriving_in_pieces_gets_413_and_reaches_no_backen
         .map(|i| head_len + 200 + 400 * i)
         .take_while(|&at| at < wire.len())
         .collect();
-    let mut caller = RawCaller::connect(&addr).await;
+    let mut caller = RawClient::connect(&addr).await;
     caller.send_in_pieces(&cut(&wire, &cuts)).await;
     let answer = caller.read_answer().await;
     assert_eq!(answer.status, 413, "{answer:?}");
@@ -1011,7 +815,7 @@ async fn a_body_over_the_limit_arriving_in_pieces_gets_413_and_reaches_no_backen
     let body = chat_body_of_len(LIMIT);
     let wire = chat_request(&body);
     let at = wire.len() - body.len();
-    let mut caller = RawCaller::connect(&addr).await;
+    let mut caller = RawClient::connect(&addr).await;
     caller
         .send_in_pieces(&cut(wire.as_bytes(), &[at + 10, at + 500]))
         .await;
@@ -1055,7 +859,7 @@ async fn a_chunked_body_split_across_writes_reaches_the_backend_whole() {
             last,
         ],
     );
-    let mut caller = RawCaller::connect(&addr).await;
+    let mut caller = RawClient::connect(&addr).await;
     caller.send_in_pieces(&pieces).await;
     let answer = caller.read_answer().await;
     assert_chat_from(&answer, "a");
@@ -1091,7 +895,7 @@ async fn expect_100_continue_gets_100_before_the_body_then_the_answer() {
     gateway.ready(&base, None).await;
 
     let body = chat_body().to_string();
-    let mut caller = RawCaller::connect(&addr).await;
+    let mut caller = RawClient::connect(&addr).await;
     caller
         .send(
             chat_head(&format!(
@@ -1140,7 +944,7 @@ async fn pipelined_requests_on_one_connection_are_answered_in_order_by_each_back
     let first = serde_json::json!({ "messages": [{ "role": "user", "content": "first" }] });
     let second = serde_json::json!({ "messages": [{ "role": "user", "content": "second" }] });
     let (first, second) = (first.to_string(), second.to_string());
-    let mut caller = RawCaller::connect(&addr).await;
+    let mut caller = RawClient::connect(&addr).await;
     caller
         .send(format!("{}{}", chat_request(&first), chat_request(&second)).as_bytes())
         .await;
@@ -1237,7 +1041,7 @@ async fn a_caller_leaving_mid_stream_closes_the_backend_stream_and_the_gateway_s
         "stream": true
     })
     .to_string();
-    let mut caller = RawCaller::connect(&addr).await;
+    let mut caller = RawClient::connect(&addr).await;
     caller.send(chat_request(&body).as_bytes()).await;
     let head = caller.read_head().await;
     assert_eq!(head.status, 200, "{head:?}");
@@ -1324,7 +1128,7 @@ async fn malformed_requests_get_400_with_a_json_error_and_reach_no_backend() {
         ),
     ];
     for (what, request) in &cases {
-        let mut caller = RawCaller::connect(&addr).await;
+        let mut caller = RawClient::connect(&addr).await;
         caller.send(request.as_bytes()).await;
         let answer = caller.read_answer().await;
         assert_eq!(answer.status, 400, "{what}: {answer:?}");

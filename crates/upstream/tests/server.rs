@@ -11,7 +11,7 @@
 //! framing fields), streaming without buffering (an answer's frames, a request body streamed
 //! back), cancellation when the caller leaves (a body read or not), graceful shutdown, service
 //! errors, and an answer to a caller still sending a body nobody reads. Every wait is bounded by
-//! [`WAIT`]: a hang fails instead of blocking.
+//! `support::wire::WAIT`: a hang fails instead of blocking.
 
 use std::{
     convert::Infallible,
@@ -32,11 +32,8 @@ use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{
-        TcpListener, TcpStream,
-        tcp::{OwnedReadHalf, OwnedWriteHalf},
-    },
+    io::AsyncWriteExt,
+    net::TcpListener,
     sync::{Notify, mpsc, oneshot},
     task::JoinHandle,
     time::{sleep, timeout},
@@ -45,19 +42,13 @@ use tower::Service;
 
 mod support;
 
-use support::{TestBody, WAIT, find, full};
+use support::wire::{Answer, RawClient, within};
+use support::{TestBody, full};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A bound for something that must not happen (a drop too early, a connection ending too early).
 const MUST_NOT_HAPPEN: Duration = Duration::from_millis(50);
-
-/// Awaits `future` for at most [`WAIT`], naming `what` if it times out.
-async fn within<F: Future>(what: &str, future: F) -> F::Output {
-    timeout(WAIT, future)
-        .await
-        .unwrap_or_else(|_| panic!("timed out: {what}"))
-}
 
 // ---------------------------------------------------------------------------------------------
 // Services
@@ -268,7 +259,7 @@ struct Server {
 
 impl Server {
     /// Serves `service` on a fresh listener, and connects one client to it.
-    async fn start<S, B>(service: S) -> (Self, Client)
+    async fn start<S, B>(service: S) -> (Self, RawClient)
     where
         S: Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
         S::Future: Send + 'static,
@@ -293,8 +284,8 @@ impl Server {
         (server, client)
     }
 
-    async fn connect(&self) -> Client {
-        Client::connect(self.addr).await
+    async fn connect(&self) -> RawClient {
+        RawClient::connect(self.addr).await
     }
 
     /// The outcome of the next connection to end.
@@ -305,7 +296,7 @@ impl Server {
     }
 
     /// Drops `client`, then gives the outcome of the next connection to end.
-    async fn end_of(&mut self, client: Client) -> io::Result<()> {
+    async fn end_of(&mut self, client: RawClient) -> io::Result<()> {
         drop(client);
         self.next_end().await
     }
@@ -322,14 +313,14 @@ impl Server {
 async fn recorded(
     read: ReadBody,
     respond: impl Fn(&Received) -> Response<TestBody> + Send + Sync + 'static,
-) -> (Server, Client, Log) {
+) -> (Server, RawClient, Log) {
     let (service, log) = recorder(read, respond);
     let (server, client) = Server::start(service).await;
     (server, client, log)
 }
 
 /// A recorder reading each body whole and answering with [`echo`], served, with one client.
-async fn echoed() -> (Server, Client, Log) {
+async fn echoed() -> (Server, RawClient, Log) {
     recorded(ReadBody::Whole, echo).await
 }
 
@@ -355,7 +346,7 @@ impl Hanging {
 
 /// A service that never answers, served, with one client. With `hold_body` its future holds the
 /// request's body without reading it; without, the request is dropped before the future runs.
-async fn hanging(hold_body: bool) -> (Server, Client, Hanging) {
+async fn hanging(hold_body: bool) -> (Server, RawClient, Hanging) {
     let (called_tx, called) = mpsc::unbounded_channel();
     let (dropped_tx, dropped) = mpsc::unbounded_channel();
     let service = tower::service_fn(move |request: Request<RequestBody>| {
@@ -392,248 +383,17 @@ fn run_with_shutdown(connection: Connection) -> (oneshot::Sender<()>, JoinHandle
 /// [`run_with_shutdown`], with its client.
 async fn served_with_shutdown<S>(
     service: S,
-) -> (Client, oneshot::Sender<()>, JoinHandle<io::Result<()>>)
+) -> (RawClient, oneshot::Sender<()>, JoinHandle<io::Result<()>>)
 where
     S: Service<Request<RequestBody>, Response = Response<TestBody>> + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let client = Client::connect(listener.local_addr().unwrap()).await;
+    let client = RawClient::connect(listener.local_addr().unwrap()).await;
     let (stream, _) = within("accept", listener.accept()).await.unwrap();
     let (shutdown, task) = run_with_shutdown(serve_connection(stream, service));
     (client, shutdown, task)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Client side
-
-/// An answer as read off the wire.
-#[derive(Debug)]
-struct Answer {
-    status_line: String,
-    status: u16,
-    /// Names lowercased, values trimmed, in wire order.
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn header_count(&self, name: &str) -> usize {
-        self.headers.iter().filter(|(n, _)| n == name).count()
-    }
-
-    fn text(&self) -> &str {
-        std::str::from_utf8(&self.body).expect("a UTF-8 body")
-    }
-
-    fn is_chunked(&self) -> bool {
-        self.header("transfer-encoding")
-            .is_some_and(|te| te.eq_ignore_ascii_case("chunked"))
-    }
-
-    /// The answer carries `connection: close` (and no other `connection` field).
-    fn says_close(&self) -> bool {
-        self.header_count("connection") == 1 && self.header("connection") == Some("close")
-    }
-}
-
-/// A raw HTTP/1.1 client: writes exact bytes, parses answers itself.
-struct Client {
-    reader: OwnedReadHalf,
-    /// Taken by a test that writes from a task of its own.
-    writer: Option<OwnedWriteHalf>,
-    buf: Vec<u8>,
-}
-
-impl Client {
-    async fn connect(addr: SocketAddr) -> Self {
-        let stream = within("connect", TcpStream::connect(addr)).await.unwrap();
-        stream.set_nodelay(true).unwrap();
-        let (reader, writer) = stream.into_split();
-        Self {
-            reader,
-            writer: Some(writer),
-            buf: Vec::new(),
-        }
-    }
-
-    async fn send(&mut self, bytes: impl AsRef<[u8]>) {
-        let writer = self.writer.as_mut().expect("writer taken");
-        within("write", writer.write_all(bytes.as_ref()))
-            .await
-            .expect("write failed");
-    }
-
-    /// Writes `bytes`, then pauses so that the server reads them before whatever comes next.
-    async fn send_alone(&mut self, bytes: impl AsRef<[u8]>) {
-        self.send(bytes).await;
-        sleep(Duration::from_millis(20)).await;
-    }
-
-    /// Writes `bytes` and reads the answer.
-    async fn ask(&mut self, bytes: impl AsRef<[u8]>) -> Answer {
-        self.send(bytes).await;
-        self.read_answer().await
-    }
-
-    /// Writes each piece on its own, with a short pause after each.
-    async fn send_in_pieces(&mut self, pieces: &[&[u8]]) {
-        for piece in pieces {
-            self.send(piece).await;
-            sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    /// One read into the buffer; `false` at the end of the stream. A reset fails the test.
-    async fn fill(&mut self) -> bool {
-        self.buf.reserve(16 * 1024);
-        let read = within("read", self.reader.read_buf(&mut self.buf))
-            .await
-            .unwrap_or_else(|e| panic!("read failed: {e} (after {:?})", self.shown()));
-        read > 0
-    }
-
-    fn shown(&self) -> String {
-        String::from_utf8_lossy(&self.buf).into_owned()
-    }
-
-    /// The status line and fields of the next answer.
-    async fn read_head(&mut self) -> Answer {
-        let end = loop {
-            if let Some(end) = find(&self.buf, b"\r\n\r\n") {
-                break end;
-            }
-            assert!(
-                self.fill().await,
-                "closed before an answer's head; got {:?}",
-                self.shown()
-            );
-        };
-        let head: Vec<u8> = self.buf.drain(..end + 4).collect();
-        let head = String::from_utf8(head[..end].to_vec()).expect("a UTF-8 head");
-        let mut lines = head.split("\r\n");
-        let status_line = lines.next().unwrap().to_owned();
-        assert!(
-            status_line.starts_with("HTTP/1.1 "),
-            "status line {status_line:?}"
-        );
-        let status = status_line[9..12].parse().expect("a status code");
-        let headers = lines
-            .map(|line| {
-                let (name, value) = line
-                    .split_once(':')
-                    .unwrap_or_else(|| panic!("field line {line:?}"));
-                (name.to_ascii_lowercase(), value.trim().to_owned())
-            })
-            .collect();
-        Answer {
-            status_line,
-            status,
-            headers,
-            body: Vec::new(),
-        }
-    }
-
-    /// The next answer, body included, framed as its head says (no body for 1xx, 204 and
-    /// 304; an answer with neither length nor chunking runs to the end of the stream).
-    async fn read_answer(&mut self) -> Answer {
-        let mut answer = self.read_head().await;
-        if answer.status < 200 || answer.status == 204 || answer.status == 304 {
-            return answer;
-        }
-        answer.body = if answer.is_chunked() {
-            self.read_chunked().await
-        } else if let Some(length) = answer.header("content-length") {
-            let length = length.parse().expect("a decimal content-length");
-            self.read_exact(length).await
-        } else {
-            self.read_to_end().await
-        };
-        answer
-    }
-
-    /// The answer to a `HEAD` request: its head only.
-    async fn read_head_answer(&mut self) -> Answer {
-        self.read_head().await
-    }
-
-    async fn read_exact(&mut self, n: usize) -> Vec<u8> {
-        while self.buf.len() < n {
-            assert!(
-                self.fill().await,
-                "closed after {} of {n} body bytes",
-                self.buf.len()
-            );
-        }
-        self.buf.drain(..n).collect()
-    }
-
-    /// Everything until the server closes the connection.
-    async fn read_to_end(&mut self) -> Vec<u8> {
-        while self.fill().await {}
-        std::mem::take(&mut self.buf)
-    }
-
-    async fn read_line(&mut self) -> String {
-        loop {
-            if let Some(end) = find(&self.buf, b"\r\n") {
-                let line: Vec<u8> = self.buf.drain(..end + 2).collect();
-                return String::from_utf8_lossy(&line[..end]).into_owned();
-            }
-            assert!(self.fill().await, "closed mid-line: {:?}", self.shown());
-        }
-    }
-
-    /// The next chunk's data, or `None` at the last chunk (its trailers read too).
-    async fn read_chunk(&mut self) -> Option<Vec<u8>> {
-        let line = self.read_line().await;
-        let size = line.split(';').next().unwrap().trim();
-        let size =
-            usize::from_str_radix(size, 16).unwrap_or_else(|_| panic!("chunk size line {line:?}"));
-        if size == 0 {
-            while !self.read_line().await.is_empty() {}
-            return None;
-        }
-        let data = self.read_exact(size).await;
-        assert_eq!(self.read_exact(2).await, b"\r\n", "chunk without its CRLF");
-        Some(data)
-    }
-
-    async fn read_chunked(&mut self) -> Vec<u8> {
-        let mut body = Vec::new();
-        while let Some(chunk) = self.read_chunk().await {
-            body.extend_from_slice(&chunk);
-        }
-        body
-    }
-
-    /// The server closes the connection (cleanly) with nothing more sent.
-    async fn expect_closed(&mut self) {
-        assert!(
-            self.buf.is_empty(),
-            "unexpected bytes before the close: {:?}",
-            self.shown()
-        );
-        assert!(
-            !self.fill().await,
-            "expected the connection closed, got {:?}",
-            self.shown()
-        );
-    }
-
-    /// `answer` says `connection: close`, and the server closes the connection after it.
-    async fn expect_close(&mut self, answer: &Answer) {
-        assert!(answer.says_close(), "{answer:?}");
-        self.expect_closed().await;
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -668,7 +428,7 @@ fn assert_ok(answer: &Answer, text: &str) {
 /// The next two answers are [`echo`]'s: `text` for a request whose body was `body`, then
 /// `GET /next `, and the service received them so. Gives what it received first.
 async fn assert_echoed_then_next(
-    client: &mut Client,
+    client: &mut RawClient,
     log: &mut Log,
     text: &str,
     body: &[u8],
@@ -1205,7 +965,7 @@ async fn transfer_encoding_on_http10_is_refused_400() {
 
 /// The next answer is the `400` of [`echo`] for a body that failed as invalid (`text`), and the
 /// connection is closed after it.
-async fn assert_invalid_body_answered(client: &mut Client, log: &mut Log, text: &str) {
+async fn assert_invalid_body_answered(client: &mut RawClient, log: &mut Log, text: &str) {
     let answer = client.read_answer().await;
     assert_eq!(answer.status, 400);
     assert_eq!(answer.text(), text);
@@ -1637,7 +1397,7 @@ async fn a_service_error_closes_the_connection_without_an_answer() {
 
 /// Sends a request and checks that the connection closes without an answer and ends with an
 /// error saying `what`.
-async fn assert_closed_unanswered(mut server: Server, mut client: Client, what: &str) {
+async fn assert_closed_unanswered(mut server: Server, mut client: RawClient, what: &str) {
     client.send("GET / HTTP/1.1\r\n\r\n").await;
     client.expect_closed().await;
     let error = server

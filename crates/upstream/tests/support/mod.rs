@@ -3,7 +3,7 @@
 
 #![allow(dead_code, unreachable_pub)]
 
-use std::{future::Future, time::Duration};
+use std::future::Future;
 
 use bytes::Bytes;
 use http::Request;
@@ -19,8 +19,9 @@ use tokio::{
 /// compiler.
 pub type TestBody = UnsyncBoxBody<Bytes, std::io::Error>;
 
-/// Upper bound for a whole test; a hang fails the test instead of blocking it.
-pub const WAIT: Duration = Duration::from_secs(10);
+pub mod wire;
+
+pub use wire::{WAIT, find};
 
 pub async fn bounded<F: Future>(future: F) -> F::Output {
     timeout(WAIT, future).await.expect("timed out")
@@ -50,12 +51,6 @@ pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     shown
-}
-
-pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack
-        .windows(needle.len())
-        .position(|window| window == needle)
 }
 
 /// `200 OK` with a `content-length` body.
@@ -96,14 +91,11 @@ pub struct Seen {
 
 impl Seen {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+        wire::field(&self.headers, name)
     }
 
     pub fn header_count(&self, name: &str) -> usize {
-        self.headers.iter().filter(|(n, _)| n == name).count()
+        wire::field_count(&self.headers, name)
     }
 }
 
@@ -175,14 +167,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             Some("HTTP/1.1"),
             "request line {request_line:?}"
         );
-        let headers = lines
-            .map(|line| {
-                let (name, value) = line
-                    .split_once(':')
-                    .unwrap_or_else(|| panic!("header line {line:?}"));
-                (name.to_ascii_lowercase(), value.trim().to_owned())
-            })
-            .collect::<Vec<_>>();
+        let headers = wire::parse_fields(lines);
         let mut seen = Seen {
             conn: self.index,
             method,
