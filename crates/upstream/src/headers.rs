@@ -159,8 +159,8 @@ pub(crate) fn connection_options(value: &[u8]) -> impl Iterator<Item = &[u8]> {
         .filter(|t| !t.is_empty())
 }
 
-/// Whether a `Connection` option names a field (to be dropped), rather than being `close` or
-/// `keep-alive`.
+/// Whether a `Connection` option names a field (a proxy drops it; the server sends it with its
+/// answer's field), rather than being `close` or `keep-alive`.
 pub(crate) fn names_a_field(option: &[u8]) -> bool {
     !option.eq_ignore_ascii_case(b"close") && !option.eq_ignore_ascii_case(b"keep-alive")
 }
