@@ -167,11 +167,9 @@ pub(crate) fn parse_response_head(
             Version::HTTP_10
         };
         // One pass over the fields reads the framing and connection fields and leaves out the
-        // hop-by-hop ones. Header values are slices of the head, shared rather than copied.
-        // Offsets into the buffer fit in `u32`: it holds at most a 64 KiB head and one read more.
+        // hop-by-hop ones.
         let base = buf.as_ptr() as usize;
-        let offset = |part: &[u8]| (part.as_ptr() as usize - base) as u32;
-        let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+        let mut spans = [FieldSpan::default(); MAX_HEADERS];
         let mut kept = 0;
         let mut scan = FramingFields::default();
         for field in response.headers.iter() {
@@ -182,13 +180,7 @@ pub(crate) fn parse_response_head(
                 role,
                 FieldRole::EndToEnd | FieldRole::Host | FieldRole::ContentLength
             ) {
-                let (name_at, value_at) = (offset(name), offset(field.value));
-                spans[kept] = (
-                    name_at,
-                    name_at + name.len() as u32,
-                    value_at,
-                    value_at + field.value.len() as u32,
-                );
+                spans[kept] = FieldSpan::of(base, name, field.value);
                 kept += 1;
             }
         }
@@ -206,16 +198,10 @@ pub(crate) fn parse_response_head(
         let named = scan.named;
         let head = buf.split_to(length).freeze();
         // Room for the headers that middleware adds on the way back (`x-served-by`, ...).
-        let mut headers = HeaderMap::with_capacity(kept + 2);
-        for &(name_start, name_end, value_start, value_end) in &spans[..kept] {
-            let name = field_name(&head[name_start as usize..name_end as usize])
-                .map_err(|_| invalid("invalid response header name"))?;
-            let value = HeaderValue::from_maybe_shared(
-                head.slice(value_start as usize..value_end as usize),
-            )
-            .map_err(|_| invalid("invalid response header value"))?;
-            headers.append(name, value);
-        }
+        let mut headers = header_map(&head, &spans[..kept], 2).map_err(|e| match e {
+            InvalidField::Name => invalid("invalid response header name"),
+            InvalidField::Value => invalid("invalid response header value"),
+        })?;
         // Rare: `Connection` names more fields not to forward.
         for name in named {
             headers.remove(name);
@@ -254,16 +240,14 @@ impl<'h> FramingFields<'h> {
                 self.coding = Some(last.trim_ascii());
             }
             FieldRole::ContentLength => {
-                for part in value.split(|&b| b == b',') {
-                    let parsed = parse_decimal(part.trim_ascii()).ok_or("invalid content-length");
-                    self.content_length = Some(match (self.content_length.take(), parsed) {
-                        (Some(Err(e)), _) | (_, Err(e)) => Err(e),
-                        (Some(Ok(seen)), Ok(length)) if seen != length => {
-                            Err("conflicting content-length values")
-                        }
-                        (_, Ok(length)) => Ok(length),
-                    });
-                }
+                // The first problem found stands.
+                self.content_length = Some(match self.content_length.take() {
+                    Some(Err(problem)) => Err(problem),
+                    seen => agreed_length(value, seen.and_then(Result::ok)).map_err(|e| match e {
+                        LengthError::Invalid => "invalid content-length",
+                        LengthError::Conflicting => "conflicting content-length values",
+                    }),
+                });
             }
             FieldRole::Connection => {
                 for option in connection_options(value) {
@@ -315,6 +299,80 @@ pub(crate) fn chunk_size_line(mut len: usize, buf: &mut [u8; 20]) -> &[u8] {
             return &buf[start..];
         }
     }
+}
+
+/// Where a field's name and value lie in a head, as offsets from the head's first byte.
+///
+/// Offsets fit in `u32`: a head is at most 64 KiB, and the buffer it is parsed in holds at most
+/// one read more.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct FieldSpan {
+    name: (u32, u32),
+    value: (u32, u32),
+}
+
+impl FieldSpan {
+    /// The span of `name` and `value`, slices of a head whose first byte is at address `base`.
+    pub(crate) fn of(base: usize, name: &[u8], value: &[u8]) -> Self {
+        let range = |part: &[u8]| {
+            let start = (part.as_ptr() as usize - base) as u32;
+            (start, start + part.len() as u32)
+        };
+        Self {
+            name: range(name),
+            value: range(value),
+        }
+    }
+}
+
+/// Which part of a field a [`header_map`] could not take.
+pub(crate) enum InvalidField {
+    Name,
+    Value,
+}
+
+/// The fields at `spans` of the parsed `head`, with room for `room` more (those middleware
+/// adds). Values are slices of `head`, shared rather than copied; names the OpenAI and Azure
+/// traffic uses take a constant ([`field_name`]).
+pub(crate) fn header_map(
+    head: &Bytes,
+    spans: &[FieldSpan],
+    room: usize,
+) -> Result<HeaderMap, InvalidField> {
+    let mut headers = HeaderMap::with_capacity(spans.len() + room);
+    for span in spans {
+        let (name_start, name_end) = span.name;
+        let (value_start, value_end) = span.value;
+        let name = field_name(&head[name_start as usize..name_end as usize])
+            .map_err(|_| InvalidField::Name)?;
+        let value =
+            HeaderValue::from_maybe_shared(head.slice(value_start as usize..value_end as usize))
+                .map_err(|_| InvalidField::Value)?;
+        headers.append(name, value);
+    }
+    Ok(headers)
+}
+
+/// What is wrong with a message's `Content-Length`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LengthError {
+    /// A value that is not a decimal number.
+    Invalid,
+    /// Values that disagree.
+    Conflicting,
+}
+
+/// The length one `Content-Length` field gives, `seen` being what the fields before it gave, if
+/// any: `5, 5` and repeated fields are one length if they all agree (RFC 9110, 8.6).
+pub(crate) fn agreed_length(value: &[u8], mut seen: Option<u64>) -> Result<u64, LengthError> {
+    for part in value.split(|&b| b == b',') {
+        let length = parse_decimal(part.trim_ascii()).ok_or(LengthError::Invalid)?;
+        if seen.is_some_and(|seen| seen != length) {
+            return Err(LengthError::Conflicting);
+        }
+        seen = Some(length);
+    }
+    seen.ok_or(LengthError::Invalid)
 }
 
 pub(crate) fn parse_decimal(digits: &[u8]) -> Option<u64> {

@@ -64,7 +64,7 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
 use tokio::{
     io::{AsyncWrite, AsyncWriteExt},
@@ -75,10 +75,10 @@ use tower::Service;
 use crate::{
     BoxError,
     body::{READ_SIZE, make_read_room},
-    headers::{connection_options, field_name, names_a_field},
+    headers::{connection_options, names_a_field},
     http1::{
-        Chunked, Decoded, Framing, MAX_HEAD_BYTES, RequestFraming, chunk_size_line, itoa,
-        parse_decimal,
+        Chunked, Decoded, FieldSpan, Framing, InvalidField, LengthError, MAX_HEAD_BYTES,
+        RequestFraming, agreed_length, chunk_size_line, header_map, itoa, parse_decimal,
     },
 };
 
@@ -650,42 +650,30 @@ fn parse_request_head(buf: &mut BytesMut) -> Result<Option<Head>, Refusal> {
     let method = Method::from_bytes(parsed.method.unwrap_or_default().as_bytes())
         .map_err(|_| Refusal::bad_request("invalid method"))?;
     let http10 = parsed.version == Some(0);
-    // Offsets into the head, to slice it once it is frozen; they fit in `u16`, as every field ends
-    // before the head does, within 64 KiB.
+    // Offsets into the head, to slice it once it is frozen.
     let base = buf.as_ptr() as usize;
-    let offset = |part: &[u8]| (part.as_ptr() as usize - base) as u16;
     let target = parsed.path.unwrap_or_default().as_bytes();
-    let target = (offset(target), offset(target) + target.len() as u16);
-    let mut spans = [(0u16, 0u16, 0u16, 0u16); MAX_HEADERS];
+    let target_start = target.as_ptr() as usize - base;
+    let target = target_start..target_start + target.len();
+    let mut spans = [FieldSpan::default(); MAX_HEADERS];
     let mut scan = RequestFields::default();
     let count = parsed.headers.len();
     for (field, span) in parsed.headers.iter().zip(spans.iter_mut()) {
         let name = field.name.as_bytes();
         scan.read(name, field.value)?;
-        let (name_at, value_at) = (offset(name), offset(field.value));
-        *span = (
-            name_at,
-            name_at + name.len() as u16,
-            value_at,
-            value_at + field.value.len() as u16,
-        );
+        *span = FieldSpan::of(base, name, field.value);
     }
     let body = scan.body_framing(http10)?;
     let keep_alive = if http10 { scan.keep_alive } else { !scan.close };
     let expects_continue = scan.expects_continue && !http10;
     let head = buf.split_to(length).freeze();
-    let uri = Uri::from_maybe_shared(head.slice(target.0 as usize..target.1 as usize))
+    let uri = Uri::from_maybe_shared(head.slice(target))
         .map_err(|_| Refusal::bad_request("invalid request target"))?;
     // Room for the fields the middleware adds (the backend's credential, ...).
-    let mut headers = HeaderMap::with_capacity(count + 2);
-    for &(name_start, name_end, value_start, value_end) in &spans[..count] {
-        let name = field_name(&head[name_start as usize..name_end as usize])
-            .map_err(|_| Refusal::bad_request("invalid header name"))?;
-        let value =
-            HeaderValue::from_maybe_shared(head.slice(value_start as usize..value_end as usize))
-                .map_err(|_| Refusal::bad_request("invalid header value"))?;
-        headers.append(name, value);
-    }
+    let headers = header_map(&head, &spans[..count], 2).map_err(|e| match e {
+        InvalidField::Name => Refusal::bad_request("invalid header name"),
+        InvalidField::Value => Refusal::bad_request("invalid header value"),
+    })?;
     let mut request = Request::new(());
     *request.method_mut() = method;
     *request.uri_mut() = uri;
@@ -724,15 +712,13 @@ impl RequestFields {
         let is = |known: &[u8]| name.eq_ignore_ascii_case(known);
         match name.len() {
             14 if is(b"content-length") => {
-                // `Content-Length: 5, 5` and repeated fields are one length if they all agree.
-                for part in value.split(|&b| b == b',') {
-                    let length = parse_decimal(part.trim_ascii())
-                        .ok_or_else(|| Refusal::bad_request("invalid Content-Length"))?;
-                    if self.content_length.is_some_and(|seen| seen != length) {
-                        return Err(Refusal::bad_request("conflicting Content-Length values"));
+                let length = agreed_length(value, self.content_length).map_err(|e| match e {
+                    LengthError::Invalid => Refusal::bad_request("invalid Content-Length"),
+                    LengthError::Conflicting => {
+                        Refusal::bad_request("conflicting Content-Length values")
                     }
-                    self.content_length = Some(length);
-                }
+                })?;
+                self.content_length = Some(length);
             }
             17 if is(b"transfer-encoding") => {
                 for coding in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {

@@ -7,21 +7,18 @@
 use std::{
     fmt::Debug,
     future::Future,
-    io,
     net::SocketAddr,
-    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
-    task::{Context, Poll},
     time::Duration,
 };
 
 use aoai_upstream::{Upstream, UpstreamClient};
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body::{Body, Frame};
+use http_body::Body;
 use http_body_util::BodyExt;
 use tokio::{
     io::AsyncWriteExt,
@@ -36,33 +33,6 @@ mod support;
 use support::*;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-// ---------------------------------------------------------------------------------------------
-// Request bodies
-
-/// A body fed by a channel: each message is one data frame, a closed channel ends the body. Its
-/// size hint is never exact, so the client cannot know the length up front.
-struct ChannelBody {
-    rx: mpsc::Receiver<Result<Bytes, io::Error>>,
-}
-
-impl Body for ChannelBody {
-    type Data = Bytes;
-    type Error = io::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
-        self.rx
-            .poll_recv(cx)
-            .map(|message| message.map(|chunk| chunk.map(Frame::data)))
-    }
-}
-
-fn channel_body() -> (mpsc::Sender<Result<Bytes, io::Error>>, TestBody) {
-    let (tx, rx) = mpsc::channel(1);
-    (tx, ChannelBody { rx }.boxed_unsync())
-}
 
 // ---------------------------------------------------------------------------------------------
 // Client side, written against the service interface only
@@ -860,7 +830,7 @@ async fn streaming_request_body_is_framed() {
     bounded(async {
         let mut server = RawServer::respond(echo_target).await;
         let upstream = upstream!(server);
-        let (tx, body) = channel_body();
+        let (tx, body) = channel_body(1);
         let chunks: Vec<Bytes> = vec![
             Bytes::from_static(b"first "),
             Bytes::new(),
@@ -901,7 +871,7 @@ async fn empty_streaming_request_body_is_framed() {
     bounded(async {
         let mut server = RawServer::respond(echo_target).await;
         let upstream = upstream!(server);
-        let (tx, body) = channel_body();
+        let (tx, body) = channel_body(1);
         drop(tx);
         let request = Request::post("/empty-stream").body(body).unwrap();
         let (status, _) = fetch(&upstream, request).await;

@@ -17,19 +17,17 @@ use std::{
     convert::Infallible,
     io,
     net::SocketAddr,
-    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
-    task::{Context, Poll},
     time::{Duration, SystemTime},
 };
 
 use aoai_upstream::server::{Connection, RequestBody, serve_connection};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body::{Body, Frame};
+use http_body::Body;
 use http_body_util::BodyExt;
 use tokio::{
     io::AsyncWriteExt,
@@ -43,7 +41,7 @@ use tower::Service;
 mod support;
 
 use support::wire::{Answer, RawClient, within};
-use support::{TestBody, full};
+use support::{TestBody, channel_body, full};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -205,32 +203,9 @@ fn once(body: TestBody) -> impl Fn(&Received) -> Response<TestBody> + Send + Syn
     move |_| Response::new(slot.lock().unwrap().take().expect("one streaming answer"))
 }
 
-/// A response body fed by a channel: each message is one data frame (or an error), a closed
-/// channel ends it. Its size is never known up front.
-struct ChannelBody(mpsc::Receiver<Result<Bytes, io::Error>>);
-
-impl Body for ChannelBody {
-    type Data = Bytes;
-    type Error = io::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|message| message.map(|frame| frame.map(Frame::data)))
-    }
-}
-
-fn channel_body() -> (mpsc::Sender<Result<Bytes, io::Error>>, TestBody) {
-    let (tx, rx) = mpsc::channel(8);
-    (tx, ChannelBody(rx).boxed_unsync())
-}
-
 /// A channel body already holding `frames` and then ending.
 fn streamed(frames: &[&'static str]) -> TestBody {
-    let (tx, body) = channel_body();
+    let (tx, body) = channel_body(8);
     for frame in frames {
         tx.try_send(Ok(Bytes::from_static(frame.as_bytes())))
             .unwrap();
@@ -1176,7 +1151,7 @@ async fn the_answers_own_transfer_encoding_is_not_duplicated() {
 
 #[tokio::test]
 async fn an_answer_body_failing_midway_closes_without_the_last_chunk() {
-    let (tx, body) = channel_body();
+    let (tx, body) = channel_body(8);
     tx.try_send(Ok(Bytes::from_static(b"partial"))).unwrap();
     tx.try_send(Err(io::Error::other("backend gone"))).unwrap();
     let (_server, mut client, _log) = recorded(ReadBody::Whole, once(body)).await;
@@ -1196,7 +1171,7 @@ async fn an_answer_body_failing_midway_closes_without_the_last_chunk() {
 
 #[tokio::test]
 async fn a_streaming_answer_reaches_the_caller_frame_by_frame() {
-    let (tx, body) = channel_body();
+    let (tx, body) = channel_body(8);
     let (_server, mut client, _log) = recorded(ReadBody::Whole, once(body)).await;
     client
         .send("POST /sse HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}")
@@ -1227,7 +1202,7 @@ async fn a_streaming_answer_reaches_the_caller_frame_by_frame() {
 async fn a_request_pipelined_while_a_stream_waits_is_answered_after_it() {
     // A waiting stream gives its read buffer back; what the caller sends meanwhile must still be
     // read and kept for after the stream.
-    let (tx, body) = channel_body();
+    let (tx, body) = channel_body(8);
     let streaming = std::sync::Mutex::new(Some(body));
     let (_server, mut client, _log) = recorded(ReadBody::Whole, move |received| {
         match streaming.lock().unwrap().take() {

@@ -1,5 +1,6 @@
-//! Shared by the wire-level tests (`http1.rs`, `tls.rs`): bounded waits, request bodies, and the
-//! raw server side, which reads each request off the wire itself.
+//! Shared by the wire-level tests (`http1.rs`, `tls.rs`, `server.rs`): bounded waits, request
+//! bodies, the raw server side, which reads each request off the wire itself, and (in `wire`)
+//! the raw client side.
 
 #![allow(dead_code, unreachable_pub)]
 
@@ -20,6 +21,30 @@ use tokio::{
 pub type TestBody = UnsyncBoxBody<Bytes, std::io::Error>;
 
 pub mod wire;
+
+/// A body fed by a channel of `capacity` messages: each message is one data frame (or an
+/// error), a closed channel ends the body. Its size hint is never exact, so its length is never
+/// known up front.
+pub fn channel_body(capacity: usize) -> (mpsc::Sender<Result<Bytes, std::io::Error>>, TestBody) {
+    let (tx, rx) = mpsc::channel(capacity);
+    (tx, ChannelBody(rx).boxed_unsync())
+}
+
+struct ChannelBody(mpsc::Receiver<Result<Bytes, std::io::Error>>);
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|message| message.map(|frame| frame.map(http_body::Frame::data)))
+    }
+}
 
 pub use wire::{WAIT, find};
 
