@@ -3,7 +3,7 @@
 
 use std::{io, mem::MaybeUninit};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 
 use crate::headers::{
@@ -77,21 +77,25 @@ pub(crate) fn encode_request_head(
     }
     match framing {
         RequestFraming::Length(0) if !has_body_semantics(method) => {}
-        RequestFraming::Length(length) => {
-            out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(itoa(length, &mut [0; 20]));
-            out.extend_from_slice(b"\r\n");
-        }
+        RequestFraming::Length(length) => write_content_length(out, length),
         RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
     out.extend_from_slice(b"\r\n");
 }
 
-fn write_field(out: &mut BytesMut, name: &HeaderName, value: &HeaderValue) {
-    out.extend_from_slice(name.as_str().as_bytes());
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value.as_bytes());
-    out.extend_from_slice(b"\r\n");
+/// Writes the field line `name: value`.
+pub(crate) fn write_field(out: &mut impl BufMut, name: &HeaderName, value: &HeaderValue) {
+    out.put_slice(name.as_str().as_bytes());
+    out.put_slice(b": ");
+    out.put_slice(value.as_bytes());
+    out.put_slice(b"\r\n");
+}
+
+/// Writes the field line `content-length: length`.
+pub(crate) fn write_content_length(out: &mut impl BufMut, length: u64) {
+    out.put_slice(b"content-length: ");
+    out.put_slice(itoa(length, &mut [0; 20]));
+    out.put_slice(b"\r\n");
 }
 
 /// Whether an empty body still needs `Content-Length: 0` (RFC 9110, 8.6).
@@ -382,7 +386,8 @@ pub(crate) fn parse_decimal(digits: &[u8]) -> Option<u64> {
     Some(digits.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0')))
 }
 
-fn invalid(message: &str) -> io::Error {
+/// An `InvalidData` error saying `message`.
+pub(crate) fn invalid(message: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message.to_owned())
 }
 

@@ -78,7 +78,8 @@ use crate::{
     headers::{connection_options, names_a_field},
     http1::{
         Chunked, Decoded, FieldSpan, Framing, InvalidField, LengthError, MAX_HEAD_BYTES,
-        RequestFraming, agreed_length, chunk_size_line, header_map, itoa, parse_decimal,
+        RequestFraming, agreed_length, chunk_size_line, header_map, invalid, parse_decimal,
+        write_content_length, write_field,
     },
 };
 
@@ -298,7 +299,7 @@ impl Fed {
                 Ok(Decoded::End) => self.ended = true,
                 Ok(Decoded::NeedMore) => break,
                 Err(e) => {
-                    self.fail(invalid_data(&format!("invalid request body: {e}")));
+                    self.fail(invalid(&format!("invalid request body: {e}")));
                 }
             }
             changed = true;
@@ -784,9 +785,9 @@ async fn refuse(mut stream: TcpStream, out: &mut Vec<u8>, refusal: &Refusal) -> 
     );
     out.clear();
     write_status_line(out, refusal.status);
-    out.extend_from_slice(b"content-type: application/json\r\ncontent-length: ");
-    out.extend_from_slice(itoa(body.len() as u64, &mut [0; 20]));
-    out.extend_from_slice(b"\r\nconnection: close\r\n");
+    out.extend_from_slice(b"content-type: application/json\r\n");
+    write_content_length(out, body.len() as u64);
+    out.extend_from_slice(b"connection: close\r\n");
     write_date(out);
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body.as_bytes());
@@ -898,10 +899,7 @@ where
             continue;
         }
         date |= *name == http::header::DATE;
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        write_field(out, name, value);
     }
     if !date {
         write_date(out);
@@ -912,16 +910,16 @@ where
         if status == StatusCode::NOT_MODIFIED
             && let Some(length) = declared
         {
-            write_length(out, length);
+            write_content_length(out, length);
         }
         Delimited::Nothing
     } else if asked.head {
         if let Some(length) = length {
-            write_length(out, length);
+            write_content_length(out, length);
         }
         Delimited::Nothing
     } else if let Some(length) = length {
-        write_length(out, length);
+        write_content_length(out, length);
         Delimited::Length(length)
     } else if asked.http10 {
         keep_alive = false;
@@ -1031,12 +1029,6 @@ enum Next {
     Fed,
 }
 
-fn write_length(out: &mut Vec<u8>, length: u64) {
-    out.extend_from_slice(b"content-length: ");
-    out.extend_from_slice(itoa(length, &mut [0; 20]));
-    out.extend_from_slice(b"\r\n");
-}
-
 /// Appends `data` to `out`, or, when it is large, writes `out` and then `data` itself.
 async fn write_data(stream: &mut TcpStream, out: &mut Vec<u8>, data: &[u8]) -> io::Result<()> {
     if data.len() <= COPY_LIMIT {
@@ -1074,10 +1066,6 @@ async fn write_some(stream: &mut TcpStream, data: &[u8]) -> io::Result<usize> {
             Err(e) => return Err(e),
         }
     }
-}
-
-fn invalid_data(message: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, message.to_owned())
 }
 
 /// Appends a `Date` field with the current time, formatted once a second per thread.
