@@ -26,6 +26,11 @@
 //!   and while it waits for its next frame its connection holds no read or write buffer.
 //! - A caller that closes its connection while its request is in flight cancels it: the
 //!   service's future is dropped (and with it the backend exchange).
+//! - A connection waits at most [`Builder::head_timeout`] (60 s by default, as nginx) for each
+//!   request head, from when it is served and from the end of each answer: a caller that has
+//!   sent only part of a head by then (however slowly it keeps sending) is answered 408 and
+//!   closed, an idle keep-alive connection is closed. An answer, however long it streams, has
+//!   no time limit here.
 //!
 //! # Example
 //!
@@ -97,8 +102,9 @@ const CLOSE_DRAIN_LIMIT: usize = 8 * 1024 * 1024;
 const CLOSE_DRAIN_TIME: Duration = Duration::from_secs(1);
 
 /// Serves HTTP/1.1 on `stream` with `service`, request after request, until the caller closes
-/// the connection, a request or answer says to close it, or [`Connection::graceful_shutdown`]
-/// is called. See the [module docs](self) for what it accepts and refuses.
+/// the connection, a request or answer says to close it, it waits too long for a request head,
+/// or [`Connection::graceful_shutdown`] is called. See the [module docs](self) for what it
+/// accepts and refuses. Serves with [`Builder`]'s defaults (a head timeout of 60 s).
 ///
 /// The service is polled ready before each call. Its errors, and I/O errors, end the connection
 /// (the future's output); they concern that caller only.
@@ -110,10 +116,85 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let graceful = Arc::new(AtomicBool::new(false));
-    Connection {
-        future: Box::pin(serve(stream, service, Arc::clone(&graceful))),
-        graceful,
+    Builder::new().serve_connection(stream, service)
+}
+
+/// How long a connection waits for a request head by default: nginx's `client_header_timeout`.
+pub const DEFAULT_HEAD_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Settings for serving connections, then [`serve_connection`](Builder::serve_connection).
+///
+/// ```no_run
+/// use std::convert::Infallible;
+/// use std::time::Duration;
+///
+/// use aoai_upstream::server::{Builder, RequestBody};
+/// use bytes::Bytes;
+/// use http_body_util::Full;
+///
+/// # async fn run() -> std::io::Result<()> {
+/// let server = Builder::new().head_timeout(Some(Duration::from_secs(10)));
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+/// loop {
+///     let (stream, _) = listener.accept().await?;
+///     let hello = tower::service_fn(|_: http::Request<RequestBody>| async {
+///         Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(b"hello"))))
+///     });
+///     tokio::spawn(server.serve_connection(stream, hello));
+/// }
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Builder {
+    head_timeout: Option<Duration>,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Self {
+            head_timeout: Some(DEFAULT_HEAD_TIMEOUT),
+        }
+    }
+}
+
+impl Builder {
+    /// The defaults: a head timeout of [`DEFAULT_HEAD_TIMEOUT`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How long a connection may wait for a whole request head: from when it is served, and
+    /// from the end of each answer. A caller that has sent part of a head by then is answered
+    /// `408 Request Timeout` and the connection closed (a head sent a byte at a time does not
+    /// keep it open); a connection idle between requests is closed. `None`: no limit.
+    ///
+    /// The limit is kept on a coarse tick, a quarter of it, so that a request costs no timer
+    /// of its own: a connection is closed after waiting between the timeout and a quarter more.
+    pub fn head_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.head_timeout = timeout.filter(|t| !t.is_zero());
+        self
+    }
+
+    /// Serves HTTP/1.1 on `stream` with `service` and these settings; see the function
+    /// [`serve_connection`].
+    pub fn serve_connection<S, B>(&self, stream: TcpStream, service: S) -> Connection
+    where
+        S: Service<Request<RequestBody>, Response = Response<B>> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let graceful = Arc::new(AtomicBool::new(false));
+        Connection {
+            future: Box::pin(serve(
+                stream,
+                service,
+                Arc::clone(&graceful),
+                self.head_timeout,
+            )),
+            graceful,
+        }
     }
 }
 
@@ -344,7 +425,12 @@ struct Head {
     expects_continue: bool,
 }
 
-async fn serve<S, B>(stream: TcpStream, mut service: S, graceful: Arc<AtomicBool>) -> io::Result<()>
+async fn serve<S, B>(
+    stream: TcpStream,
+    mut service: S,
+    graceful: Arc<AtomicBool>,
+    head_timeout: Option<Duration>,
+) -> io::Result<()>
 where
     S: Service<Request<RequestBody>, Response = Response<B>>,
     S::Error: Into<BoxError>,
@@ -358,6 +444,8 @@ where
         continue_sent: 0,
     };
     let mut out = Vec::with_capacity(1024);
+    let mut head_wait = HeadWait::new(head_timeout.unwrap_or_default());
+    let mut tick = pin!(head_timeout.map(|_| tokio::time::sleep(head_wait.interval)));
     loop {
         let head = loop {
             if !caller.buf.is_empty() {
@@ -370,12 +458,39 @@ where
             let read = poll_fn(|cx| {
                 // Idle: a graceful shutdown ends the connection here.
                 if caller.buf.is_empty() && graceful.load(Ordering::Acquire) {
-                    return Poll::Ready(Ok(0));
+                    return Poll::Ready(Ok(Some(0)));
                 }
                 make_read_room(&mut caller.buf);
-                tokio_util::io::poll_read_buf(Pin::new(&mut caller.stream), cx, &mut caller.buf)
+                let read = tokio_util::io::poll_read_buf(
+                    Pin::new(&mut caller.stream),
+                    cx,
+                    &mut caller.buf,
+                );
+                if read.is_ready() {
+                    return read.map_ok(Some);
+                }
+                let expired = tick
+                    .as_mut()
+                    .as_pin_mut()
+                    .is_some_and(|tick| head_wait.expired(tick, cx));
+                if expired {
+                    Poll::Ready(Ok(None))
+                } else {
+                    Poll::Pending
+                }
             })
             .await?;
+            let Some(read) = read else {
+                if caller.buf.is_empty() {
+                    // Idle for the whole timeout: closed, with nothing to answer.
+                    return Ok(());
+                }
+                let late = Refusal::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "the request head did not arrive in time",
+                );
+                return refuse(caller.stream, &mut out, &late).await;
+            };
             if read == 0 {
                 // Closed (or shutting down) between requests, or inside a head: nothing to answer.
                 return Ok(());
@@ -428,6 +543,66 @@ where
             close(caller.stream, caller.buf).await;
             return Ok(());
         }
+        head_wait.begin();
+    }
+}
+
+/// A connection's head timeout, kept on a coarse tick (a quarter of the timeout) that is armed
+/// again only when it fires, so that a request costs an increment rather than a timer of its
+/// own (whose registration costs tokio's time driver a lock and a reading of the clock). A wait
+/// for a head ends the connection on the fourth tick that finds it still going on without a
+/// tick having missed its start: between the timeout and a quarter more after it began.
+///
+/// The tick is polled only while the connection waits for a head; one that fires meanwhile (an
+/// answer that takes longer than a quarter of the timeout) wakes the connection's task once,
+/// and is found fired at the start of the next wait, which it does not count against.
+struct HeadWait {
+    /// A quarter of the timeout.
+    interval: Duration,
+    /// Waits for a head begun since the connection was served, the first not counted.
+    waits: u64,
+    /// `waits` when the tick was last armed.
+    armed_in: u64,
+    /// Ticks the current wait has seen fire since the one that found it begun.
+    quiet: u32,
+}
+
+impl HeadWait {
+    /// Ticks per timeout.
+    const TICKS: u32 = 4;
+
+    /// The first wait, begun as the connection is served, for a head timeout of `timeout`.
+    fn new(timeout: Duration) -> Self {
+        Self {
+            interval: timeout / Self::TICKS,
+            waits: 0,
+            armed_in: 0,
+            quiet: 0,
+        }
+    }
+
+    /// A wait for the next head begins: an answer has ended.
+    fn begin(&mut self) {
+        self.waits += 1;
+    }
+
+    /// Whether the wait for a head has lasted the timeout; otherwise the tick is armed, with
+    /// `cx`'s waker, for when it fires next.
+    fn expired(&mut self, mut tick: Pin<&mut tokio::time::Sleep>, cx: &mut Context<'_>) -> bool {
+        while tick.as_mut().poll(cx).is_ready() {
+            if self.armed_in == self.waits {
+                self.quiet += 1;
+                if self.quiet == Self::TICKS {
+                    return true;
+                }
+            } else {
+                self.armed_in = self.waits;
+                self.quiet = 0;
+            }
+            let next = tokio::time::Instant::now() + self.interval;
+            tick.as_mut().reset(next);
+        }
+        false
     }
 }
 

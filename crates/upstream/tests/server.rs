@@ -10,7 +10,8 @@
 //! (length, chunked, close, `HEAD`, 204, short, long and failing bodies, the service's own
 //! framing fields), streaming without buffering (an answer's frames, a request body streamed
 //! back), cancellation when the caller leaves (a body read or not), graceful shutdown, service
-//! errors, and an answer to a caller still sending a body nobody reads. Every wait is bounded by
+//! errors, an answer to a caller still sending a body nobody reads, and the head timeout (idle
+//! connections, heads sent slowly, answers longer than the timeout). Every wait is bounded by
 //! `support::wire::WAIT`: a hang fails instead of blocking.
 
 use std::{
@@ -24,7 +25,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use aoai_upstream::server::{Connection, RequestBody, serve_connection};
+use aoai_upstream::server::{Builder, Connection, RequestBody, serve_connection};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body::Body;
@@ -34,7 +35,7 @@ use tokio::{
     net::TcpListener,
     sync::{Notify, mpsc, oneshot},
     task::JoinHandle,
-    time::{sleep, timeout},
+    time::{Instant, sleep, timeout},
 };
 use tower::Service;
 
@@ -242,12 +243,24 @@ impl Server {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
+        Self::start_with(Builder::new(), service).await
+    }
+
+    /// [`start`](Self::start), serving each connection with `settings`.
+    async fn start_with<S, B>(settings: Builder, service: S) -> (Self, RawClient)
+    where
+        S: Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, ended) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                let connection = serve_connection(stream, service.clone());
+                let connection = settings.serve_connection(stream, service.clone());
                 let tx = tx.clone();
                 tokio::spawn(async move {
                     let _ = tx.send(connection.await);
@@ -421,6 +434,18 @@ async fn assert_echoed_then_next(
 async fn assert_refused(raw: &[u8], status: u16, code: &str) {
     let (mut server, mut client, mut log) = echoed().await;
     let answer = client.ask(raw).await;
+    assert_refusal(&answer, status, code);
+    client.expect_close(&answer).await;
+    server
+        .end_of(client)
+        .await
+        .expect("a refusal ends the connection cleanly");
+    assert_eq!(log.calls(), 0, "the service was called");
+    log.assert_no_more();
+}
+
+/// `answer` is a refusal with `status` and a JSON error of `code` with a message.
+fn assert_refusal(answer: &Answer, status: u16, code: &str) {
     assert_eq!(answer.status, status, "{answer:?}");
     assert_eq!(
         answer.status_line,
@@ -433,8 +458,8 @@ async fn assert_refused(raw: &[u8], status: u16, code: &str) {
         )
     );
     assert_eq!(answer.header("content-type"), Some("application/json"));
-    assert_content_length(&answer, answer.body.len());
-    assert_date_is_now(&answer);
+    assert_content_length(answer, answer.body.len());
+    assert_date_is_now(answer);
     let prefix = format!(r#"{{"error":{{"code":"{code}","message":""#);
     let message = answer
         .text()
@@ -445,13 +470,6 @@ async fn assert_refused(raw: &[u8], status: u16, code: &str) {
         !message.is_empty() && !message.contains('"'),
         "message {message:?}"
     );
-    client.expect_close(&answer).await;
-    server
-        .end_of(client)
-        .await
-        .expect("a refusal ends the connection cleanly");
-    assert_eq!(log.calls(), 0, "the service was called");
-    log.assert_no_more();
 }
 
 /// [`assert_refused`] with `400 BadRequest`.
@@ -1429,4 +1447,135 @@ async fn an_answer_to_a_body_nobody_reads_reaches_a_caller_still_sending() {
         .expect("the caller's body was not refused by a reset");
     drop(writer);
     server.next_end().await.expect("ends cleanly");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 14. The head timeout
+
+/// The head timeout of these tests: long enough that a loaded machine keeps to what they
+/// assume of it (an answer within a fraction of it), short enough to wait out.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// [`echoed`], serving with a head timeout of [`HEAD_TIMEOUT`].
+async fn echoed_with_head_timeout() -> (Server, RawClient, Log) {
+    let (service, log) = recorder(ReadBody::Whole, echo);
+    let settings = Builder::new().head_timeout(Some(HEAD_TIMEOUT));
+    let (server, client) = Server::start_with(settings, service).await;
+    (server, client, log)
+}
+
+#[tokio::test]
+async fn a_connection_that_sends_nothing_is_closed_after_the_head_timeout_without_an_answer() {
+    let connected = Instant::now();
+    let (mut server, mut client, log) = echoed_with_head_timeout().await;
+    client.expect_closed().await;
+    assert!(
+        connected.elapsed() >= HEAD_TIMEOUT,
+        "closed after {:?}",
+        connected.elapsed()
+    );
+    server.next_end().await.expect("an idle close is clean");
+    assert_eq!(log.calls(), 0);
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_the_head_timeout_after_its_last_answer() {
+    let (mut server, mut client, _log) = echoed_with_head_timeout().await;
+    let asked = Instant::now();
+    assert_ok(
+        &client.ask("GET /last HTTP/1.1\r\n\r\n").await,
+        "GET /last ",
+    );
+    client.expect_closed().await;
+    assert!(
+        asked.elapsed() >= HEAD_TIMEOUT,
+        "closed after {:?}",
+        asked.elapsed()
+    );
+    server.next_end().await.expect("an idle close is clean");
+}
+
+#[tokio::test]
+async fn a_connection_asking_more_often_than_the_head_timeout_stays_open_past_it() {
+    let (mut server, mut client, mut log) = echoed_with_head_timeout().await;
+    let opened = Instant::now();
+    for i in 0..5 {
+        let answer = client.ask(format!("GET /{i} HTTP/1.1\r\n\r\n")).await;
+        assert_ok(&answer, &format!("GET /{i} "));
+        assert_eq!(log.next().await.uri, format!("/{i}"));
+        sleep(HEAD_TIMEOUT / 2).await;
+    }
+    assert!(opened.elapsed() > 2 * HEAD_TIMEOUT);
+    server.assert_none_ended();
+}
+
+#[tokio::test]
+async fn a_head_sent_a_byte_at_a_time_is_refused_408_after_the_head_timeout() {
+    let (mut server, mut client, log) = echoed_with_head_timeout().await;
+    let mut writer = client.writer.take().unwrap();
+    let started = Instant::now();
+    // Each byte comes well within the timeout of the last; the head as a whole takes four times
+    // the timeout.
+    let dribble = tokio::spawn(async move {
+        let head = b"POST /openai/deployments/d/chat/completions HTTP/1.1\r\nhost: x\r\n\r\n";
+        let pause = 4 * HEAD_TIMEOUT / head.len() as u32;
+        for byte in head {
+            if writer.write_all(&[*byte]).await.is_err() {
+                return;
+            }
+            sleep(pause).await;
+        }
+    });
+    let answer = client.read_answer().await;
+    assert!(
+        started.elapsed() >= HEAD_TIMEOUT,
+        "refused after {:?}",
+        started.elapsed()
+    );
+    assert_refusal(&answer, 408, "RequestTimeout");
+    client.expect_close(&answer).await;
+    dribble.abort();
+    server
+        .next_end()
+        .await
+        .expect("a refusal ends the connection cleanly");
+    assert_eq!(log.calls(), 0, "the service was called");
+}
+
+#[tokio::test]
+async fn an_answer_longer_than_the_head_timeout_is_not_cut_and_the_next_wait_gets_all_of_it() {
+    let (tx, body) = channel_body(8);
+    // The first request gets the stream, the next ones an echo.
+    let stream = std::sync::Mutex::new(Some(body));
+    let (service, mut log) = recorder(ReadBody::Whole, move |received| {
+        match stream.lock().unwrap().take() {
+            Some(body) => Response::new(body),
+            None => echo(received),
+        }
+    });
+    let settings = Builder::new().head_timeout(Some(HEAD_TIMEOUT));
+    let (mut server, mut client) = Server::start_with(settings, service).await;
+    client.send("GET /sse HTTP/1.1\r\n\r\n").await;
+    assert!(client.read_head().await.is_chunked());
+    // The answer streams for twice the timeout.
+    for _ in 0..4 {
+        tx.send(Ok(Bytes::from_static(b"data: {}\n\n")))
+            .await
+            .unwrap();
+        assert_eq!(
+            client.read_chunk().await.as_deref(),
+            Some(&b"data: {}\n\n"[..])
+        );
+        sleep(HEAD_TIMEOUT / 2).await;
+    }
+    drop(tx);
+    assert_eq!(client.read_chunk().await, None);
+    assert_eq!(log.next().await.uri, "/sse");
+    // The ticks that fired during the answer count nothing against the wait after it: the
+    // connection is still open most of a timeout later.
+    sleep(HEAD_TIMEOUT * 7 / 8).await;
+    client.send("GET /next HTTP/1.1\r\n\r\n").await;
+    assert_ok(&client.read_answer().await, "GET /next ");
+    assert_eq!(log.next().await.uri, "/next");
+    server.assert_none_ended();
 }
