@@ -16,7 +16,7 @@ use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use aoai_sim::SimHandle;
 use serde_json::Value;
@@ -284,6 +284,16 @@ async fn zero_attempts_are_refused() {
 }
 
 #[tokio::test]
+async fn a_zero_head_timeout_is_refused() {
+    let line = refused(
+        &["--head-timeout", "0", "--backend", "http://127.0.0.1:9"],
+        &[],
+    )
+    .await;
+    assert!(line.contains("head timeout"), "{line}");
+}
+
+#[tokio::test]
 async fn a_non_loopback_listener_without_client_keys_is_refused() {
     let line = refused(
         &["--listen", "0.0.0.0:0", "--backend", "a=http://127.0.0.1:9"],
@@ -377,7 +387,8 @@ async fn a_config_file_sets_backends_and_turns_the_served_by_header_off() {
     let config = TempFile::with(
         "gateway.toml",
         &format!(
-            "listen = \"{addr}\"\nmax_attempts = 2\nserved_by_header = false\n\n\
+            "listen = \"{addr}\"\nmax_attempts = 2\nserved_by_header = false\n\
+             head_timeout_secs = 1\n\n\
              [[backends]]\nname = \"a\"\nurl = \"{}\"\n\n\
              [[backends]]\nname = \"b\"\nurl = \"{}\"\n",
             sims[0].url(),
@@ -395,6 +406,9 @@ async fn a_config_file_sets_backends_and_turns_the_served_by_header_off() {
     }
     assert_eq!(sims[0].request_count(), 1);
     assert_eq!(sims[1].request_count(), 1);
+    // The file's head timeout: a silent caller is let go after a second, not the default 60.
+    let mut silent = RawClient::connect(&addr).await;
+    silent.expect_closed().await;
 }
 
 #[tokio::test]
@@ -1145,4 +1159,42 @@ async fn malformed_requests_get_400_with_a_json_error_and_reach_no_backend() {
     let response = chat(&client(), &base).await;
     assert_eq!(response.status(), 200);
     assert_eq!(served_by(&response), "a");
+}
+
+/// With `--head-timeout 1`, callers that do not send a whole request head within a second are
+/// let go, and none of them reaches a backend: one that sends nothing and one that sends a
+/// beginning of the HTTP/2 preface are closed without an answer, one that sends part of an
+/// HTTP/1.1 head is answered 408 in Azure's error shape; a keep-alive connection idle after its
+/// answer is closed a second after it.
+#[tokio::test]
+async fn callers_that_send_no_whole_head_in_time_are_let_go_and_reach_no_backend() {
+    let sims = sims(2).await;
+    let (mut gateway, addr, base) = Gateway::over_with(&sims, &["--head-timeout", "1"]);
+    gateway.ready(&base, None).await;
+    let timeout = Duration::from_secs(1);
+
+    let started = Instant::now();
+    let mut silent = RawClient::connect(&addr).await;
+    let mut preface = RawClient::connect(&addr).await;
+    preface.send(b"PRI * HTTP/2.0\r\n").await;
+    let mut partial = RawClient::connect(&addr).await;
+    partial.send(chat_head("").trim_end_matches("\r\n")).await;
+    let mut idle = RawClient::connect(&addr).await;
+    let answer = idle.ask(chat_request(&chat_body().to_string())).await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert!(!answer.says_close(), "{answer:?}");
+
+    silent.expect_closed().await;
+    preface.expect_closed().await;
+    let refused = partial.read_answer().await;
+    assert_eq!(refused.status, 408, "{refused:?}");
+    assert_eq!(assert_json_error(&refused), "RequestTimeout");
+    partial.expect_close(&refused).await;
+    idle.expect_closed().await;
+    assert!(
+        started.elapsed() >= timeout,
+        "let go after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(sims[0].request_count() + sims[1].request_count(), 1);
 }

@@ -40,7 +40,7 @@ use http::{Request, Response};
 use serde_json::json;
 use tower::{Layer, Service};
 
-use crate::serve::serve_per_core;
+use crate::serve::{Serving, serve_per_core};
 use crate::settings::{AuthMode, Backend, Flags, Settings, is_loopback_url};
 
 fn main() {
@@ -119,10 +119,14 @@ async fn run(mut settings: Settings) -> Result<(), String> {
         rest: admin,
     };
 
+    let serving = Serving {
+        listen: settings.listen,
+        head_timeout: settings.head_timeout,
+    };
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let (addr, workers) = match client_keys {
-        Some(keys) => serve_per_core(settings.listen, keys.layer(app), &stopped)?,
-        None => serve_per_core(settings.listen, app, &stopped)?,
+        Some(keys) => serve_per_core(&serving, keys.layer(app), &stopped)?,
+        None => serve_per_core(&serving, app, &stopped)?,
     };
     let names: Vec<&str> = settings.backends.iter().map(|b| b.name.as_str()).collect();
     tracing::info!(%addr, backends = ?names, "gateway listening");

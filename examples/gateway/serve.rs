@@ -1,6 +1,6 @@
 //! Serving: one single-threaded runtime per core, each with its own `SO_REUSEPORT` listener and
 //! accept loop; HTTP/1.1 callers served by aoai-upstream's lean server, HTTP/2 callers by
-//! hyper's; graceful shutdown.
+//! hyper's; a head timeout; graceful shutdown.
 
 use std::cell::RefCell;
 use std::convert::Infallible;
@@ -18,14 +18,21 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulConnection;
 use pin_project_lite::pin_project;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 use tower::Service;
 
-/// Serves `app` on `listen` with one single-threaded runtime per core, each accepting on its own
+/// Where and how the gateway serves its callers.
+pub(crate) struct Serving {
+    pub(crate) listen: SocketAddr,
+    /// How long a connection may wait for a whole request head (its first bytes included).
+    pub(crate) head_timeout: Duration,
+}
+
+/// Serves `app` as `serving` says with one single-threaded runtime per core, each accepting on its own
 /// `SO_REUSEPORT` socket, the way nginx runs one event loop per worker: a request, its backend
 /// connection and their tasks stay on one thread, with no cross-thread wake-ups. Returns the
 /// bound address and the worker threads, which stop when `stopped` turns true, once their
@@ -34,7 +41,7 @@ use tower::Service;
 /// `app` must always be ready (as axum's `Router`, the `Gateway` and the client-key layer over
 /// them are): it is called without `poll_ready`.
 pub(crate) fn serve_per_core<S>(
-    listen: SocketAddr,
+    serving: &Serving,
     app: S,
     stopped: &watch::Receiver<bool>,
 ) -> Result<(SocketAddr, Vec<std::thread::JoinHandle<()>>), String>
@@ -46,7 +53,8 @@ where
     S: Clone + Send + 'static,
 {
     let count = std::thread::available_parallelism().map_or(1, usize::from);
-    let mut addr = listen;
+    let mut addr = serving.listen;
+    let head_timeout = serving.head_timeout;
     let mut workers = Vec::with_capacity(count);
     for index in 0..count {
         let (bound_tx, bound_rx) = std::sync::mpsc::channel();
@@ -72,7 +80,7 @@ where
                         }
                     };
                     let _ = bound_tx.send(listener.local_addr().map_err(|e| e.to_string()));
-                    accept_loop(listener, app, stopped).await;
+                    accept_loop(listener, app, stopped, head_timeout).await;
                 });
             })
             .map_err(|e| e.to_string())?;
@@ -83,16 +91,21 @@ where
 }
 
 /// Accepts connections until `stopped`, then waits for every open connection to finish its
-/// requests in flight.
-async fn accept_loop<S>(listener: TcpListener, app: S, mut stopped: watch::Receiver<bool>)
-where
+/// requests in flight. A connection gets `head_timeout` for its first bytes, and then (from
+/// the HTTP/1.1 servers) for each request head.
+async fn accept_loop<S>(
+    listener: TcpListener,
+    app: S,
+    mut stopped: watch::Receiver<bool>,
+    head_timeout: Duration,
+) where
     S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>,
     S: Service<Request<RequestBody>, Response = Response<Body>, Error = Infallible>,
     <S as Service<Request<Incoming>>>::Future: Send + 'static,
     <S as Service<Request<RequestBody>>>::Future: Send + 'static,
     S: Clone + Send + 'static,
 {
-    let servers = Arc::new(Servers::new());
+    let servers = Arc::new(Servers::new(head_timeout));
     let shutdown = Arc::new(Shutdown::default());
     loop {
         let stream = tokio::select! {
@@ -112,22 +125,21 @@ where
         let shutdown = Arc::clone(&shutdown);
         // A connection's errors (a reset, a malformed request) concern that caller only.
         tokio::spawn(async move {
-            match Protocol::sniff(&stream).await {
+            let protocol = match tokio::time::timeout(head_timeout, Protocol::sniff(&stream)).await
+            {
+                Ok(Ok(protocol)) => protocol,
+                Ok(Err(_)) => return,
+                Err(_) => return let_go(stream).await,
+            };
+            match protocol {
                 Protocol::Http1 => {
-                    let connection = lean::serve_connection(stream, app);
+                    let connection = servers.http1.serve_connection(stream, app);
                     let _ = Watched::new(connection, &shutdown, |c| c.graceful_shutdown()).await;
                 }
                 Protocol::Http2 => {
                     let service = PerConnection(RefCell::new(app));
                     let connection = servers
                         .http2
-                        .serve_connection(TokioIo::new(stream), service);
-                    let _ = Watched::new(connection, &shutdown, graceful).await;
-                }
-                Protocol::Unsure => {
-                    let service = PerConnection(RefCell::new(app));
-                    let connection = servers
-                        .either
                         .serve_connection(TokioIo::new(stream), service);
                     let _ = Watched::new(connection, &shutdown, graceful).await;
                 }
@@ -138,23 +150,18 @@ where
     shutdown.start_and_wait().await;
 }
 
-/// hyper's servers a connection is handed to, by protocol (HTTP/1.1 callers whose first bytes
-/// say so go to aoai-upstream's lean server).
+/// The servers a connection is handed to, by protocol: HTTP/1.1 callers go to aoai-upstream's
+/// lean server, HTTP/2 callers to hyper's.
 struct Servers {
+    http1: lean::Builder,
     http2: http2::Builder<TokioExecutor>,
-    /// Tells the protocols apart itself, for a connection whose first bytes could not.
-    either: auto::Builder<TokioExecutor>,
 }
 
 impl Servers {
-    fn new() -> Self {
-        let mut either = auto::Builder::new(TokioExecutor::new());
-        // A response's head and body go out copied into one buffer, in one `write`, rather
-        // than gathered from a queue of buffers by `writev`, as the lean server writes them.
-        either.http1().writev(false);
+    fn new(head_timeout: Duration) -> Self {
         Self {
+            http1: lean::Builder::new().head_timeout(Some(head_timeout)),
             http2: http2::Builder::new(TokioExecutor::new()),
-            either,
         }
     }
 }
@@ -167,31 +174,48 @@ fn graceful<C: GracefulConnection>(connection: Pin<&mut C>) {
 /// The HTTP/2 connection preface a client opens with (RFC 9113, section 3.4).
 const HTTP2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// How long [`Protocol::sniff`] waits before it looks again at a connection whose first bytes
+/// are a beginning of the HTTP/2 preface (HTTP/2 clients send all of it at once).
+const PREFACE_POLL: Duration = Duration::from_millis(10);
+
 /// Which protocol a connection's caller speaks, told from its first bytes.
 #[derive(Debug, PartialEq, Eq)]
 enum Protocol {
     Http1,
     /// HTTP/2 with prior knowledge (h2c): the caller opened with the preface.
     Http2,
-    /// The first bytes are a beginning of the preface, not all of it (or could not be read):
-    /// hyper-util's server reads on and decides.
-    Unsure,
 }
 
 impl Protocol {
-    /// Peeks at the first bytes, leaving them to the server that reads the connection. Being
-    /// sure here spares every read of a long-lived connection the wrapper through which
-    /// hyper-util's server replays the bytes it read to decide.
-    async fn sniff(stream: &TcpStream) -> Self {
+    /// Peeks at the first bytes, leaving them to the server that reads the connection; first
+    /// bytes that begin the preface without completing it are looked at again until they
+    /// either complete it or stop matching it. Being sure here spares every read of a
+    /// long-lived connection a wrapper replaying the bytes read to decide.
+    async fn sniff(stream: &TcpStream) -> std::io::Result<Self> {
         let mut first = [0u8; HTTP2_PREFACE.len()];
-        match stream.peek(&mut first).await {
-            // Closed before a byte: HTTP/1.1's server reads the end and closes.
-            Ok(0) => Self::Http1,
-            Ok(read) if first[..read] != HTTP2_PREFACE[..read] => Self::Http1,
-            Ok(read) if read == HTTP2_PREFACE.len() => Self::Http2,
-            Ok(_) | Err(_) => Self::Unsure,
+        loop {
+            match stream.peek(&mut first).await? {
+                // Closed before a byte: HTTP/1.1's server reads the end and closes.
+                0 => return Ok(Self::Http1),
+                read if first[..read] != HTTP2_PREFACE[..read] => return Ok(Self::Http1),
+                read if read == HTTP2_PREFACE.len() => return Ok(Self::Http2),
+                // `peek` would find the same bytes at once: wait for more to arrive.
+                _ => tokio::time::sleep(PREFACE_POLL).await,
+            }
         }
     }
+}
+
+/// Closes a connection that has not told its protocol within the head timeout. The few bytes
+/// it sent are read first: closing a socket with unread bytes would reset the connection.
+async fn let_go(mut stream: TcpStream) {
+    let mut sent = [0u8; HTTP2_PREFACE.len()];
+    for _ in 0..4 {
+        if !matches!(stream.try_read(&mut sent), Ok(read) if read > 0) {
+            break;
+        }
+    }
+    let _ = stream.shutdown().await;
 }
 
 /// One worker's graceful shutdown: its connections check a flag when they are polled, and are

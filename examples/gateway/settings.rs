@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use aoai_tower::upstream::server::DEFAULT_HEAD_TIMEOUT;
 use clap::Parser;
 use serde::Deserialize;
 
@@ -50,6 +51,11 @@ pub(crate) struct Flags {
     /// Do not add `x-served-by: NAME` to responses.
     #[arg(long)]
     no_served_by_header: bool,
+    /// Seconds a caller's connection may wait for a whole request head, from its opening and
+    /// after each answer; then a partial head is answered 408 and an idle connection closed
+    /// [default: 60].
+    #[arg(long, value_name = "SECS")]
+    head_timeout: Option<u64>,
 }
 
 /// The settings file; every field is optional.
@@ -64,6 +70,7 @@ struct File {
     attempt_timeout_secs: Option<u64>,
     cooldown_cap_secs: Option<u64>,
     served_by_header: Option<bool>,
+    head_timeout_secs: Option<u64>,
     #[serde(default)]
     backends: Vec<FileBackend>,
 }
@@ -133,6 +140,8 @@ pub(crate) struct Settings {
     pub(crate) attempt_timeout: Option<Duration>,
     pub(crate) cooldown_cap: Option<Duration>,
     pub(crate) served_by_header: bool,
+    /// How long a caller's connection may wait for a request head.
+    pub(crate) head_timeout: Duration,
 }
 
 impl Settings {
@@ -166,6 +175,11 @@ impl Settings {
         if max_attempts == Some(0) {
             return Err("max attempts must be at least 1".to_owned());
         }
+        let head_timeout = match flags.head_timeout.or(file.head_timeout_secs) {
+            Some(0) => return Err("the head timeout must be at least 1 second".to_owned()),
+            Some(secs) => Duration::from_secs(secs),
+            None => DEFAULT_HEAD_TIMEOUT,
+        };
         Ok(Self {
             listen: flags
                 .listen
@@ -185,6 +199,7 @@ impl Settings {
                 .or(file.cooldown_cap_secs)
                 .map(Duration::from_secs),
             served_by_header: !flags.no_served_by_header && file.served_by_header.unwrap_or(true),
+            head_timeout,
         })
     }
 }
