@@ -565,6 +565,8 @@ struct HeadWait {
     armed_in: u64,
     /// Ticks the current wait has seen fire since the one that found it begun.
     quiet: u32,
+    /// The waker the tick wakes.
+    registered: Option<Waker>,
 }
 
 impl HeadWait {
@@ -578,6 +580,7 @@ impl HeadWait {
             waits: 0,
             armed_in: 0,
             quiet: 0,
+            registered: None,
         }
     }
 
@@ -589,6 +592,16 @@ impl HeadWait {
     /// Whether the wait for a head has lasted the timeout; otherwise the tick is armed, with
     /// `cx`'s waker, for when it fires next.
     fn expired(&mut self, mut tick: Pin<&mut tokio::time::Sleep>, cx: &mut Context<'_>) -> bool {
+        // Armed, and it will wake this task: no need to register again (polling a timer takes a
+        // few atomic instructions, and a request would pay them every time).
+        if !tick.is_elapsed()
+            && self
+                .registered
+                .as_ref()
+                .is_some_and(|waker| waker.will_wake(cx.waker()))
+        {
+            return false;
+        }
         while tick.as_mut().poll(cx).is_ready() {
             if self.armed_in == self.waits {
                 self.quiet += 1;
@@ -601,6 +614,13 @@ impl HeadWait {
             }
             let next = tokio::time::Instant::now() + self.interval;
             tick.as_mut().reset(next);
+        }
+        if !self
+            .registered
+            .as_ref()
+            .is_some_and(|waker| waker.will_wake(cx.waker()))
+        {
+            self.registered = Some(cx.waker().clone());
         }
         false
     }
