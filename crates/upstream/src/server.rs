@@ -602,7 +602,11 @@ impl HeadWait {
         {
             return false;
         }
-        while tick.as_mut().poll(cx).is_ready() {
+        // Out of the task's budget, which could otherwise answer `Pending` without registering.
+        while Pin::new(&mut tokio::task::unconstrained(tick.as_mut()))
+            .poll(cx)
+            .is_ready()
+        {
             if self.armed_in == self.waits {
                 self.quiet += 1;
                 if self.quiet == Self::TICKS {
