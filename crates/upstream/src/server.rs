@@ -29,8 +29,11 @@
 //! - A connection waits at most [`Builder::head_timeout`] (60 s by default, as nginx) for each
 //!   request head, from when it is served and from the end of each answer: a caller that has
 //!   sent only part of a head by then (however slowly it keeps sending) is answered 408 and
-//!   closed, an idle keep-alive connection is closed. An answer, however long it streams, has
-//!   no time limit here.
+//!   closed, an idle keep-alive connection is closed.
+//! - A write to a caller whose connection is full waits at most [`Builder::send_timeout`] (60 s
+//!   by default, as nginx) for room: a caller that reads nothing of its answer for that long is
+//!   closed, and the answer's body (a backend's stream) dropped. An answer the caller keeps
+//!   reading has no time limit, however long it streams.
 //!
 //! # Example
 //!
@@ -103,8 +106,9 @@ const CLOSE_DRAIN_TIME: Duration = Duration::from_secs(1);
 
 /// Serves HTTP/1.1 on `stream` with `service`, request after request, until the caller closes
 /// the connection, a request or answer says to close it, it waits too long for a request head,
-/// or [`Connection::graceful_shutdown`] is called. See the [module docs](self) for what it
-/// accepts and refuses. Serves with [`Builder`]'s defaults (a head timeout of 60 s).
+/// the caller reads nothing of its answer for too long, or [`Connection::graceful_shutdown`] is
+/// called. See the [module docs](self) for what it accepts and refuses. Serves with
+/// [`Builder`]'s defaults (head and send timeouts of 60 s).
 ///
 /// The service is polled ready before each call. Its errors, and I/O errors, end the connection
 /// (the future's output); they concern that caller only.
@@ -121,6 +125,9 @@ where
 
 /// How long a connection waits for a request head by default: nginx's `client_header_timeout`.
 pub const DEFAULT_HEAD_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a write waits for a caller to make room by default: nginx's `send_timeout`.
+pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Settings for serving connections, then [`serve_connection`](Builder::serve_connection).
 ///
@@ -147,20 +154,32 @@ pub const DEFAULT_HEAD_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone)]
 pub struct Builder {
     head_timeout: Option<Duration>,
+    send_timeout: Option<Duration>,
 }
 
 impl Default for Builder {
     fn default() -> Self {
         Self {
             head_timeout: Some(DEFAULT_HEAD_TIMEOUT),
+            send_timeout: Some(DEFAULT_SEND_TIMEOUT),
         }
     }
 }
 
 impl Builder {
-    /// The defaults: a head timeout of [`DEFAULT_HEAD_TIMEOUT`].
+    /// The defaults: a head timeout of [`DEFAULT_HEAD_TIMEOUT`], a send timeout of
+    /// [`DEFAULT_SEND_TIMEOUT`].
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// How long a write to the caller may wait for room in its connection: a caller that reads
+    /// nothing of its answer for that long (its socket full) has its connection closed, and the
+    /// answer's body (a backend's stream) is dropped. It bounds each wait, not the answer: a
+    /// stream the caller keeps reading lasts as long as it lasts. `None`: no limit.
+    pub fn send_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.send_timeout = timeout.filter(|t| !t.is_zero());
+        self
     }
 
     /// How long a connection may wait for a whole request head: from when it is served, and
@@ -187,12 +206,7 @@ impl Builder {
     {
         let graceful = Arc::new(AtomicBool::new(false));
         Connection {
-            future: Box::pin(serve(
-                stream,
-                service,
-                Arc::clone(&graceful),
-                self.head_timeout,
-            )),
+            future: Box::pin(serve(stream, service, Arc::clone(&graceful), self.clone())),
             graceful,
         }
     }
@@ -429,7 +443,7 @@ async fn serve<S, B>(
     stream: TcpStream,
     mut service: S,
     graceful: Arc<AtomicBool>,
-    head_timeout: Option<Duration>,
+    settings: Builder,
 ) -> io::Result<()>
 where
     S: Service<Request<RequestBody>, Response = Response<B>>,
@@ -437,8 +451,10 @@ where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
+    let head_timeout = settings.head_timeout;
     let mut caller = Caller {
         stream,
+        send_timeout: settings.send_timeout,
         buf: BytesMut::with_capacity(READ_SIZE),
         feed: None,
         continue_sent: 0,
@@ -452,7 +468,7 @@ where
                 match parse_request_head(&mut caller.buf) {
                     Ok(Some(head)) => break head,
                     Ok(None) => {}
-                    Err(refusal) => return refuse(caller.stream, &mut out, &refusal).await,
+                    Err(refusal) => return refuse(caller, &mut out, &refusal).await,
                 }
             }
             let read = poll_fn(|cx| {
@@ -489,7 +505,7 @@ where
                     StatusCode::REQUEST_TIMEOUT,
                     "the request head did not arrive in time",
                 );
-                return refuse(caller.stream, &mut out, &late).await;
+                return refuse(caller, &mut out, &late).await;
             };
             if read == 0 {
                 // Closed (or shutting down) between requests, or inside a head: nothing to answer.
@@ -634,6 +650,8 @@ impl HeadWait {
 /// the body of the request in flight while it is still arriving.
 struct Caller {
     stream: TcpStream,
+    /// How long a write to it may wait for room.
+    send_timeout: Option<Duration>,
     buf: BytesMut,
     feed: Option<Arc<Feed>>,
     /// How much of a `100 Continue` for the request in flight has been written.
@@ -641,6 +659,14 @@ struct Caller {
 }
 
 impl Caller {
+    /// Its socket, to write answers to.
+    fn sender(&mut self) -> Sender<'_> {
+        Sender {
+            socket: &mut self.stream,
+            timeout: self.send_timeout,
+        }
+    }
+
     /// Serves the caller's side while the service or an answer's body waits: reads for a request
     /// body still arriving when it asks for more (on whichever task reads it), and otherwise
     /// reads ahead to notice the caller leaving.
@@ -972,7 +998,7 @@ impl RequestFields {
 }
 
 /// Answers a refused request and ends the connection.
-async fn refuse(mut stream: TcpStream, out: &mut Vec<u8>, refusal: &Refusal) -> io::Result<()> {
+async fn refuse(mut caller: Caller, out: &mut Vec<u8>, refusal: &Refusal) -> io::Result<()> {
     let body = format!(
         r#"{{"error":{{"code":"{}","message":"{}"}}}}"#,
         refusal
@@ -990,8 +1016,8 @@ async fn refuse(mut stream: TcpStream, out: &mut Vec<u8>, refusal: &Refusal) -> 
     write_date(out);
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body.as_bytes());
-    write_all(&mut stream, out).await?;
-    close(stream, BytesMut::new()).await;
+    write_all(&mut caller.sender(), out).await?;
+    close(caller.stream, BytesMut::new()).await;
     Ok(())
 }
 
@@ -1138,7 +1164,7 @@ where
         // The body is not sent; dropping it may close the backend's connection, which the
         // backend's `Content-Length` would have said nothing about anyway.
         drop(body);
-        write_all(&mut caller.stream, out).await?;
+        write_all(&mut caller.sender(), out).await?;
         return Ok(keep_alive);
     }
     let mut body = pin!(body);
@@ -1169,7 +1195,7 @@ where
         .await;
         match next {
             Next::Fed => {}
-            Next::Flush => write_all(&mut caller.stream, out).await?,
+            Next::Flush => write_all(&mut caller.sender(), out).await?,
             Next::Frame(frame) => {
                 let Ok(data) = frame.into_data() else {
                     // Trailers are not sent.
@@ -1182,25 +1208,25 @@ where
                     if data.len() as u64 > *left {
                         // The body runs past its length: the caller gets what was promised,
                         // and the connection is closed.
-                        write_data(&mut caller.stream, out, &data[..*left as usize]).await?;
-                        write_all(&mut caller.stream, out).await?;
+                        write_data(&mut caller.sender(), out, &data[..*left as usize]).await?;
+                        write_all(&mut caller.sender(), out).await?;
                         return Ok(false);
                     }
                     *left -= data.len() as u64;
                 }
                 if delimited == Delimited::Chunked {
                     out.extend_from_slice(chunk_size_line(data.len(), &mut [0; 20]));
-                    write_data(&mut caller.stream, out, &data).await?;
+                    write_data(&mut caller.sender(), out, &data).await?;
                     out.extend_from_slice(b"\r\n");
                 } else {
-                    write_data(&mut caller.stream, out, &data).await?;
+                    write_data(&mut caller.sender(), out, &data).await?;
                 }
             }
             Next::End => {
                 if delimited == Delimited::Chunked {
                     out.extend_from_slice(b"0\r\n\r\n");
                 }
-                write_all(&mut caller.stream, out).await?;
+                write_all(&mut caller.sender(), out).await?;
                 // A body that ended short of its length leaves the caller waiting for the rest:
                 // closing the connection tells it.
                 let complete = left.is_none_or(|left| left == 0);
@@ -1210,7 +1236,7 @@ where
                 // The answer cannot be completed (its body failed, or the caller left): what
                 // was sent stands, and closing the connection without the last chunk tells the
                 // caller it is cut short.
-                let _ = write_all(&mut caller.stream, out).await;
+                let _ = write_all(&mut caller.sender(), out).await;
                 return Ok(false);
             }
         }
@@ -1229,7 +1255,7 @@ enum Next {
 }
 
 /// Appends `data` to `out`, or, when it is large, writes `out` and then `data` itself.
-async fn write_data(stream: &mut TcpStream, out: &mut Vec<u8>, data: &[u8]) -> io::Result<()> {
+async fn write_data(stream: &mut Sender<'_>, out: &mut Vec<u8>, data: &[u8]) -> io::Result<()> {
     if data.len() <= COPY_LIMIT {
         out.extend_from_slice(data);
         return Ok(());
@@ -1239,30 +1265,50 @@ async fn write_data(stream: &mut TcpStream, out: &mut Vec<u8>, data: &[u8]) -> i
 }
 
 /// Writes all of `out` and clears it.
-async fn write_all(stream: &mut TcpStream, out: &mut Vec<u8>) -> io::Result<()> {
+async fn write_all(stream: &mut Sender<'_>, out: &mut Vec<u8>) -> io::Result<()> {
     write_whole(stream, out).await?;
     out.clear();
     Ok(())
 }
 
 /// Writes all of `data`.
-async fn write_whole(stream: &mut TcpStream, mut data: &[u8]) -> io::Result<()> {
+async fn write_whole(stream: &mut Sender<'_>, mut data: &[u8]) -> io::Result<()> {
     while !data.is_empty() {
-        let written = write_some(stream, data).await?;
+        let written = stream.write_some(data).await?;
         data = &data[written..];
     }
     Ok(())
 }
 
-/// One write of some of `data`. A socket that is writable is written without registering for
-/// readiness (a plain `write` system call); only a full one waits.
-async fn write_some(stream: &mut TcpStream, data: &[u8]) -> io::Result<usize> {
-    loop {
-        match stream.try_write(data) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(written) => return Ok(written),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.writable().await?,
-            Err(e) => return Err(e),
+/// The caller's socket, written with the send timeout.
+struct Sender<'a> {
+    socket: &'a mut TcpStream,
+    /// How long a write may wait for room.
+    timeout: Option<Duration>,
+}
+
+impl Sender<'_> {
+    /// One write of some of `data`. A socket that is writable is written without registering
+    /// for readiness (a plain `write` system call); only a full one waits, for at most the send
+    /// timeout (a timer only then, not for every write).
+    async fn write_some(&mut self, data: &[u8]) -> io::Result<usize> {
+        loop {
+            match self.socket.try_write(data) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(written) => return Ok(written),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => match self.timeout {
+                    None => self.socket.writable().await?,
+                    Some(timeout) => tokio::time::timeout(timeout, self.socket.writable())
+                        .await
+                        .map_err(|_| {
+                            io::Error::new(
+                                io::ErrorKind::TimedOut,
+                                "the caller read nothing of its answer for the send timeout",
+                            )
+                        })??,
+                },
+                Err(e) => return Err(e),
+            }
         }
     }
 }

@@ -1543,7 +1543,8 @@ async fn a_head_sent_a_byte_at_a_time_is_refused_408_after_the_head_timeout() {
 }
 
 #[tokio::test]
-async fn an_answer_longer_than_the_head_timeout_is_not_cut_and_the_next_wait_gets_all_of_it() {
+async fn an_answer_longer_than_the_timeouts_is_not_cut_and_the_next_wait_gets_all_of_the_head_timeout()
+ {
     let (tx, body) = channel_body(8);
     // The first request gets the stream, the next ones an echo.
     let stream = std::sync::Mutex::new(Some(body));
@@ -1553,7 +1554,10 @@ async fn an_answer_longer_than_the_head_timeout_is_not_cut_and_the_next_wait_get
             None => echo(received),
         }
     });
-    let settings = Builder::new().head_timeout(Some(HEAD_TIMEOUT));
+    // The send timeout bounds each wait for the caller to make room, not the answer.
+    let settings = Builder::new()
+        .head_timeout(Some(HEAD_TIMEOUT))
+        .send_timeout(Some(HEAD_TIMEOUT));
     let (mut server, mut client) = Server::start_with(settings, service).await;
     client.send("GET /sse HTTP/1.1\r\n\r\n").await;
     assert!(client.read_head().await.is_chunked());
@@ -1578,4 +1582,37 @@ async fn an_answer_longer_than_the_head_timeout_is_not_cut_and_the_next_wait_get
     assert_ok(&client.read_answer().await, "GET /next ");
     assert_eq!(log.next().await.uri, "/next");
     server.assert_none_ended();
+}
+
+#[tokio::test]
+async fn a_caller_reading_nothing_of_a_stream_is_closed_after_the_send_timeout_and_the_stream_dropped()
+ {
+    let (tx, body) = channel_body(1);
+    let (service, _log) = recorder(ReadBody::Whole, once(body));
+    let settings = Builder::new().send_timeout(Some(Duration::from_millis(500)));
+    let (mut server, mut client) = Server::start_with(settings, service).await;
+    client.send("GET /sse HTTP/1.1\r\n\r\n").await;
+    // The backend's stream sends as fast as the connection takes it, until it is dropped.
+    let stream = tokio::spawn(async move {
+        let event = Bytes::from(vec![b'x'; 64 * 1024]);
+        let mut sent = 0usize;
+        while tx.send(Ok(event.clone())).await.is_ok() {
+            sent += event.len();
+        }
+        sent
+    });
+    // The caller reads nothing: the sockets fill, and the write waits for room.
+    let error = server
+        .next_end()
+        .await
+        .expect_err("a caller that reads nothing fails its connection");
+    assert_eq!(error.kind(), io::ErrorKind::TimedOut, "{error}");
+    let sent = within("the answer's stream to be dropped", stream)
+        .await
+        .unwrap();
+    assert!(
+        sent > 64 * 1024,
+        "only {sent} bytes sent before the timeout"
+    );
+    drop(client);
 }
