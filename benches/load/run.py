@@ -337,6 +337,7 @@ def main():
         ]
         logs = [os.path.join(workdir, f"backend-{p}.log") for p in (b1, b2)]
         rows = []
+        rounds = {}
         ok = True
         for concurrency in (1, 32):
             samples = {name: [] for name, _, _ in targets}
@@ -347,8 +348,10 @@ def main():
                     samples[name].append(sample)
             for name, _, _ in targets:
                 rows.append(median_row(name, concurrency, samples[name]))
+            rounds[concurrency] = samples
         print_table(rows)
         print_ratios(rows)
+        print_round_spread(rounds)
         if args.instructions:
             single_peer, single_gateway = free_port(), free_port()
             single_conf = nginx_conf(
@@ -472,6 +475,26 @@ def print_ratios(rows):
     added_n = n1["p99_ms"] - d1["p99_ms"]
     print(f"added p99 at c=1: gateway {added_g:.3f} ms, nginx {added_n:.3f} ms (target: gateway <= nginx)")
     print(f"gateway peak RSS at c=32: {g32['peak_rss_mib']:.1f} MiB (target < 32)")
+
+
+def print_round_spread(rounds):
+    """The same comparisons within each round (the gateway measured right after nginx), as the
+    median and the range over the rounds: how far one run's verdict can be trusted on this
+    machine."""
+    def spread(values, spec):
+        values = sorted(values)
+        return (f"median {format(median(values), spec)}, rounds {format(values[0], spec)} to "
+                f"{format(values[-1], spec)}")
+    g32, n32 = rounds[32]["gateway"], rounds[32]["nginx"]
+    g1, n1 = rounds[1]["gateway"], rounds[1]["nginx"]
+    print()
+    print("within each round:")
+    print("  gateway/nginx RPS at c=32: "
+          + spread([g["rps"] / n["rps"] for g, n in zip(g32, n32)], ".2f"))
+    print("  gateway/nginx CPU per request at c=32: "
+          + spread([g["cpu_us_per_req"] / n["cpu_us_per_req"] for g, n in zip(g32, n32)], ".2f"))
+    print("  gateway p99 minus nginx p99 at c=1, µs: "
+          + spread([(g["p99_ms"] - n["p99_ms"]) * 1000 for g, n in zip(g1, n1)], "+.0f"))
 
 
 if __name__ == "__main__":
