@@ -234,20 +234,8 @@ struct Server {
 }
 
 impl Server {
-    /// Serves `service` on a fresh listener, and connects one client to it.
-    async fn start<S, B>(service: S) -> (Self, RawClient)
-    where
-        S: Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<BoxError>,
-        B: Body<Data = Bytes> + Send + 'static,
-        B::Error: Into<BoxError>,
-    {
-        Self::start_with(Builder::new(), service).await
-    }
-
-    /// [`start`](Self::start), serving each connection with `settings`.
-    async fn start_with<S, B>(settings: Builder, service: S) -> (Self, RawClient)
+    /// Serves `service` with `settings` on a fresh listener, and connects one client to it.
+    async fn start<S, B>(settings: Builder, service: S) -> (Self, RawClient)
     where
         S: Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
         S::Future: Send + 'static,
@@ -303,7 +291,7 @@ async fn recorded(
     respond: impl Fn(&Received) -> Response<TestBody> + Send + Sync + 'static,
 ) -> (Server, RawClient, Log) {
     let (service, log) = recorder(read, respond);
-    let (server, client) = Server::start(service).await;
+    let (server, client) = Server::start(Builder::new(), service).await;
     (server, client, log)
 }
 
@@ -347,7 +335,7 @@ async fn hanging(hold_body: bool) -> (Server, RawClient, Hanging) {
             std::future::pending::<Result<Response<TestBody>, Infallible>>().await
         }
     });
-    let (server, client) = Server::start(service).await;
+    let (server, client) = Server::start(Builder::new(), service).await;
     (server, client, Hanging { called, dropped })
 }
 
@@ -732,7 +720,7 @@ async fn a_body_read_on_another_task_still_arrives() {
         };
         Ok::<_, Infallible>(Response::new(full(text)))
     });
-    let (_server, mut client) = Server::start(service).await;
+    let (_server, mut client) = Server::start(Builder::new(), service).await;
     client
         .send_alone("POST /elsewhere HTTP/1.1\r\nContent-Length: 10\r\n\r\n")
         .await;
@@ -1261,7 +1249,7 @@ async fn a_service_answering_with_its_request_body_streams_it_back() {
     let service = tower::service_fn(|request: Request<RequestBody>| async move {
         Ok::<_, Infallible>(Response::new(request.into_body()))
     });
-    let (_server, mut client) = Server::start(service).await;
+    let (_server, mut client) = Server::start(Builder::new(), service).await;
     client
         .send("POST /echo HTTP/1.1\r\nContent-Length: 10\r\n\r\nhello")
         .await;
@@ -1384,7 +1372,7 @@ async fn a_service_error_closes_the_connection_without_an_answer() {
     let service = tower::service_fn(|_: Request<RequestBody>| async {
         Err::<Response<TestBody>, _>(io::Error::other("service failed: boom"))
     });
-    let (server, client) = Server::start(service).await;
+    let (server, client) = Server::start(Builder::new(), service).await;
     assert_closed_unanswered(server, client, "boom").await;
 }
 
@@ -1460,21 +1448,27 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(1);
 async fn echoed_with_head_timeout() -> (Server, RawClient, Log) {
     let (service, log) = recorder(ReadBody::Whole, echo);
     let settings = Builder::new().head_timeout(Some(HEAD_TIMEOUT));
-    let (server, client) = Server::start_with(settings, service).await;
+    let (server, client) = Server::start(settings, service).await;
     (server, client, log)
+}
+
+/// The server closes `client`'s connection, cleanly and with nothing sent, no sooner than
+/// [`HEAD_TIMEOUT`] after `since`.
+async fn assert_idle_close(server: &mut Server, client: &mut RawClient, since: Instant) {
+    client.expect_closed().await;
+    assert!(
+        since.elapsed() >= HEAD_TIMEOUT,
+        "closed after {:?}",
+        since.elapsed()
+    );
+    server.next_end().await.expect("an idle close is clean");
 }
 
 #[tokio::test]
 async fn a_connection_that_sends_nothing_is_closed_after_the_head_timeout_without_an_answer() {
     let connected = Instant::now();
     let (mut server, mut client, log) = echoed_with_head_timeout().await;
-    client.expect_closed().await;
-    assert!(
-        connected.elapsed() >= HEAD_TIMEOUT,
-        "closed after {:?}",
-        connected.elapsed()
-    );
-    server.next_end().await.expect("an idle close is clean");
+    assert_idle_close(&mut server, &mut client, connected).await;
     assert_eq!(log.calls(), 0);
 }
 
@@ -1486,13 +1480,7 @@ async fn an_idle_keep_alive_connection_is_closed_the_head_timeout_after_its_last
         &client.ask("GET /last HTTP/1.1\r\n\r\n").await,
         "GET /last ",
     );
-    client.expect_closed().await;
-    assert!(
-        asked.elapsed() >= HEAD_TIMEOUT,
-        "closed after {:?}",
-        asked.elapsed()
-    );
-    server.next_end().await.expect("an idle close is clean");
+    assert_idle_close(&mut server, &mut client, asked).await;
 }
 
 #[tokio::test]
@@ -1558,7 +1546,7 @@ async fn an_answer_longer_than_the_timeouts_is_not_cut_and_the_next_wait_gets_al
     let settings = Builder::new()
         .head_timeout(Some(HEAD_TIMEOUT))
         .send_timeout(Some(HEAD_TIMEOUT));
-    let (mut server, mut client) = Server::start_with(settings, service).await;
+    let (mut server, mut client) = Server::start(settings, service).await;
     client.send("GET /sse HTTP/1.1\r\n\r\n").await;
     assert!(client.read_head().await.is_chunked());
     // The answer streams for twice the timeout.
@@ -1590,7 +1578,7 @@ async fn a_caller_reading_nothing_of_a_stream_is_closed_after_the_send_timeout_a
     let (tx, body) = channel_body(1);
     let (service, _log) = recorder(ReadBody::Whole, once(body));
     let settings = Builder::new().send_timeout(Some(Duration::from_millis(500)));
-    let (mut server, mut client) = Server::start_with(settings, service).await;
+    let (mut server, mut client) = Server::start(settings, service).await;
     client.send("GET /sse HTTP/1.1\r\n\r\n").await;
     // The backend's stream sends as fast as the connection takes it, until it is dropped.
     let stream = tokio::spawn(async move {
