@@ -144,6 +144,19 @@ impl Gateway {
         (Self::spawn(&args, &[]), addr, base)
     }
 
+    /// The names of the process's serving threads (`gateway-N`), sorted.
+    fn worker_threads(&self) -> Vec<String> {
+        let tasks = format!("/proc/{}/task", self.child.id());
+        let mut names: Vec<String> = std::fs::read_dir(tasks)
+            .unwrap()
+            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+            .map(|name| name.trim_end().to_owned())
+            .filter(|name| name.starts_with("gateway-"))
+            .collect();
+        names.sort();
+        names
+    }
+
     fn stdout(&self) -> String {
         std::fs::read_to_string(&self.stdout.0).unwrap_or_default()
     }
@@ -294,6 +307,12 @@ async fn a_zero_head_timeout_is_refused() {
 }
 
 #[tokio::test]
+async fn zero_workers_are_refused() {
+    let line = refused(&["--workers", "0", "--backend", "http://127.0.0.1:9"], &[]).await;
+    assert!(line.contains("workers"), "{line}");
+}
+
+#[tokio::test]
 async fn a_non_loopback_listener_without_client_keys_is_refused() {
     let line = refused(
         &["--listen", "0.0.0.0:0", "--backend", "a=http://127.0.0.1:9"],
@@ -388,7 +407,7 @@ async fn a_config_file_sets_backends_and_turns_the_served_by_header_off() {
         "gateway.toml",
         &format!(
             "listen = \"{addr}\"\nmax_attempts = 2\nserved_by_header = false\n\
-             head_timeout_secs = 1\n\n\
+             head_timeout_secs = 1\nworkers = 1\n\n\
              [[backends]]\nname = \"a\"\nurl = \"{}\"\n\n\
              [[backends]]\nname = \"b\"\nurl = \"{}\"\n",
             sims[0].url(),
@@ -409,6 +428,8 @@ async fn a_config_file_sets_backends_and_turns_the_served_by_header_off() {
     // The file's head timeout: a silent caller is let go after a second, not the default 60.
     let mut silent = RawClient::connect(&addr).await;
     silent.expect_closed().await;
+    // The file's worker count: one serving thread.
+    assert_eq!(gateway.worker_threads(), ["gateway-0"]);
 }
 
 #[tokio::test]

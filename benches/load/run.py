@@ -12,8 +12,9 @@ noisy neighbour on a shared machine hits all three alike; each figure is the med
 rounds.
 
 Reported per target: requests per second, p50 and p99 latency, CPU microseconds per request of
-the proxy process(es), and their peak RSS. It checks that every answer was 200 and that the two
-backends split the proxied traffic about 50/50.
+the proxy process(es), and their peak RSS; then the same comparisons within each round, and
+nginx and the gateway with one worker each at concurrency 32. It checks that every answer was
+200 and that the two backends split the proxied traffic about 50/50.
 
 With `--instructions N`, it then counts each proxy's user-space instructions per request over N
 requests under valgrind's callgrind (nginx as one process, the gateway on one core), and how many
@@ -352,6 +353,7 @@ def main():
         print_table(rows)
         print_ratios(rows)
         print_round_spread(rounds)
+        ok &= compare_one_worker(workdir, gateway_bin, env, b1, b2, args, logs, procs)
         if args.instructions:
             single_peer, single_gateway = free_port(), free_port()
             single_conf = nginx_conf(
@@ -477,14 +479,59 @@ def print_ratios(rows):
     print(f"gateway peak RSS at c=32: {g32['peak_rss_mib']:.1f} MiB (target < 32)")
 
 
+def compare_one_worker(workdir, gateway_bin, env, b1, b2, args, logs, procs):
+    """nginx with one worker process against the gateway with one worker thread, at
+    concurrency 32, in rounds that alternate them: each proxy as one event loop, so that what
+    is compared is the work per request rather than how the kernel spreads two workers of each
+    over the two cores they share with the load and the backends. Returns whether every answer
+    was 200 and split about 50/50."""
+    nginx_port, gateway_port = free_port(), free_port()
+    conf = nginx_conf(workdir, "peer-one", peer_block(nginx_port, b1, b2), single_process=True)
+    nginx_proc = subprocess.Popen(["nginx", "-c", conf, "-p", workdir])
+    procs.append(nginx_proc)
+    gateway_proc = subprocess.Popen(
+        gateway_command(gateway_bin, gateway_port, b1, b2) + ["--workers", "1"],
+        env=env, stdout=subprocess.DEVNULL,
+    )
+    procs.append(gateway_proc)
+    wait_port(nginx_port)
+    wait_port(gateway_port)
+    targets = [("nginx", nginx_port, nginx_proc.pid), ("gateway", gateway_port, gateway_proc.pid)]
+    samples = {name: [] for name, _, _ in targets}
+    ok = True
+    for _ in range(args.rounds):
+        for name, port, pid in targets:
+            sample = measure(name, port, pid, 32, args.duration, logs)
+            ok &= sample["all_200"] and sample["balanced"]
+            samples[name].append(sample)
+    rows = [median_row(name, 32, samples[name]) for name, _, _ in targets]
+    print()
+    print("one worker each (nginx `worker_processes 1`, gateway `--workers 1`):")
+    print()
+    print_table(rows)
+    gateway, nginx = samples["gateway"], samples["nginx"]
+    print()
+    print(f"gateway/nginx RPS at c=32, one worker each: {rows[1]['rps'] / rows[0]['rps']:.2f}; "
+          "within each round "
+          + spread([g["rps"] / n["rps"] for g, n in zip(gateway, nginx)], ".2f"))
+    print(f"gateway/nginx CPU per request at c=32, one worker each: "
+          f"{rows[1]['cpu_us_per_req'] / rows[0]['cpu_us_per_req']:.2f}; within each round "
+          + spread([g["cpu_us_per_req"] / n["cpu_us_per_req"] for g, n in zip(gateway, nginx)],
+                   ".2f"))
+    return ok
+
+
+def spread(values, spec):
+    """The median of `values` and their range, formatted with `spec`."""
+    values = sorted(values)
+    return (f"median {format(median(values), spec)}, rounds {format(values[0], spec)} to "
+            f"{format(values[-1], spec)}")
+
+
 def print_round_spread(rounds):
     """The same comparisons within each round (the gateway measured right after nginx), as the
     median and the range over the rounds: how far one run's verdict can be trusted on this
     machine."""
-    def spread(values, spec):
-        values = sorted(values)
-        return (f"median {format(median(values), spec)}, rounds {format(values[0], spec)} to "
-                f"{format(values[-1], spec)}")
     g32, n32 = rounds[32]["gateway"], rounds[32]["nginx"]
     g1, n1 = rounds[1]["gateway"], rounds[1]["nginx"]
     print()

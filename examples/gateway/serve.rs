@@ -30,13 +30,15 @@ pub(crate) struct Serving {
     pub(crate) listen: SocketAddr,
     /// How long a connection may wait for a whole request head (its first bytes included).
     pub(crate) head_timeout: Duration,
+    /// Worker threads; `None`: one per core.
+    pub(crate) workers: Option<usize>,
 }
 
-/// Serves `app` as `serving` says with one single-threaded runtime per core, each accepting on its own
-/// `SO_REUSEPORT` socket, the way nginx runs one event loop per worker: a request, its backend
-/// connection and their tasks stay on one thread, with no cross-thread wake-ups. Returns the
-/// bound address and the worker threads, which stop when `stopped` turns true, once their
-/// requests in flight have finished.
+/// Serves `app` as `serving` says with one single-threaded runtime per worker (one per core by
+/// default), each accepting on its own `SO_REUSEPORT` socket, the way nginx runs one event loop
+/// per worker: a request, its backend connection and their tasks stay on one thread, with no
+/// cross-thread wake-ups. Returns the bound address and the worker threads, which stop when
+/// `stopped` turns true, once their requests in flight have finished.
 ///
 /// `app` must always be ready (as axum's `Router`, the `Gateway` and the client-key layer over
 /// them are): it is called without `poll_ready`.
@@ -52,7 +54,9 @@ where
     <S as Service<Request<RequestBody>>>::Future: Send + 'static,
     S: Clone + Send + 'static,
 {
-    let count = std::thread::available_parallelism().map_or(1, usize::from);
+    let count = serving
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
     let mut addr = serving.listen;
     let head_timeout = serving.head_timeout;
     let mut workers = Vec::with_capacity(count);

@@ -56,6 +56,10 @@ pub(crate) struct Flags {
     /// [default: 60].
     #[arg(long, value_name = "SECS")]
     head_timeout: Option<u64>,
+    /// Worker threads, each with its own event loop and listening socket [default: one per
+    /// core].
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
 }
 
 /// The settings file; every field is optional.
@@ -71,6 +75,7 @@ struct File {
     cooldown_cap_secs: Option<u64>,
     served_by_header: Option<bool>,
     head_timeout_secs: Option<u64>,
+    workers: Option<usize>,
     #[serde(default)]
     backends: Vec<FileBackend>,
 }
@@ -142,6 +147,8 @@ pub(crate) struct Settings {
     pub(crate) served_by_header: bool,
     /// How long a caller's connection may wait for a request head.
     pub(crate) head_timeout: Duration,
+    /// Worker threads; `None`: one per core.
+    pub(crate) workers: Option<usize>,
 }
 
 impl Settings {
@@ -180,6 +187,10 @@ impl Settings {
             Some(secs) => Duration::from_secs(secs),
             None => DEFAULT_HEAD_TIMEOUT,
         };
+        let workers = flags.workers.or(file.workers);
+        if workers == Some(0) {
+            return Err("workers must be at least 1".to_owned());
+        }
         Ok(Self {
             listen: flags
                 .listen
@@ -200,6 +211,7 @@ impl Settings {
                 .map(Duration::from_secs),
             served_by_header: !flags.no_served_by_header && file.served_by_header.unwrap_or(true),
             head_timeout,
+            workers,
         })
     }
 }
