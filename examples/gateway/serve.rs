@@ -1,6 +1,6 @@
-//! Serving: one single-threaded runtime per core, each with its own `SO_REUSEPORT` listener and
-//! accept loop; HTTP/1.1 callers served by aoai-upstream's lean server, HTTP/2 callers by
-//! hyper's; a head timeout; graceful shutdown.
+//! Serving: one single-threaded runtime per worker (one per core by default), each with its own
+//! `SO_REUSEPORT` listener and accept loop; HTTP/1.1 callers served by aoai-upstream's lean
+//! server, HTTP/2 callers by hyper's; a head timeout; graceful shutdown.
 
 use std::cell::RefCell;
 use std::convert::Infallible;
@@ -96,7 +96,7 @@ where
 
 /// Accepts connections until `stopped`, then waits for every open connection to finish its
 /// requests in flight. A connection gets `head_timeout` for its first bytes, and then (from
-/// the HTTP/1.1 servers) for each request head.
+/// the HTTP/1.1 server) for each request head.
 async fn accept_loop<S>(
     listener: TcpListener,
     app: S,
