@@ -341,12 +341,8 @@ def main():
         rounds = {}
         ok = True
         for concurrency in (1, 32):
-            samples = {name: [] for name, _, _ in targets}
-            for _ in range(args.rounds):
-                for name, port, pid in targets:
-                    sample = measure(name, port, pid, concurrency, args.duration, logs)
-                    ok &= sample["all_200"] and sample["balanced"]
-                    samples[name].append(sample)
+            samples, all_ok = measure_rounds(targets, concurrency, args, logs)
+            ok &= all_ok
             for name, _, _ in targets:
                 rows.append(median_row(name, concurrency, samples[name]))
             rounds[concurrency] = samples
@@ -497,28 +493,36 @@ def compare_one_worker(workdir, gateway_bin, env, b1, b2, args, logs, procs):
     wait_port(nginx_port)
     wait_port(gateway_port)
     targets = [("nginx", nginx_port, nginx_proc.pid), ("gateway", gateway_port, gateway_proc.pid)]
-    samples = {name: [] for name, _, _ in targets}
-    ok = True
-    for _ in range(args.rounds):
-        for name, port, pid in targets:
-            sample = measure(name, port, pid, 32, args.duration, logs)
-            ok &= sample["all_200"] and sample["balanced"]
-            samples[name].append(sample)
+    samples, ok = measure_rounds(targets, 32, args, logs)
     rows = [median_row(name, 32, samples[name]) for name, _, _ in targets]
     print()
     print("one worker each (nginx `worker_processes 1`, gateway `--workers 1`):")
     print()
     print_table(rows)
-    gateway, nginx = samples["gateway"], samples["nginx"]
     print()
-    print(f"gateway/nginx RPS at c=32, one worker each: {rows[1]['rps'] / rows[0]['rps']:.2f}; "
-          "within each round "
-          + spread([g["rps"] / n["rps"] for g, n in zip(gateway, nginx)], ".2f"))
-    print(f"gateway/nginx CPU per request at c=32, one worker each: "
-          f"{rows[1]['cpu_us_per_req'] / rows[0]['cpu_us_per_req']:.2f}; within each round "
-          + spread([g["cpu_us_per_req"] / n["cpu_us_per_req"] for g, n in zip(gateway, nginx)],
-                   ".2f"))
+    for label, key in (("RPS", "rps"), ("CPU per request", "cpu_us_per_req")):
+        print(f"gateway/nginx {label} at c=32, one worker each: "
+              f"{rows[1][key] / rows[0][key]:.2f}; within each round "
+              + spread(round_ratios(samples, key), ".2f"))
     return ok
+
+
+def measure_rounds(targets, concurrency, args, logs):
+    """Each of `targets` measured once a round, taking turns, for `args.rounds` rounds: the
+    samples by target name, and whether every answer was 200 and split about 50/50."""
+    samples = {name: [] for name, _, _ in targets}
+    ok = True
+    for _ in range(args.rounds):
+        for name, port, pid in targets:
+            sample = measure(name, port, pid, concurrency, args.duration, logs)
+            ok &= sample["all_200"] and sample["balanced"]
+            samples[name].append(sample)
+    return samples, ok
+
+
+def round_ratios(samples, key):
+    """The gateway's figure `key` over nginx's, round by round."""
+    return [g[key] / n[key] for g, n in zip(samples["gateway"], samples["nginx"])]
 
 
 def spread(values, spec):
@@ -532,14 +536,12 @@ def print_round_spread(rounds):
     """The same comparisons within each round (the gateway measured right after nginx), as the
     median and the range over the rounds: how far one run's verdict can be trusted on this
     machine."""
-    g32, n32 = rounds[32]["gateway"], rounds[32]["nginx"]
     g1, n1 = rounds[1]["gateway"], rounds[1]["nginx"]
     print()
     print("within each round:")
-    print("  gateway/nginx RPS at c=32: "
-          + spread([g["rps"] / n["rps"] for g, n in zip(g32, n32)], ".2f"))
+    print("  gateway/nginx RPS at c=32: " + spread(round_ratios(rounds[32], "rps"), ".2f"))
     print("  gateway/nginx CPU per request at c=32: "
-          + spread([g["cpu_us_per_req"] / n["cpu_us_per_req"] for g, n in zip(g32, n32)], ".2f"))
+          + spread(round_ratios(rounds[32], "cpu_us_per_req"), ".2f"))
     print("  gateway p99 minus nginx p99 at c=1, µs: "
           + spread([(g["p99_ms"] - n["p99_ms"]) * 1000 for g, n in zip(g1, n1)], "+.0f"))
 

@@ -460,8 +460,7 @@ where
         continue_sent: 0,
     };
     let mut out = Vec::with_capacity(1024);
-    let mut head_wait = HeadWait::new(head_timeout.unwrap_or_default());
-    let mut tick = pin!(head_timeout.map(|_| tokio::time::sleep(head_wait.interval)));
+    let mut head_wait = pin!(head_timeout.map(HeadWait::new));
     loop {
         let head = loop {
             if !caller.buf.is_empty() {
@@ -485,10 +484,10 @@ where
                 if read.is_ready() {
                     return read.map_ok(Some);
                 }
-                let expired = tick
+                let expired = head_wait
                     .as_mut()
                     .as_pin_mut()
-                    .is_some_and(|tick| head_wait.expired(tick, cx));
+                    .is_some_and(|wait| wait.expired(cx));
                 if expired {
                     Poll::Ready(Ok(None))
                 } else {
@@ -559,30 +558,37 @@ where
             close(caller.stream, caller.buf).await;
             return Ok(());
         }
-        head_wait.begin();
+        if let Some(wait) = head_wait.as_mut().as_pin_mut() {
+            wait.begin();
+        }
     }
 }
 
-/// A connection's head timeout, kept on a coarse tick (a quarter of the timeout) that is armed
-/// again only when it fires, so that a request costs an increment rather than a timer of its
-/// own (whose registration costs tokio's time driver a lock and a reading of the clock). A wait
-/// for a head ends the connection on the fourth tick that finds it still going on without a
-/// tick having missed its start: between the timeout and a quarter more after it began.
-///
-/// The tick is polled only while the connection waits for a head; one that fires meanwhile (an
-/// answer that takes longer than a quarter of the timeout) wakes the connection's task once,
-/// and is found fired at the start of the next wait, which it does not count against.
-struct HeadWait {
-    /// A quarter of the timeout.
-    interval: Duration,
-    /// Waits for a head begun since the connection was served, the first not counted.
-    waits: u64,
-    /// `waits` when the tick was last armed.
-    armed_in: u64,
-    /// Ticks the current wait has seen fire since the one that found it begun.
-    quiet: u32,
-    /// The waker the tick wakes.
-    registered: Option<Waker>,
+pin_project_lite::pin_project! {
+    /// A connection's head timeout, kept on a coarse tick (a quarter of the timeout) that is
+    /// armed again only when it fires, so that a request costs an increment rather than a timer
+    /// of its own (whose registration costs tokio's time driver a lock and a reading of the
+    /// clock). A wait for a head ends the connection on the fourth tick that finds it still
+    /// going on without a tick having missed its start: between the timeout and a quarter more
+    /// after it began.
+    ///
+    /// The tick is polled only while the connection waits for a head; one that fires meanwhile
+    /// (an answer that takes longer than a quarter of the timeout) wakes the connection's task
+    /// once, and is found fired at the start of the next wait, which it does not count against.
+    struct HeadWait {
+        #[pin]
+        tick: tokio::time::Sleep,
+        // A quarter of the timeout.
+        interval: Duration,
+        // Waits for a head begun since the connection was served, the first not counted.
+        waits: u64,
+        // `waits` when the tick was last armed.
+        armed_in: u64,
+        // Ticks the current wait has seen fire since the one that found it begun.
+        quiet: u32,
+        // The waker the tick wakes.
+        registered: Option<Waker>,
+    }
 }
 
 impl HeadWait {
@@ -591,8 +597,10 @@ impl HeadWait {
 
     /// The first wait, begun as the connection is served, for a head timeout of `timeout`.
     fn new(timeout: Duration) -> Self {
+        let interval = timeout / Self::TICKS;
         Self {
-            interval: timeout / Self::TICKS,
+            tick: tokio::time::sleep(interval),
+            interval,
             waits: 0,
             armed_in: 0,
             quiet: 0,
@@ -601,46 +609,43 @@ impl HeadWait {
     }
 
     /// A wait for the next head begins: an answer has ended.
-    fn begin(&mut self) {
-        self.waits += 1;
+    fn begin(self: Pin<&mut Self>) {
+        *self.project().waits += 1;
     }
 
     /// Whether the wait for a head has lasted the timeout; otherwise the tick is armed, with
     /// `cx`'s waker, for when it fires next.
-    fn expired(&mut self, mut tick: Pin<&mut tokio::time::Sleep>, cx: &mut Context<'_>) -> bool {
+    fn expired(self: Pin<&mut Self>, cx: &mut Context<'_>) -> bool {
+        let mut this = self.project();
+        let wakes = |registered: &Option<Waker>, waker: &Waker| {
+            registered
+                .as_ref()
+                .is_some_and(|registered| registered.will_wake(waker))
+        };
         // Armed, and it will wake this task: no need to register again (polling a timer takes a
         // few atomic instructions, and a request would pay them every time).
-        if !tick.is_elapsed()
-            && self
-                .registered
-                .as_ref()
-                .is_some_and(|waker| waker.will_wake(cx.waker()))
-        {
+        if !this.tick.is_elapsed() && wakes(this.registered, cx.waker()) {
             return false;
         }
         // Out of the task's budget, which could otherwise answer `Pending` without registering.
-        while Pin::new(&mut tokio::task::unconstrained(tick.as_mut()))
+        while Pin::new(&mut tokio::task::unconstrained(this.tick.as_mut()))
             .poll(cx)
             .is_ready()
         {
-            if self.armed_in == self.waits {
-                self.quiet += 1;
-                if self.quiet == Self::TICKS {
+            if *this.armed_in == *this.waits {
+                *this.quiet += 1;
+                if *this.quiet == Self::TICKS {
                     return true;
                 }
             } else {
-                self.armed_in = self.waits;
-                self.quiet = 0;
+                *this.armed_in = *this.waits;
+                *this.quiet = 0;
             }
-            let next = tokio::time::Instant::now() + self.interval;
-            tick.as_mut().reset(next);
+            let next = tokio::time::Instant::now() + *this.interval;
+            this.tick.as_mut().reset(next);
         }
-        if !self
-            .registered
-            .as_ref()
-            .is_some_and(|waker| waker.will_wake(cx.waker()))
-        {
-            self.registered = Some(cx.waker().clone());
+        if !wakes(this.registered, cx.waker()) {
+            *this.registered = Some(cx.waker().clone());
         }
         false
     }

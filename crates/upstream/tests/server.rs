@@ -200,8 +200,31 @@ fn with_field(body: TestBody, name: &'static str, value: &'static str) -> Respon
 
 /// A `respond` for [`recorder`] that answers its one request with `body`.
 fn once(body: TestBody) -> impl Fn(&Received) -> Response<TestBody> + Send + Sync + 'static {
-    let slot = std::sync::Mutex::new(Some(body));
-    move |_| Response::new(slot.lock().unwrap().take().expect("one streaming answer"))
+    first_then(body, |_| panic!("one streaming answer"))
+}
+
+/// A `respond` for [`recorder`] that answers the first request with `body`, and each later one
+/// with `then`.
+fn first_then(
+    body: TestBody,
+    then: impl Fn(&Received) -> Response<TestBody> + Send + Sync + 'static,
+) -> impl Fn(&Received) -> Response<TestBody> + Send + Sync + 'static {
+    let first = std::sync::Mutex::new(Some(body));
+    move |received| match first.lock().unwrap().take() {
+        Some(body) => Response::new(body),
+        None => then(received),
+    }
+}
+
+/// Sends `event` down an answer's channel body and checks that the caller reads it as the next
+/// chunk.
+async fn assert_relayed(
+    tx: &mpsc::Sender<Result<Bytes, io::Error>>,
+    client: &mut RawClient,
+    event: &'static [u8],
+) {
+    tx.send(Ok(Bytes::from_static(event))).await.unwrap();
+    assert_eq!(client.read_chunk().await.as_deref(), Some(event));
 }
 
 /// A channel body already holding `frames` and then ending.
@@ -1193,13 +1216,7 @@ async fn a_streaming_answer_reaches_the_caller_frame_by_frame() {
         client.read_chunk().await.as_deref(),
         Some(&b"data: first\n\n"[..])
     );
-    tx.send(Ok(Bytes::from_static(b"data: second\n\n")))
-        .await
-        .unwrap();
-    assert_eq!(
-        client.read_chunk().await.as_deref(),
-        Some(&b"data: second\n\n"[..])
-    );
+    assert_relayed(&tx, &mut client, b"data: second\n\n").await;
     drop(tx);
     assert_eq!(client.read_chunk().await, None);
 }
@@ -1209,13 +1226,12 @@ async fn a_request_pipelined_while_a_stream_waits_is_answered_after_it() {
     // A waiting stream gives its read buffer back; what the caller sends meanwhile must still be
     // read and kept for after the stream.
     let (tx, body) = channel_body(8);
-    let streaming = std::sync::Mutex::new(Some(body));
-    let (_server, mut client, _log) = recorded(ReadBody::Whole, move |received| {
-        match streaming.lock().unwrap().take() {
-            Some(body) => Response::new(body),
-            None => Response::new(full(format!("after {}", received.uri))),
-        }
-    })
+    let (_server, mut client, _log) = recorded(
+        ReadBody::Whole,
+        first_then(body, |received| {
+            Response::new(full(format!("after {}", received.uri)))
+        }),
+    )
     .await;
     client
         .send("POST /sse HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}")
@@ -1230,13 +1246,7 @@ async fn a_request_pipelined_while_a_stream_waits_is_answered_after_it() {
     );
     // Sent alone, it is read while the stream waits, before the stream's next frame.
     client.send_alone("GET /next HTTP/1.1\r\n\r\n").await;
-    tx.send(Ok(Bytes::from_static(b"data: second\n\n")))
-        .await
-        .unwrap();
-    assert_eq!(
-        client.read_chunk().await.as_deref(),
-        Some(&b"data: second\n\n"[..])
-    );
+    assert_relayed(&tx, &mut client, b"data: second\n\n").await;
     drop(tx);
     assert_eq!(client.read_chunk().await, None);
     assert_ok(&client.read_answer().await, "after /next");
@@ -1535,13 +1545,7 @@ async fn an_answer_longer_than_the_timeouts_is_not_cut_and_the_next_wait_gets_al
  {
     let (tx, body) = channel_body(8);
     // The first request gets the stream, the next ones an echo.
-    let stream = std::sync::Mutex::new(Some(body));
-    let (service, mut log) = recorder(ReadBody::Whole, move |received| {
-        match stream.lock().unwrap().take() {
-            Some(body) => Response::new(body),
-            None => echo(received),
-        }
-    });
+    let (service, mut log) = recorder(ReadBody::Whole, first_then(body, echo));
     // The send timeout bounds each wait for the caller to make room, not the answer.
     let settings = Builder::new()
         .head_timeout(Some(HEAD_TIMEOUT))
@@ -1551,13 +1555,7 @@ async fn an_answer_longer_than_the_timeouts_is_not_cut_and_the_next_wait_gets_al
     assert!(client.read_head().await.is_chunked());
     // The answer streams for twice the timeout.
     for _ in 0..4 {
-        tx.send(Ok(Bytes::from_static(b"data: {}\n\n")))
-            .await
-            .unwrap();
-        assert_eq!(
-            client.read_chunk().await.as_deref(),
-            Some(&b"data: {}\n\n"[..])
-        );
+        assert_relayed(&tx, &mut client, b"data: {}\n\n").await;
         sleep(HEAD_TIMEOUT / 2).await;
     }
     drop(tx);
