@@ -1219,3 +1219,104 @@ async fn callers_that_send_no_whole_head_in_time_are_let_go_and_reach_no_backend
     );
     assert_eq!(sims[0].request_count() + sims[1].request_count(), 1);
 }
+
+/// The frame types in `bytes`, read as HTTP/2 frames from a server (no preface).
+fn http2_frame_types(mut bytes: &[u8]) -> Vec<u8> {
+    let mut types = Vec::new();
+    while bytes.len() >= 9 {
+        let length =
+            usize::from(bytes[0]) << 16 | usize::from(bytes[1]) << 8 | usize::from(bytes[2]);
+        types.push(bytes[3]);
+        bytes = &bytes[(9 + length).min(bytes.len())..];
+    }
+    types
+}
+
+/// An HTTP/2 connection with no stream open for the head timeout is let go (a `GOAWAY`, then
+/// the close), as nginx lets one go after its `keepalive_timeout`: one that sent the preface and
+/// never a request, and one whose last stream has ended. A stream that stays quiet for longer
+/// than the timeout is not cut.
+#[tokio::test]
+async fn http2_connections_with_no_stream_open_for_the_head_timeout_are_let_go() {
+    const GOAWAY: u8 = 0x7;
+    let sims = sims(1).await;
+    let (mut gateway, addr, base) = Gateway::over_with(&sims, &["--head-timeout", "1"]);
+    gateway.ready(&base, None).await;
+    let timeout = Duration::from_secs(1);
+    sims[0].hold_chunks();
+
+    // The preface alone. Such a caller does not answer the `GOAWAY`'s ping either, so the
+    // connection is dropped a timeout later.
+    let started = Instant::now();
+    let mut preface = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    preface
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+
+    // A stream whose content, after its first chunk, is held back for three timeouts.
+    let stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let connection = tokio::spawn(connection);
+    let mut body = chat_body();
+    body["stream"] = Value::Bool(true);
+    let request = http::Request::post(format!("{base}{CHAT}"))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_string(),
+        )))
+        .unwrap();
+    let response = tokio::time::timeout(BOUND, sender.send_request(request))
+        .await
+        .expect("the gateway answers over HTTP/2")
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    let mut sent = Vec::new();
+    tokio::time::timeout(BOUND, preface.read_to_end(&mut sent))
+        .await
+        .expect("the gateway closes a connection that never opens a stream")
+        .unwrap();
+    assert!(
+        started.elapsed() >= timeout,
+        "let go after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        http2_frame_types(&sent).contains(&GOAWAY),
+        "frames: {:?}",
+        http2_frame_types(&sent)
+    );
+
+    tokio::time::sleep(3 * timeout - started.elapsed().min(3 * timeout)).await;
+    for _ in 0..100 {
+        sims[0].release_chunk();
+    }
+    let streamed = tokio::time::timeout(
+        BOUND,
+        http_body_util::BodyExt::collect(response.into_body()),
+    )
+    .await
+    .expect("the stream ends")
+    .expect("a quiet stream is not cut")
+    .to_bytes();
+    let streamed = String::from_utf8_lossy(&streamed);
+    assert!(streamed.trim_end().ends_with("data: [DONE]"), "{streamed}");
+    let ended = Instant::now();
+    tokio::time::timeout(BOUND, connection)
+        .await
+        .expect("the gateway closes the connection once its last stream has ended")
+        .unwrap()
+        .expect("closed with a GOAWAY, not an error");
+    assert!(
+        ended.elapsed() >= timeout,
+        "let go after {:?}",
+        ended.elapsed()
+    );
+    assert_eq!(sims[0].request_count(), 1);
+}

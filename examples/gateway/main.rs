@@ -11,6 +11,7 @@
 //! Callers use the gateway as if it were one Azure OpenAI endpoint: `/openai/...` maps 1:1 onto
 //! each backend's `/openai/...`. `GET /admin/backends` shows each backend's health as JSON.
 
+mod idle;
 mod serve;
 mod settings;
 

@@ -1,6 +1,7 @@
 //! Serving: one single-threaded runtime per worker (one per core by default), each with its own
 //! `SO_REUSEPORT` listener and accept loop; HTTP/1.1 callers served by aoai-upstream's lean
-//! server, HTTP/2 callers by hyper's; a head timeout; graceful shutdown.
+//! server, HTTP/2 callers by hyper's; a head timeout, which also limits how long an HTTP/2
+//! connection may stay with no stream open; graceful shutdown.
 
 use std::cell::RefCell;
 use std::convert::Infallible;
@@ -25,10 +26,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 use tower::Service;
 
+use crate::idle::{IdleLimit, OpenBody, OpenFuture, Streams};
+
 /// Where and how the gateway serves its callers.
 pub(crate) struct Serving {
     pub(crate) listen: SocketAddr,
-    /// How long a connection may wait for a whole request head (its first bytes included).
+    /// How long a connection may wait for a whole request head (its first bytes included), and
+    /// an HTTP/2 connection stay with no stream open.
     pub(crate) head_timeout: Duration,
     /// Worker threads; `None`: one per core.
     pub(crate) workers: Option<usize>,
@@ -95,8 +99,8 @@ where
 }
 
 /// Accepts connections until `stopped`, then waits for every open connection to finish its
-/// requests in flight. A connection gets `head_timeout` for its first bytes, and then (from
-/// the HTTP/1.1 server) for each request head.
+/// requests in flight. A connection gets `head_timeout` for its first bytes, and then for each
+/// request head (HTTP/1.1) or for each time it has no stream open (HTTP/2).
 async fn accept_loop<S>(
     listener: TcpListener,
     app: S,
@@ -141,11 +145,16 @@ async fn accept_loop<S>(
                     let _ = Watched::new(connection, &shutdown, |c| c.graceful_shutdown()).await;
                 }
                 Protocol::Http2 => {
-                    let service = PerConnection(RefCell::new(app));
+                    let streams = Arc::new(Streams::default());
+                    let service = PerConnection {
+                        app: RefCell::new(app),
+                        streams: Arc::clone(&streams),
+                    };
                     let connection = servers
                         .http2
                         .serve_connection(TokioIo::new(stream), service);
-                    let _ = Watched::new(connection, &shutdown, graceful).await;
+                    let connection = IdleLimit::new(connection, graceful, streams, head_timeout);
+                    Watched::new(connection, &shutdown, IdleLimit::graceful_shutdown).await;
                 }
             }
         });
@@ -362,21 +371,25 @@ impl<C: Future> Future for Watched<C> {
     }
 }
 
-/// One connection's copy of the app. hyper calls a service by shared reference; the copy sits in
-/// a `RefCell` and is called in place, instead of being cloned for every request as a shared
-/// service would be.
-struct PerConnection<S>(RefCell<S>);
+/// One HTTP/2 connection's copy of the app. hyper calls a service by shared reference; the copy
+/// sits in a `RefCell` and is called in place, instead of being cloned for every request as a
+/// shared service would be. Each stream counts as open in `streams` until its answer has ended.
+struct PerConnection<S> {
+    app: RefCell<S>,
+    streams: Arc<Streams>,
+}
 
 impl<S> hyper::service::Service<Request<Incoming>> for PerConnection<S>
 where
     S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>,
 {
-    type Response = Response<Body>;
+    type Response = Response<OpenBody<Body>>;
     type Error = Infallible;
-    type Future = S::Future;
+    type Future = OpenFuture<S::Future>;
 
-    fn call(&self, request: Request<Incoming>) -> S::Future {
-        self.0.borrow_mut().call(request)
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        let stream = self.streams.open();
+        OpenFuture::new(self.app.borrow_mut().call(request), stream)
     }
 }
 

@@ -52,8 +52,8 @@ pub(crate) struct Flags {
     #[arg(long)]
     no_served_by_header: bool,
     /// Seconds a caller's connection may wait for a whole request head, from its opening and
-    /// after each answer; then a partial head is answered 408 and an idle connection closed
-    /// [default: 60].
+    /// after each answer; then a partial head is answered 408 and an idle connection closed (an
+    /// HTTP/2 connection with no stream open: GOAWAY, then closed) [default: 60].
     #[arg(long, value_name = "SECS")]
     head_timeout: Option<u64>,
     /// Worker threads, each with its own event loop and listening socket [default: one per
