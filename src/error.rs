@@ -2,6 +2,7 @@
 
 use std::error::Error as StdError;
 use std::fmt::Write as _;
+use std::io;
 
 use aoai_auth::error::TokenUnavailable;
 use aoai_balance::{AllCoolingDown, NoBackends};
@@ -17,6 +18,7 @@ use http::{HeaderValue, Response, StatusCode, header};
 /// | --- | --- |
 /// | [`BodyTooLarge`] | 413 |
 /// | [`BodyReadError`], a refused request path | 400 |
+/// | [`BodyReadError`] of a body that stopped arriving (an [`io::Error`] of kind `TimedOut`) | 408 |
 /// | [`AllCoolingDown`] | 429, with `Retry-After` and `retry-after-ms` |
 /// | [`TokenUnavailable`], [`NoBackends`] | 503 |
 /// | a timeout (attempt or deadline) | 504 |
@@ -56,7 +58,11 @@ fn classify(error: &(dyn StdError + 'static)) -> (StatusCode, &'static str) {
     if find::<BodyTooLarge>(error).is_some() {
         (StatusCode::PAYLOAD_TOO_LARGE, "request_body_too_large")
     } else if find::<BodyReadError>(error).is_some() {
-        (StatusCode::BAD_REQUEST, "invalid_request_body")
+        if find::<io::Error>(error).is_some_and(|e| e.kind() == io::ErrorKind::TimedOut) {
+            (StatusCode::REQUEST_TIMEOUT, "request_body_timeout")
+        } else {
+            (StatusCode::BAD_REQUEST, "invalid_request_body")
+        }
     } else if find::<AllCoolingDown>(error).is_some() {
         (StatusCode::TOO_MANY_REQUESTS, "429")
     } else if find::<TokenUnavailable>(error).is_some() {

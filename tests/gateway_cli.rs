@@ -286,30 +286,18 @@ async fn an_invalid_config_file_is_refused_naming_the_problem() {
     assert!(line.contains("nmae"), "{line}");
 }
 
+/// Settings that must be at least 1 are refused at 0, each with a line naming it.
 #[tokio::test]
-async fn zero_attempts_are_refused() {
-    let line = refused(
-        &["--max-attempts", "0", "--backend", "http://127.0.0.1:9"],
-        &[],
-    )
-    .await;
-    assert!(line.contains("attempts"), "{line}");
-}
-
-#[tokio::test]
-async fn a_zero_head_timeout_is_refused() {
-    let line = refused(
-        &["--head-timeout", "0", "--backend", "http://127.0.0.1:9"],
-        &[],
-    )
-    .await;
-    assert!(line.contains("head timeout"), "{line}");
-}
-
-#[tokio::test]
-async fn zero_workers_are_refused() {
-    let line = refused(&["--workers", "0", "--backend", "http://127.0.0.1:9"], &[]).await;
-    assert!(line.contains("workers"), "{line}");
+async fn zero_attempts_timeouts_and_workers_are_refused() {
+    for (flag, named) in [
+        ("--max-attempts", "attempts"),
+        ("--head-timeout", "head timeout"),
+        ("--body-timeout", "body timeout"),
+        ("--workers", "workers"),
+    ] {
+        let line = refused(&[flag, "0", "--backend", "http://127.0.0.1:9"], &[]).await;
+        assert!(line.contains(named), "{flag} 0: {line}");
+    }
 }
 
 #[tokio::test]
@@ -399,7 +387,7 @@ async fn it_serves_and_balances_over_the_given_backends() {
 }
 
 #[tokio::test]
-async fn a_config_file_sets_backends_and_turns_the_served_by_header_off() {
+async fn a_config_file_sets_backends_timeouts_and_workers_and_turns_the_served_by_header_off() {
     let sims = sims(2).await;
     let addr = free_addr();
     let base = format!("http://{addr}");
@@ -407,7 +395,7 @@ async fn a_config_file_sets_backends_and_turns_the_served_by_header_off() {
         "gateway.toml",
         &format!(
             "listen = \"{addr}\"\nmax_attempts = 2\nserved_by_header = false\n\
-             head_timeout_secs = 1\nworkers = 1\n\n\
+             head_timeout_secs = 1\nbody_timeout_secs = 1\nworkers = 1\n\n\
              [[backends]]\nname = \"a\"\nurl = \"{}\"\n\n\
              [[backends]]\nname = \"b\"\nurl = \"{}\"\n",
             sims[0].url(),
@@ -428,6 +416,10 @@ async fn a_config_file_sets_backends_and_turns_the_served_by_header_off() {
     // The file's head timeout: a silent caller is let go after a second, not the default 60.
     let mut silent = RawClient::connect(&addr).await;
     silent.expect_closed().await;
+    // The file's body timeout: a body that stops arriving is answered 408 after a second.
+    let mut stalled = RawClient::connect(&addr).await;
+    stalled.send(chat_head("content-length: 100\r\n")).await;
+    assert_eq!(stalled.read_answer().await.status, 408);
     // The file's worker count: one serving thread.
     assert_eq!(gateway.worker_threads(), ["gateway-0"]);
 }
@@ -1218,6 +1210,32 @@ async fn callers_that_send_no_whole_head_in_time_are_let_go_and_reach_no_backend
         started.elapsed()
     );
     assert_eq!(sims[0].request_count() + sims[1].request_count(), 1);
+}
+
+/// A request body that stops arriving is answered 408 once the body timeout has passed without
+/// a byte of it (nginx's `client_body_timeout`), and reaches no backend: the retry layer reads a
+/// body whole before the first attempt. The message says what happened.
+#[tokio::test]
+async fn a_request_body_that_stops_arriving_is_answered_408_and_reaches_no_backend() {
+    let sims = sims(2).await;
+    let (mut gateway, addr, base) = Gateway::over_with(&sims, &["--body-timeout", "1"]);
+    gateway.ready(&base, None).await;
+
+    let mut stalled = RawClient::connect(&addr).await;
+    let started = Instant::now();
+    stalled.send(chat_head("content-length: 100\r\n")).await;
+    stalled.send(r#"{"messages":"#).await;
+    let answer = stalled.read_answer().await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "answered after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(answer.status, 408, "{answer:?}");
+    assert_eq!(assert_json_error(&answer), "request_body_timeout");
+    assert!(answer.text().contains("request body"), "{answer:?}");
+    stalled.expect_close(&answer).await;
+    assert_eq!(sims[0].request_count() + sims[1].request_count(), 0);
 }
 
 /// The frame types in `bytes`, read as HTTP/2 frames from a server (no preface).

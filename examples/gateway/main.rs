@@ -123,6 +123,7 @@ async fn run(mut settings: Settings) -> Result<(), String> {
     let serving = Serving {
         listen: settings.listen,
         head_timeout: settings.head_timeout,
+        body_timeout: settings.body_timeout,
         workers: settings.workers,
     };
     let (stop, stopped) = tokio::sync::watch::channel(false);

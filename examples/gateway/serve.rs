@@ -34,6 +34,8 @@ pub(crate) struct Serving {
     /// How long a connection may wait for a whole request head (its first bytes included), and
     /// an HTTP/2 connection stay with no stream open.
     pub(crate) head_timeout: Duration,
+    /// How long a request body still arriving may go without a byte (HTTP/1.1).
+    pub(crate) body_timeout: Duration,
     /// Worker threads; `None`: one per core.
     pub(crate) workers: Option<usize>,
 }
@@ -62,7 +64,7 @@ where
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
     let mut addr = serving.listen;
-    let head_timeout = serving.head_timeout;
+    let (head_timeout, body_timeout) = (serving.head_timeout, serving.body_timeout);
     let mut workers = Vec::with_capacity(count);
     for index in 0..count {
         let (bound_tx, bound_rx) = std::sync::mpsc::channel();
@@ -88,7 +90,7 @@ where
                         }
                     };
                     let _ = bound_tx.send(listener.local_addr().map_err(|e| e.to_string()));
-                    accept_loop(listener, app, stopped, head_timeout).await;
+                    accept_loop(listener, app, stopped, head_timeout, body_timeout).await;
                 });
             })
             .map_err(|e| e.to_string())?;
@@ -100,12 +102,14 @@ where
 
 /// Accepts connections until `stopped`, then waits for every open connection to finish its
 /// requests in flight. A connection gets `head_timeout` for its first bytes, and then for each
-/// request head (HTTP/1.1) or for each time it has no stream open (HTTP/2).
+/// request head (HTTP/1.1) or for each time it has no stream open (HTTP/2); an HTTP/1.1 request
+/// body still arriving gets `body_timeout` for its next bytes.
 async fn accept_loop<S>(
     listener: TcpListener,
     app: S,
     mut stopped: watch::Receiver<bool>,
     head_timeout: Duration,
+    body_timeout: Duration,
 ) where
     S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>,
     S: Service<Request<RequestBody>, Response = Response<Body>, Error = Infallible>,
@@ -113,7 +117,7 @@ async fn accept_loop<S>(
     <S as Service<Request<RequestBody>>>::Future: Send + 'static,
     S: Clone + Send + 'static,
 {
-    let servers = Arc::new(Servers::new(head_timeout));
+    let servers = Arc::new(Servers::new(head_timeout, body_timeout));
     let shutdown = Arc::new(Shutdown::default());
     loop {
         let stream = tokio::select! {
@@ -171,9 +175,11 @@ struct Servers {
 }
 
 impl Servers {
-    fn new(head_timeout: Duration) -> Self {
+    fn new(head_timeout: Duration, body_timeout: Duration) -> Self {
         Self {
-            http1: lean::Builder::new().head_timeout(Some(head_timeout)),
+            http1: lean::Builder::new()
+                .head_timeout(Some(head_timeout))
+                .body_timeout(Some(body_timeout)),
             http2: http2::Builder::new(TokioExecutor::new()),
         }
     }

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use aoai_tower::upstream::server::DEFAULT_HEAD_TIMEOUT;
+use aoai_tower::upstream::server::{DEFAULT_BODY_TIMEOUT, DEFAULT_HEAD_TIMEOUT};
 use clap::Parser;
 use serde::Deserialize;
 
@@ -56,6 +56,10 @@ pub(crate) struct Flags {
     /// HTTP/2 connection with no stream open: GOAWAY, then closed) [default: 60].
     #[arg(long, value_name = "SECS")]
     head_timeout: Option<u64>,
+    /// Seconds a request body still arriving may go without a byte; then the caller gets 408
+    /// and the connection is closed [default: 60].
+    #[arg(long, value_name = "SECS")]
+    body_timeout: Option<u64>,
     /// Worker threads, each with its own event loop and listening socket [default: one per
     /// core].
     #[arg(long, value_name = "N")]
@@ -75,6 +79,7 @@ struct File {
     cooldown_cap_secs: Option<u64>,
     served_by_header: Option<bool>,
     head_timeout_secs: Option<u64>,
+    body_timeout_secs: Option<u64>,
     workers: Option<usize>,
     #[serde(default)]
     backends: Vec<FileBackend>,
@@ -147,6 +152,8 @@ pub(crate) struct Settings {
     pub(crate) served_by_header: bool,
     /// How long a caller's connection may wait for a request head.
     pub(crate) head_timeout: Duration,
+    /// How long a request body still arriving may go without a byte.
+    pub(crate) body_timeout: Duration,
     /// Worker threads; `None`: one per core.
     pub(crate) workers: Option<usize>,
 }
@@ -187,6 +194,11 @@ impl Settings {
             Some(secs) => Duration::from_secs(secs),
             None => DEFAULT_HEAD_TIMEOUT,
         };
+        let body_timeout = match flags.body_timeout.or(file.body_timeout_secs) {
+            Some(0) => return Err("the body timeout must be at least 1 second".to_owned()),
+            Some(secs) => Duration::from_secs(secs),
+            None => DEFAULT_BODY_TIMEOUT,
+        };
         let workers = flags.workers.or(file.workers);
         if workers == Some(0) {
             return Err("workers must be at least 1".to_owned());
@@ -211,6 +223,7 @@ impl Settings {
                 .map(Duration::from_secs),
             served_by_header: !flags.no_served_by_header && file.served_by_header.unwrap_or(true),
             head_timeout,
+            body_timeout,
             workers,
         })
     }

@@ -30,6 +30,9 @@
 //!   request head, from when it is served and from the end of each answer: a caller that has
 //!   sent only part of a head by then (however slowly it keeps sending) is answered 408 and
 //!   closed, an idle keep-alive connection is closed.
+//! - A request body still arriving waits at most [`Builder::body_timeout`] (60 s by default, as
+//!   nginx) for its next bytes while the service reads it: then it fails with a `TimedOut`
+//!   error, and the connection is closed after the service's answer.
 //! - A write to a caller whose connection is full waits at most [`Builder::send_timeout`] (60 s
 //!   by default, as nginx) for room: a caller that reads nothing of its answer for that long is
 //!   closed, and the answer's body (a backend's stream) dropped. An answer the caller keeps
@@ -129,6 +132,10 @@ pub const DEFAULT_HEAD_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a write waits for a caller to make room by default: nginx's `send_timeout`.
 pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long a request body still arriving may go without a byte by default: nginx's
+/// `client_body_timeout`.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Settings for serving connections, then [`serve_connection`](Builder::serve_connection).
 ///
 /// ```no_run
@@ -154,6 +161,7 @@ pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone)]
 pub struct Builder {
     head_timeout: Option<Duration>,
+    body_timeout: Option<Duration>,
     send_timeout: Option<Duration>,
 }
 
@@ -161,16 +169,28 @@ impl Default for Builder {
     fn default() -> Self {
         Self {
             head_timeout: Some(DEFAULT_HEAD_TIMEOUT),
+            body_timeout: Some(DEFAULT_BODY_TIMEOUT),
             send_timeout: Some(DEFAULT_SEND_TIMEOUT),
         }
     }
 }
 
 impl Builder {
-    /// The defaults: a head timeout of [`DEFAULT_HEAD_TIMEOUT`], a send timeout of
-    /// [`DEFAULT_SEND_TIMEOUT`].
+    /// The defaults: a head timeout of [`DEFAULT_HEAD_TIMEOUT`], a body timeout of
+    /// [`DEFAULT_BODY_TIMEOUT`], a send timeout of [`DEFAULT_SEND_TIMEOUT`].
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// How long a request body still arriving may go without a byte while the service waits
+    /// for more of it: then the body fails with an [`io::ErrorKind::TimedOut`] error (the
+    /// service answers as it answers a body it cannot read), and the connection is closed after
+    /// the answer. It bounds each wait, not the whole body: a large body that keeps arriving
+    /// takes as long as it takes, and a body the service is not reading has no limit. `None`:
+    /// no limit.
+    pub fn body_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.body_timeout = timeout.filter(|t| !t.is_zero());
+        self
     }
 
     /// How long a write to the caller may wait for room in its connection: a caller that reads
@@ -458,6 +478,7 @@ where
         buf: BytesMut::with_capacity(READ_SIZE),
         feed: None,
         continue_sent: 0,
+        body_wait: settings.body_timeout.map(BodyWait::new),
     };
     let mut out = Vec::with_capacity(1024);
     let mut head_wait = pin!(head_timeout.map(HeadWait::new));
@@ -661,6 +682,45 @@ struct Caller {
     feed: Option<Arc<Feed>>,
     /// How much of a `100 Continue` for the request in flight has been written.
     continue_sent: usize,
+    /// The body timeout's wait for more of a request body still arriving.
+    body_wait: Option<BodyWait>,
+}
+
+/// The body timeout of a connection: a timer armed (boxed, on first use: only a body that does
+/// not come whole with its head needs one) when a request body asks for more and the socket has
+/// nothing, and disarmed when something arrives.
+struct BodyWait {
+    timeout: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    armed: bool,
+}
+
+impl BodyWait {
+    fn new(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            timer: None,
+            armed: false,
+        }
+    }
+
+    /// Whether the body has waited the whole timeout for its next bytes; otherwise the timer
+    /// is armed (if it was not) and registered with `cx`.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let timer = match &mut self.timer {
+            Some(timer) if self.armed => timer,
+            Some(timer) => {
+                timer.as_mut().reset(deadline);
+                timer
+            }
+            None => self
+                .timer
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        self.armed = true;
+        timer.as_mut().poll(cx).is_ready()
+    }
 }
 
 impl Caller {
@@ -686,12 +746,34 @@ impl Caller {
                 &mut self.continue_sent,
                 cx,
             ) {
-                Poll::Ready(Ok(())) => return Poll::Ready(CallerEvent::BodyFed),
-                Poll::Ready(Err(e)) => {
-                    feed.lock().fail(e);
+                Poll::Ready(result) => {
+                    if let Some(wait) = &mut self.body_wait {
+                        wait.armed = false;
+                    }
+                    if let Err(e) = result {
+                        feed.lock().fail(e);
+                    }
                     return Poll::Ready(CallerEvent::BodyFed);
                 }
-                Poll::Pending => {}
+                Poll::Pending => {
+                    let mut fed = feed.lock();
+                    if let Some(wait) = &mut self.body_wait {
+                        if !fed.is_starved() {
+                            // Not asked for: the service takes its time, which is not limited.
+                            wait.armed = false;
+                        } else if wait.expired(cx) {
+                            wait.armed = false;
+                            fed.fail(io::Error::new(
+                                io::ErrorKind::TimedOut,
+                                format!(
+                                    "no more of the request body arrived within {:?}",
+                                    wait.timeout
+                                ),
+                            ));
+                            return Poll::Ready(CallerEvent::BodyFed);
+                        }
+                    }
+                }
             }
         }
         watch_caller(&mut self.stream, &mut self.buf, cx).map(|()| CallerEvent::Left)

@@ -1602,3 +1602,86 @@ async fn a_caller_reading_nothing_of_a_stream_is_closed_after_the_send_timeout_a
     );
     drop(client);
 }
+
+// ---------------------------------------------------------------------------------------------
+// 15. The body timeout
+
+/// The body timeout of these tests, long enough that a loaded machine keeps to what they assume
+/// of it, short enough to wait out.
+const BODY_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// [`echoed`], serving with a body timeout of [`BODY_TIMEOUT`].
+async fn echoed_with_body_timeout() -> (Server, RawClient, Log) {
+    let (service, log) = recorder(ReadBody::Whole, echo);
+    let settings = Builder::new().body_timeout(Some(BODY_TIMEOUT));
+    let (server, client) = Server::start(settings, service).await;
+    (server, client, log)
+}
+
+#[tokio::test]
+async fn a_body_that_stops_arriving_fails_with_timed_out_after_the_body_timeout_and_the_connection_closes()
+ {
+    let (mut server, mut client, mut log) = echoed_with_body_timeout().await;
+    let sent = Instant::now();
+    client
+        .send("POST /stalled HTTP/1.1\r\nContent-Length: 100\r\n\r\nonly ten b")
+        .await;
+    let received = log.next().await;
+    assert!(
+        sent.elapsed() >= BODY_TIMEOUT,
+        "failed after {:?}",
+        sent.elapsed()
+    );
+    assert_eq!(received.body, Some(Err(io::ErrorKind::TimedOut)));
+    // The service's own answer to a body it could not read, and the connection, out of step
+    // with the caller, is closed after it.
+    let answer = client.read_answer().await;
+    assert_ok(&answer, "POST /stalled <TimedOut>");
+    client.expect_close(&answer).await;
+    server.next_end().await.expect("ends cleanly");
+}
+
+#[tokio::test]
+async fn a_body_that_keeps_arriving_for_longer_than_the_body_timeout_is_read_whole() {
+    let (mut server, mut client, mut log) = echoed_with_body_timeout().await;
+    let sent = Instant::now();
+    client
+        .send("POST /slow HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .await;
+    // A piece every half timeout, for three timeouts.
+    for piece in ["a", "b", "c", "d", "e", "f"] {
+        sleep(BODY_TIMEOUT / 2).await;
+        client.send(format!("1\r\n{piece}\r\n")).await;
+    }
+    client.send("0\r\n\r\n").await;
+    assert_ok(&client.read_answer().await, "POST /slow abcdef");
+    assert!(sent.elapsed() > 2 * BODY_TIMEOUT);
+    assert_eq!(log.next().await.body, Some(Ok(b"abcdef".to_vec())));
+    assert_ok(
+        &client.ask("GET /next HTTP/1.1\r\n\r\n").await,
+        "GET /next ",
+    );
+    server.assert_none_ended();
+}
+
+#[tokio::test]
+async fn a_body_the_service_does_not_read_yet_has_no_body_timeout() {
+    // The service holds the body, unread, for three body timeouts (waiting for a slot, say)
+    // while its rest has not arrived; then it reads it.
+    let (service, mut log) = recorder(ReadBody::Whole, echo);
+    let service = tower::ServiceBuilder::new()
+        .map_future(|future| async move {
+            sleep(3 * BODY_TIMEOUT).await;
+            future.await
+        })
+        .service(service);
+    let settings = Builder::new().body_timeout(Some(BODY_TIMEOUT));
+    let (_server, mut client) = Server::start(settings, service).await;
+    client
+        .send("POST /held HTTP/1.1\r\nContent-Length: 10\r\n\r\nhalf!")
+        .await;
+    sleep(2 * BODY_TIMEOUT).await;
+    client.send("rest!").await;
+    assert_ok(&client.read_answer().await, "POST /held half!rest!");
+    assert_eq!(log.next().await.body, Some(Ok(b"half!rest!".to_vec())));
+}
