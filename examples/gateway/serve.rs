@@ -157,8 +157,14 @@ async fn accept_loop<S>(
                     let connection = servers
                         .http2
                         .serve_connection(TokioIo::new(stream), service);
-                    let connection = IdleLimit::new(connection, graceful, streams, head_timeout);
-                    Watched::new(connection, &shutdown, IdleLimit::graceful_shutdown).await;
+                    // Boxed: hyper's HTTP/2 connection is large, and inline it would make
+                    // every connection's task as large, HTTP/1.1 ones too.
+                    let connection =
+                        Box::pin(IdleLimit::new(connection, graceful, streams, head_timeout));
+                    Watched::new(connection, &shutdown, |c| {
+                        c.get_mut().as_mut().graceful_shutdown()
+                    })
+                    .await;
                 }
             }
         });
