@@ -293,6 +293,7 @@ async fn zero_attempts_timeouts_and_workers_are_refused() {
         ("--max-attempts", "attempts"),
         ("--head-timeout", "head timeout"),
         ("--body-timeout", "body timeout"),
+        ("--send-timeout", "send timeout"),
         ("--workers", "workers"),
     ] {
         let line = refused(&[flag, "0", "--backend", "http://127.0.0.1:9"], &[]).await;
@@ -1238,6 +1239,18 @@ async fn a_request_body_that_stops_arriving_is_answered_408_and_reaches_no_backe
     assert_eq!(sims[0].request_count() + sims[1].request_count(), 0);
 }
 
+/// A streamed chat completion for the gateway at `base`, as an HTTP/2 client sends it.
+fn streamed_chat_request(base: &str) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    let mut body = chat_body();
+    body["stream"] = Value::Bool(true);
+    http::Request::post(format!("{base}{CHAT}"))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_string(),
+        )))
+        .unwrap()
+}
+
 /// The frame types in `bytes`, read as HTTP/2 frames from a server (no preface).
 fn http2_frame_types(mut bytes: &[u8]) -> Vec<u8> {
     let mut types = Vec::new();
@@ -1253,12 +1266,13 @@ fn http2_frame_types(mut bytes: &[u8]) -> Vec<u8> {
 /// An HTTP/2 connection with no stream open for the head timeout is let go (a `GOAWAY`, then
 /// the close), as nginx lets one go after its `keepalive_timeout`: one that sent the preface and
 /// never a request, and one whose last stream has ended. A stream that stays quiet for longer
-/// than the timeout is not cut.
+/// than the head and send timeouts is not cut.
 #[tokio::test]
 async fn http2_connections_with_no_stream_open_for_the_head_timeout_are_let_go() {
     const GOAWAY: u8 = 0x7;
     let sims = sims(1).await;
-    let (mut gateway, addr, base) = Gateway::over_with(&sims, &["--head-timeout", "1"]);
+    let (mut gateway, addr, base) =
+        Gateway::over_with(&sims, &["--head-timeout", "1", "--send-timeout", "1"]);
     gateway.ready(&base, None).await;
     let timeout = Duration::from_secs(1);
     sims[0].hold_chunks();
@@ -1281,14 +1295,7 @@ async fn http2_connections_with_no_stream_open_for_the_head_timeout_are_let_go()
     .await
     .unwrap();
     let connection = tokio::spawn(connection);
-    let mut body = chat_body();
-    body["stream"] = Value::Bool(true);
-    let request = http::Request::post(format!("{base}{CHAT}"))
-        .header("content-type", "application/json")
-        .body(http_body_util::Full::new(bytes::Bytes::from(
-            body.to_string(),
-        )))
-        .unwrap();
+    let request = streamed_chat_request(&base);
     let response = tokio::time::timeout(BOUND, sender.send_request(request))
         .await
         .expect("the gateway answers over HTTP/2")
@@ -1337,4 +1344,91 @@ async fn http2_connections_with_no_stream_open_for_the_head_timeout_are_let_go()
         ended.elapsed()
     );
     assert_eq!(sims[0].request_count(), 1);
+}
+
+/// A backend that answers its first connection's request with an SSE stream as fast as the
+/// connection takes it: returns its URL, and when the gateway closes that connection (a write
+/// fails).
+async fn flooding_stream_backend() -> (String, tokio::sync::oneshot::Receiver<()>) {
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (closed_tx, closed) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let Ok(Ok((mut stream, _))) = tokio::time::timeout(BOUND, listener.accept()).await else {
+            return;
+        };
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        while find(&head, b"\r\n\r\n").is_none() {
+            match tokio::time::timeout(BOUND, stream.read(&mut buf)).await {
+                Ok(Ok(read)) if read > 0 => head.extend_from_slice(&buf[..read]),
+                _ => return,
+            }
+        }
+        let answer = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+                      transfer-encoding: chunked\r\n\r\n";
+        if stream.write_all(answer.as_bytes()).await.is_err() {
+            return;
+        }
+        let event = format!("data: {{\"pad\":\"{}\"}}\n\n", "x".repeat(1000));
+        let chunk = format!("{:x}\r\n{event}\r\n", event.len());
+        // Bounded: the gateway stops reading within a few hundred KiB.
+        for _ in 0..100_000 {
+            match tokio::time::timeout(BOUND, stream.write_all(chunk.as_bytes())).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => {
+                    let _ = closed_tx.send(());
+                    return;
+                }
+                Err(_) => return,
+            }
+        }
+    });
+    (url, closed)
+}
+
+/// An HTTP/2 caller that reads nothing of its stream (its window stays shut) is let go after the
+/// send timeout, and the backend's stream is dropped with it, as an HTTP/1.1 caller's is
+/// (nginx's `send_timeout`).
+#[tokio::test]
+async fn an_http2_caller_reading_nothing_of_its_stream_is_let_go_after_the_send_timeout() {
+    let (url, closed) = flooding_stream_backend().await;
+    let (mut gateway, addr, base) =
+        Gateway::over_urls(&[format!("flood={url}")], &["--send-timeout", "1"]);
+    gateway.ready(&base, None).await;
+
+    let stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(1024)
+            .adaptive_window(false)
+            .handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    let connection = tokio::spawn(connection);
+    let request = streamed_chat_request(&base);
+    let answered = Instant::now();
+    let response = tokio::time::timeout(BOUND, sender.send_request(request))
+        .await
+        .expect("the gateway answers over HTTP/2")
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-served-by"], "flood");
+    // Held, never read: the caller's window for the stream stays shut after its first KiB.
+    let _unread = response.into_body();
+
+    let _ = tokio::time::timeout(BOUND, connection)
+        .await
+        .expect("the gateway lets go of a caller that reads nothing");
+    assert!(
+        answered.elapsed() >= Duration::from_secs(1),
+        "let go after {:?}",
+        answered.elapsed()
+    );
+    tokio::time::timeout(BOUND, closed)
+        .await
+        .expect("the backend's stream is dropped with the caller")
+        .expect("the backend task reports the close");
 }

@@ -11,7 +11,7 @@
 //! Callers use the gateway as if it were one Azure OpenAI endpoint: `/openai/...` maps 1:1 onto
 //! each backend's `/openai/...`. `GET /admin/backends` shows each backend's health as JSON.
 
-mod idle;
+mod h2_limits;
 mod serve;
 mod settings;
 
@@ -41,7 +41,7 @@ use http::{Request, Response};
 use serde_json::json;
 use tower::{Layer, Service};
 
-use crate::serve::{Serving, serve_per_core};
+use crate::serve::{Serving, Timeouts, serve_per_core};
 use crate::settings::{AuthMode, Backend, Flags, Settings, is_loopback_url};
 
 fn main() {
@@ -122,8 +122,11 @@ async fn run(mut settings: Settings) -> Result<(), String> {
 
     let serving = Serving {
         listen: settings.listen,
-        head_timeout: settings.head_timeout,
-        body_timeout: settings.body_timeout,
+        timeouts: Timeouts {
+            head: settings.head_timeout,
+            body: settings.body_timeout,
+            send: settings.send_timeout,
+        },
         workers: settings.workers,
     };
     let (stop, stopped) = tokio::sync::watch::channel(false);

@@ -1,7 +1,7 @@
 //! Serving: one single-threaded runtime per worker (one per core by default), each with its own
 //! `SO_REUSEPORT` listener and accept loop; HTTP/1.1 callers served by aoai-upstream's lean
-//! server, HTTP/2 callers by hyper's; a head timeout, which also limits how long an HTTP/2
-//! connection may stay with no stream open; graceful shutdown.
+//! server, HTTP/2 callers by hyper's; head, body and send timeouts (over HTTP/2, an idle limit
+//! and a send limit); graceful shutdown.
 
 use std::cell::RefCell;
 use std::convert::Infallible;
@@ -26,18 +26,26 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 use tower::Service;
 
-use crate::idle::{IdleLimit, OpenBody, OpenFuture, Streams};
+use crate::h2_limits::{H2Limits, OpenBody, OpenFuture, Streams};
 
 /// Where and how the gateway serves its callers.
 pub(crate) struct Serving {
     pub(crate) listen: SocketAddr,
-    /// How long a connection may wait for a whole request head (its first bytes included), and
-    /// an HTTP/2 connection stay with no stream open.
-    pub(crate) head_timeout: Duration,
-    /// How long a request body still arriving may go without a byte (HTTP/1.1).
-    pub(crate) body_timeout: Duration,
+    pub(crate) timeouts: Timeouts,
     /// Worker threads; `None`: one per core.
     pub(crate) workers: Option<usize>,
+}
+
+/// How long a caller's connection may wait on its caller.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timeouts {
+    /// For a whole request head (its first bytes included), and, over HTTP/2, with no stream
+    /// open.
+    pub(crate) head: Duration,
+    /// For the next bytes of a request body still arriving (HTTP/1.1).
+    pub(crate) body: Duration,
+    /// For the caller to take more of an answer (room in its socket, or its HTTP/2 window).
+    pub(crate) send: Duration,
 }
 
 /// Serves `app` as `serving` says with one single-threaded runtime per worker (one per core by
@@ -64,7 +72,7 @@ where
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
     let mut addr = serving.listen;
-    let (head_timeout, body_timeout) = (serving.head_timeout, serving.body_timeout);
+    let timeouts = serving.timeouts;
     let mut workers = Vec::with_capacity(count);
     for index in 0..count {
         let (bound_tx, bound_rx) = std::sync::mpsc::channel();
@@ -90,7 +98,7 @@ where
                         }
                     };
                     let _ = bound_tx.send(listener.local_addr().map_err(|e| e.to_string()));
-                    accept_loop(listener, app, stopped, head_timeout, body_timeout).await;
+                    accept_loop(listener, app, stopped, timeouts).await;
                 });
             })
             .map_err(|e| e.to_string())?;
@@ -101,15 +109,13 @@ where
 }
 
 /// Accepts connections until `stopped`, then waits for every open connection to finish its
-/// requests in flight. A connection gets `head_timeout` for its first bytes, and then for each
-/// request head (HTTP/1.1) or for each time it has no stream open (HTTP/2); an HTTP/1.1 request
-/// body still arriving gets `body_timeout` for its next bytes.
+/// requests in flight. A connection gets the head timeout for its first bytes, and then for each
+/// request head (HTTP/1.1) or for each time it has no stream open (HTTP/2).
 async fn accept_loop<S>(
     listener: TcpListener,
     app: S,
     mut stopped: watch::Receiver<bool>,
-    head_timeout: Duration,
-    body_timeout: Duration,
+    timeouts: Timeouts,
 ) where
     S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>,
     S: Service<Request<RequestBody>, Response = Response<Body>, Error = Infallible>,
@@ -117,7 +123,7 @@ async fn accept_loop<S>(
     <S as Service<Request<RequestBody>>>::Future: Send + 'static,
     S: Clone + Send + 'static,
 {
-    let servers = Arc::new(Servers::new(head_timeout, body_timeout));
+    let servers = Arc::new(Servers::new(timeouts));
     let shutdown = Arc::new(Shutdown::default());
     loop {
         let stream = tokio::select! {
@@ -137,7 +143,7 @@ async fn accept_loop<S>(
         let shutdown = Arc::clone(&shutdown);
         // A connection's errors (a reset, a malformed request) concern that caller only.
         tokio::spawn(async move {
-            let protocol = match tokio::time::timeout(head_timeout, Protocol::sniff(&stream)).await
+            let protocol = match tokio::time::timeout(timeouts.head, Protocol::sniff(&stream)).await
             {
                 Ok(Ok(protocol)) => protocol,
                 Ok(Err(_)) => return,
@@ -159,8 +165,13 @@ async fn accept_loop<S>(
                         .serve_connection(TokioIo::new(stream), service);
                     // Boxed: hyper's HTTP/2 connection is large, and inline it would make
                     // every connection's task as large, HTTP/1.1 ones too.
-                    let connection =
-                        Box::pin(IdleLimit::new(connection, graceful, streams, head_timeout));
+                    let connection = Box::pin(H2Limits::new(
+                        connection,
+                        graceful,
+                        streams,
+                        timeouts.head,
+                        timeouts.send,
+                    ));
                     Watched::new(connection, &shutdown, |c| {
                         c.get_mut().as_mut().graceful_shutdown()
                     })
@@ -181,11 +192,12 @@ struct Servers {
 }
 
 impl Servers {
-    fn new(head_timeout: Duration, body_timeout: Duration) -> Self {
+    fn new(timeouts: Timeouts) -> Self {
         Self {
             http1: lean::Builder::new()
-                .head_timeout(Some(head_timeout))
-                .body_timeout(Some(body_timeout)),
+                .head_timeout(Some(timeouts.head))
+                .body_timeout(Some(timeouts.body))
+                .send_timeout(Some(timeouts.send)),
             http2: http2::Builder::new(TokioExecutor::new()),
         }
     }

@@ -4,7 +4,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use aoai_tower::upstream::server::{DEFAULT_BODY_TIMEOUT, DEFAULT_HEAD_TIMEOUT};
+use aoai_tower::upstream::server::{
+    DEFAULT_BODY_TIMEOUT, DEFAULT_HEAD_TIMEOUT, DEFAULT_SEND_TIMEOUT,
+};
 use clap::Parser;
 use serde::Deserialize;
 
@@ -60,6 +62,11 @@ pub(crate) struct Flags {
     /// and the connection is closed [default: 60].
     #[arg(long, value_name = "SECS")]
     body_timeout: Option<u64>,
+    /// Seconds an answer may wait for its caller to take more of it (room in its connection,
+    /// or its HTTP/2 window); then the connection is closed and the backend's stream dropped
+    /// [default: 60].
+    #[arg(long, value_name = "SECS")]
+    send_timeout: Option<u64>,
     /// Worker threads, each with its own event loop and listening socket [default: one per
     /// core].
     #[arg(long, value_name = "N")]
@@ -80,6 +87,7 @@ struct File {
     served_by_header: Option<bool>,
     head_timeout_secs: Option<u64>,
     body_timeout_secs: Option<u64>,
+    send_timeout_secs: Option<u64>,
     workers: Option<usize>,
     #[serde(default)]
     backends: Vec<FileBackend>,
@@ -154,6 +162,8 @@ pub(crate) struct Settings {
     pub(crate) head_timeout: Duration,
     /// How long a request body still arriving may go without a byte.
     pub(crate) body_timeout: Duration,
+    /// How long an answer may wait for its caller to take more of it.
+    pub(crate) send_timeout: Duration,
     /// Worker threads; `None`: one per core.
     pub(crate) workers: Option<usize>,
 }
@@ -199,6 +209,11 @@ impl Settings {
             Some(secs) => Duration::from_secs(secs),
             None => DEFAULT_BODY_TIMEOUT,
         };
+        let send_timeout = match flags.send_timeout.or(file.send_timeout_secs) {
+            Some(0) => return Err("the send timeout must be at least 1 second".to_owned()),
+            Some(secs) => Duration::from_secs(secs),
+            None => DEFAULT_SEND_TIMEOUT,
+        };
         let workers = flags.workers.or(file.workers);
         if workers == Some(0) {
             return Err("workers must be at least 1".to_owned());
@@ -224,6 +239,7 @@ impl Settings {
             served_by_header: !flags.no_served_by_header && file.served_by_header.unwrap_or(true),
             head_timeout,
             body_timeout,
+            send_timeout,
             workers,
         })
     }
