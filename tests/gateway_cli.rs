@@ -999,16 +999,9 @@ async fn endless_stream_backend() -> (
     tokio::sync::oneshot::Receiver<Vec<u8>>,
     tokio::sync::oneshot::Receiver<()>,
 ) {
-    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .await
-        .unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
     let (started_tx, started) = tokio::sync::oneshot::channel();
     let (closed_tx, closed) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let Ok(Ok((mut stream, _))) = tokio::time::timeout(BOUND, listener.accept()).await else {
-            return;
-        };
+    let url = one_connection_backend(|mut stream| async move {
         let mut request = Vec::new();
         let mut buf = [0u8; 4096];
         // The head, then as many body bytes as it says.
@@ -1048,8 +1041,27 @@ async fn endless_stream_backend() -> (
                 Err(_) => return,
             }
         }
-    });
+    })
+    .await;
     (url, started, closed)
+}
+
+/// A backend that serves its first connection, accepted within [`BOUND`], with `serve`: its URL.
+async fn one_connection_backend<F, Served>(serve: F) -> String
+where
+    F: FnOnce(tokio::net::TcpStream) -> Served + Send + 'static,
+    Served: std::future::Future<Output = ()> + Send,
+{
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        if let Ok(Ok((stream, _))) = tokio::time::timeout(BOUND, listener.accept()).await {
+            serve(stream).await;
+        }
+    });
+    url
 }
 
 /// A caller that leaves while its streamed completion is in flight: the gateway closes its
@@ -1350,15 +1362,8 @@ async fn http2_connections_with_no_stream_open_for_the_head_timeout_are_let_go()
 /// connection takes it: returns its URL, and when the gateway closes that connection (a write
 /// fails).
 async fn flooding_stream_backend() -> (String, tokio::sync::oneshot::Receiver<()>) {
-    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .await
-        .unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
     let (closed_tx, closed) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let Ok(Ok((mut stream, _))) = tokio::time::timeout(BOUND, listener.accept()).await else {
-            return;
-        };
+    let url = one_connection_backend(|mut stream| async move {
         let mut head = Vec::new();
         let mut buf = [0u8; 4096];
         while find(&head, b"\r\n\r\n").is_none() {
@@ -1385,7 +1390,8 @@ async fn flooding_stream_backend() -> (String, tokio::sync::oneshot::Receiver<()
                 Err(_) => return,
             }
         }
-    });
+    })
+    .await;
     (url, closed)
 }
 

@@ -1454,12 +1454,16 @@ async fn an_answer_to_a_body_nobody_reads_reaches_a_caller_still_sending() {
 /// assume of it (an answer within a fraction of it), short enough to wait out.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// [`echoed`], serving with a head timeout of [`HEAD_TIMEOUT`].
-async fn echoed_with_head_timeout() -> (Server, RawClient, Log) {
+/// [`echoed`], serving with `settings`.
+async fn echoed_with(settings: Builder) -> (Server, RawClient, Log) {
     let (service, log) = recorder(ReadBody::Whole, echo);
-    let settings = Builder::new().head_timeout(Some(HEAD_TIMEOUT));
     let (server, client) = Server::start(settings, service).await;
     (server, client, log)
+}
+
+/// [`echoed`], serving with a head timeout of [`HEAD_TIMEOUT`].
+async fn echoed_with_head_timeout() -> (Server, RawClient, Log) {
+    echoed_with(Builder::new().head_timeout(Some(HEAD_TIMEOUT))).await
 }
 
 /// The server closes `client`'s connection, cleanly and with nothing sent, no sooner than
@@ -1612,10 +1616,7 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// [`echoed`], serving with a body timeout of [`BODY_TIMEOUT`].
 async fn echoed_with_body_timeout() -> (Server, RawClient, Log) {
-    let (service, log) = recorder(ReadBody::Whole, echo);
-    let settings = Builder::new().body_timeout(Some(BODY_TIMEOUT));
-    let (server, client) = Server::start(settings, service).await;
-    (server, client, log)
+    echoed_with(Builder::new().body_timeout(Some(BODY_TIMEOUT))).await
 }
 
 #[tokio::test]
