@@ -1251,6 +1251,33 @@ async fn a_request_body_that_stops_arriving_is_answered_408_and_reaches_no_backe
     assert_eq!(sims[0].request_count() + sims[1].request_count(), 0);
 }
 
+/// An HTTP/2 client's settings, hyper's defaults.
+fn h2c_client() -> hyper::client::conn::http2::Builder<hyper_util::rt::TokioExecutor> {
+    hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+}
+
+/// An HTTP/2 connection with prior knowledge to the gateway at `addr`, with `client`'s settings:
+/// its sender, and the task that drives it (which ends when the connection does).
+async fn h2c_connect<B>(
+    addr: &str,
+    client: &hyper::client::conn::http2::Builder<hyper_util::rt::TokioExecutor>,
+) -> (
+    hyper::client::conn::http2::SendRequest<B>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+)
+where
+    B: http_body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, connection) = client
+        .handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .unwrap();
+    (sender, tokio::spawn(connection))
+}
+
 /// A streamed chat completion for the gateway at `base`, as an HTTP/2 client sends it.
 fn streamed_chat_request(base: &str) -> http::Request<http_body_util::Full<bytes::Bytes>> {
     let mut body = chat_body();
@@ -1299,14 +1326,7 @@ async fn http2_connections_with_no_stream_open_for_the_head_timeout_are_let_go()
         .unwrap();
 
     // A stream whose content, after its first chunk, is held back for three timeouts.
-    let stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    let connection = tokio::spawn(connection);
+    let (mut sender, connection) = h2c_connect(&addr, &h2c_client()).await;
     let request = streamed_chat_request(&base);
     let response = tokio::time::timeout(BOUND, sender.send_request(request))
         .await
@@ -1405,15 +1425,11 @@ async fn an_http2_caller_reading_nothing_of_its_stream_is_let_go_after_the_send_
         Gateway::over_urls(&[format!("flood={url}")], &["--send-timeout", "1"]);
     gateway.ready(&base, None).await;
 
-    let stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .initial_stream_window_size(1024)
-            .adaptive_window(false)
-            .handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    let connection = tokio::spawn(connection);
+    let mut client = h2c_client();
+    client
+        .initial_stream_window_size(1024)
+        .adaptive_window(false);
+    let (mut sender, connection) = h2c_connect(&addr, &client).await;
     let request = streamed_chat_request(&base);
     let answered = Instant::now();
     let response = tokio::time::timeout(BOUND, sender.send_request(request))
@@ -1437,4 +1453,44 @@ async fn an_http2_caller_reading_nothing_of_its_stream_is_let_go_after_the_send_
         .await
         .expect("the backend's stream is dropped with the caller")
         .expect("the backend task reports the close");
+}
+
+/// An HTTP/2 request body that stops arriving is answered 408 once the body timeout has passed
+/// without more of it, as over HTTP/1.1, and reaches no backend.
+#[tokio::test]
+async fn an_http2_request_body_that_stops_arriving_is_answered_408_and_reaches_no_backend() {
+    use futures_util::StreamExt as _;
+    let sims = sims(1).await;
+    let (mut gateway, addr, base) = Gateway::over_with(&sims, &["--body-timeout", "1"]);
+    gateway.ready(&base, None).await;
+
+    let (mut sender, _connection) = h2c_connect(&addr, &h2c_client()).await;
+    // The first bytes of the body, and then nothing, with the stream left open.
+    let first = http_body::Frame::data(bytes::Bytes::from_static(br#"{"messages":"#));
+    let body = http_body_util::StreamBody::new(
+        futures_util::stream::iter([Ok::<_, std::convert::Infallible>(first)])
+            .chain(futures_util::stream::pending()),
+    );
+    let request = http::Request::post(format!("{base}{CHAT}"))
+        .header("content-type", "application/json")
+        .body(body)
+        .unwrap();
+    let started = Instant::now();
+    let response = tokio::time::timeout(BOUND, sender.send_request(request))
+        .await
+        .expect("the gateway answers a body that stopped arriving")
+        .unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "answered after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(response.status(), 408);
+    let answer = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let answer: Value = serde_json::from_slice(&answer).unwrap();
+    assert_eq!(answer["error"]["code"], "request_body_timeout", "{answer}");
+    assert_eq!(sims[0].request_count(), 0);
 }

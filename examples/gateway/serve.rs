@@ -26,7 +26,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 use tower::Service;
 
-use crate::h2_limits::{H2Limits, OpenBody, OpenFuture, Streams};
+use crate::h2_limits::{self, H2Limits, OpenBody, OpenFuture, Streams, TimedBody};
 
 /// Where and how the gateway serves its callers.
 pub(crate) struct Serving {
@@ -42,7 +42,7 @@ pub(crate) struct Timeouts {
     /// For a whole request head (its first bytes included), and, over HTTP/2, with no stream
     /// open.
     pub(crate) head: Duration,
-    /// For the next bytes of a request body still arriving (HTTP/1.1).
+    /// For the next bytes of a request body still arriving.
     pub(crate) body: Duration,
     /// For the caller to take more of an answer (room in its socket, or its HTTP/2 window).
     pub(crate) send: Duration,
@@ -62,9 +62,9 @@ pub(crate) fn serve_per_core<S>(
     stopped: &watch::Receiver<bool>,
 ) -> Result<(SocketAddr, Vec<std::thread::JoinHandle<()>>), String>
 where
-    S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>,
+    S: Service<Request<h2_limits::RequestBody>, Response = Response<Body>, Error = Infallible>,
     S: Service<Request<RequestBody>, Response = Response<Body>, Error = Infallible>,
-    <S as Service<Request<Incoming>>>::Future: Send + 'static,
+    <S as Service<Request<h2_limits::RequestBody>>>::Future: Send + 'static,
     <S as Service<Request<RequestBody>>>::Future: Send + 'static,
     S: Clone + Send + 'static,
 {
@@ -117,9 +117,9 @@ async fn accept_loop<S>(
     mut stopped: watch::Receiver<bool>,
     timeouts: Timeouts,
 ) where
-    S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>,
+    S: Service<Request<h2_limits::RequestBody>, Response = Response<Body>, Error = Infallible>,
     S: Service<Request<RequestBody>, Response = Response<Body>, Error = Infallible>,
-    <S as Service<Request<Incoming>>>::Future: Send + 'static,
+    <S as Service<Request<h2_limits::RequestBody>>>::Future: Send + 'static,
     <S as Service<Request<RequestBody>>>::Future: Send + 'static,
     S: Clone + Send + 'static,
 {
@@ -159,6 +159,7 @@ async fn accept_loop<S>(
                     let service = PerConnection {
                         app: RefCell::new(app),
                         streams: Arc::clone(&streams),
+                        body_timeout: timeouts.body,
                     };
                     let connection = servers
                         .http2
@@ -397,15 +398,17 @@ impl<C: Future> Future for Watched<C> {
 
 /// One HTTP/2 connection's copy of the app. hyper calls a service by shared reference; the copy
 /// sits in a `RefCell` and is called in place, instead of being cloned for every request as a
-/// shared service would be. Each stream counts as open in `streams` until its answer has ended.
+/// shared service would be. Each stream counts as open in `streams` until its answer has ended;
+/// its request body gets `body_timeout` for each wait for more.
 struct PerConnection<S> {
     app: RefCell<S>,
     streams: Arc<Streams>,
+    body_timeout: Duration,
 }
 
 impl<S> hyper::service::Service<Request<Incoming>> for PerConnection<S>
 where
-    S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>,
+    S: Service<Request<h2_limits::RequestBody>, Response = Response<Body>, Error = Infallible>,
 {
     type Response = Response<OpenBody<Body>>;
     type Error = Infallible;
@@ -413,6 +416,7 @@ where
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let stream = self.streams.open();
+        let request = request.map(|body| TimedBody::new(body, self.body_timeout));
         OpenFuture::new(self.app.borrow_mut().call(request), stream)
     }
 }
