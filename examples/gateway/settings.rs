@@ -59,7 +59,7 @@ pub(crate) struct Flags {
     #[arg(long, value_name = "SECS")]
     head_timeout: Option<u64>,
     /// Seconds a request body still arriving may go without a byte; then the caller gets 408
-    /// and the connection is closed [default: 60].
+    /// (over HTTP/1.1, and its connection is closed) [default: 60].
     #[arg(long, value_name = "SECS")]
     body_timeout: Option<u64>,
     /// Seconds an answer may wait for its caller to take more of it (room in its connection,
@@ -199,21 +199,21 @@ impl Settings {
         if max_attempts == Some(0) {
             return Err("max attempts must be at least 1".to_owned());
         }
-        let head_timeout = match flags.head_timeout.or(file.head_timeout_secs) {
-            Some(0) => return Err("the head timeout must be at least 1 second".to_owned()),
-            Some(secs) => Duration::from_secs(secs),
-            None => DEFAULT_HEAD_TIMEOUT,
-        };
-        let body_timeout = match flags.body_timeout.or(file.body_timeout_secs) {
-            Some(0) => return Err("the body timeout must be at least 1 second".to_owned()),
-            Some(secs) => Duration::from_secs(secs),
-            None => DEFAULT_BODY_TIMEOUT,
-        };
-        let send_timeout = match flags.send_timeout.or(file.send_timeout_secs) {
-            Some(0) => return Err("the send timeout must be at least 1 second".to_owned()),
-            Some(secs) => Duration::from_secs(secs),
-            None => DEFAULT_SEND_TIMEOUT,
-        };
+        let head_timeout = timeout(
+            "head",
+            flags.head_timeout.or(file.head_timeout_secs),
+            DEFAULT_HEAD_TIMEOUT,
+        )?;
+        let body_timeout = timeout(
+            "body",
+            flags.body_timeout.or(file.body_timeout_secs),
+            DEFAULT_BODY_TIMEOUT,
+        )?;
+        let send_timeout = timeout(
+            "send",
+            flags.send_timeout.or(file.send_timeout_secs),
+            DEFAULT_SEND_TIMEOUT,
+        )?;
         let workers = flags.workers.or(file.workers);
         if workers == Some(0) {
             return Err("workers must be at least 1".to_owned());
@@ -242,6 +242,15 @@ impl Settings {
             send_timeout,
             workers,
         })
+    }
+}
+
+/// The `kind` timeout of `secs` seconds, at least one, or `default` when none is given.
+fn timeout(kind: &str, secs: Option<u64>, default: Duration) -> Result<Duration, String> {
+    match secs {
+        Some(0) => Err(format!("the {kind} timeout must be at least 1 second")),
+        Some(secs) => Ok(Duration::from_secs(secs)),
+        None => Ok(default),
     }
 }
 
