@@ -1,7 +1,7 @@
 //! Serving: one single-threaded runtime per worker (one per core by default), each with its own
 //! `SO_REUSEPORT` listener and accept loop; HTTP/1.1 callers served by aoai-upstream's lean
-//! server, HTTP/2 callers by hyper's; head, body and send timeouts (over HTTP/2, an idle limit
-//! and a send limit); graceful shutdown.
+//! server, HTTP/2 callers by hyper's; head, body and send timeouts (over HTTP/2 as an idle limit,
+//! a body timeout and a send limit: `h2_limits`); graceful shutdown.
 
 use std::cell::RefCell;
 use std::convert::Infallible;
