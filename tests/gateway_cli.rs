@@ -1494,3 +1494,70 @@ async fn an_http2_request_body_that_stops_arriving_is_answered_408_and_reaches_n
     assert_eq!(answer["error"]["code"], "request_body_timeout", "{answer}");
     assert_eq!(sims[0].request_count(), 0);
 }
+
+/// An HTTP/2 caller that reads its answer slowly but steadily, so that one frame of it takes
+/// longer than the send timeout to go out, gets all of it: the send limit cuts a caller that
+/// takes nothing, not one that takes little.
+#[tokio::test]
+async fn a_slow_http2_reader_gets_its_whole_answer_though_a_frame_takes_longer_than_the_send_timeout()
+ {
+    const SIZE: usize = 16 * 1024;
+    let url = one_connection_backend(|mut stream| async move {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        while find(&head, b"\r\n\r\n").is_none() {
+            match tokio::time::timeout(BOUND, stream.read(&mut buf)).await {
+                Ok(Ok(read)) if read > 0 => head.extend_from_slice(&buf[..read]),
+                _ => return,
+            }
+        }
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {SIZE}\r\n\r\n{}",
+            "x".repeat(SIZE)
+        );
+        let _ = stream.write_all(answer.as_bytes()).await;
+        let _ = tokio::time::timeout(BOUND, stream.read(&mut buf)).await;
+    })
+    .await;
+    let (mut gateway, addr, base) = Gateway::over_urls(
+        &[format!("whole={url}")],
+        &["--head-timeout", "1", "--send-timeout", "1"],
+    );
+    gateway.ready(&base, None).await;
+
+    let mut client = h2c_client();
+    client
+        .initial_stream_window_size(1024)
+        .adaptive_window(false);
+    let (mut sender, _connection) = h2c_connect(&addr, &client).await;
+    let request = http::Request::post(format!("{base}{CHAT}"))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            chat_body().to_string(),
+        )))
+        .unwrap();
+    let response = tokio::time::timeout(BOUND, sender.send_request(request))
+        .await
+        .expect("the gateway answers over HTTP/2")
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    // A frame of at most the 1 KiB window every 300 ms: the gateway's frames (pieces of up to
+    // 8 KiB, as read from the backend) take about 2.4 s each to go out.
+    let started = Instant::now();
+    let mut body = response.into_body();
+    let mut received = 0;
+    while let Some(frame) = tokio::time::timeout(BOUND, http_body_util::BodyExt::frame(&mut body))
+        .await
+        .expect("the next frame")
+    {
+        let frame = frame.expect("the answer is not cut");
+        received += frame.data_ref().map_or(0, bytes::Bytes::len);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(received, SIZE);
+    assert!(
+        started.elapsed() > Duration::from_secs(4),
+        "read in {:?}",
+        started.elapsed()
+    );
+}

@@ -6,9 +6,10 @@
 //!   as open from its request to the end of its answer's body, so a stream that stays quiet for
 //!   long (an SSE answer between two events) is never cut.
 //! - **Send:** a connection on which a stream's answer waits to be sent (its caller's window is
-//!   shut) while nothing of any answer moves for the send limit (nginx's `send_timeout`) is
-//!   dropped, and the answers' bodies (the backends' streams) with it: a caller that reads
-//!   nothing no longer holds its backend exchanges for good.
+//!   shut) while nothing of any answer moves for the send limit (nginx's `send_timeout`): no
+//!   answer asked for more, no write to the socket. It is dropped, and the answers' bodies (the
+//!   backends' streams) with it: a caller that reads nothing no longer holds its backend
+//!   exchanges for good, and one that reads slowly keeps its answer.
 //!
 //! - **Body:** a request body still arriving that the service waits on gets the body timeout
 //!   (nginx's `client_body_timeout`) for its next frame, and then fails with a `TimedOut`
@@ -20,6 +21,7 @@
 //! service wait (one that came with its head never does).
 
 use std::future::Future;
+use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -49,6 +51,8 @@ pub(crate) struct Streams {
     waiting_to_send: AtomicUsize,
     /// Polls of the answers' bodies, ever.
     polls: AtomicUsize,
+    /// Writes to the connection's socket that took something, ever.
+    writes: AtomicUsize,
 }
 
 impl Streams {
@@ -167,6 +171,73 @@ impl<B: Body<Data = Bytes>> Body for OpenBody<B> {
     }
 }
 
+pin_project! {
+    /// A connection's socket, counting in its [`Streams`] the writes that take something: how
+    /// the limits see an answer going out while hyper asks no body for more (it waits for the
+    /// caller's window to let out what it holds).
+    pub(crate) struct CountedIo<I> {
+        #[pin]
+        io: I,
+        streams: Arc<Streams>,
+    }
+}
+
+impl<I> CountedIo<I> {
+    pub(crate) fn new(io: I, streams: Arc<Streams>) -> Self {
+        Self { io, streams }
+    }
+}
+
+impl<I: hyper::rt::Read> hyper::rt::Read for CountedIo<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.project().io.poll_read(cx, buf)
+    }
+}
+
+impl<I: hyper::rt::Write> hyper::rt::Write for CountedIo<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        counted(this.streams, this.io.poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        counted(this.streams, this.io.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
+}
+
+/// Counts `written` in `streams` if it took something.
+fn counted(streams: &Streams, written: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+    if let Poll::Ready(Ok(1..)) = written {
+        streams.writes.fetch_add(1, Ordering::Relaxed);
+    }
+    written
+}
+
 /// Ticks in a row on which something a limit watches has not happened.
 struct Quiet {
     /// The watched count at the last tick.
@@ -254,15 +325,19 @@ impl<C: Future> Future for H2Limits<C> {
         while this.tick.as_mut().poll(cx).is_ready() {
             let streams = &this.streams;
             let waiting = streams.waiting_to_send.load(Ordering::Relaxed) > 0;
-            if this
-                .stalled
-                .tick(waiting, streams.polls.load(Ordering::Relaxed))
-            {
+            let writes = streams.writes.load(Ordering::Relaxed);
+            let moved = streams.polls.load(Ordering::Relaxed).wrapping_add(writes);
+            if this.stalled.tick(waiting, moved) {
                 // The caller reads nothing: a graceful shutdown would wait on it too.
                 return Poll::Ready(());
             }
             let idle = streams.open.load(Ordering::Relaxed) == 0;
-            if this.idle.tick(idle, streams.opened.load(Ordering::Relaxed)) {
+            let mut opened = streams.opened.load(Ordering::Relaxed);
+            if *this.shutting_down {
+                // Past the `GOAWAY`: what a stream that has ended left to send still goes out.
+                opened = opened.wrapping_add(writes);
+            }
+            if this.idle.tick(idle, opened) {
                 if *this.shutting_down {
                     return Poll::Ready(());
                 }

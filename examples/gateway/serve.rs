@@ -26,7 +26,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 use tower::Service;
 
-use crate::h2_limits::{self, H2Limits, OpenBody, OpenFuture, Streams, TimedBody};
+use crate::h2_limits::{self, CountedIo, H2Limits, OpenBody, OpenFuture, Streams, TimedBody};
 
 /// Where and how the gateway serves its callers.
 pub(crate) struct Serving {
@@ -161,9 +161,8 @@ async fn accept_loop<S>(
                         streams: Arc::clone(&streams),
                         body_timeout: timeouts.body,
                     };
-                    let connection = servers
-                        .http2
-                        .serve_connection(TokioIo::new(stream), service);
+                    let io = CountedIo::new(TokioIo::new(stream), Arc::clone(&streams));
+                    let connection = servers.http2.serve_connection(io, service);
                     // Boxed: hyper's HTTP/2 connection is large, and inline it would make
                     // every connection's task as large, HTTP/1.1 ones too.
                     let connection = Box::pin(H2Limits::new(
