@@ -10,7 +10,6 @@
 //!   answer asked for more, no write to the socket. It is dropped, and the answers' bodies (the
 //!   backends' streams) with it: a caller that reads nothing no longer holds its backend
 //!   exchanges for good, and one that reads slowly keeps its answer.
-//!
 //! - **Body:** a request body still arriving that the service waits on gets the body timeout
 //!   (nginx's `client_body_timeout`) for its next frame, and then fails with a `TimedOut`
 //!   error, which the gateway answers 408 as over HTTP/1.1.
@@ -283,7 +282,7 @@ pin_project! {
         interval: Duration,
         // No stream open, none opened.
         idle: Quiet,
-        // A stream waiting to be sent, no answer polled.
+        // A stream waiting to be sent, and nothing moving: no answer polled, no socket write.
         stalled: Quiet,
         shutting_down: bool,
     }
