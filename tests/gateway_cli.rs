@@ -425,6 +425,27 @@ async fn a_config_file_sets_backends_timeouts_and_workers_and_turns_the_served_b
     assert_eq!(gateway.worker_threads(), ["gateway-0"]);
 }
 
+/// The example config the README points to is read whole (every key known), with its two
+/// instances. No request is sent: they are real Azure endpoints.
+#[tokio::test]
+async fn the_example_config_file_is_read() {
+    let addr = free_addr();
+    let base = format!("http://{addr}");
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/gateway.toml");
+    let mut gateway = Gateway::spawn(
+        &["--config", config, "--listen", &addr, "--auth", "none"],
+        &[],
+    );
+    let backends = gateway.ready(&base, None).await;
+    let names: Vec<&str> = backends["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|backend| backend["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["eastus", "swedencentral"], "{backends}");
+}
+
 #[tokio::test]
 async fn client_keys_are_required_and_never_forwarded() {
     const KEY_ONE: &str = "client-key-one-7f3a9c";
