@@ -631,12 +631,7 @@ async fn it_serves_http1_and_http2_callers_on_one_port() {
             .await
             .unwrap();
     tokio::spawn(connection);
-    let request = http::Request::post(format!("{base}{CHAT}"))
-        .header("content-type", "application/json")
-        .body(http_body_util::Full::new(bytes::Bytes::from(
-            chat_body().to_string(),
-        )))
-        .unwrap();
+    let request = chat_request_with(&base, &chat_body());
     let response = tokio::time::timeout(BOUND, sender.send_request(request))
         .await
         .expect("the gateway answers a preface that came in pieces")
@@ -1303,12 +1298,33 @@ where
 fn streamed_chat_request(base: &str) -> http::Request<http_body_util::Full<bytes::Bytes>> {
     let mut body = chat_body();
     body["stream"] = Value::Bool(true);
+    chat_request_with(base, &body)
+}
+
+/// A chat completion of `body` for the gateway at `base`, as an HTTP/2 client sends it.
+fn chat_request_with(
+    base: &str,
+    body: &Value,
+) -> http::Request<http_body_util::Full<bytes::Bytes>> {
     http::Request::post(format!("{base}{CHAT}"))
         .header("content-type", "application/json")
         .body(http_body_util::Full::new(bytes::Bytes::from(
             body.to_string(),
         )))
         .unwrap()
+}
+
+/// Reads a request head from a backend's connection, within [`BOUND`]; whether it came whole.
+async fn read_request_head(stream: &mut tokio::net::TcpStream) -> bool {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while find(&head, b"\r\n\r\n").is_none() {
+        match tokio::time::timeout(BOUND, stream.read(&mut buf)).await {
+            Ok(Ok(read)) if read > 0 => head.extend_from_slice(&buf[..read]),
+            _ => return false,
+        }
+    }
+    true
 }
 
 /// The frame types in `bytes`, read as HTTP/2 frames from a server (no preface).
@@ -1405,13 +1421,8 @@ async fn http2_connections_with_no_stream_open_for_the_head_timeout_are_let_go()
 async fn flooding_stream_backend() -> (String, tokio::sync::oneshot::Receiver<()>) {
     let (closed_tx, closed) = tokio::sync::oneshot::channel();
     let url = one_connection_backend(|mut stream| async move {
-        let mut head = Vec::new();
-        let mut buf = [0u8; 4096];
-        while find(&head, b"\r\n\r\n").is_none() {
-            match tokio::time::timeout(BOUND, stream.read(&mut buf)).await {
-                Ok(Ok(read)) if read > 0 => head.extend_from_slice(&buf[..read]),
-                _ => return,
-            }
+        if !read_request_head(&mut stream).await {
+            return;
         }
         let answer = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
                       transfer-encoding: chunked\r\n\r\n";
@@ -1524,20 +1535,15 @@ async fn a_slow_http2_reader_gets_its_whole_answer_though_a_frame_takes_longer_t
  {
     const SIZE: usize = 16 * 1024;
     let url = one_connection_backend(|mut stream| async move {
-        let mut head = Vec::new();
-        let mut buf = [0u8; 4096];
-        while find(&head, b"\r\n\r\n").is_none() {
-            match tokio::time::timeout(BOUND, stream.read(&mut buf)).await {
-                Ok(Ok(read)) if read > 0 => head.extend_from_slice(&buf[..read]),
-                _ => return,
-            }
+        if !read_request_head(&mut stream).await {
+            return;
         }
         let answer = format!(
             "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {SIZE}\r\n\r\n{}",
             "x".repeat(SIZE)
         );
         let _ = stream.write_all(answer.as_bytes()).await;
-        let _ = tokio::time::timeout(BOUND, stream.read(&mut buf)).await;
+        let _ = tokio::time::timeout(BOUND, stream.read(&mut [0u8; 1])).await;
     })
     .await;
     let (mut gateway, addr, base) = Gateway::over_urls(
@@ -1551,12 +1557,7 @@ async fn a_slow_http2_reader_gets_its_whole_answer_though_a_frame_takes_longer_t
         .initial_stream_window_size(1024)
         .adaptive_window(false);
     let (mut sender, _connection) = h2c_connect(&addr, &client).await;
-    let request = http::Request::post(format!("{base}{CHAT}"))
-        .header("content-type", "application/json")
-        .body(http_body_util::Full::new(bytes::Bytes::from(
-            chat_body().to_string(),
-        )))
-        .unwrap();
+    let request = chat_request_with(&base, &chat_body());
     let response = tokio::time::timeout(BOUND, sender.send_request(request))
         .await
         .expect("the gateway answers over HTTP/2")
