@@ -1272,6 +1272,18 @@ fn h2c_client() -> hyper::client::conn::http2::Builder<hyper_util::rt::TokioExec
     hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
 }
 
+/// An HTTP/2 client whose window for each stream stays `bytes` (no adaptive window): it takes
+/// no more of an answer than that until the application reads it.
+fn h2c_client_with_window(
+    bytes: u32,
+) -> hyper::client::conn::http2::Builder<hyper_util::rt::TokioExecutor> {
+    let mut client = h2c_client();
+    client
+        .initial_stream_window_size(bytes)
+        .adaptive_window(false);
+    client
+}
+
 /// An HTTP/2 connection with prior knowledge to the gateway at `addr`, with `client`'s settings:
 /// its sender, and the task that drives it (which ends when the connection does).
 async fn h2c_connect<B>(
@@ -1457,10 +1469,7 @@ async fn an_http2_caller_reading_nothing_of_its_stream_is_let_go_after_the_send_
         Gateway::over_urls(&[format!("flood={url}")], &["--send-timeout", "1"]);
     gateway.ready(&base, None).await;
 
-    let mut client = h2c_client();
-    client
-        .initial_stream_window_size(1024)
-        .adaptive_window(false);
+    let client = h2c_client_with_window(1024);
     let (mut sender, connection) = h2c_connect(&addr, &client).await;
     let request = streamed_chat_request(&base);
     let answered = Instant::now();
@@ -1552,10 +1561,7 @@ async fn a_slow_http2_reader_gets_its_whole_answer_though_a_frame_takes_longer_t
     );
     gateway.ready(&base, None).await;
 
-    let mut client = h2c_client();
-    client
-        .initial_stream_window_size(1024)
-        .adaptive_window(false);
+    let client = h2c_client_with_window(1024);
     let (mut sender, _connection) = h2c_connect(&addr, &client).await;
     let request = chat_request_with(&base, &chat_body());
     let response = tokio::time::timeout(BOUND, sender.send_request(request))

@@ -31,6 +31,7 @@ use aoai_tower::BoxError;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use hyper_util::server::graceful::GracefulConnection;
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
@@ -48,10 +49,9 @@ pub(crate) struct Streams {
     /// Streams whose answer has handed hyper a frame and has not been asked for the next one:
     /// hyper waits for the caller's window to open.
     waiting_to_send: AtomicUsize,
-    /// Polls of the answers' bodies, ever.
-    polls: AtomicUsize,
-    /// Writes to the connection's socket that took something, ever.
-    writes: AtomicUsize,
+    /// Polls of the answers' bodies and writes to the socket that took something, ever: how
+    /// the limits see the connection's answers move.
+    moved: AtomicUsize,
 }
 
 impl Streams {
@@ -77,7 +77,7 @@ pub(crate) struct OpenStream {
 impl OpenStream {
     /// The stream's answer is polled: it no longer waits to be sent.
     fn polled(&mut self) {
-        self.streams.polls.fetch_add(1, Ordering::Relaxed);
+        self.streams.moved.fetch_add(1, Ordering::Relaxed);
         if std::mem::take(&mut self.waiting_to_send) {
             self.streams.waiting_to_send.fetch_sub(1, Ordering::Relaxed);
         }
@@ -232,7 +232,7 @@ impl<I: hyper::rt::Write> hyper::rt::Write for CountedIo<I> {
 /// Counts `written` in `streams` if it took something.
 fn counted(streams: &Streams, written: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
     if let Poll::Ready(Ok(1..)) = written {
-        streams.writes.fetch_add(1, Ordering::Relaxed);
+        streams.moved.fetch_add(1, Ordering::Relaxed);
     }
     written
 }
@@ -274,8 +274,6 @@ pin_project! {
     pub(crate) struct H2Limits<C> {
         #[pin]
         connection: C,
-        // Starts the connection's graceful shutdown.
-        start_shutdown: fn(Pin<&mut C>),
         streams: Arc<Streams>,
         #[pin]
         tick: Sleep,
@@ -288,10 +286,9 @@ pin_project! {
     }
 }
 
-impl<C> H2Limits<C> {
+impl<C: GracefulConnection> H2Limits<C> {
     pub(crate) fn new(
         connection: C,
-        start_shutdown: fn(Pin<&mut C>),
         streams: Arc<Streams>,
         idle: Duration,
         send: Duration,
@@ -299,7 +296,6 @@ impl<C> H2Limits<C> {
         let interval = idle.min(send) / TICKS_PER_LIMIT;
         Self {
             connection,
-            start_shutdown,
             streams,
             tick: tokio::time::sleep(interval),
             interval,
@@ -311,12 +307,11 @@ impl<C> H2Limits<C> {
 
     /// Starts the connection's graceful shutdown (the worker is stopping).
     pub(crate) fn graceful_shutdown(self: Pin<&mut Self>) {
-        let this = self.project();
-        (this.start_shutdown)(this.connection);
+        self.project().connection.graceful_shutdown();
     }
 }
 
-impl<C: Future> Future for H2Limits<C> {
+impl<C: GracefulConnection> Future for H2Limits<C> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
@@ -324,8 +319,7 @@ impl<C: Future> Future for H2Limits<C> {
         while this.tick.as_mut().poll(cx).is_ready() {
             let streams = &this.streams;
             let waiting = streams.waiting_to_send.load(Ordering::Relaxed) > 0;
-            let writes = streams.writes.load(Ordering::Relaxed);
-            let moved = streams.polls.load(Ordering::Relaxed).wrapping_add(writes);
+            let moved = streams.moved.load(Ordering::Relaxed);
             if this.stalled.tick(waiting, moved) {
                 // The caller reads nothing: a graceful shutdown would wait on it too.
                 return Poll::Ready(());
@@ -334,7 +328,7 @@ impl<C: Future> Future for H2Limits<C> {
             let mut opened = streams.opened.load(Ordering::Relaxed);
             if *this.shutting_down {
                 // Past the `GOAWAY`: what a stream that has ended left to send still goes out.
-                opened = opened.wrapping_add(writes);
+                opened = opened.wrapping_add(moved);
             }
             if this.idle.tick(idle, opened) {
                 if *this.shutting_down {
@@ -342,7 +336,7 @@ impl<C: Future> Future for H2Limits<C> {
                 }
                 *this.shutting_down = true;
                 this.idle.ticks = 0;
-                (this.start_shutdown)(this.connection.as_mut());
+                this.connection.as_mut().graceful_shutdown();
             }
             let next = Instant::now() + *this.interval;
             this.tick.as_mut().reset(next);
@@ -395,16 +389,15 @@ where
             *this.armed = false;
             return Poll::Ready(frame.map(|frame| frame.map_err(Into::into)));
         }
-        let deadline = Instant::now() + *this.timeout;
         let wait = match this.wait {
             Some(wait) if *this.armed => wait,
             Some(wait) => {
-                wait.as_mut().reset(deadline);
+                wait.as_mut().reset(Instant::now() + *this.timeout);
                 wait
             }
             None => this
                 .wait
-                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+                .insert(Box::pin(tokio::time::sleep(*this.timeout))),
         };
         *this.armed = true;
         if wait.as_mut().poll(cx).is_pending() {

@@ -41,7 +41,7 @@ use http::{Request, Response};
 use serde_json::json;
 use tower::{Layer, Service};
 
-use crate::serve::{Serving, Timeouts, serve_per_core};
+use crate::serve::{Serving, serve_per_core};
 use crate::settings::{AuthMode, Backend, Flags, Settings, is_loopback_url};
 
 fn main() {
@@ -122,11 +122,7 @@ async fn run(mut settings: Settings) -> Result<(), String> {
 
     let serving = Serving {
         listen: settings.listen,
-        timeouts: Timeouts {
-            head: settings.head_timeout,
-            body: settings.body_timeout,
-            send: settings.send_timeout,
-        },
+        timeouts: settings.timeouts,
         workers: settings.workers,
     };
     let (stop, stopped) = tokio::sync::watch::channel(false);

@@ -19,7 +19,6 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::graceful::GracefulConnection;
 use pin_project_lite::pin_project;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -167,7 +166,6 @@ async fn accept_loop<S>(
                     // every connection's task as large, HTTP/1.1 ones too.
                     let connection = Box::pin(H2Limits::new(
                         connection,
-                        graceful,
                         streams,
                         timeouts.head,
                         timeouts.send,
@@ -201,11 +199,6 @@ impl Servers {
             http2: http2::Builder::new(TokioExecutor::new()),
         }
     }
-}
-
-/// Starts a hyper connection's graceful shutdown.
-fn graceful<C: GracefulConnection>(connection: Pin<&mut C>) {
-    connection.graceful_shutdown();
 }
 
 /// The HTTP/2 connection preface a client opens with (RFC 9113, section 3.4).

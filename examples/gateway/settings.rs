@@ -10,6 +10,8 @@ use aoai_tower::upstream::server::{
 use clap::Parser;
 use serde::Deserialize;
 
+use crate::serve::Timeouts;
+
 /// Command-line flags. Every flag overrides the same setting from `--config`.
 #[derive(Debug, Parser)]
 #[command(
@@ -158,12 +160,8 @@ pub(crate) struct Settings {
     pub(crate) attempt_timeout: Option<Duration>,
     pub(crate) cooldown_cap: Option<Duration>,
     pub(crate) served_by_header: bool,
-    /// How long a caller's connection may wait for a request head.
-    pub(crate) head_timeout: Duration,
-    /// How long a request body still arriving may go without a byte.
-    pub(crate) body_timeout: Duration,
-    /// How long an answer may wait for its caller to take more of it.
-    pub(crate) send_timeout: Duration,
+    /// How long a caller's connection may wait on its caller.
+    pub(crate) timeouts: Timeouts,
     /// Worker threads; `None`: one per core.
     pub(crate) workers: Option<usize>,
 }
@@ -199,21 +197,23 @@ impl Settings {
         if max_attempts == Some(0) {
             return Err("max attempts must be at least 1".to_owned());
         }
-        let head_timeout = timeout(
-            "head",
-            flags.head_timeout.or(file.head_timeout_secs),
-            DEFAULT_HEAD_TIMEOUT,
-        )?;
-        let body_timeout = timeout(
-            "body",
-            flags.body_timeout.or(file.body_timeout_secs),
-            DEFAULT_BODY_TIMEOUT,
-        )?;
-        let send_timeout = timeout(
-            "send",
-            flags.send_timeout.or(file.send_timeout_secs),
-            DEFAULT_SEND_TIMEOUT,
-        )?;
+        let timeouts = Timeouts {
+            head: timeout(
+                "head",
+                flags.head_timeout.or(file.head_timeout_secs),
+                DEFAULT_HEAD_TIMEOUT,
+            )?,
+            body: timeout(
+                "body",
+                flags.body_timeout.or(file.body_timeout_secs),
+                DEFAULT_BODY_TIMEOUT,
+            )?,
+            send: timeout(
+                "send",
+                flags.send_timeout.or(file.send_timeout_secs),
+                DEFAULT_SEND_TIMEOUT,
+            )?,
+        };
         let workers = flags.workers.or(file.workers);
         if workers == Some(0) {
             return Err("workers must be at least 1".to_owned());
@@ -237,9 +237,7 @@ impl Settings {
                 .or(file.cooldown_cap_secs)
                 .map(Duration::from_secs),
             served_by_header: !flags.no_served_by_header && file.served_by_header.unwrap_or(true),
-            head_timeout,
-            body_timeout,
-            send_timeout,
+            timeouts,
             workers,
         })
     }

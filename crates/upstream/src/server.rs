@@ -111,7 +111,7 @@ const CLOSE_DRAIN_TIME: Duration = Duration::from_secs(1);
 /// the connection, a request or answer says to close it, it waits too long for a request head,
 /// the caller reads nothing of its answer for too long, or [`Connection::graceful_shutdown`] is
 /// called. See the [module docs](self) for what it accepts and refuses. Serves with
-/// [`Builder`]'s defaults (head and send timeouts of 60 s).
+/// [`Builder`]'s defaults (head, body and send timeouts of 60 s).
 ///
 /// The service is polled ready before each call. Its errors, and I/O errors, end the connection
 /// (the future's output); they concern that caller only.
@@ -707,16 +707,17 @@ impl BodyWait {
     /// Whether the body has waited the whole timeout for its next bytes; otherwise the timer
     /// is armed (if it was not) and registered with `cx`.
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        let deadline = tokio::time::Instant::now() + self.timeout;
         let timer = match &mut self.timer {
             Some(timer) if self.armed => timer,
             Some(timer) => {
-                timer.as_mut().reset(deadline);
+                timer
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + self.timeout);
                 timer
             }
             None => self
                 .timer
-                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+                .insert(Box::pin(tokio::time::sleep(self.timeout))),
         };
         self.armed = true;
         timer.as_mut().poll(cx).is_ready()

@@ -308,19 +308,33 @@ impl Server {
     }
 }
 
-/// A [`recorder`] served by a [`Server`], with one client connected.
+/// A [`recorder`] served by a [`Server`] with the default settings, with one client connected.
 async fn recorded(
     read: ReadBody,
     respond: impl Fn(&Received) -> Response<TestBody> + Send + Sync + 'static,
 ) -> (Server, RawClient, Log) {
+    recorded_with(Builder::new(), read, respond).await
+}
+
+/// [`recorded`], serving with `settings`.
+async fn recorded_with(
+    settings: Builder,
+    read: ReadBody,
+    respond: impl Fn(&Received) -> Response<TestBody> + Send + Sync + 'static,
+) -> (Server, RawClient, Log) {
     let (service, log) = recorder(read, respond);
-    let (server, client) = Server::start(Builder::new(), service).await;
+    let (server, client) = Server::start(settings, service).await;
     (server, client, log)
 }
 
 /// A recorder reading each body whole and answering with [`echo`], served, with one client.
 async fn echoed() -> (Server, RawClient, Log) {
-    recorded(ReadBody::Whole, echo).await
+    echoed_with(Builder::new()).await
+}
+
+/// [`echoed`], serving with `settings`.
+async fn echoed_with(settings: Builder) -> (Server, RawClient, Log) {
+    recorded_with(settings, ReadBody::Whole, echo).await
 }
 
 /// What a service that never answers tells: each call, and each of its futures dropped.
@@ -1454,13 +1468,6 @@ async fn an_answer_to_a_body_nobody_reads_reaches_a_caller_still_sending() {
 /// assume of it (an answer within a fraction of it), short enough to wait out.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// [`echoed`], serving with `settings`.
-async fn echoed_with(settings: Builder) -> (Server, RawClient, Log) {
-    let (service, log) = recorder(ReadBody::Whole, echo);
-    let (server, client) = Server::start(settings, service).await;
-    (server, client, log)
-}
-
 /// [`echoed`], serving with a head timeout of [`HEAD_TIMEOUT`].
 async fn echoed_with_head_timeout() -> (Server, RawClient, Log) {
     echoed_with(Builder::new().head_timeout(Some(HEAD_TIMEOUT))).await
@@ -1548,13 +1555,13 @@ async fn a_head_sent_a_byte_at_a_time_is_refused_408_after_the_head_timeout() {
 async fn an_answer_longer_than_the_timeouts_is_not_cut_and_the_next_wait_gets_all_of_the_head_timeout()
  {
     let (tx, body) = channel_body(8);
-    // The first request gets the stream, the next ones an echo.
-    let (service, mut log) = recorder(ReadBody::Whole, first_then(body, echo));
     // The send timeout bounds each wait for the caller to make room, not the answer.
     let settings = Builder::new()
         .head_timeout(Some(HEAD_TIMEOUT))
         .send_timeout(Some(HEAD_TIMEOUT));
-    let (mut server, mut client) = Server::start(settings, service).await;
+    // The first request gets the stream, the next ones an echo.
+    let (mut server, mut client, mut log) =
+        recorded_with(settings, ReadBody::Whole, first_then(body, echo)).await;
     client.send("GET /sse HTTP/1.1\r\n\r\n").await;
     assert!(client.read_head().await.is_chunked());
     // The answer streams for twice the timeout.
@@ -1578,9 +1585,8 @@ async fn an_answer_longer_than_the_timeouts_is_not_cut_and_the_next_wait_gets_al
 async fn a_caller_reading_nothing_of_a_stream_is_closed_after_the_send_timeout_and_the_stream_dropped()
  {
     let (tx, body) = channel_body(1);
-    let (service, _log) = recorder(ReadBody::Whole, once(body));
     let settings = Builder::new().send_timeout(Some(Duration::from_millis(500)));
-    let (mut server, mut client) = Server::start(settings, service).await;
+    let (mut server, mut client, _log) = recorded_with(settings, ReadBody::Whole, once(body)).await;
     client.send("GET /sse HTTP/1.1\r\n\r\n").await;
     // The backend's stream sends as fast as the connection takes it, until it is dropped.
     let stream = tokio::spawn(async move {
