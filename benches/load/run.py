@@ -7,9 +7,9 @@ Two backends are served by nginx (`return 200` with a canned chat completion), s
 not ours. Then, one after the other, oha loads: the backend directly; nginx as a round-robin
 upstream with proxy_next_upstream (the peer); and the aoai-tower gateway example (release build,
 RetryNextBackend + Balance + AzureAuth with an api-key). Each at concurrency 1 and 32, in
-rounds that alternate the targets (direct, nginx, gateway, direct, nginx, ...), so that a
-noisy neighbour on a shared machine hits all three alike; each figure is the median over the
-rounds.
+rounds that alternate the targets (direct, nginx, gateway, then direct, gateway, nginx, ...), so
+that a noisy neighbour on a shared machine hits all three alike and neither proxy is always
+measured right after the other; each figure is the median over the rounds.
 
 Reported per target: requests per second, p50 and p99 latency, CPU microseconds per request of
 the proxy process(es), and their peak RSS; then the same comparisons within each round, and
@@ -512,12 +512,20 @@ def measure_rounds(targets, concurrency, args, logs):
     samples by target name, and whether every answer was 200 and split about 50/50."""
     samples = {name: [] for name, _, _ in targets}
     ok = True
-    for _ in range(args.rounds):
-        for name, port, pid in targets:
+    for number in range(args.rounds):
+        for name, port, pid in round_order(targets, number):
             sample = measure(name, port, pid, concurrency, args.duration, logs)
             ok &= sample["all_200"] and sample["balanced"]
             samples[name].append(sample)
     return samples, ok
+
+
+def round_order(targets, number):
+    """The order of `targets` in round `number`: the backend alone first, then the proxies,
+    which take turns going first."""
+    direct = [target for target in targets if target[2] is None]
+    proxies = [target for target in targets if target[2] is not None]
+    return direct + (proxies if number % 2 == 0 else proxies[::-1])
 
 
 def round_ratios(samples, key):
@@ -533,9 +541,9 @@ def spread(values, spec):
 
 
 def print_round_spread(rounds):
-    """The same comparisons within each round (the gateway measured right after nginx), as the
-    median and the range over the rounds: how far one run's verdict can be trusted on this
-    machine."""
+    """The same comparisons within each round (the two proxies measured one right after the
+    other), as the median and the range over the rounds: how far one run's verdict can be
+    trusted on this machine."""
     g1, n1 = rounds[1]["gateway"], rounds[1]["nginx"]
     print()
     print("within each round:")
