@@ -1241,6 +1241,31 @@ async fn callers_that_send_no_whole_head_in_time_are_let_go_and_reach_no_backend
     assert_eq!(sims[0].request_count() + sims[1].request_count(), 1);
 }
 
+/// The head timeout counts from the connection's acceptance, the gateway's wait for its first
+/// bytes (to tell HTTP/1.1 from HTTP/2) included: a caller silent for most of it, then sending
+/// part of a head, is answered 408 when the timeout has passed since it connected, not a whole
+/// timeout after its first byte.
+#[tokio::test]
+async fn the_wait_for_a_callers_first_bytes_counts_against_its_head_timeout() {
+    let sims = sims(1).await;
+    let (mut gateway, addr, base) = Gateway::over_with(&sims, &["--head-timeout", "2"]);
+    gateway.ready(&base, None).await;
+    let timeout = Duration::from_secs(2);
+
+    let connected = Instant::now();
+    let mut late = RawClient::connect(&addr).await;
+    tokio::time::sleep(timeout * 3 / 4).await;
+    late.send(chat_head("").trim_end_matches("\r\n")).await;
+    let refused = late.read_answer().await;
+    let after = connected.elapsed();
+    assert_eq!(refused.status, 408, "{refused:?}");
+    late.expect_close(&refused).await;
+    assert!(after >= timeout, "refused after {after:?}");
+    // Counted again from the first byte, it would be 1.75 timeouts or more.
+    assert!(after < timeout * 3 / 2, "refused after {after:?}");
+    assert_eq!(sims[0].request_count(), 0);
+}
+
 /// A request body that stops arriving is answered 408 once the body timeout has passed without
 /// a byte of it (nginx's `client_body_timeout`), and reaches no backend: the retry layer reads a
 /// body whole before the first attempt. The message says what happened.

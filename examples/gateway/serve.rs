@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use aoai_tower::upstream::server::{self as lean, RequestBody};
 use axum::body::Body;
@@ -142,6 +142,8 @@ async fn accept_loop<S>(
         let shutdown = Arc::clone(&shutdown);
         // A connection's errors (a reset, a malformed request) concern that caller only.
         tokio::spawn(async move {
+            // The head timeout counts from here, the sniff's wait for the first bytes included.
+            let accepted = Instant::now();
             let protocol = match tokio::time::timeout(timeouts.head, Protocol::sniff(&stream)).await
             {
                 Ok(Ok(protocol)) => protocol,
@@ -150,7 +152,10 @@ async fn accept_loop<S>(
             };
             match protocol {
                 Protocol::Http1 => {
-                    let connection = servers.http1.serve_connection(stream, app);
+                    let connection =
+                        servers
+                            .http1
+                            .serve_connection_waited(stream, app, accepted.elapsed());
                     let _ = Watched::new(connection, &shutdown, |c| c.graceful_shutdown()).await;
                 }
                 Protocol::Http2 => {

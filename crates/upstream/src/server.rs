@@ -202,7 +202,8 @@ impl Builder {
         self
     }
 
-    /// How long a connection may wait for a whole request head: from when it is served, and
+    /// How long a connection may wait for a whole request head: from when it is served (or
+    /// began to wait, with [`serve_connection_waited`](Self::serve_connection_waited)), and
     /// from the end of each answer. A caller that has sent part of a head by then is answered
     /// `408 Request Timeout` and the connection closed (a head sent a byte at a time does not
     /// keep it open); a connection idle between requests is closed. `None`: no limit.
@@ -224,9 +225,30 @@ impl Builder {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
+        self.serve_connection_waited(stream, service, Duration::ZERO)
+    }
+
+    /// Serves HTTP/1.1 on `stream` as [`serve_connection`](Self::serve_connection) does, for a
+    /// connection that has already waited `waited` for its first request head: a server in
+    /// front that looked at its first bytes to tell its protocol, say. The head timeout of the
+    /// first head counts that time, so that a caller gets it once in all.
+    pub fn serve_connection_waited<S, B>(
+        &self,
+        stream: TcpStream,
+        service: S,
+        waited: Duration,
+    ) -> Connection
+    where
+        S: Service<Request<RequestBody>, Response = Response<B>> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
         let graceful = Arc::new(AtomicBool::new(false));
+        let serving = serve(stream, service, Arc::clone(&graceful), self.clone(), waited);
         Connection {
-            future: Box::pin(serve(stream, service, Arc::clone(&graceful), self.clone())),
+            future: Box::pin(serving),
             graceful,
         }
     }
@@ -464,6 +486,7 @@ async fn serve<S, B>(
     mut service: S,
     graceful: Arc<AtomicBool>,
     settings: Builder,
+    waited: Duration,
 ) -> io::Result<()>
 where
     S: Service<Request<RequestBody>, Response = Response<B>>,
@@ -481,7 +504,7 @@ where
         body_wait: settings.body_timeout.map(BodyWait::new),
     };
     let mut out = Vec::with_capacity(1024);
-    let mut head_wait = pin!(head_timeout.map(HeadWait::new));
+    let mut head_wait = pin!(head_timeout.map(|timeout| HeadWait::new(timeout, waited)));
     loop {
         let head = loop {
             if !caller.buf.is_empty() {
@@ -616,15 +639,21 @@ impl HeadWait {
     /// Ticks per timeout.
     const TICKS: u32 = 4;
 
-    /// The first wait, begun as the connection is served, for a head timeout of `timeout`.
-    fn new(timeout: Duration) -> Self {
+    /// The first wait, begun `waited` before the connection is served, for a head timeout of
+    /// `timeout`. The whole ticks it has lasted count as ticks it has seen fire (all but the
+    /// last: that one fires at once if it has lasted the timeout), and the next one is armed for
+    /// when it would have fired.
+    fn new(timeout: Duration, waited: Duration) -> Self {
         let interval = timeout / Self::TICKS;
+        let seen = waited.as_nanos() / interval.as_nanos().max(1);
+        let quiet = u32::try_from(seen).map_or(Self::TICKS - 1, |seen| seen.min(Self::TICKS - 1));
+        let next = (interval * (quiet + 1)).saturating_sub(waited);
         Self {
-            tick: tokio::time::sleep(interval),
+            tick: tokio::time::sleep(next),
             interval,
             waits: 0,
             armed_in: 0,
-            quiet: 0,
+            quiet,
             registered: None,
         }
     }

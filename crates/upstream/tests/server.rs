@@ -1551,6 +1551,44 @@ async fn a_head_sent_a_byte_at_a_time_is_refused_408_after_the_head_timeout() {
     assert_eq!(log.calls(), 0, "the service was called");
 }
 
+/// A connection served by `serve_connection_waited` after it waited `waited` since it was
+/// accepted (as the gateway serves one after looking at its first bytes), with part of a head
+/// sent at once: the time from its acceptance to its 408.
+async fn refused_after_waiting(waited: Duration) -> Duration {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (service, log) = recorder(ReadBody::Whole, echo);
+    let mut client = RawClient::connect(listener.local_addr().unwrap()).await;
+    let (stream, _) = listener.accept().await.unwrap();
+    let accepted = Instant::now();
+    client.send("GET /late HTTP/1.1\r\nhost: x\r\n").await;
+    sleep(waited).await;
+    let connection = Builder::new()
+        .head_timeout(Some(HEAD_TIMEOUT))
+        .serve_connection_waited(stream, service, accepted.elapsed());
+    let served = tokio::spawn(connection);
+    let answer = client.read_answer().await;
+    let refused = accepted.elapsed();
+    assert_refusal(&answer, 408, "RequestTimeout");
+    client.expect_close(&answer).await;
+    within("the connection to end", served)
+        .await
+        .unwrap()
+        .expect("a refusal ends the connection cleanly");
+    assert_eq!(log.calls(), 0, "the service was called");
+    refused
+}
+
+#[tokio::test]
+async fn a_connection_that_waited_before_it_is_served_gets_the_rest_of_the_head_timeout() {
+    // Three quarters waited: the rest, not the whole timeout again (1.75 timeouts in all).
+    let refused = refused_after_waiting(HEAD_TIMEOUT * 3 / 4).await;
+    assert!(refused >= HEAD_TIMEOUT, "refused after {refused:?}");
+    assert!(refused < HEAD_TIMEOUT * 3 / 2, "refused after {refused:?}");
+    // Longer than the timeout: refused at once.
+    let refused = refused_after_waiting(HEAD_TIMEOUT * 5 / 4).await;
+    assert!(refused < HEAD_TIMEOUT * 7 / 4, "refused after {refused:?}");
+}
+
 #[tokio::test]
 async fn an_answer_longer_than_the_timeouts_is_not_cut_and_the_next_wait_gets_all_of_the_head_timeout()
  {
