@@ -1266,6 +1266,41 @@ async fn the_wait_for_a_callers_first_bytes_counts_against_its_head_timeout() {
     assert_eq!(sims[0].request_count(), 0);
 }
 
+/// The same over HTTP/2: an h2c caller silent for most of the head timeout, then sending the
+/// preface and no request, gets its `GOAWAY` when the timeout (and a tick) has passed since it
+/// connected, not a whole timeout after its preface.
+#[tokio::test]
+async fn the_wait_for_an_http2_callers_preface_counts_against_its_idle_limit() {
+    const GOAWAY: u8 = 0x7;
+    let sims = sims(1).await;
+    let (mut gateway, addr, base) = Gateway::over_with(&sims, &["--head-timeout", "2"]);
+    gateway.ready(&base, None).await;
+    let timeout = Duration::from_secs(2);
+
+    let connected = Instant::now();
+    let mut late = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    tokio::time::sleep(timeout * 3 / 4).await;
+    late.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let mut sent = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !http2_frame_types(&sent).contains(&GOAWAY) {
+        match tokio::time::timeout(BOUND, late.read(&mut buf)).await {
+            Ok(Ok(read)) if read > 0 => sent.extend_from_slice(&buf[..read]),
+            other => panic!(
+                "no GOAWAY: {other:?}, frames {:?}",
+                http2_frame_types(&sent)
+            ),
+        }
+    }
+    let after = connected.elapsed();
+    assert!(after >= timeout, "GOAWAY after {after:?}");
+    // Counted again from the preface, it would be 1.75 timeouts and a tick or more.
+    assert!(after < timeout * 13 / 8, "GOAWAY after {after:?}");
+    assert_eq!(sims[0].request_count(), 0);
+}
+
 /// A request body that stops arriving is answered 408 once the body timeout has passed without
 /// a byte of it (nginx's `client_body_timeout`), and reaches no backend: the retry layer reads a
 /// body whole before the first attempt. The message says what happened.

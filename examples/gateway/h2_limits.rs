@@ -4,7 +4,8 @@
 //!   nginx's `keepalive_timeout`) is shut down gracefully (`GOAWAY`), and dropped if it has not
 //!   finished one limit later (a caller that never answers the `GOAWAY`'s ping). A stream counts
 //!   as open from its request to the end of its answer's body, so a stream that stays quiet for
-//!   long (an SSE answer between two events) is never cut.
+//!   long (an SSE answer between two events) is never cut. The wait for the preface, before the
+//!   connection is known to be HTTP/2, counts as time without a stream.
 //! - **Send:** a connection on which a stream's answer waits to be sent (its caller's window is
 //!   shut) while nothing of any answer moves for the send limit (nginx's `send_timeout`): no
 //!   answer asked for more, no write to the socket. It is dropped, and the answers' bodies (the
@@ -256,6 +257,15 @@ impl Quiet {
         }
     }
 
+    /// A limit whose condition has held for `quiet` already: its whole ticks count, short of
+    /// the limit itself, which the next tick then reaches if `quiet` has lasted it.
+    fn already(limit: Duration, interval: Duration, quiet: Duration) -> Self {
+        let mut new = Self::new(limit, interval);
+        let ticks = quiet.as_nanos() / interval.as_nanos().max(1);
+        new.ticks = u32::try_from(ticks).map_or(new.limit - 1, |ticks| ticks.min(new.limit - 1));
+        new
+    }
+
     /// One tick: whether the limit is reached, `quiet` saying whether the tick found the
     /// condition the limit watches, and `count` moving meaning that something happened.
     fn tick(&mut self, quiet: bool, count: usize) -> bool {
@@ -287,11 +297,14 @@ pin_project! {
 }
 
 impl<C: GracefulConnection> H2Limits<C> {
+    /// The limits of a connection that has already gone `waited` without a stream (the wait for
+    /// its preface), which its idle limit counts.
     pub(crate) fn new(
         connection: C,
         streams: Arc<Streams>,
         idle: Duration,
         send: Duration,
+        waited: Duration,
     ) -> Self {
         let interval = idle.min(send) / TICKS_PER_LIMIT;
         Self {
@@ -299,7 +312,7 @@ impl<C: GracefulConnection> H2Limits<C> {
             streams,
             tick: tokio::time::sleep(interval),
             interval,
-            idle: Quiet::new(idle, interval),
+            idle: Quiet::already(idle, interval, waited),
             stalled: Quiet::new(send, interval),
             shutting_down: false,
         }

@@ -174,6 +174,7 @@ async fn accept_loop<S>(
                         streams,
                         timeouts.head,
                         timeouts.send,
+                        accepted.elapsed(),
                     ));
                     Watched::new(connection, &shutdown, |c| {
                         c.get_mut().as_mut().graceful_shutdown()
