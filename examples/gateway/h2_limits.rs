@@ -13,7 +13,8 @@
 //!   exchanges for good, and one that reads slowly keeps its answer.
 //! - **Body:** a request body still arriving that the service waits on gets the body timeout
 //!   (nginx's `client_body_timeout`) for its next frame, and then fails with a `TimedOut`
-//!   error, which the gateway answers 408 as over HTTP/1.1.
+//!   error, which the gateway answers 408 as over HTTP/1.1: the lean server's own limit, as
+//!   `aoai_upstream::server::TimedBody` around hyper's body.
 //!
 //! The idle and send limits are kept on one coarse tick per connection, a quarter of the
 //! shorter limit: a limit is reached between its length and one tick more after the last event
@@ -28,7 +29,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use aoai_tower::BoxError;
+use aoai_tower::upstream::server::TimedBody;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -360,78 +361,3 @@ impl<C: GracefulConnection> Future for H2Limits<C> {
 
 /// The body of a request an HTTP/2 caller sends.
 pub(crate) type RequestBody = TimedBody<Incoming>;
-
-pin_project! {
-    /// A request body whose every wait for its next frame, while the service asks for it, lasts
-    /// at most `timeout`; then it fails with an [`std::io::ErrorKind::TimedOut`] error.
-    pub(crate) struct TimedBody<B> {
-        #[pin]
-        body: B,
-        timeout: Duration,
-        // Armed while a poll waits; boxed, on first use.
-        wait: Option<Pin<Box<Sleep>>>,
-        armed: bool,
-    }
-}
-
-impl<B> TimedBody<B> {
-    pub(crate) fn new(body: B, timeout: Duration) -> Self {
-        Self {
-            body,
-            timeout,
-            wait: None,
-            armed: false,
-        }
-    }
-}
-
-impl<B> Body for TimedBody<B>
-where
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        if let Poll::Ready(frame) = this.body.poll_frame(cx) {
-            *this.armed = false;
-            return Poll::Ready(frame.map(|frame| frame.map_err(Into::into)));
-        }
-        let wait = match this.wait {
-            Some(wait) if *this.armed => wait,
-            Some(wait) => {
-                wait.as_mut().reset(Instant::now() + *this.timeout);
-                wait
-            }
-            None => this
-                .wait
-                .insert(Box::pin(tokio::time::sleep(*this.timeout))),
-        };
-        *this.armed = true;
-        if wait.as_mut().poll(cx).is_pending() {
-            return Poll::Pending;
-        }
-        *this.armed = false;
-        let message = format!(
-            "no more of the request body arrived within {:?}",
-            this.timeout
-        );
-        Poll::Ready(Some(Err(Box::new(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            message,
-        )))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
-}

@@ -25,7 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 use tower::Service;
 
-use crate::h2_limits::{self, CountedIo, H2Limits, OpenBody, OpenFuture, Streams, TimedBody};
+use crate::h2_limits::{self, CountedIo, H2Limits, OpenBody, OpenFuture, Streams};
 
 /// Where and how the gateway serves its callers.
 pub(crate) struct Serving {
@@ -414,7 +414,7 @@ where
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let stream = self.streams.open();
-        let request = request.map(|body| TimedBody::new(body, self.body_timeout));
+        let request = request.map(|body| lean::TimedBody::new(body, self.body_timeout));
         OpenFuture::new(self.app.borrow_mut().call(request), stream)
     }
 }

@@ -32,7 +32,8 @@
 //!   closed, an idle keep-alive connection is closed.
 //! - A request body still arriving waits at most [`Builder::body_timeout`] (60 s by default, as
 //!   nginx) for its next bytes while the service reads it: then it fails with a `TimedOut`
-//!   error, and the connection is closed after the service's answer.
+//!   error, and the connection is closed after the service's answer. [`TimedBody`] gives the
+//!   same limit to the bodies another server hands over (hyper's HTTP/2 server, say).
 //! - A write to a caller whose connection is full waits at most [`Builder::send_timeout`] (60 s
 //!   by default, as nginx) for room: a caller that reads nothing of its answer for that long is
 //!   closed, and the answer's body (a backend's stream) dropped. An answer the caller keeps
@@ -733,9 +734,9 @@ struct Caller {
     body_wait: Option<BodyWait>,
 }
 
-/// The body timeout of a connection: a timer armed (boxed, on first use: only a body that does
-/// not come whole with its head needs one) when a request body asks for more and the socket has
-/// nothing, and disarmed when something arrives.
+/// The body timeout's wait for a request body's next bytes: a timer armed when a wait begins
+/// (boxed, on first use: a body that comes whole with its head never waits) and disarmed when it
+/// ends. The lean server keeps one per connection; [`TimedBody`] one per body.
 struct BodyWait {
     timeout: Duration,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -751,8 +752,8 @@ impl BodyWait {
         }
     }
 
-    /// Whether the body has waited the whole timeout for its next bytes; otherwise the timer
-    /// is armed (if it was not) and registered with `cx`.
+    /// Whether the wait under way, begun now if none was, has lasted the timeout (and so is
+    /// over); otherwise the timer is registered with `cx`.
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
         let timer = match &mut self.timer {
             Some(timer) if self.armed => timer,
@@ -766,8 +767,88 @@ impl BodyWait {
                 .timer
                 .insert(Box::pin(tokio::time::sleep(self.timeout))),
         };
-        self.armed = true;
-        timer.as_mut().poll(cx).is_ready()
+        let fired = timer.as_mut().poll(cx).is_ready();
+        self.armed = !fired;
+        fired
+    }
+
+    /// The wait is over: bytes came, or the body is not asked for more.
+    fn end(&mut self) {
+        self.armed = false;
+    }
+
+    /// What a body fails with when a wait has lasted the timeout.
+    fn timed_out(&self) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "no more of the request body arrived within {:?}",
+                self.timeout
+            ),
+        )
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request body with the body timeout ([`Builder::body_timeout`]) for a server that hands
+    /// over bodies of its own, hyper's HTTP/2 server say: each wait for its next frame, while it
+    /// is polled, lasts at most the timeout, and then the body fails with an
+    /// [`io::ErrorKind::TimedOut`] error. As with the lean server's bodies, a body that keeps
+    /// arriving takes as long as it takes, and one nobody polls has no limit.
+    pub struct TimedBody<B> {
+        #[pin]
+        body: B,
+        wait: BodyWait,
+    }
+}
+
+impl<B> TimedBody<B> {
+    /// `body`, each wait for its next frame limited to `timeout`.
+    pub fn new(body: B, timeout: Duration) -> Self {
+        Self {
+            body,
+            wait: BodyWait::new(timeout),
+        }
+    }
+}
+
+impl<B> fmt::Debug for TimedBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TimedBody")
+            .field("timeout", &self.wait.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B> Body for TimedBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        if let Poll::Ready(frame) = this.body.poll_frame(cx) {
+            this.wait.end();
+            return Poll::Ready(frame.map(|frame| frame.map_err(Into::into)));
+        }
+        if this.wait.expired(cx) {
+            return Poll::Ready(Some(Err(Box::new(this.wait.timed_out()))));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -796,7 +877,7 @@ impl Caller {
             ) {
                 Poll::Ready(result) => {
                     if let Some(wait) = &mut self.body_wait {
-                        wait.armed = false;
+                        wait.end();
                     }
                     if let Err(e) = result {
                         feed.lock().fail(e);
@@ -804,20 +885,13 @@ impl Caller {
                     return Poll::Ready(CallerEvent::BodyFed);
                 }
                 Poll::Pending => {
-                    let mut fed = feed.lock();
                     if let Some(wait) = &mut self.body_wait {
+                        let mut fed = feed.lock();
                         if !fed.is_starved() {
                             // Not asked for: the service takes its time, which is not limited.
-                            wait.armed = false;
+                            wait.end();
                         } else if wait.expired(cx) {
-                            wait.armed = false;
-                            fed.fail(io::Error::new(
-                                io::ErrorKind::TimedOut,
-                                format!(
-                                    "no more of the request body arrived within {:?}",
-                                    wait.timeout
-                                ),
-                            ));
+                            fed.fail(wait.timed_out());
                             return Poll::Ready(CallerEvent::BodyFed);
                         }
                     }

@@ -25,7 +25,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use aoai_upstream::server::{Builder, Connection, RequestBody, serve_connection};
+use aoai_upstream::server::{Builder, Connection, RequestBody, TimedBody, serve_connection};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body::Body;
@@ -1729,4 +1729,33 @@ async fn a_body_the_service_does_not_read_yet_has_no_body_timeout() {
     client.send("rest!").await;
     assert_ok(&client.read_answer().await, "POST /held half!rest!");
     assert_eq!(log.next().await.body, Some(Ok(b"half!rest!".to_vec())));
+}
+
+/// `TimedBody` gives a body another server hands over the same limit: pieces that keep coming
+/// within the timeout are read whole, and a wait for more that lasts it fails `TimedOut`.
+#[tokio::test]
+async fn a_timed_body_fails_with_timed_out_when_a_wait_for_more_lasts_the_body_timeout() {
+    let (tx, body) = channel_body(4);
+    let mut body = std::pin::pin!(TimedBody::new(body, BODY_TIMEOUT));
+    let feeding = tokio::spawn(async move {
+        for piece in ["ab", "cd"] {
+            sleep(BODY_TIMEOUT / 2).await;
+            tx.send(Ok(Bytes::from_static(piece.as_bytes())))
+                .await
+                .unwrap();
+        }
+        // Then nothing more, the body still open.
+        sleep(5 * BODY_TIMEOUT).await;
+        drop(tx);
+    });
+    for expected in ["ab", "cd"] {
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), expected);
+    }
+    let stalled = Instant::now();
+    let error = body.frame().await.unwrap().unwrap_err();
+    assert!(stalled.elapsed() >= BODY_TIMEOUT, "{:?}", stalled.elapsed());
+    let error = error.downcast::<io::Error>().unwrap();
+    assert_eq!(error.kind(), io::ErrorKind::TimedOut, "{error}");
+    feeding.abort();
 }
