@@ -54,7 +54,16 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let (parts, body) = request.into_parts();
+    let (
+        http::request::Parts {
+            method,
+            uri,
+            headers,
+            extensions,
+            ..
+        },
+        body,
+    ) = request.into_parts();
     let framing = if body.is_end_stream() {
         RequestFraming::Length(0)
     } else {
@@ -77,13 +86,13 @@ where
         buf = BytesMut::with_capacity(READ_SIZE);
     }
     // `Upstream::call` refused a request without a path.
-    let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
     encode_request_head(
-        &parts.method,
+        &method,
         &base.path,
         path_and_query,
         &base.host,
-        &parts.headers,
+        &headers,
         framing,
         &mut buf,
     );
@@ -99,9 +108,12 @@ where
         &mut replay,
     )
     .await;
+    // The request's fields went out in `head`: freed now, while the backend works on the
+    // answer, rather than once the answer has come and the caller waits for it.
+    drop((uri, headers, extensions));
     let answered_early = matches!(sent, Ok(Sent::Answered));
     let first = match sent {
-        Ok(_) => read_head(&mut stream, &mut buf, &parts.method).await,
+        Ok(_) => read_head(&mut stream, &mut buf, &method).await,
         Err(SendError::Io(e)) => Err((e, false)),
         Err(SendError::Body(e)) => return Err(UpstreamError::RequestBody(e)),
     };
@@ -119,7 +131,7 @@ where
             if sent == Sent::Whole {
                 stream.flush().await.map_err(UpstreamError::Request)?;
             }
-            read_head(&mut stream, &mut buf, &parts.method)
+            read_head(&mut stream, &mut buf, &method)
                 .await
                 .map_err(|(e, _)| UpstreamError::Request(e))?
         }

@@ -76,7 +76,7 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
-use http::{Method, Request, Response, StatusCode, Uri};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
 use tokio::{
     io::{AsyncWrite, AsyncWriteExt},
@@ -615,7 +615,8 @@ where
         // A body dropped before its end (a 413, say) leaves the connection out of step.
         keep_alive &= !caller.body_abandoned();
         keep_alive &= !shared.graceful.load(Ordering::Acquire);
-        let kept = write_response(&mut caller, &mut out, response, asked, keep_alive).await?;
+        let (head, body) = response.into_parts();
+        let kept = write_response(&mut caller, &mut out, head, body, asked, keep_alive).await?;
         // The answer may have carried the request body on (an echo): it must have ended.
         if !kept || !caller.body_complete() {
             close(caller.stream, caller.buf).await;
@@ -1288,11 +1289,16 @@ fn write_named_options(out: &mut Vec<u8>, options: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// Writes `response`; whether the connection may carry another request.
+/// Writes the answer of `head` and `body`; whether the connection may carry another request.
+///
+/// The head's fields are freed once it has gone out rather than while the caller waits for it.
+/// They are kept in the argument, which lives as long as the future anyway, so that this costs
+/// the connection's future no room.
 async fn write_response<B>(
     caller: &mut Caller,
     out: &mut Vec<u8>,
-    response: Response<B>,
+    mut head: http::response::Parts,
+    body: B,
     asked: Asked,
     mut keep_alive: bool,
 ) -> io::Result<bool>
@@ -1300,8 +1306,7 @@ where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    let (parts, body) = response.into_parts();
-    let status = parts.status;
+    let status = head.status;
     if status.is_informational() {
         // Not an answer: the caller would wait on for the final one. Treated as the service
         // failing.
@@ -1313,7 +1318,7 @@ where
     write_status_line(out, status);
     let mut declared = None;
     let mut date = false;
-    for (name, value) in &parts.headers {
+    for (name, value) in &head.headers {
         if *name == http::header::CONTENT_LENGTH {
             if declared.is_none() {
                 declared = parse_decimal(value.as_bytes());
@@ -1368,7 +1373,6 @@ where
         out.extend_from_slice(b"connection: keep-alive\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    drop(parts);
     if delimited == Delimited::Nothing {
         // The body is not sent; dropping it may close the backend's connection, which the
         // backend's `Content-Length` would have said nothing about anyway.
@@ -1382,6 +1386,11 @@ where
         _ => None,
     };
     loop {
+        if out.is_empty() {
+            // The head has gone out.
+            head.headers = HeaderMap::new();
+            head.extensions = http::Extensions::new();
+        }
         let next = poll_fn(|cx| match body.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => Poll::Ready(Next::Frame(frame)),
             Poll::Ready(Some(Err(_))) => Poll::Ready(Next::Failed),

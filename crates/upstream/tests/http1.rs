@@ -10,7 +10,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -1061,6 +1061,61 @@ async fn early_answer_to_a_large_body_is_returned() {
         assert_eq!(fetch(&upstream, get("/next")).await.0, 413);
         assert_eq!(server.accepts(), 2);
         held_rx.close();
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// What a request holds while its answer is awaited
+
+/// Tells, by a flag, that it was dropped.
+#[derive(Clone)]
+struct DropFlag(Arc<AtomicBool>);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The request's head (its fields and extensions) is freed once it has been sent, while the
+/// backend works on the answer, not once the answer has come, while the caller waits for it.
+#[tokio::test]
+async fn a_request_head_is_freed_once_sent_before_the_answer_comes() {
+    bounded(async {
+        let freed = Arc::new(AtomicBool::new(false));
+        let (outcome_tx, mut outcome_rx) = mpsc::unbounded_channel();
+        let seen_freed = Arc::clone(&freed);
+        let server = RawServer::start(move |mut conn| {
+            let seen_freed = Arc::clone(&seen_freed);
+            let outcome_tx = outcome_tx.clone();
+            async move {
+                conn.read_request().await.expect("a request");
+                // Up to a second for the client to free what it sent; answering ends the wait
+                // either way.
+                for _ in 0..100 {
+                    if seen_freed.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    sleep(Duration::from_millis(10)).await;
+                }
+                let _ = outcome_tx.send(seen_freed.load(Ordering::SeqCst));
+                conn.write(&ok("answered")).await;
+            }
+        })
+        .await;
+        let upstream = upstream!(server);
+        let mut request = get("/held");
+        request
+            .extensions_mut()
+            .insert(DropFlag(Arc::clone(&freed)));
+        let (status, body) = fetch(&upstream, request).await;
+        assert_eq!((status, &body[..]), (200, &b"answered"[..]));
+        let freed_before_answering = outcome_rx.recv().await.expect("the backend's outcome");
+        assert!(
+            freed_before_answering,
+            "the request's head should be freed once it was sent, before the backend answered"
+        );
     })
     .await;
 }
