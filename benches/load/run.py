@@ -19,7 +19,11 @@ nginx and the gateway with one worker each at concurrency 32. It checks that eve
 With `--instructions N`, it then counts each proxy's user-space instructions per request over N
 requests under valgrind's callgrind (nginx as one process, the gateway on one core), and how many
 of them are atomic read-modify-write instructions (found with objdump): figures that do not move
-with the machine's other load, unlike the CPU times.
+with the machine's other load, unlike the CPU times. It also counts, at concurrency 1, the
+instructions on each proxy's two critical paths (from its wake-up to a request to the request's
+send to the backend, and from its wake-up to the answer to the answer's send to the caller):
+the proxy's own share of the latency it adds, which the measured p99 at concurrency 1 is too
+noisy on a shared machine to compare.
 
 Needs nginx (`apt-get install nginx-light`) and oha (`cargo install oha`), and valgrind for
 `--instructions`; it says so if one is missing.
@@ -150,6 +154,86 @@ def instructions_per_request(name, command, port, env, requests, workdir):
             proc.kill()
     total, per_object = executed_instructions(f"{out}.{proc.pid}.1")
     return total / requests, atomic_instructions(per_object) / requests
+
+
+# Where a proxy's critical path at concurrency 1 begins and ends: it wakes up (its `epoll_wait`
+# returns) to a request, or to the backend's answer, and the path ends where it sends that on.
+WAKE_UP_CALLS = ("epoll_wait", "recv", "recvfrom")
+SEND_CALLS = ("send", "sendto", "write", "writev")
+
+
+def critical_path_instructions(name, command, port, env, requests, workdir):
+    """User-space instructions on each of the proxy's two critical paths at concurrency 1, as
+    the medians over `requests` requests, counted by callgrind: from its wake-up to a caller's
+    request to the request's send to the backend, and from its wake-up to the backend's answer
+    to the answer's send to the caller. They are what a request waits on, where work after a
+    send is done while the other side works: the proxy's own share of the latency it adds, which,
+    unlike the measured p99, does not move with the machine's other load (it does not see cache
+    misses or the kernel's work)."""
+    out_dir = os.path.join(workdir, f"{name}-path")
+    os.makedirs(out_dir, exist_ok=True)
+    triggers = [f"--dump-after={call}" for call in WAKE_UP_CALLS]
+    triggers += [f"--dump-before={call}" for call in SEND_CALLS]
+    proc = subprocess.Popen(
+        ["taskset", "-c", "0", "valgrind", "--tool=callgrind", "--instr-atstart=no",
+         f"--callgrind-out-file={out_dir}/out.%p"] + triggers + command,
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(port, timeout=120)
+        url = f"http://127.0.0.1:{port}{PATH}"
+        load = ["oha", "--no-tui", "-c", "1", "-m", "POST", "-d", BODY,
+                "-H", "content-type: application/json"]
+        subprocess.run(load + ["-n", "2000", url], check=True, capture_output=True)
+        subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True,
+                       capture_output=True)
+        subprocess.run(load + ["-n", str(requests), url], check=True, capture_output=True)
+        subprocess.run(["callgrind_control", "-i", "off", str(proc.pid)], check=True,
+                       capture_output=True)
+    finally:
+        proc.send_signal(signal.SIGQUIT if name == "nginx" else signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    # One dump per trigger, numbered in order: each holds what ran since the one before.
+    dumps = []
+    for entry in os.listdir(out_dir):
+        prefix, _, number = entry.rpartition(".")
+        if prefix == f"out.{proc.pid}" and number.isdigit():
+            dumps.append((int(number), os.path.join(out_dir, entry)))
+    paths = []
+    woke = None
+    for _, path in sorted(dumps):
+        trigger, count = dump_trigger_and_count(path)
+        if trigger.startswith("--dump-after=epoll_wait"):
+            woke = 0
+        elif trigger.startswith("--dump-after=") and woke is not None:
+            woke += count
+        elif trigger.startswith("--dump-before="):
+            # A send the proxy did not wake up for is no critical path, but keeps the count.
+            paths.append(None if woke is None else woke + count)
+            woke = None
+    shutil.rmtree(out_dir, ignore_errors=True)
+    # At concurrency 1 the sends alternate: a request to the backend, then its answer to the
+    # caller. The first request of the run also accepts its connection: it is left out.
+    to_backend = [count for count in paths[2::2] if count is not None]
+    to_caller = [count for count in paths[3::2] if count is not None]
+    if len(to_caller) < requests // 2:
+        raise SystemExit(f"{name}: {len(paths)} critical paths for {requests} requests")
+    return median(to_backend), median(to_caller)
+
+
+def dump_trigger_and_count(path):
+    """What made callgrind write the dump at `path`, and the instructions it counts."""
+    trigger, count = "", 0
+    with open(path) as f:
+        for line in f:
+            if line.startswith("desc: Trigger:"):
+                trigger = line.split(":", 2)[2].strip()
+            elif line.startswith(("summary:", "totals:")):
+                count = int(line.split()[1])
+    return trigger, count
 
 
 def executed_instructions(path):
@@ -369,6 +453,22 @@ def main():
                   f"{args.instructions} requests): nginx {nginx_all:.0f}, gateway "
                   f"{gateway_all:.0f} ({gateway_all / nginx_all:.2f}x); of them atomic: "
                   f"nginx {nginx_atomic:.1f}, gateway {gateway_atomic:.1f}")
+            path_requests = min(args.instructions, 500)
+            on_path = {
+                "nginx": critical_path_instructions(
+                    "nginx", ["nginx", "-c", single_conf, "-p", workdir], single_peer, None,
+                    path_requests, workdir),
+                "gateway": critical_path_instructions(
+                    "gateway", gateway_command(gateway_bin, single_gateway, b1, b2),
+                    single_gateway, env, path_requests, workdir),
+            }
+            nginx_path, gateway_path = sum(on_path["nginx"]), sum(on_path["gateway"])
+            print(f"instructions on the critical path at c=1 (callgrind, median of "
+                  f"{path_requests} requests; wake-up to the request's send + wake-up to the "
+                  f"answer's send): nginx {on_path['nginx'][0]:.0f} + {on_path['nginx'][1]:.0f}"
+                  f" = {nginx_path:.0f}, gateway {on_path['gateway'][0]:.0f} + "
+                  f"{on_path['gateway'][1]:.0f} = {gateway_path:.0f} "
+                  f"({gateway_path / nginx_path:.2f}x)")
         if not ok:
             print("FAILED: some answers were not 200, or the split was not about 50/50")
             sys.exit(1)
