@@ -157,9 +157,12 @@ def instructions_per_request(name, command, port, env, requests, workdir):
 
 
 # Where a proxy's critical path at concurrency 1 begins and ends: it wakes up (its `epoll_wait`
-# returns) to a request, or to the backend's answer, and the path ends where it sends that on.
+# returns) to a request, or to the backend's answer, and the path ends where it sends that on
+# (`send` for the gateway, `writev` for nginx; not `write`, which tokio also uses to wake its
+# own event loop). An accepted connection tells where a request's pair of paths begins.
 WAKE_UP_CALLS = ("epoll_wait", "recv", "recvfrom")
-SEND_CALLS = ("send", "sendto", "write", "writev")
+SEND_CALLS = ("send", "sendto", "writev")
+ACCEPT_CALLS = ("accept", "accept4")
 
 
 def critical_path_instructions(name, command, port, env, requests, workdir):
@@ -172,7 +175,7 @@ def critical_path_instructions(name, command, port, env, requests, workdir):
     misses or the kernel's work)."""
     out_dir = os.path.join(workdir, f"{name}-path")
     os.makedirs(out_dir, exist_ok=True)
-    triggers = [f"--dump-after={call}" for call in WAKE_UP_CALLS]
+    triggers = [f"--dump-after={call}" for call in WAKE_UP_CALLS + ACCEPT_CALLS]
     triggers += [f"--dump-before={call}" for call in SEND_CALLS]
     proc = subprocess.Popen(
         ["taskset", "-c", "0", "valgrind", "--tool=callgrind", "--instr-atstart=no",
@@ -202,25 +205,31 @@ def critical_path_instructions(name, command, port, env, requests, workdir):
         prefix, _, number = entry.rpartition(".")
         if prefix == f"out.{proc.pid}" and number.isdigit():
             dumps.append((int(number), os.path.join(out_dir, entry)))
-    paths = []
+    # At concurrency 1 the sends alternate: a request to the backend, then its answer to the
+    # caller, from the connection's accept on. The connection's first request, which also
+    # accepts it, is left out.
+    to_backend, to_caller = [], []
     woke = None
+    sends = None
     for _, path in sorted(dumps):
         trigger, count = dump_trigger_and_count(path)
-        if trigger.startswith("--dump-after=epoll_wait"):
+        call = trigger.partition("=")[2]
+        if trigger.startswith("--dump-after=") and call in ACCEPT_CALLS:
+            sends = 0
+        elif trigger.startswith("--dump-after=epoll_wait"):
             woke = 0
         elif trigger.startswith("--dump-after=") and woke is not None:
             woke += count
-        elif trigger.startswith("--dump-before="):
-            # A send the proxy did not wake up for is no critical path, but keeps the count.
-            paths.append(None if woke is None else woke + count)
+        elif trigger.startswith("--dump-before=") and sends is not None:
+            # A send the proxy did not wake up for is no critical path, but is counted.
+            if woke is not None and sends >= 2:
+                (to_backend if sends % 2 == 0 else to_caller).append(woke + count)
+            sends += 1
             woke = None
     shutil.rmtree(out_dir, ignore_errors=True)
-    # At concurrency 1 the sends alternate: a request to the backend, then its answer to the
-    # caller. The first request of the run also accepts its connection: it is left out.
-    to_backend = [count for count in paths[2::2] if count is not None]
-    to_caller = [count for count in paths[3::2] if count is not None]
     if len(to_caller) < requests // 2:
-        raise SystemExit(f"{name}: {len(paths)} critical paths for {requests} requests")
+        raise SystemExit(f"{name}: {len(to_backend)} and {len(to_caller)} critical paths for "
+                         f"{requests} requests")
     return median(to_backend), median(to_caller)
 
 
