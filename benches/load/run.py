@@ -122,6 +122,35 @@ def gateway_command(gateway_bin, port, b1, b2):
             "--auth", "api-key"]
 
 
+def run_under_callgrind(command, port, env, is_nginx, concurrency, requests, options, begin,
+                        end):
+    """Runs the proxy `command` (listening on `port`) on one core under callgrind with
+    `options`, warms it up with 2,000 requests at `concurrency`, and sends `requests` more
+    between the `callgrind_control` commands `begin` and `end`; its process id."""
+    proc = subprocess.Popen(
+        ["taskset", "-c", "0", "valgrind", "--tool=callgrind"] + options + command,
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(port, timeout=120)
+        url = f"http://127.0.0.1:{port}{PATH}"
+        load = ["oha", "--no-tui", "-c", str(concurrency), "-m", "POST", "-d", BODY,
+                "-H", "content-type: application/json"]
+        subprocess.run(load + ["-n", "2000", url], check=True, capture_output=True)
+        subprocess.run(["callgrind_control"] + begin + [str(proc.pid)], check=True,
+                       capture_output=True)
+        subprocess.run(load + ["-n", str(requests), url], check=True, capture_output=True)
+        subprocess.run(["callgrind_control"] + end + [str(proc.pid)], check=True,
+                       capture_output=True)
+    finally:
+        proc.send_signal(signal.SIGQUIT if is_nginx else signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.pid
+
+
 def instructions_per_request(name, command, port, env, requests, workdir):
     """User-space instructions per proxied request at concurrency 32, counted by valgrind's
     callgrind, and how many of them are atomic read-modify-write instructions: the proxy runs on
@@ -131,28 +160,10 @@ def instructions_per_request(name, command, port, env, requests, workdir):
     kernel's work). An atomic instruction (`lock`-prefixed, or `xchg` with memory) costs about
     as much as a few dozen plain ones, uncontended: reference counts, locks, task wake-ups."""
     out = os.path.join(workdir, f"{name}.callgrind")
-    proc = subprocess.Popen(
-        ["taskset", "-c", "0", "valgrind", "--tool=callgrind", "--dump-instr=yes",
-         f"--callgrind-out-file={out}.%p"]
-        + command,
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_port(port, timeout=120)
-        url = f"http://127.0.0.1:{port}{PATH}"
-        load = ["oha", "--no-tui", "-c", "32", "-m", "POST", "-d", BODY,
-                "-H", "content-type: application/json"]
-        subprocess.run(load + ["-n", "2000", url], check=True, capture_output=True)
-        subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
-        subprocess.run(load + ["-n", str(requests), url], check=True, capture_output=True)
-        subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
-    finally:
-        proc.send_signal(signal.SIGQUIT if name == "nginx" else signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    total, per_object = executed_instructions(f"{out}.{proc.pid}.1")
+    pid = run_under_callgrind(command, port, env, name == "nginx", 32, requests,
+                              ["--dump-instr=yes", f"--callgrind-out-file={out}.%p"],
+                              ["-z"], ["-d"])
+    total, per_object = executed_instructions(f"{out}.{pid}.1")
     return total / requests, atomic_instructions(per_object) / requests
 
 
@@ -177,33 +188,14 @@ def critical_path_instructions(name, command, port, env, requests, workdir):
     os.makedirs(out_dir, exist_ok=True)
     triggers = [f"--dump-after={call}" for call in WAKE_UP_CALLS + ACCEPT_CALLS]
     triggers += [f"--dump-before={call}" for call in SEND_CALLS]
-    proc = subprocess.Popen(
-        ["taskset", "-c", "0", "valgrind", "--tool=callgrind", "--instr-atstart=no",
-         f"--callgrind-out-file={out_dir}/out.%p"] + triggers + command,
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_port(port, timeout=120)
-        url = f"http://127.0.0.1:{port}{PATH}"
-        load = ["oha", "--no-tui", "-c", "1", "-m", "POST", "-d", BODY,
-                "-H", "content-type: application/json"]
-        subprocess.run(load + ["-n", "2000", url], check=True, capture_output=True)
-        subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True,
-                       capture_output=True)
-        subprocess.run(load + ["-n", str(requests), url], check=True, capture_output=True)
-        subprocess.run(["callgrind_control", "-i", "off", str(proc.pid)], check=True,
-                       capture_output=True)
-    finally:
-        proc.send_signal(signal.SIGQUIT if name == "nginx" else signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    pid = run_under_callgrind(command, port, env, name == "nginx", 1, requests,
+                              ["--instr-atstart=no", f"--callgrind-out-file={out_dir}/out.%p"]
+                              + triggers, ["-i", "on"], ["-i", "off"])
     # One dump per trigger, numbered in order: each holds what ran since the one before.
     dumps = []
     for entry in os.listdir(out_dir):
         prefix, _, number = entry.rpartition(".")
-        if prefix == f"out.{proc.pid}" and number.isdigit():
+        if prefix == f"out.{pid}" and number.isdigit():
             dumps.append((int(number), os.path.join(out_dir, entry)))
     # At concurrency 1 the sends alternate: a request to the backend, then its answer to the
     # caller, from the connection's accept on. The connection's first request, which also
