@@ -251,7 +251,7 @@ where
                 path: path::preview(request.uri().path()),
             });
         }
-        ResponseFuture::sending(Box::pin(exchange::exchange(
+        ResponseFuture::sending(future::boxed(exchange::exchange(
             Arc::clone(&self.base),
             request,
         )))
