@@ -32,7 +32,12 @@ pub(crate) fn boxed<F>(exchange: F) -> Exchange
 where
     F: Future<Output = Answer> + Send + 'static,
 {
-    match SPARES.with(|spares| spares.borrow_mut().pop()) {
+    // A thread whose locals are being destroyed has no spares.
+    match SPARES
+        .try_with(|spares| spares.borrow_mut().pop())
+        .ok()
+        .flatten()
+    {
         Some(mut spare) => {
             spare.set(exchange);
             spare
@@ -79,7 +84,8 @@ impl Future for ResponseFuture {
             State::Sending(exchange) => {
                 let answer = std::task::ready!(exchange.poll(cx));
                 if let State::Sending(finished) = std::mem::replace(&mut self.state, State::Done) {
-                    SPARES.with(|spares| {
+                    // Dropped instead on a thread whose locals are being destroyed.
+                    let _ = SPARES.try_with(|spares| {
                         let mut spares = spares.borrow_mut();
                         if spares.len() < SPARE_BOXES {
                             spares.push(finished);
