@@ -10,8 +10,9 @@
 //! (length, chunked, close, `HEAD`, 204, short, long and failing bodies, the service's own
 //! framing fields), streaming without buffering (an answer's frames, a request body streamed
 //! back), cancellation when the caller leaves (a body read or not), graceful shutdown, service
-//! errors, an answer to a caller still sending a body nobody reads, and the head timeout (idle
-//! connections, heads sent slowly, answers longer than the timeout). Every wait is bounded by
+//! errors, an answer to a caller still sending a body nobody reads, the head timeout (idle
+//! connections, heads sent slowly, answers longer than the timeout), and an answer's head freed
+//! only once it has gone out. Every wait is bounded by
 //! `support::wire::WAIT`: a hang fails instead of blocking.
 
 use std::{
