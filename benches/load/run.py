@@ -122,9 +122,8 @@ def gateway_command(gateway_bin, port, b1, b2):
             "--auth", "api-key"]
 
 
-def run_under_callgrind(command, port, env, is_nginx, concurrency, requests, options, begin,
-                        end):
-    """Runs the proxy `command` (listening on `port`) on one core under callgrind with
+def run_under_callgrind(name, command, port, env, concurrency, requests, options, begin, end):
+    """Runs the proxy `name`'s `command` (listening on `port`) on one core under callgrind with
     `options`, warms it up with 2,000 requests at `concurrency`, and sends `requests` more
     between the `callgrind_control` commands `begin` and `end`; its process id."""
     proc = subprocess.Popen(
@@ -143,7 +142,7 @@ def run_under_callgrind(command, port, env, is_nginx, concurrency, requests, opt
         subprocess.run(["callgrind_control"] + end + [str(proc.pid)], check=True,
                        capture_output=True)
     finally:
-        proc.send_signal(signal.SIGQUIT if is_nginx else signal.SIGTERM)
+        proc.send_signal(signal.SIGQUIT if name == "nginx" else signal.SIGTERM)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -160,7 +159,7 @@ def instructions_per_request(name, command, port, env, requests, workdir):
     kernel's work). An atomic instruction (`lock`-prefixed, or `xchg` with memory) costs about
     as much as a few dozen plain ones, uncontended: reference counts, locks, task wake-ups."""
     out = os.path.join(workdir, f"{name}.callgrind")
-    pid = run_under_callgrind(command, port, env, name == "nginx", 32, requests,
+    pid = run_under_callgrind(name, command, port, env, 32, requests,
                               ["--dump-instr=yes", f"--callgrind-out-file={out}.%p"],
                               ["-z"], ["-d"])
     total, per_object = executed_instructions(f"{out}.{pid}.1")
@@ -188,7 +187,7 @@ def critical_path_instructions(name, command, port, env, requests, workdir):
     os.makedirs(out_dir, exist_ok=True)
     triggers = [f"--dump-after={call}" for call in WAKE_UP_CALLS + ACCEPT_CALLS]
     triggers += [f"--dump-before={call}" for call in SEND_CALLS]
-    pid = run_under_callgrind(command, port, env, name == "nginx", 1, requests,
+    pid = run_under_callgrind(name, command, port, env, 1, requests,
                               ["--instr-atstart=no", f"--callgrind-out-file={out_dir}/out.%p"]
                               + triggers, ["-i", "on"], ["-i", "off"])
     # One dump per trigger, numbered in order: each holds what ran since the one before.
@@ -205,19 +204,20 @@ def critical_path_instructions(name, command, port, env, requests, workdir):
     sends = None
     for _, path in sorted(dumps):
         trigger, count = dump_trigger_and_count(path)
-        call = trigger.partition("=")[2]
-        if trigger.startswith("--dump-after=") and call in ACCEPT_CALLS:
-            sends = 0
-        elif trigger.startswith("--dump-after=epoll_wait"):
-            woke = 0
-        elif trigger.startswith("--dump-after=") and woke is not None:
-            woke += count
-        elif trigger.startswith("--dump-before=") and sends is not None:
+        when, _, call = trigger.partition("=")
+        if when == "--dump-before":
             # A send the proxy did not wake up for is no critical path, but is counted.
-            if woke is not None and sends >= 2:
-                (to_backend if sends % 2 == 0 else to_caller).append(woke + count)
-            sends += 1
+            if sends is not None:
+                if woke is not None and sends >= 2:
+                    (to_backend if sends % 2 == 0 else to_caller).append(woke + count)
+                sends += 1
             woke = None
+        elif call in ACCEPT_CALLS:
+            sends = 0
+        elif call == "epoll_wait":
+            woke = 0
+        elif woke is not None:
+            woke += count
     shutil.rmtree(out_dir, ignore_errors=True)
     if len(to_caller) < requests // 2:
         raise SystemExit(f"{name}: {len(to_backend)} and {len(to_caller)} critical paths for "

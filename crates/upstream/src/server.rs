@@ -1386,8 +1386,8 @@ where
         _ => None,
     };
     loop {
-        if out.is_empty() {
-            // The head has gone out.
+        if out.is_empty() && !(head.headers.is_empty() && head.extensions.is_empty()) {
+            // The head has gone out: freed once, not again for each of a stream's frames.
             head.headers = HeaderMap::new();
             head.extensions = http::Extensions::new();
         }

@@ -17,7 +17,7 @@
 
 use std::{
     convert::Infallible,
-    io::{self, Read, Write},
+    io,
     net::SocketAddr,
     sync::{
         Arc, OnceLock,
@@ -1782,15 +1782,15 @@ impl Drop for ArrivalProbe {
     }
 }
 
-/// Serves one request, from a caller on a non-blocking socket, answered with `body` and an
-/// [`ArrivalProbe`] among the answer's extensions: the server, the caller, and whether the
-/// caller had received anything when the probe was dropped.
-async fn probed_answer(body: TestBody) -> (Server, Arc<std::net::TcpStream>, bool) {
+/// Serves one request, answered with `body` and an [`ArrivalProbe`] among the answer's
+/// extensions: the server, the caller, and whether the caller had received anything when the
+/// probe was dropped.
+async fn probed_answer(body: TestBody) -> (Server, RawClient, bool) {
     let caller_slot: Arc<OnceLock<Arc<std::net::TcpStream>>> = Arc::default();
     let (seen_tx, mut seen_rx) = mpsc::unbounded_channel();
     let slot = Arc::clone(&caller_slot);
     let body = std::sync::Mutex::new(Some(body));
-    let (server, unused_client, _log) = recorded(ReadBody::Whole, move |_| {
+    let (server, mut client, _log) = recorded(ReadBody::Whole, move |_| {
         let caller = slot.get().expect("the caller is connected");
         let body = body.lock().unwrap().take().expect("one request");
         let mut response = Response::new(body);
@@ -1801,53 +1801,26 @@ async fn probed_answer(body: TestBody) -> (Server, Arc<std::net::TcpStream>, boo
         response
     })
     .await;
-    drop(unused_client);
-    let caller = std::net::TcpStream::connect(server.addr).unwrap();
-    caller.set_nonblocking(true).unwrap();
-    let caller = Arc::new(caller);
-    caller_slot.set(Arc::clone(&caller)).unwrap();
-    (&*caller)
-        .write_all(b"GET / HTTP/1.1\r\nhost: gateway\r\n\r\n")
-        .unwrap();
+    caller_slot.set(Arc::new(client.socket())).unwrap();
+    client.send("GET / HTTP/1.1\r\nhost: gateway\r\n\r\n").await;
     let arrived = within("the answer's head to be freed", seen_rx.recv())
         .await
         .unwrap();
-    (server, caller, arrived)
-}
-
-/// Reads from the non-blocking `caller` until what it received ends with `end`.
-async fn read_until(caller: &std::net::TcpStream, end: &[u8]) -> String {
-    let received = within("the whole answer", async {
-        let mut received = Vec::new();
-        while !received.ends_with(end) {
-            let mut chunk = [0; 1024];
-            match { caller }.read(&mut chunk) {
-                Ok(0) => break,
-                Ok(n) => received.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    sleep(Duration::from_millis(5)).await;
-                }
-                Err(e) => panic!("reading the answer: {e}"),
-            }
-        }
-        received
-    })
-    .await;
-    String::from_utf8(received).unwrap()
+    (server, client, arrived)
 }
 
 /// An answer's head (its fields and extensions) is freed once it has gone out to the caller,
 /// not while the caller waits for it.
 #[tokio::test]
 async fn an_answers_head_is_freed_once_it_has_gone_out() {
-    let (_server, caller, arrived) = probed_answer(full("answered")).await;
+    let (_server, mut client, arrived) = probed_answer(full("answered")).await;
     assert!(
         arrived,
         "the answer's head should be freed once it had gone out to the caller"
     );
-    let answer = read_until(&caller, b"answered").await;
-    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
-    assert!(answer.ends_with("\r\n\r\nanswered"), "{answer}");
+    let answer = client.read_answer().await;
+    assert_eq!(answer.status_line, "HTTP/1.1 200 OK", "{answer:?}");
+    assert_eq!(answer.text(), "answered");
 }
 
 /// A streaming answer's head is freed once it has gone out too, while the stream goes on: a
@@ -1855,17 +1828,15 @@ async fn an_answers_head_is_freed_once_it_has_gone_out() {
 #[tokio::test]
 async fn a_streaming_answers_head_is_freed_once_it_has_gone_out_while_the_stream_goes_on() {
     let (events, body) = channel_body(1);
-    let (_server, caller, arrived) = probed_answer(body).await;
+    let (_server, mut client, arrived) = probed_answer(body).await;
     assert!(
         arrived,
         "the answer's head should be freed once it had gone out to the caller"
     );
     events.send(Ok(Bytes::from_static(b"event"))).await.unwrap();
     drop(events);
-    let answer = read_until(&caller, b"0\r\n\r\n").await;
-    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
-    assert!(
-        answer.ends_with("\r\n\r\n5\r\nevent\r\n0\r\n\r\n"),
-        "{answer}"
-    );
+    let answer = client.read_answer().await;
+    assert_eq!(answer.status_line, "HTTP/1.1 200 OK", "{answer:?}");
+    assert!(answer.is_chunked(), "{answer:?}");
+    assert_eq!(answer.text(), "event");
 }

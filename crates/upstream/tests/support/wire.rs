@@ -115,6 +115,14 @@ impl RawClient {
         }
     }
 
+    /// Another handle on the connection's socket, non-blocking as tokio keeps it: for a test
+    /// that looks, from elsewhere, at what has arrived (`peek`), without reading it.
+    pub fn socket(&self) -> std::net::TcpStream {
+        use std::os::fd::AsFd;
+        let fd = self.reader.as_ref().as_fd().try_clone_to_owned().unwrap();
+        std::net::TcpStream::from(fd)
+    }
+
     pub async fn send(&mut self, bytes: impl AsRef<[u8]>) {
         let writer = self.writer.as_mut().expect("writer taken");
         within("write", writer.write_all(bytes.as_ref()))
