@@ -2,9 +2,9 @@
 //! health) and the retry policy, so the two never disagree.
 
 use std::error::Error as StdError;
+use std::io;
 use std::time::{Duration, SystemTime};
 
-use aoai_upstream::UpstreamError;
 use http::{HeaderMap, StatusCode};
 
 /// What one attempt against one backend amounted to.
@@ -81,11 +81,22 @@ pub trait Classify: Clone + Send + Sync + 'static {
 /// Azure OpenAI's rules: 429 is throttling; 408, 500, 502, 503, 504, connect errors and attempt
 /// timeouts are failures; 401 is [`Outcome::Unauthorized`]; every other 4xx is final.
 ///
-/// An error is a failure when its source chain holds an [`aoai_upstream::UpstreamError`] that
-/// says the exchange with the backend failed (a connect error when
-/// [`is_connect`](aoai_upstream::UpstreamError::is_connect)), a
-/// `tower::timeout::error::Elapsed` or a `std::io::Error`; any other error was made by the stack
-/// about the request (a refused path, a failing request body, a missing token) and is final.
+/// An error is read by its source chain, outermost first; the first error of a known kind
+/// decides:
+///
+/// - tower's [`Elapsed`](tower::timeout::error::Elapsed) (an attempt timeout):
+///   [`Failure::Timeout`];
+/// - a [`hyper_util::client::legacy::Error`]: [`Failure::Connect`] when
+///   [`is_connect`](hyper_util::client::legacy::Error::is_connect), else [`Failure::Other`];
+/// - a [`hyper::Error`]: [`Failure::Timeout`] when [`is_timeout`](hyper::Error::is_timeout),
+///   else [`Failure::Other`];
+/// - a [`std::io::Error`]: [`Failure::Connect`] for the kinds `ConnectionRefused`,
+///   `HostUnreachable`, `NetworkUnreachable` and `AddrNotAvailable`, [`Failure::Timeout`] for
+///   `TimedOut`, [`Failure::Other`] for any other kind.
+///
+/// Any other error was made by the stack about the request itself (a refused path, a token
+/// that could not be had) and is [`Outcome::Final`]. So the errors of any client built on
+/// hyper, or on tokio's sockets, are classified right, not only those of this workspace's.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct AzureOpenAiClassifier;
 
@@ -105,25 +116,44 @@ impl Classify for AzureOpenAiClassifier {
     fn classify_error(&self, error: &(dyn StdError + 'static)) -> Outcome {
         let mut current = Some(error);
         while let Some(err) = current {
-            if let Some(err) = err.downcast_ref::<UpstreamError>() {
-                return match err {
-                    UpstreamError::Connect(_) => Outcome::Failed(Failure::Connect),
-                    UpstreamError::Request(_) | UpstreamError::Body(_) => {
-                        Outcome::Failed(Failure::Other)
-                    }
-                    _ => Outcome::Final,
-                };
-            }
-            if err.is::<tower::timeout::error::Elapsed>() {
-                return Outcome::Failed(Failure::Timeout);
-            }
-            if err.is::<std::io::Error>() {
-                return Outcome::Failed(Failure::Other);
+            if let Some(failure) = failure_of(err) {
+                return Outcome::Failed(failure);
             }
             current = err.source();
         }
         Outcome::Final
     }
+}
+
+/// The failure one error of the chain stands for, if it is of a kind [`AzureOpenAiClassifier`]
+/// knows.
+fn failure_of(error: &(dyn StdError + 'static)) -> Option<Failure> {
+    if error.is::<tower::timeout::error::Elapsed>() {
+        return Some(Failure::Timeout);
+    }
+    if let Some(error) = error.downcast_ref::<hyper_util::client::legacy::Error>() {
+        return Some(if error.is_connect() {
+            Failure::Connect
+        } else {
+            Failure::Other
+        });
+    }
+    if let Some(error) = error.downcast_ref::<hyper::Error>() {
+        return Some(if error.is_timeout() {
+            Failure::Timeout
+        } else {
+            Failure::Other
+        });
+    }
+    let error = error.downcast_ref::<io::Error>()?;
+    Some(match error.kind() {
+        io::ErrorKind::ConnectionRefused
+        | io::ErrorKind::HostUnreachable
+        | io::ErrorKind::NetworkUnreachable
+        | io::ErrorKind::AddrNotAvailable => Failure::Connect,
+        io::ErrorKind::TimedOut => Failure::Timeout,
+        _ => Failure::Other,
+    })
 }
 
 /// The wait a throttling answer asks for, from, in order of preference: `retry-after-ms`
@@ -224,19 +254,171 @@ mod tests {
         }
     }
 
+    /// An error that only says what caused it, as a layer's own error would.
+    #[derive(Debug)]
+    struct Wrapped(Box<dyn StdError + Send + Sync>);
+
+    impl std::fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a layer failed")
+        }
+    }
+
+    impl StdError for Wrapped {
+        fn source(&self) -> Option<&(dyn StdError + 'static)> {
+            Some(&*self.0)
+        }
+    }
+
+    fn classify(error: impl StdError + Send + Sync + 'static) -> Outcome {
+        AzureOpenAiClassifier.classify_error(&error)
+    }
+
+    /// What hyper-util's client answers for a request to `http://{addr}/`.
+    async fn legacy_client_error(addr: std::net::SocketAddr) -> hyper_util::client::legacy::Error {
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Empty<bytes::Bytes>>();
+        let request = http::Request::get(format!("http://{addr}/"))
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), client.request(request))
+            .await
+            .expect("the client answers")
+            .expect_err("nothing serves HTTP there")
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_of_hyper_utils_client_is_a_connect_failure() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let error = legacy_client_error(addr).await;
+        assert!(error.is_connect(), "{error:?}");
+        assert_eq!(classify(error), Outcome::Failed(Failure::Connect));
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_before_the_answer_is_another_failure() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            // Each connection is closed unanswered.
+            loop {
+                drop(listener.accept().await);
+            }
+        });
+
+        let error = legacy_client_error(addr).await;
+        assert!(!error.is_connect(), "{error:?}");
+        assert_eq!(classify(error), Outcome::Failed(Failure::Other));
+
+        // hyper's own connection, without hyper-util's client: a `hyper::Error`.
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let io = hyper_util::rt::TokioIo::new(stream);
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake::<_, http_body_util::Empty<bytes::Bytes>>(io)
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        let request = http::Request::get("/")
+            .header("host", "localhost")
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        let error = tokio::time::timeout(Duration::from_secs(10), sender.send_request(request))
+            .await
+            .expect("the connection answers")
+            .expect_err("the connection was closed");
+        assert!(!error.is_timeout(), "{error:?}");
+        assert_eq!(classify(error), Outcome::Failed(Failure::Other));
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_hyper_error_that_is_a_timeout_is_a_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // A caller that connects and never sends a request head.
+        let _silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
+        let serve = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(Duration::from_millis(50))
+            .serve_connection(
+                hyper_util::rt::TokioIo::new(stream),
+                hyper::service::service_fn(|_| async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Empty::<
+                        bytes::Bytes,
+                    >::new(
+                    )))
+                }),
+            );
+        let error = tokio::time::timeout(Duration::from_secs(10), serve)
+            .await
+            .expect("the header read timeout ends the connection")
+            .expect_err("no request head arrived");
+        assert!(error.is_timeout(), "{error:?}");
+        assert_eq!(classify(error), Outcome::Failed(Failure::Timeout));
+    }
+
     #[test]
-    fn errors_are_classified_by_their_source_chain() {
-        let c = AzureOpenAiClassifier;
-        let elapsed: Box<dyn StdError + Send + Sync> =
-            Box::new(tower::timeout::error::Elapsed::new());
+    fn io_errors_are_classified_by_their_kind() {
+        use io::ErrorKind::*;
+        let cases = [
+            (ConnectionRefused, Failure::Connect),
+            (HostUnreachable, Failure::Connect),
+            (NetworkUnreachable, Failure::Connect),
+            (AddrNotAvailable, Failure::Connect),
+            (TimedOut, Failure::Timeout),
+            (ConnectionReset, Failure::Other),
+            (ConnectionAborted, Failure::Other),
+            (BrokenPipe, Failure::Other),
+            (UnexpectedEof, Failure::Other),
+        ];
+        for (kind, failure) in cases {
+            let error = io::Error::new(kind, "from the socket");
+            assert_eq!(classify(error), Outcome::Failed(failure), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn an_attempt_timeout_is_a_timeout() {
+        let elapsed = tower::timeout::error::Elapsed::new();
+        assert_eq!(classify(elapsed), Outcome::Failed(Failure::Timeout));
+    }
+
+    #[test]
+    fn an_error_of_no_known_kind_is_final() {
+        assert_eq!(classify(std::fmt::Error), Outcome::Final);
+        let refused: Box<dyn StdError + Send + Sync> = "request path is not allowed".into();
+        assert_eq!(classify(Wrapped(refused)), Outcome::Final);
+    }
+
+    #[tokio::test]
+    async fn an_error_is_classified_by_what_its_source_chain_holds() {
+        let refused = io::Error::new(io::ErrorKind::ConnectionRefused, "refused");
         assert_eq!(
-            c.classify_error(&*elapsed),
+            classify(Wrapped(Box::new(refused))),
+            Outcome::Failed(Failure::Connect)
+        );
+        let elapsed = Wrapped(Box::new(tower::timeout::error::Elapsed::new()));
+        assert_eq!(
+            classify(Wrapped(Box::new(elapsed))),
             Outcome::Failed(Failure::Timeout)
         );
-        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
-        assert_eq!(c.classify_error(&io), Outcome::Failed(Failure::Other));
-        let fmt = std::fmt::Error;
-        assert_eq!(c.classify_error(&fmt), Outcome::Final);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let connect = legacy_client_error(addr).await;
+        let backend = crate::BackendError::new(
+            crate::ServedBy::new("east".into(), 0),
+            Box::new(Wrapped(Box::new(connect))),
+        );
+        assert_eq!(classify(backend), Outcome::Failed(Failure::Connect));
+        // The outermost known kind decides: a timed-out I/O error that wraps a reset.
+        let reset = io::Error::new(io::ErrorKind::ConnectionReset, "reset");
+        let timed_out = io::Error::new(io::ErrorKind::TimedOut, Wrapped(Box::new(reset)));
+        assert_eq!(classify(timed_out), Outcome::Failed(Failure::Timeout));
     }
 
     #[test]

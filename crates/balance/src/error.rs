@@ -4,7 +4,9 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::time::Duration;
 
-use crate::{BoxError, ServedBy};
+use tower::BoxError;
+
+use crate::ServedBy;
 
 /// An error from one backend, naming the backend.
 #[derive(Debug)]

@@ -4,19 +4,20 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker, ready};
+use std::task::{Context, Poll, ready};
 
 use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower::util::Oneshot;
-use tower::{Service, ServiceExt};
+use tower::{BoxError, Service};
 
 use crate::error::BackendError;
-use crate::{BoxError, Classify, ServedBy, Shared};
+use crate::{Classify, ServedBy, Shared};
 
 pin_project! {
-    /// Response future of [`Balance`](crate::Balance): drives the chosen backend, then records
-    /// the outcome (passive health) and which backend served it.
+    /// Response future of [`Balance`](crate::Balance): drives a clone of the chosen backend to
+    /// readiness and calls it, then records the outcome (passive health) and which backend
+    /// served it.
     pub struct ResponseFuture<S, B, C>
     where
         S: Service<Request<B>>,
@@ -34,17 +35,10 @@ pin_project! {
     where
         S: Service<Request<B>>,
     {
-        // The backend was ready at once, and was called.
+        // The clone of backend `index`, awaiting its readiness, then its response.
         Called {
             #[pin]
-            future: S::Future,
-            index: usize,
-        },
-        // The backend was not ready at once: driven to readiness, then called. Boxed: the
-        // `Oneshot` holds the whole request, and every future around this one would make room
-        // for it (and copy it as they move) when almost every backend is ready at once.
-        Readying {
-            oneshot: Pin<Box<Oneshot<S, Request<B>>>>,
+            oneshot: Oneshot<S, Request<B>>,
             index: usize,
         },
         Refused {
@@ -55,32 +49,16 @@ pin_project! {
 
 impl<S, B, C> ResponseFuture<S, B, C>
 where
-    S: Service<Request<B>> + Clone,
+    S: Service<Request<B>>,
 {
-    /// Calls `service` in place if it is ready without waiting (the usual case, which spares the
-    /// future room for the request and the service a clone), else drives a clone of it to
-    /// readiness first.
-    pub(crate) fn call(
-        service: &mut S,
-        request: Request<B>,
+    pub(crate) fn called(
+        oneshot: Oneshot<S, Request<B>>,
         index: usize,
         shared: Arc<Shared>,
         classifier: C,
     ) -> Self {
-        let state = match service.poll_ready(&mut Context::from_waker(Waker::noop())) {
-            Poll::Ready(Ok(())) => State::Called {
-                future: service.call(request),
-                index,
-            },
-            // Not ready (a noop waker was registered; the `Oneshot` polls again with the
-            // task's), or failed (the `Oneshot` returns the error).
-            _ => State::Readying {
-                oneshot: Box::pin(service.clone().oneshot(request)),
-                index,
-            },
-        };
         Self {
-            state,
+            state: State::Called { oneshot, index },
             shared,
             classifier,
         }
@@ -109,14 +87,9 @@ where
             StateProj::Refused { error } => Poll::Ready(Err(error
                 .take()
                 .expect("ResponseFuture polled after completion"))),
-            StateProj::Called { future, index } => {
+            StateProj::Called { oneshot, index } => {
                 let index = *index;
-                let result = ready!(future.poll(cx));
-                Poll::Ready(finish(result, index, this.shared, this.classifier))
-            }
-            StateProj::Readying { oneshot, index } => {
-                let index = *index;
-                let result = ready!(oneshot.as_mut().poll(cx));
+                let result = ready!(oneshot.poll(cx));
                 Poll::Ready(finish(result, index, this.shared, this.classifier))
             }
         }
@@ -130,7 +103,6 @@ where
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (state, index) = match &self.state {
             State::Called { index, .. } => ("called", Some(index)),
-            State::Readying { index, .. } => ("readying", Some(index)),
             State::Refused { .. } => ("refused", None),
         };
         f.debug_struct("ResponseFuture")

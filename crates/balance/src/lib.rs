@@ -43,6 +43,10 @@
 //! - When every backend cools down, the call fails at once with [`AllCoolingDown`], which
 //!   carries the soonest recovery.
 //! - [`Classify`] decides each outcome; give the retry policy the same classifier.
+//! - Each call drives a clone of its backend with tower's [`Oneshot`](tower::util::Oneshot):
+//!   a backend's readiness is awaited with the caller's own task, so limits inside a backend's
+//!   stack (`ConcurrencyLimit`, `Buffer`, `RateLimit` behind a `Buffer`, `Timeout`) hold and
+//!   every call waiting on them completes.
 
 #![forbid(unsafe_code)]
 
@@ -52,7 +56,6 @@ mod extensions;
 pub mod future;
 mod health;
 
-use std::cell::RefCell;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -60,8 +63,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::Request;
-use thread_local::ThreadLocal;
-use tower::Service;
+use tower::{BoxError, Service, ServiceExt};
 
 pub use crate::classify::{AzureOpenAiClassifier, Classify, Failure, Outcome};
 pub use crate::error::{AllCoolingDown, BackendError, NoBackends};
@@ -71,25 +73,20 @@ pub use crate::health::{BackendSnapshot, HealthPolicy};
 
 use crate::health::{BackendHealth, Clock, LazyNow};
 
-/// A type-erased error, as tower uses.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
 /// Round-robin over named backend services, skipping those that cool down.
 ///
 /// # Clone and readiness
 ///
 /// `Balance` is cheap to clone; clones share the rotation and the health of every backend.
 /// The backend is chosen in `call`, from the request (which may say which backends were already
-/// tried), so `poll_ready` is always ready and reserves nothing. Each thread that calls keeps
-/// its own copy of every backend service (cloned on its first call): `call` polls this thread's
-/// copy of the chosen backend for readiness and, if it is ready at once, calls it in place;
-/// otherwise it clones the backend and drives the clone with [`Oneshot`](tower::util::Oneshot),
-/// which waits for its readiness. Backends must therefore be `Clone` (and `Send`: a copy lives
-/// on each thread).
-///
-/// Calling in place spares each request a clone of the backend's stack, and the reference
-/// counts (atomic instructions) that the clone and its drop take.
-pub struct Balance<S: Send, C = AzureOpenAiClassifier> {
+/// tried), so `poll_ready` is always ready and reserves nothing. `call` clones the chosen
+/// backend and drives the clone with [`Oneshot`](tower::util::Oneshot), which awaits the
+/// clone's readiness with the calling task's own context and then calls it (as tower-http's
+/// `FollowRedirect` does). Backends must therefore be `Clone`, and their clones must share
+/// whatever limits them: tower's `ConcurrencyLimit` and `Buffer` do; a service that is not
+/// `Clone`, or whose clones would each keep a limit of their own (tower's `RateLimit`), goes
+/// behind a [`Buffer`](tower::buffer::Buffer).
+pub struct Balance<S, C = AzureOpenAiClassifier> {
     // One reference count for the services and the health together: a clone (one per request,
     // in the retry layer) touches one.
     inner: Arc<Inner<S>>,
@@ -97,10 +94,8 @@ pub struct Balance<S: Send, C = AzureOpenAiClassifier> {
 }
 
 /// What every clone of a [`Balance`] shares.
-struct Inner<S: Send> {
+struct Inner<S> {
     services: Box<[S]>,
-    /// Each calling thread's copies of `services`.
-    local: ThreadLocal<RefCell<Box<[S]>>>,
     shared: Arc<Shared>,
 }
 
@@ -113,7 +108,7 @@ pub(crate) struct Shared {
     next: AtomicUsize,
 }
 
-impl<S: Send> Balance<S> {
+impl<S> Balance<S> {
     /// Balances over `backends`, `(name, service)` pairs, with the default [`HealthPolicy`]
     /// and [`AzureOpenAiClassifier`].
     pub fn new<N, I>(backends: I) -> Self
@@ -125,7 +120,7 @@ impl<S: Send> Balance<S> {
     }
 }
 
-impl<S: Send, C> Balance<S, C> {
+impl<S, C> Balance<S, C> {
     /// Balances over `backends` with the given health policy and classifier.
     pub fn with_policy<N, I>(backends: I, policy: HealthPolicy, classifier: C) -> Self
     where
@@ -139,7 +134,6 @@ impl<S: Send, C> Balance<S, C> {
         Self {
             inner: Arc::new(Inner {
                 services: services.into(),
-                local: ThreadLocal::new(),
                 shared: Arc::new(Shared {
                     backends: names.into_iter().map(BackendHealth::new).collect(),
                     policy,
@@ -269,7 +263,7 @@ impl Shared {
     }
 }
 
-impl<S: Send, C: Clone> Clone for Balance<S, C> {
+impl<S, C: Clone> Clone for Balance<S, C> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
@@ -278,7 +272,7 @@ impl<S: Send, C: Clone> Clone for Balance<S, C> {
     }
 }
 
-impl<S: Send, C: fmt::Debug> fmt::Debug for Balance<S, C> {
+impl<S, C: fmt::Debug> fmt::Debug for Balance<S, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let names: Vec<&str> = self
             .inner
@@ -297,7 +291,7 @@ impl<S: Send, C: fmt::Debug> fmt::Debug for Balance<S, C> {
 
 impl<S, B, RB, C> Service<Request<B>> for Balance<S, C>
 where
-    S: Service<Request<B>, Response = http::Response<RB>> + Clone + Send,
+    S: Service<Request<B>, Response = http::Response<RB>> + Clone,
     S::Error: Into<BoxError>,
     C: Classify,
 {
@@ -306,8 +300,8 @@ where
     type Future = ResponseFuture<S, B, C>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // Always ready: the backend is chosen per request in `call`, and its own readiness is
-        // awaited by the response future when it is not ready at once.
+        // Always ready: the backend is chosen per request in `call`, and the readiness of the
+        // clone it drives is awaited by the response future (see the type's docs).
         Poll::Ready(Ok(()))
     }
 
@@ -316,16 +310,8 @@ where
         let classifier = self.classifier.clone();
         match self.pick(request.extensions().get::<TriedBackends>()) {
             Ok(index) => {
-                let inner = &*self.inner;
-                let call = |service: &mut S| {
-                    ResponseFuture::call(service, request, index, shared, classifier)
-                };
-                let local = inner.local.get_or(|| RefCell::new(inner.services.clone()));
-                match local.try_borrow_mut() {
-                    Ok(mut services) => call(&mut services[index]),
-                    // Called again from inside a backend's own `call` on this thread: a clone.
-                    Err(_) => call(&mut inner.services[index].clone()),
-                }
+                let oneshot = self.inner.services[index].clone().oneshot(request);
+                ResponseFuture::called(oneshot, index, shared, classifier)
             }
             Err(error) => ResponseFuture::refused(error, shared, classifier),
         }

@@ -1,7 +1,6 @@
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
-use std::task::Poll;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
@@ -46,7 +45,7 @@ fn balance_of(
     )
 }
 
-async fn served_by<S: Send>(balance: &Balance<S>, request: Request<()>) -> Result<String, BoxError>
+async fn served_by<S>(balance: &Balance<S>, request: Request<()>) -> Result<String, BoxError>
 where
     Balance<S>: Service<Request<()>, Response = Response<()>, Error = BoxError>,
 {
@@ -230,66 +229,5 @@ async fn readiness_is_driven_per_call_with_tower_test_mocks() {
             .unwrap()
             .index(),
         1
-    );
-}
-
-/// A backend that is always ready and counts how often it is cloned.
-struct CountsClones(Arc<AtomicUsize>);
-
-impl Clone for CountsClones {
-    fn clone(&self) -> Self {
-        self.0.fetch_add(1, Ordering::Relaxed);
-        Self(Arc::clone(&self.0))
-    }
-}
-
-impl Service<Request<()>> for CountsClones {
-    type Response = Response<()>;
-    type Error = Infallible;
-    type Future = std::future::Ready<Result<Response<()>, Infallible>>;
-
-    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: Request<()>) -> Self::Future {
-        std::future::ready(Ok(Response::new(())))
-    }
-}
-
-#[test]
-fn a_ready_backend_is_called_in_place_by_each_thread_not_cloned_per_request() {
-    let clones = Arc::new(AtomicUsize::new(0));
-    let balance = Balance::new([
-        ("a", CountsClones(Arc::clone(&clones))),
-        ("b", CountsClones(Arc::clone(&clones))),
-    ]);
-    let requests = |balance: Balance<CountsClones>| {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            let mut served = Vec::new();
-            for _ in 0..10 {
-                let response = balance.clone().oneshot(Request::new(())).await.unwrap();
-                served.push(response.extensions().get::<ServedBy>().unwrap().index());
-            }
-            served
-        })
-    };
-    let served = requests(balance.clone());
-    assert_eq!(served, [0, 1, 0, 1, 0, 1, 0, 1, 0, 1]);
-    assert_eq!(
-        clones.load(Ordering::Relaxed),
-        2,
-        "this thread's copy of each backend"
-    );
-    let other = balance.clone();
-    let served = std::thread::spawn(move || requests(other)).join().unwrap();
-    assert_eq!(served.len(), 10);
-    assert_eq!(
-        clones.load(Ordering::Relaxed),
-        4,
-        "the other thread's copies"
     );
 }
