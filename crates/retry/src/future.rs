@@ -9,14 +9,14 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::request::Parts;
 use http::{Request, Response};
 use http_body::Body;
-use http_body_util::{LengthLimitError, Limited};
 use pin_project_lite::pin_project;
-use tower::Service;
+use tower::{BoxError, Service};
 
 use crate::deadline::{Deadline, DeadlineSettings};
 use crate::error::{BodyReadError, BodyTooLarge, DeadlineElapsed};
+use crate::linger::Linger;
 use crate::policy::RequestCopy;
-use crate::{Backoff, BoxError, ReplayBody, RetryNextBackend};
+use crate::{Backoff, ReplayBody, RetryNextBackend};
 
 pin_project! {
     /// Response future of [`RetryNextBackendService`](crate::RetryNextBackendService): reads the
@@ -48,11 +48,12 @@ pin_project! {
         B::Error: Into<BoxError>,
     {
         Reading {
-            #[pin]
-            body: Limited<B>,
+            // Taken out when it is over the limit, to linger on (see `Linger`).
+            body: Option<B>,
             read: BodyBytes,
             parts: Option<Parts>,
             limit: usize,
+            linger: Linger,
         },
         Called {
             #[pin]
@@ -84,14 +85,16 @@ where
         policy: RetryNextBackend<C>,
         limit: usize,
         deadline: Option<DeadlineSettings>,
+        linger: Linger,
     ) -> Self {
         let (parts, body) = request.into_parts();
         Self {
             state: State::Reading {
-                body: Limited::new(body, limit),
+                body: Some(body),
                 read: BodyBytes::default(),
                 parts: Some(parts),
                 limit,
+                linger,
             },
             deadline: Deadline::new(deadline),
             service,
@@ -114,7 +117,7 @@ where
 impl<S, B, RB, C> Future for ResponseFuture<S, B, C>
 where
     S: Service<Request<ReplayBody>, Response = Response<RB>, Error = BoxError>,
-    B: Body,
+    B: Body + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
     C: Classify,
 {
@@ -130,13 +133,17 @@ where
             }
             match this.state.as_mut().project() {
                 StateProj::Reading {
-                    mut body,
+                    body: body_slot,
                     read,
                     parts,
                     limit,
+                    linger,
                 } => {
+                    let body = body_slot
+                        .as_mut()
+                        .expect("ResponseFuture polled after completion");
                     let bytes = loop {
-                        let Poll::Ready(frame) = body.as_mut().poll_frame(cx) else {
+                        let Poll::Ready(frame) = Pin::new(&mut *body).poll_frame(cx) else {
                             // A body still arriving: the deadline bounds it.
                             if this.deadline.as_mut().arm() {
                                 break None;
@@ -148,6 +155,16 @@ where
                             Some(Ok(frame)) => {
                                 // Trailers are not replayed.
                                 if let Ok(data) = frame.into_data() {
+                                    if data.remaining() > *limit - read.len() {
+                                        // The caller is answered at once; the rest of its body
+                                        // is read and dropped meanwhile.
+                                        if let Some(body) = body_slot.take() {
+                                            linger.spawn(body);
+                                        }
+                                        return Poll::Ready(Err(Box::new(BodyTooLarge::new(
+                                            *limit,
+                                        ))));
+                                    }
                                     read.push(data);
                                 }
                                 // A body that says it has ended is not polled again: hyper's
@@ -157,11 +174,10 @@ where
                                     break Some(read.take());
                                 }
                             }
-                            Some(Err(error)) if error.is::<LengthLimitError>() => {
-                                return Poll::Ready(Err(Box::new(BodyTooLarge::new(*limit))));
-                            }
                             Some(Err(error)) => {
-                                return Poll::Ready(Err(Box::new(BodyReadError::new(error))));
+                                return Poll::Ready(Err(Box::new(BodyReadError::new(
+                                    error.into(),
+                                ))));
                             }
                         }
                     };
@@ -234,6 +250,13 @@ struct BodyBytes {
 }
 
 impl BodyBytes {
+    /// How many bytes were read so far.
+    fn len(&self) -> usize {
+        self.joined
+            .as_ref()
+            .map_or(self.first.len(), |joined| joined.len())
+    }
+
     fn push(&mut self, mut data: impl Buf) {
         if let Some(joined) = &mut self.joined {
             joined.put(data);

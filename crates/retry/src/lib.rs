@@ -1,11 +1,13 @@
 //! Retry a failed Azure OpenAI request on the next backend, honouring `Retry-After`.
 //!
-//! [`RetryNextBackendLayer`] goes in front of an [`aoai_balance::Balance`]. It reads the request
-//! body once into [`Bytes`](bytes::Bytes) (over the limit: [`BodyTooLarge`], and no backend is
-//! contacted), then makes the attempts, asking the [`RetryNextBackend`] policy after each one
-//! whether to retry: the body is replayed on each attempt, and each retry goes to a backend not
-//! tried yet. The policy is a tower [`Policy`](tower::retry::Policy), and can drive tower's
-//! [`Retry`](tower::retry::Retry) too.
+//! [`RetryNextBackendLayer`] goes in front of an [`aoai_balance::Balance`] (or any balancer that
+//! says which backends are available: [`BackendAvailability`]). It reads the request body once
+//! into [`Bytes`](bytes::Bytes) (over the limit: [`BodyTooLarge`], and no backend is contacted;
+//! the rest of the body is read and dropped in the background, see
+//! [`RetryNextBackendLayer::linger`]), then makes the attempts, asking the [`RetryNextBackend`]
+//! policy after each one whether to retry: the body is replayed on each attempt, and each retry
+//! goes to a backend not tried yet. The policy is a tower [`Policy`](tower::retry::Policy), and
+//! can drive tower's [`Retry`](tower::retry::Retry) too.
 //!
 //! # Example
 //!
@@ -55,33 +57,33 @@
 
 #![forbid(unsafe_code)]
 
+mod availability;
 mod body;
-mod budget;
 mod deadline;
 pub mod error;
 pub mod future;
+mod linger;
 mod policy;
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use aoai_balance::{AzureOpenAiClassifier, BalanceHealth, Classify};
+use aoai_balance::{AzureOpenAiClassifier, Classify};
 use http::{Request, Response};
 use http_body::Body;
-use tower::{Layer, Service};
+use tower::retry::budget::TpsBudget;
+use tower::{BoxError, Layer, Service};
 
+pub use crate::availability::{AlwaysAvailable, BackendAvailability};
 pub use crate::body::ReplayBody;
-use crate::budget::RetryBudget;
 pub use crate::error::{BodyReadError, BodyTooLarge, DeadlineElapsed};
 pub use crate::future::ResponseFuture;
 pub use crate::policy::{Backoff, RetryNextBackend, set_retry_after};
 
 use crate::deadline::DeadlineSettings;
+use crate::linger::Linger;
 use crate::policy::RetrySettings;
-
-/// A type-erased error, as tower uses.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The default body limit: 16 MiB.
 pub const DEFAULT_BODY_LIMIT: usize = 16 * 1024 * 1024;
@@ -91,11 +93,12 @@ pub const DEFAULT_MAX_ATTEMPTS: usize = 3;
 
 /// Layer that adds [`RetryNextBackendService`]: read the body once, retry on the next backend.
 ///
-/// Built from the [`BalanceHealth`] of the [`Balance`](aoai_balance::Balance) it wraps, so it
-/// knows whether a retry can go anywhere.
+/// Built from the [`BalanceHealth`](aoai_balance::BalanceHealth) of the
+/// [`Balance`](aoai_balance::Balance) it wraps (or the [`BackendAvailability`] of another
+/// balancer), so it knows whether a retry can go anywhere.
 #[derive(Debug, Clone)]
 pub struct RetryNextBackendLayer<C = AzureOpenAiClassifier> {
-    health: BalanceHealth,
+    health: Arc<dyn BackendAvailability>,
     classifier: C,
     max_attempts: usize,
     body_limit: usize,
@@ -103,15 +106,21 @@ pub struct RetryNextBackendLayer<C = AzureOpenAiClassifier> {
     backoff_max: Duration,
     budget: Option<(Duration, u32, f32)>,
     deadline: Option<DeadlineSettings>,
+    linger: Linger,
 }
 
 impl RetryNextBackendLayer {
-    /// Defaults: 3 attempts, a 16 MiB body limit, backoff 100 ms doubling to 2 s, and tower's
+    /// Defaults: 3 attempts, a 16 MiB body limit, backoff 100 ms doubling to 2 s, tower's
     /// default retry budget (retries may add 20% to the traffic, at least 10 a second, over a
-    /// 10 s window).
-    pub fn new(health: BalanceHealth) -> Self {
+    /// 10 s window), and lingering on an over-limit body for 30 s in all, 5 s between frames,
+    /// up to 64 MiB.
+    ///
+    /// `health` is what the balancer behind says of its backends: `balance.health()` for a
+    /// [`Balance`](aoai_balance::Balance), [`AlwaysAvailable`] for a balancer that knows no
+    /// health.
+    pub fn new(health: impl BackendAvailability) -> Self {
         Self {
-            health,
+            health: Arc::new(health),
             classifier: AzureOpenAiClassifier,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             body_limit: DEFAULT_BODY_LIMIT,
@@ -119,6 +128,7 @@ impl RetryNextBackendLayer {
             backoff_max: Duration::from_secs(2),
             budget: Some((Duration::from_secs(10), 10, 0.2)),
             deadline: None,
+            linger: Linger::DEFAULT,
         }
     }
 }
@@ -144,11 +154,10 @@ impl<C> RetryNextBackendLayer<C> {
         self
     }
 
-    /// Sets the retry budget, as tower's
-    /// [`TpsBudget::new`](tower::retry::budget::TpsBudget::new): retries may add
-    /// `retry_percent` of the requests seen over `ttl` (1 to 60 s), and at least `min_per_sec`
-    /// a second. (The budget behaves as tower's, with a cheaper deposit per request: see
-    /// docs/design.md.)
+    /// Sets the retry budget, tower's [`TpsBudget`]: retries may add `retry_percent` of the
+    /// requests seen over `ttl`, and at least `min_per_sec` a second. Values outside what
+    /// [`TpsBudget::new`] accepts are brought within it: `ttl` to 1 to 60 s, `retry_percent` to
+    /// 0 to 1000.
     pub fn budget(mut self, ttl: Duration, min_per_sec: u32, retry_percent: f32) -> Self {
         self.budget = Some((ttl, min_per_sec, retry_percent));
         self
@@ -177,6 +186,24 @@ impl<C> RetryNextBackendLayer<C> {
         self
     }
 
+    /// Sets how the rest of a body over the limit is read and dropped, as nginx's lingering
+    /// close: for at most `total` in all, at most `idle` between two frames, and `max_bytes`
+    /// (beyond which the body is dropped). The caller's [`BodyTooLarge`] is answered at once;
+    /// this goes on in a task of its own (when a tokio runtime is current; otherwise the body
+    /// is dropped at once), so that a caller that writes its whole body before it reads, as
+    /// many HTTP/1.1 clients do, reads the 413 rather than a connection reset (which it gets if
+    /// the body is dropped while it still sends). A zero `total` turns lingering off: the body
+    /// is dropped at once.
+    /// Default: 30 s, 5 s and 64 MiB (nginx's `lingering_time` and `lingering_timeout`).
+    pub fn linger(mut self, total: Duration, idle: Duration, max_bytes: u64) -> Self {
+        self.linger = Linger {
+            total,
+            idle,
+            max_bytes,
+        };
+        self
+    }
+
     /// Replaces the classifier (give the `Balance` the same one).
     pub fn classifier<C2>(self, classifier: C2) -> RetryNextBackendLayer<C2> {
         RetryNextBackendLayer {
@@ -188,6 +215,7 @@ impl<C> RetryNextBackendLayer<C> {
             backoff_max: self.backoff_max,
             budget: self.budget,
             deadline: self.deadline,
+            linger: self.linger,
         }
     }
 }
@@ -201,9 +229,17 @@ impl<S, C: Clone> Layer<S> for RetryNextBackendLayer<C> {
             max_attempts: self.max_attempts,
             backoff_base: self.backoff_base,
             backoff_max: self.backoff_max,
-            budget: self
-                .budget
-                .map(|(ttl, min, percent)| RetryBudget::new(ttl, min, percent)),
+            budget: self.budget.map(|(ttl, min_per_sec, percent)| {
+                TpsBudget::new(
+                    ttl.clamp(Duration::from_secs(1), Duration::from_secs(60)),
+                    min_per_sec.min(i32::MAX as u32 - 1),
+                    if percent.is_nan() {
+                        0.0
+                    } else {
+                        percent.clamp(0.0, 1000.0)
+                    },
+                )
+            }),
         });
         let policy = RetryNextBackend::new(self.classifier.clone(), settings);
         RetryNextBackendService {
@@ -211,6 +247,7 @@ impl<S, C: Clone> Layer<S> for RetryNextBackendLayer<C> {
             policy,
             body_limit: self.body_limit,
             deadline: self.deadline,
+            linger: self.linger,
         }
     }
 }
@@ -223,12 +260,20 @@ impl<S, C: Clone> Layer<S> for RetryNextBackendLayer<C> {
 /// Reading the body is asynchronous, so `call` takes the inner service that `poll_ready` made
 /// ready and leaves a clone in its place (see "Be careful when cloning inner services" in the
 /// [`tower::Service`] docs). The inner service (a `Balance`) must be `Clone`.
+///
+/// # The request body
+///
+/// The body must be `Send + Unpin + 'static`, as hyper's `Incoming` and axum's `Body` are: the
+/// rest of a body over the limit is moved into a task of its own and read there (see
+/// [`RetryNextBackendLayer::linger`]). Pin a body that is not `Unpin` in a `Box`
+/// (`Pin<Box<B>>` is a body too).
 #[derive(Debug, Clone)]
 pub struct RetryNextBackendService<S, C = AzureOpenAiClassifier> {
     service: S,
     policy: RetryNextBackend<C>,
     body_limit: usize,
     deadline: Option<DeadlineSettings>,
+    linger: Linger,
 }
 
 impl<S, C> RetryNextBackendService<S, C> {
@@ -251,7 +296,7 @@ impl<S, C> RetryNextBackendService<S, C> {
 impl<S, B, RB, C> Service<Request<B>> for RetryNextBackendService<S, C>
 where
     S: Service<Request<ReplayBody>, Response = Response<RB>, Error = BoxError> + Clone,
-    B: Body,
+    B: Body + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
     C: Classify,
 {
@@ -270,6 +315,7 @@ where
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|len| len > self.body_limit as u64) {
+            self.linger.spawn(request.into_body());
             let error = Box::new(BodyTooLarge::new(self.body_limit));
             return ResponseFuture::refused(error, self.service.clone(), self.policy.clone());
         }
@@ -283,6 +329,7 @@ where
             self.policy.clone(),
             self.body_limit,
             self.deadline,
+            self.linger,
         )
     }
 }

@@ -7,16 +7,16 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use aoai_balance::{
-    AllCoolingDown, AzureOpenAiClassifier, BackendError, BalanceHealth, Classify, NoBackends,
-    Outcome, ServedBy, TriedBackends,
+    AllCoolingDown, AzureOpenAiClassifier, BackendError, Classify, NoBackends, Outcome, ServedBy,
+    TriedBackends,
 };
 use http::{Extensions, HeaderName, HeaderValue, Method, Request, Response, Uri, Version};
 use pin_project_lite::pin_project;
+use tower::BoxError;
 use tower::retry::Policy;
-use tower::retry::budget::Budget;
+use tower::retry::budget::{Budget, TpsBudget};
 
-use crate::budget::RetryBudget;
-use crate::{BoxError, ReplayBody};
+use crate::{BackendAvailability, ReplayBody};
 
 /// Retries a failed Azure OpenAI request on the next backend of a
 /// [`Balance`](aoai_balance::Balance).
@@ -41,7 +41,7 @@ use crate::{BoxError, ReplayBody};
 #[derive(Debug, Clone)]
 pub struct RetryNextBackend<C = AzureOpenAiClassifier> {
     classifier: C,
-    // What every clone shares, the balance's health included, behind one reference count.
+    // What every clone shares, the backends' availability included, behind one reference count.
     settings: Arc<RetrySettings>,
     attempts: usize,
     unauthorized_retried: bool,
@@ -50,11 +50,11 @@ pub struct RetryNextBackend<C = AzureOpenAiClassifier> {
 /// What every clone of the policy shares.
 #[derive(Debug)]
 pub(crate) struct RetrySettings {
-    pub(crate) health: BalanceHealth,
+    pub(crate) health: Arc<dyn BackendAvailability>,
     pub(crate) max_attempts: usize,
     pub(crate) backoff_base: Duration,
     pub(crate) backoff_max: Duration,
-    pub(crate) budget: Option<RetryBudget>,
+    pub(crate) budget: Option<TpsBudget>,
 }
 
 impl<C> RetryNextBackend<C> {

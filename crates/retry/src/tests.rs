@@ -17,7 +17,7 @@ use http_body_util::{BodyExt, Full};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tower::retry::Policy;
-use tower::{Layer, Service, ServiceExt};
+use tower::{BoxError, Layer, Service, ServiceExt};
 
 use super::*;
 use crate::policy::{RequestCopy, RetrySettings};
@@ -173,7 +173,7 @@ fn stack(
 /// Sends `request` through a clone of `service`.
 async fn send<B>(service: &Stack, request: Request<B>) -> Result<Response<String>, BoxError>
 where
-    B: Body + Send + 'static,
+    B: Body + Send + Unpin + 'static,
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
@@ -276,9 +276,9 @@ fn noise(len: usize) -> Bytes {
         .into()
 }
 
-fn settings(health: BalanceHealth, max_attempts: usize) -> Arc<RetrySettings> {
+fn settings(health: aoai_balance::BalanceHealth, max_attempts: usize) -> Arc<RetrySettings> {
     Arc::new(RetrySettings {
-        health,
+        health: Arc::new(health),
         max_attempts,
         backoff_base: Duration::from_millis(100),
         backoff_max: Duration::from_secs(2),
@@ -919,4 +919,192 @@ async fn a_body_still_arriving_at_the_deadline_fails_without_a_call() {
     let (_, elapsed) = deadline_error(service, request).await;
     assert_eq!(elapsed, Duration::from_secs(1));
     assert!(script.calls().is_empty());
+}
+
+// ---- lingering on an over-limit body ----
+
+/// The frames of a body fed through a channel that holds one frame: each `send` waits until
+/// the body has taken the frame before it, and fails once the body is dropped.
+#[derive(Debug)]
+struct Frames(tokio::sync::mpsc::Receiver<Frame<Bytes>>);
+
+impl futures_util::Stream for Frames {
+    type Item = Result<Frame<Bytes>, std::convert::Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx).map(|frame| frame.map(Ok))
+    }
+}
+
+type Feeder = tokio::sync::mpsc::Sender<Frame<Bytes>>;
+
+/// A request whose body is fed through the returned sender; `declared` sets its
+/// `Content-Length`.
+fn fed(declared: Option<usize>) -> (Feeder, Request<http_body_util::StreamBody<Frames>>) {
+    let (feeder, frames) = tokio::sync::mpsc::channel(1);
+    let body = http_body_util::StreamBody::new(Frames(frames));
+    let mut request = Request::post("/openai/deployments/gpt-4o/embeddings")
+        .body(body)
+        .unwrap();
+    if let Some(length) = declared {
+        request
+            .headers_mut()
+            .insert(CONTENT_LENGTH, HeaderValue::from(length));
+    }
+    (feeder, request)
+}
+
+/// Sends a frame of ten bytes; `false` once the body is gone. Bounded: 10 s.
+async fn feed(feeder: &Feeder) -> bool {
+    let frame = Frame::data(Bytes::from_static(b"0123456789"));
+    tokio::time::timeout(Duration::from_secs(10), feeder.send(frame))
+        .await
+        .expect("the body takes the frame or is dropped")
+        .is_ok()
+}
+
+#[tokio::test]
+async fn an_over_limit_body_is_answered_at_once_and_read_on_up_to_the_byte_bound() {
+    // Over the limit while it arrives (no declared length), or by its declared length.
+    for declared in [None, Some(1000)] {
+        let (script, service) = stack(vec![vec![]], |layer| {
+            layer
+                .body_limit(16)
+                .linger(Duration::from_secs(30), Duration::from_secs(5), 100)
+        });
+        let (feeder, request) = fed(declared);
+        let call = tokio::spawn({
+            let service = service.clone();
+            async move { send(&service, request).await }
+        });
+        if declared.is_none() {
+            // 10 bytes fit; the next 10 are over the limit.
+            assert!(feed(&feeder).await && feed(&feeder).await);
+        }
+        let error = tokio::time::timeout(Duration::from_secs(10), call)
+            .await
+            .expect("the caller is answered before its body has ended")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(error.downcast_ref::<BodyTooLarge>().unwrap().limit(), 16);
+        assert!(script.calls().is_empty());
+
+        // The caller goes on sending; every frame is taken, up to 100 bytes...
+        for frame in 0..10 {
+            assert!(feed(&feeder).await, "frame {frame} ({declared:?})");
+        }
+        // ... and after the next, the body is dropped: the sender sees it closed (a frame it
+        // sent meanwhile may still sit in the channel).
+        let mut taken_or_queued = 0;
+        while feed(&feeder).await {
+            taken_or_queued += 1;
+        }
+        assert!((1..=2).contains(&taken_or_queued), "{taken_or_queued}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn lingering_ends_after_the_idle_bound_and_after_the_total_bound() {
+    let layer = |layer: RetryNextBackendLayer| {
+        layer
+            .body_limit(16)
+            .linger(Duration::from_secs(30), Duration::from_secs(5), u64::MAX)
+    };
+    // A caller that stops sending: its body is dropped 5 s after its last frame.
+    let (_script, service) = stack(vec![vec![]], layer);
+    let (feeder, request) = fed(Some(1000));
+    let started = Instant::now();
+    assert!(
+        send(&service, request)
+            .await
+            .unwrap_err()
+            .is::<BodyTooLarge>()
+    );
+    assert!(feed(&feeder).await);
+    tokio::time::timeout(Duration::from_secs(60), feeder.closed())
+        .await
+        .expect("the body is dropped");
+    assert_eq!(started.elapsed(), Duration::from_secs(5));
+
+    // A caller that sends a frame every 4 s: its body is dropped 30 s after the answer.
+    let (_script, service) = stack(vec![vec![]], layer);
+    let (feeder, request) = fed(Some(1000));
+    let started = Instant::now();
+    assert!(
+        send(&service, request)
+            .await
+            .unwrap_err()
+            .is::<BodyTooLarge>()
+    );
+    let trickle = tokio::spawn({
+        let feeder = feeder.clone();
+        async move {
+            while feed(&feeder).await {
+                tokio::time::sleep(Duration::from_secs(4)).await;
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(60), feeder.closed())
+        .await
+        .expect("the body is dropped");
+    assert_eq!(started.elapsed(), Duration::from_secs(30));
+    trickle.abort();
+}
+
+#[test]
+fn without_a_runtime_an_over_limit_body_is_dropped_at_once() {
+    let (script, balance) = balance(vec![vec![]]);
+    let mut service = RetryNextBackendLayer::new(balance.health())
+        .body_limit(16)
+        .layer(balance);
+    let (feeder, request) = fed(Some(1000));
+    // `call` alone, outside any runtime: the refusal needs no polling.
+    let future = service.call(request);
+    assert!(feeder.is_closed());
+    drop(future);
+    assert!(script.calls().is_empty());
+}
+
+// ---- other balancers ----
+
+#[tokio::test(start_paused = true)]
+async fn the_layer_wraps_a_balancer_that_knows_no_health() {
+    // A plain service, not a `Balance`: it fails once, then answers.
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let service = tower::service_fn({
+        let calls = calls.clone();
+        move |request: Request<ReplayBody>| {
+            let calls = calls.clone();
+            async move {
+                let Ok(body) = request.into_body().collect().await;
+                let mut calls = lock(&calls);
+                calls.push((Instant::now(), body.to_bytes()));
+                let status = if calls.len() == 1 { 503 } else { 200 };
+                Ok::<_, BoxError>(respond(status, 0))
+            }
+        }
+    });
+    let service = RetryNextBackendLayer::new(AlwaysAvailable)
+        .backoff(Duration::from_millis(100), Duration::from_secs(1))
+        .layer(service);
+    let response = service.oneshot(post(b"{}")).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let calls = lock(&calls).clone();
+    assert_eq!(calls.len(), 2);
+    assert!(calls.iter().all(|(_, body)| body == "{}"));
+    // No backend is known to be untried: the retry waited a backoff (full jitter up to 100 ms).
+    let backoff = calls[1].0 - calls[0].0;
+    assert!(
+        backoff > Duration::ZERO && backoff <= Duration::from_millis(100),
+        "{backoff:?}"
+    );
+}
+
+#[tokio::test]
+async fn budget_settings_out_of_towers_range_are_brought_within_it() {
+    let (script, service) = stack(vec![vec![Answer::Status(503)], vec![]], |layer| {
+        layer.budget(Duration::ZERO, u32::MAX, f32::NAN)
+    });
+    assert_eq!(send(&service, post(b"{}")).await.unwrap().status(), 200);
+    assert_eq!(script.backends_called(), [0, 1]);
 }

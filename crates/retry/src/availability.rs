@@ -1,0 +1,47 @@
+//! [`BackendAvailability`]: what the retry policy asks of the balancer it wraps.
+
+use std::fmt;
+use std::time::Duration;
+
+use aoai_balance::{BalanceHealth, TriedBackends};
+
+/// What the retry policy needs to know of the balancer behind it: whether a retry can go to a
+/// backend not tried yet (then it goes at once; otherwise it waits a backoff first), and whether
+/// every backend is cooling down (then it is not made at all).
+///
+/// Implemented by [`BalanceHealth`] (from [`Balance::health`](aoai_balance::Balance::health))
+/// and by [`AlwaysAvailable`], for a balancer that knows no health; implement it to put
+/// [`RetryNextBackendLayer`](crate::RetryNextBackendLayer) in front of a balancer of your own.
+pub trait BackendAvailability: fmt::Debug + Send + Sync + 'static {
+    /// Whether a backend that is neither cooling down nor in `tried` exists.
+    fn has_untried_available(&self, tried: &TriedBackends) -> bool;
+
+    /// How long until a backend takes traffic again; `None` when one does now.
+    fn soonest_recovery(&self) -> Option<Duration>;
+}
+
+impl BackendAvailability for BalanceHealth {
+    fn has_untried_available(&self, tried: &TriedBackends) -> bool {
+        BalanceHealth::has_untried_available(self, tried)
+    }
+
+    fn soonest_recovery(&self) -> Option<Duration> {
+        BalanceHealth::soonest_recovery(self)
+    }
+}
+
+/// The [`BackendAvailability`] of a balancer that knows no health: a backend is always
+/// available, so a retry is never given up because every backend cools down; and no backend is
+/// known to be untried, so every retry waits the backoff first.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AlwaysAvailable;
+
+impl BackendAvailability for AlwaysAvailable {
+    fn has_untried_available(&self, _tried: &TriedBackends) -> bool {
+        false
+    }
+
+    fn soonest_recovery(&self) -> Option<Duration> {
+        None
+    }
+}
