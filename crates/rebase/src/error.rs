@@ -24,6 +24,20 @@ impl InvalidPath {
     }
 }
 
+/// A response whose head is larger than [`MAX_RESPONSE_HEAD`](crate::MAX_RESPONSE_HEAD): the
+/// instance's answer was dropped unread.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the instance's response head is larger than 64 KiB")]
+pub struct ResponseHeadTooLarge {
+    _private: (),
+}
+
+impl ResponseHeadTooLarge {
+    pub(crate) const fn new() -> Self {
+        Self { _private: () }
+    }
+}
+
 /// A base URL that [`RebaseLayer::new`](crate::RebaseLayer::new) refuses.
 ///
 /// The message names the problem but never repeats the URL, which could carry credentials.

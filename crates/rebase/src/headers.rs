@@ -65,6 +65,16 @@ pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// The size `headers` take in an HTTP/1.1 head: each field's name and value with `: ` and CRLF,
+/// and the empty line that ends the head.
+pub(crate) fn head_size(headers: &HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum::<usize>()
+        + 2
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,6 +153,14 @@ mod tests {
                 ("connection", "upgrade"),
             ])
         );
+    }
+
+    #[test]
+    fn head_size_counts_fields_as_an_http1_head_has_them() {
+        assert_eq!(head_size(&HeaderMap::new()), 2);
+        let headers = map(&[("x-a", "1"), ("x-a", "22"), ("content-type", "text/plain")]);
+        let wire = "x-a: 1\r\nx-a: 22\r\ncontent-type: text/plain\r\n\r\n";
+        assert_eq!(head_size(&headers), wire.len());
     }
 
     #[test]

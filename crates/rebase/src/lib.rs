@@ -51,6 +51,10 @@
 //!   `Content-Length` too (RFC 9112, section 6.3): a backend that sends both must not get its body
 //!   cut short by a length that did not frame it. This runs below the middleware above it, so a
 //!   caller's `Connection: authorization` removes a credential that middleware set.
+//! - **Response heads** larger than [`MAX_RESPONSE_HEAD`] (64 KiB of header fields) fail with
+//!   [`ResponseHeadTooLarge`]; the answer is dropped. (Set the client's own limit too, so that it
+//!   does not buffer much more: hyper's HTTP/1.1 `max_buf_size` can be passed by a head that
+//!   arrives in one read.)
 //! - **Upgrades**: a request with the `upgrade` option in `Connection` and an `Upgrade` field
 //!   keeps `Upgrade` and `Connection: upgrade` (the other hop-by-hop fields still go), and so
 //!   does a `101 Switching Protocols` response, so a WebSocket can pass.
@@ -82,7 +86,11 @@ use pin_project_lite::pin_project;
 use tower::{BoxError, Layer, Service};
 
 use crate::base::Base;
-pub use crate::error::{InvalidBaseUrl, InvalidPath};
+pub use crate::error::{InvalidBaseUrl, InvalidPath, ResponseHeadTooLarge};
+
+/// The largest response head [`Rebase`] passes on, counted as its header fields take in an
+/// HTTP/1.1 head (64 KiB). A larger one fails with [`ResponseHeadTooLarge`].
+pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
 /// Applies [`Rebase`] with one instance's base URL.
 ///
@@ -138,8 +146,8 @@ impl<S> Layer<S> for RebaseLayer {
 /// Rebases each request onto an instance's base URL and removes hop-by-hop header fields both
 /// ways; see the [crate docs](crate).
 ///
-/// Made by [`RebaseLayer`]. Its errors are a [`BoxError`]: the inner service's, or an
-/// [`InvalidPath`] for a refused request.
+/// Made by [`RebaseLayer`]. Its errors are a [`BoxError`]: the inner service's, an
+/// [`InvalidPath`] for a refused request, or [`ResponseHeadTooLarge`].
 #[derive(Clone)]
 pub struct Rebase<S> {
     inner: S,
@@ -244,6 +252,9 @@ where
         match self.project().state.project() {
             StateProj::Called { future } => {
                 let mut response = ready!(future.poll(cx)).map_err(Into::into)?;
+                if headers::head_size(response.headers()) > MAX_RESPONSE_HEAD {
+                    return Poll::Ready(Err(ResponseHeadTooLarge::new().into()));
+                }
                 let keep_upgrade = response.status() == StatusCode::SWITCHING_PROTOCOLS
                     && headers::is_upgrade(response.headers());
                 headers::remove_hop_by_hop(response.headers_mut(), keep_upgrade);
@@ -411,6 +422,38 @@ mod tests {
         assert!(response.headers().is_empty(), "{:?}", response.headers());
     }
 
+    #[tokio::test]
+    async fn a_response_head_over_64_kib_is_an_error() {
+        fn fields(count: usize) -> Response<()> {
+            let mut response = Response::new(());
+            for i in 0..count {
+                let value = HeaderValue::from_str(&"a".repeat(1000)).unwrap();
+                response.headers_mut().insert(
+                    http::HeaderName::try_from(format!("x-f{i:03}")).unwrap(),
+                    value,
+                );
+            }
+            response
+        }
+        // 60 fields of 1,010 bytes: under 64 KiB; 70: over.
+        let (under, _) = service("http://localhost", || fields(60));
+        let response = under
+            .oneshot(Request::get("/x").body(()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.headers().len(), 60);
+        let (over, _) = service("http://localhost", || fields(70));
+        let error = over
+            .oneshot(Request::get("/x").body(()).unwrap())
+            .await
+            .unwrap_err();
+        assert!(error.is::<ResponseHeadTooLarge>(), "{error}");
+        assert_eq!(
+            error.to_string(),
+            "the instance's response head is larger than 64 KiB"
+        );
+    }
+
     #[test]
     fn services_and_layers_are_send_sync_clone_and_debug() {
         fn assert_traits<T: Send + Sync + Clone + fmt::Debug + 'static>() {}
@@ -419,5 +462,6 @@ mod tests {
             Rebase<tower::util::BoxCloneSyncService<Request<()>, Response<()>, BoxError>>,
         >();
         assert_traits::<InvalidPath>();
+        assert_traits::<ResponseHeadTooLarge>();
     }
 }
