@@ -5,11 +5,12 @@ use std::fmt::Write as _;
 use std::io;
 
 use aoai_auth::error::TokenUnavailable;
-use aoai_balance::{AllCoolingDown, NoBackends};
+use aoai_balance::{AllCoolingDown, AzureOpenAiClassifier, Classify, Failure, NoBackends, Outcome};
+use aoai_rebase::InvalidPath;
 use aoai_retry::{BodyReadError, BodyTooLarge, DeadlineElapsed};
-use aoai_upstream::UpstreamError;
 use axum::body::Body;
 use http::{HeaderValue, Response, StatusCode, header};
+use tower_http::timeout::TimeoutError;
 
 /// The response for an error of the stack, shaped like Azure's own errors
 /// (`{"error":{"code":"...","message":"..."}}`) so the OpenAI and Azure SDKs parse them.
@@ -18,7 +19,7 @@ use http::{HeaderValue, Response, StatusCode, header};
 /// | --- | --- |
 /// | [`BodyTooLarge`] | 413 |
 /// | [`BodyReadError`], a refused request path | 400 |
-/// | [`BodyReadError`] of a body that stopped arriving (an [`io::Error`] of kind `TimedOut`) | 408 |
+/// | [`BodyReadError`] of a body that stopped arriving (tower-http's [`TimeoutError`], or an [`io::Error`] of kind `TimedOut`) | 408 |
 /// | [`AllCoolingDown`] | 429, with `Retry-After` and `retry-after-ms` |
 /// | [`TokenUnavailable`], [`NoBackends`] | 503 |
 /// | a timeout (attempt or deadline) | 504 |
@@ -58,7 +59,9 @@ fn classify(error: &(dyn StdError + 'static)) -> (StatusCode, &'static str) {
     if find::<BodyTooLarge>(error).is_some() {
         (StatusCode::PAYLOAD_TOO_LARGE, "request_body_too_large")
     } else if find::<BodyReadError>(error).is_some() {
-        if find::<io::Error>(error).is_some_and(|e| e.kind() == io::ErrorKind::TimedOut) {
+        if find::<TimeoutError>(error).is_some()
+            || find::<io::Error>(error).is_some_and(|e| e.kind() == io::ErrorKind::TimedOut)
+        {
             (StatusCode::REQUEST_TIMEOUT, "request_body_timeout")
         } else {
             (StatusCode::BAD_REQUEST, "invalid_request_body")
@@ -69,16 +72,13 @@ fn classify(error: &(dyn StdError + 'static)) -> (StatusCode, &'static str) {
         (StatusCode::SERVICE_UNAVAILABLE, "token_unavailable")
     } else if find::<NoBackends>(error).is_some() {
         (StatusCode::SERVICE_UNAVAILABLE, "no_backends")
-    } else if matches!(
-        find::<UpstreamError>(error),
-        Some(UpstreamError::InvalidPath { .. })
-    ) {
+    } else if find::<InvalidPath>(error).is_some() {
         (StatusCode::BAD_REQUEST, "invalid_path")
     } else if find::<tower::timeout::error::Elapsed>(error).is_some()
         || find::<DeadlineElapsed>(error).is_some()
     {
         (StatusCode::GATEWAY_TIMEOUT, "timeout")
-    } else if find::<UpstreamError>(error).is_some_and(UpstreamError::is_connect) {
+    } else if AzureOpenAiClassifier.classify_error(error) == Outcome::Failed(Failure::Connect) {
         (StatusCode::BAD_GATEWAY, "backend_unreachable")
     } else {
         (StatusCode::BAD_GATEWAY, "bad_gateway")

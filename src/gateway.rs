@@ -11,24 +11,32 @@ use std::time::Duration;
 
 use aoai_auth::{AzureAuth, AzureAuthLayer};
 use aoai_balance::{BackendError, Balance, BalanceHealth, HealthPolicy, ServedBy};
-use aoai_retry::{RetryNextBackendLayer, RetryNextBackendService};
-use aoai_upstream::{InvalidBaseUrl, Upstream, UpstreamClient, UpstreamError};
+use aoai_rebase::{InvalidBaseUrl, Rebase, RebaseLayer};
+use aoai_retry::{ReplayBody, RetryNextBackendLayer, RetryNextBackendService};
+use aoai_upstream::UpstreamClient;
 use axum::body::Body;
-use http::{HeaderName, HeaderValue, Request, Response};
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
+use hyper::upgrade::OnUpgrade;
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
-use tower::util::{Either, MapErr};
+use tower::timeout::Timeout;
+use tower::util::Either;
 use tower::{Layer, Service};
 
 use crate::BoxError;
-use crate::attempt_timeout::{AttemptTimeout, AttemptTimer};
-use crate::error::{error_response_with, find, message};
+use crate::error::{azure_error, error_response_with, find, message};
+use crate::upgrade;
 
-/// One backend's own stack: attempt timeout, optional auth, upstream.
-type BackendStack = AttemptTimeout<Either<AzureAuth<Upstream>, Unauthenticated>>;
-/// A backend without auth; its error boxed like `AzureAuth`'s, as `Either` needs one error type.
-type Unauthenticated = MapErr<Upstream, fn(UpstreamError) -> BoxError>;
-type Stack = RetryNextBackendService<Balance<BackendStack>>;
+/// The client a [`Gateway`] reaches the instances with unless given its own: hyper's, with
+/// HTTP/2 by ALPN to `https` instances and the platform's trust roots
+/// ([`UpstreamClient`]).
+pub type DefaultClient = UpstreamClient<ReplayBody>;
+
+/// One backend's own stack: attempt timeout, optional auth, rebase onto its URL, the client.
+type BackendStack<C> = Timeout<Either<AzureAuth<Rebase<C>>, Rebase<C>>>;
+type Stack<C> = RetryNextBackendService<Balance<BackendStack<C>>>;
+type StackFuture<B, C> = <Stack<C> as Service<Request<B>>>::Future;
 
 /// The standard aoai-tower stack as one axum-ready service: mount it with
 /// `Router::nest_service("/openai", gateway)`.
@@ -37,16 +45,23 @@ type Stack = RetryNextBackendService<Balance<BackendStack>>;
 /// `/openai` (see [`GatewayBuilder::backend_path`]), so a caller's `/openai/deployments/...`
 /// reaches `https://NAME.openai.azure.com/openai/deployments/...`.
 ///
-/// The caller's `Authorization` and `api-key` headers are removed before any backend sees the
-/// request, and so are its extensions (nothing inside reads them). Every response from a backend, and every error naming one, carries
-/// `x-served-by: NAME` (unless turned off); every error of the stack becomes an Azure-shaped
-/// response ([`error_response`](crate::error_response)); one tracing event per request logs
-/// the backend, the status and the latency.
+/// - An HTTP/1.1 request without exactly one valid `Host` is answered 400 (hyper leaves this
+///   check to the application), and no backend is contacted.
+/// - The caller's `Authorization` and `api-key` headers are removed before any backend sees
+///   the request, and so are its extensions (nothing inside reads them).
+/// - An upgrade (a WebSocket handshake, such as the Realtime API's) goes to one backend like any
+///   request; when it answers `101 Switching Protocols`, the two connections are joined and the
+///   bytes relayed both ways until either side closes.
+/// - Every response from a backend, and every error naming one, carries `x-served-by: NAME`
+///   (unless turned off); every error of the stack becomes an Azure-shaped response
+///   ([`error_response`](crate::error_response)); one tracing event per request logs the
+///   backend, the status and the latency.
 ///
-/// Cheap to clone: clones share the backends, their health and the connection pool.
-#[derive(Clone)]
-pub struct Gateway {
-    stack: Stack,
+/// `C` is the client that reaches the instances: [`DefaultClient`] unless the builder was given
+/// another ([`GatewayBuilder::client`]). Cheap to clone: clones share the backends, their health
+/// and the client's connections.
+pub struct Gateway<C = DefaultClient> {
+    stack: Stack<C>,
     health: BalanceHealth,
     served_by_values: Option<Arc<[HeaderValue]>>,
     /// Whether a backend has no `AzureAuth` (which removes the caller's credentials itself).
@@ -54,18 +69,31 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Starts configuring a gateway.
+    /// Starts configuring a gateway that reaches its backends with the [`DefaultClient`].
     pub fn builder() -> GatewayBuilder {
         GatewayBuilder::new()
     }
+}
 
+impl<C> Gateway<C> {
     /// A live view of the backends' health, for an admin route.
     pub fn health(&self) -> &BalanceHealth {
         &self.health
     }
 }
 
-impl fmt::Debug for Gateway {
+impl<C: Clone> Clone for Gateway<C> {
+    fn clone(&self) -> Self {
+        Self {
+            stack: self.stack.clone(),
+            health: self.health.clone(),
+            served_by_values: self.served_by_values.clone(),
+            unauthenticated_backend: self.unauthenticated_backend,
+        }
+    }
+}
+
+impl<C> fmt::Debug for Gateway<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Gateway")
             .field("backends", &self.health.len())
@@ -75,23 +103,51 @@ impl fmt::Debug for Gateway {
 }
 
 /// Serves any request body: axum's [`Body`], hyper's `Incoming` as it comes from a hyper
-/// server, or any other `http_body::Body` of `Bytes`-like data.
-impl<B> Service<Request<B>> for Gateway
+/// server, or any other `http_body::Body` of `Bytes`.
+impl<B, C, RB> Service<Request<B>> for Gateway<C>
 where
-    B: http_body::Body,
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
+    C: Service<Request<ReplayBody>, Response = Response<RB>> + Clone + Send + 'static,
+    C::Error: Into<BoxError>,
+    RB: http_body::Body<Data = Bytes> + Send + 'static,
+    RB::Error: Into<BoxError>,
 {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = GatewayFuture<B>;
+    type Future = GatewayFuture<B, C>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        // The stack is always ready: Balance picks per request and drives its choice with
-        // `Oneshot`, and the retry layer's readiness is Balance's.
+        // The stack is always ready: Balance picks per request and drives a clone of its choice
+        // with `Oneshot`, and the retry layer's readiness is Balance's.
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut request: Request<B>) -> GatewayFuture<B> {
+    fn call(&mut self, mut request: Request<B>) -> GatewayFuture<B, C> {
+        // What the request's log line needs is kept only when that line is on.
+        let log = tracing::enabled!(tracing::Level::INFO).then(|| RequestLog {
+            method: request.method().clone(),
+            path: request.uri().path().into(),
+            started: Instant::now(),
+        });
+        if !upgrade::has_valid_host(&request) {
+            let response = azure_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_host",
+                "an HTTP/1.1 request needs exactly one valid Host header",
+            );
+            return GatewayFuture {
+                state: State::Refused {
+                    response: Some(response),
+                },
+                served_by_values: None,
+                log,
+                upgrade: None,
+            };
+        }
+        // Taken before the extensions go: the caller's side of an upgrade, if it asks for one.
+        let upgrade =
+            upgrade::is_requested(request.headers()).then(|| hyper::upgrade::on(&mut request));
         let headers = request.headers_mut();
         // The caller's credentials are never forwarded: `AzureAuth` removes them for the
         // backends it authenticates, and the gateway for any other.
@@ -99,42 +155,49 @@ where
             headers.remove(http::header::AUTHORIZATION);
             headers.remove("api-key");
         }
-        // Each backend gets its own `Host`. Removed here, the caller's leaves a free slot in a
-        // header map sized to the request (as hyper's is), so that the first attempt takes
-        // `AzureAuth`'s credential without growing the map.
-        headers.remove(http::header::HOST);
         // Nothing inside reads the caller's extensions (the router's, for example); dropped
         // here, they are not cloned for every attempt.
         request.extensions_mut().clear();
-        // What the request's log line needs is kept only when that line is on.
-        let log = tracing::enabled!(tracing::Level::INFO).then(|| RequestLog {
-            method: request.method().clone(),
-            uri: request.uri().clone(),
-            started: Instant::now(),
-        });
         GatewayFuture {
-            inner: self.stack.call(request),
+            state: State::Forwarding {
+                inner: self.stack.call(request),
+            },
             served_by_values: self.served_by_values.clone(),
             log,
+            upgrade,
         }
     }
 }
 
 const X_SERVED_BY: HeaderName = HeaderName::from_static("x-served-by");
 
-type StackFuture<B> = <Stack as Service<Request<B>>>::Future;
-
 pin_project! {
     /// Response future of [`Gateway`] for a request body of type `B`.
-    pub struct GatewayFuture<B = Body>
+    pub struct GatewayFuture<B, C = DefaultClient>
     where
-        B: http_body::Body,
-        B::Error: Into<BoxError>,
+        Stack<C>: Service<Request<B>>,
     {
         #[pin]
-        inner: StackFuture<B>,
+        state: State<B, C>,
         served_by_values: Option<Arc<[HeaderValue]>>,
         log: Option<RequestLog>,
+        upgrade: Option<OnUpgrade>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<B, C>
+    where
+        Stack<C>: Service<Request<B>>,
+    {
+        Forwarding {
+            #[pin]
+            inner: StackFuture<B, C>,
+        },
+        Refused {
+            response: Option<Response<Body>>,
+        },
     }
 }
 
@@ -142,47 +205,55 @@ pin_project! {
 #[derive(Debug)]
 struct RequestLog {
     method: http::Method,
-    uri: http::Uri,
+    path: Box<str>,
     started: Instant,
 }
 
-impl<B> fmt::Debug for GatewayFuture<B>
+impl<B, C> fmt::Debug for GatewayFuture<B, C>
 where
-    B: http_body::Body,
-    B::Error: Into<BoxError>,
+    Stack<C>: Service<Request<B>>,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut debug = f.debug_struct("GatewayFuture");
         if let Some(log) = &self.log {
-            debug
-                .field("method", &log.method)
-                .field("path", &log.uri.path());
+            debug.field("method", &log.method).field("path", &log.path);
         }
         debug.finish_non_exhaustive()
     }
 }
 
-impl<B> Future for GatewayFuture<B>
+impl<B, C, RB> Future for GatewayFuture<B, C>
 where
-    B: http_body::Body,
-    B::Error: Into<BoxError>,
+    Stack<C>: Service<Request<B>, Response = Response<RB>, Error = BoxError>,
+    RB: http_body::Body<Data = Bytes> + Send + 'static,
+    RB::Error: Into<BoxError>,
 {
     type Output = Result<Response<Body>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let mut response = match ready!(this.inner.poll(cx)) {
-            Ok(response) => response.map(Body::new),
-            Err(error) => {
-                let served_by = find::<BackendError>(&*error).map(|e| e.served_by().clone());
-                let message = message(&*error);
-                tracing::warn!(error = %message, "request failed");
-                let mut response = error_response_with(&*error, &message);
-                if let Some(served_by) = served_by {
-                    response.extensions_mut().insert(served_by);
+        let mut response = match this.state.project() {
+            StateProj::Refused { response } => response
+                .take()
+                .expect("GatewayFuture polled after completion"),
+            StateProj::Forwarding { inner } => match ready!(inner.poll(cx)) {
+                Ok(mut response) => {
+                    if let Some(caller) = this.upgrade.take() {
+                        upgrade::bridge_if_switched(caller, &mut response);
+                    }
+                    response.map(Body::new)
                 }
-                response
-            }
+                Err(error) => {
+                    let served_by = find::<BackendError>(&*error).map(|e| e.served_by().clone());
+                    let message = message(&*error);
+                    tracing::warn!(error = %message, "request failed");
+                    let mut response = error_response_with(&*error, &message);
+                    if let Some(served_by) = served_by {
+                        response.extensions_mut().insert(served_by);
+                    }
+                    response
+                }
+            },
         };
         let served_by = response.extensions().get::<ServedBy>();
         if let (Some(values), Some(index)) = (this.served_by_values, served_by.map(ServedBy::index))
@@ -194,7 +265,7 @@ where
         if let Some(log) = this.log {
             tracing::info!(
                 method = %log.method,
-                path = log.uri.path(),
+                path = &*log.path,
                 backend = response.extensions().get::<ServedBy>().map_or("-", ServedBy::name),
                 status = response.status().as_u16(),
                 latency_ms = log.started.elapsed().as_secs_f64() * 1000.0,
@@ -207,14 +278,14 @@ where
 
 /// Configures a [`Gateway`]; made by [`Gateway::builder`].
 #[derive(Debug, Clone)]
-pub struct GatewayBuilder {
+pub struct GatewayBuilder<C = DefaultClient> {
+    client: C,
     backends: Vec<BackendSpec>,
     backend_path: String,
     max_attempts: usize,
     body_limit: usize,
     attempt_timeout: Duration,
     deadline: Duration,
-    connect_timeout: Duration,
     health: HealthPolicy,
     served_by_header: bool,
 }
@@ -229,15 +300,36 @@ struct BackendSpec {
 impl GatewayBuilder {
     fn new() -> Self {
         Self {
+            client: UpstreamClient::new(),
             backends: Vec::new(),
             backend_path: "/openai".to_owned(),
             max_attempts: aoai_retry::DEFAULT_MAX_ATTEMPTS,
             body_limit: aoai_retry::DEFAULT_BODY_LIMIT,
             attempt_timeout: Duration::from_secs(300),
             deadline: Duration::from_secs(900),
-            connect_timeout: Duration::from_secs(10),
             health: HealthPolicy::new(),
             served_by_header: true,
+        }
+    }
+}
+
+impl<C> GatewayBuilder<C> {
+    /// Reaches the instances with `client` instead of the [`DefaultClient`]: any tower
+    /// `Service` of `http::Request<ReplayBody>` with an absolute URI, such as an
+    /// [`UpstreamClient`] built with a private CA
+    /// ([`UpstreamClientBuilder::add_root_certificates_pem`](aoai_upstream::UpstreamClientBuilder::add_root_certificates_pem))
+    /// or another connect timeout, or a client of your own wrapped in your own middleware.
+    pub fn client<C2>(self, client: C2) -> GatewayBuilder<C2> {
+        GatewayBuilder {
+            client,
+            backends: self.backends,
+            backend_path: self.backend_path,
+            max_attempts: self.max_attempts,
+            body_limit: self.body_limit,
+            attempt_timeout: self.attempt_timeout,
+            deadline: self.deadline,
+            health: self.health,
+            served_by_header: self.served_by_header,
         }
     }
 
@@ -288,11 +380,9 @@ impl GatewayBuilder {
         self
     }
 
-    /// How long one attempt may wait for the response headers. Default: 5 minutes
-    /// (completions can take minutes before their first byte). The timer is coarse, to cost
-    /// almost nothing per attempt: an attempt fails between this timeout and the timeout plus
-    /// two ticks of a tenth of it (a second at most), never earlier; the caller gets 504 when
-    /// no attempt is left.
+    /// How long one attempt may wait for the response headers (tower's
+    /// [`Timeout`](tower::timeout::Timeout) on each backend). Default: 5 minutes (completions
+    /// can take minutes before their first byte). The caller gets 504 when no attempt is left.
     pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
         self.attempt_timeout = timeout;
         self
@@ -304,13 +394,6 @@ impl GatewayBuilder {
     /// [`RetryNextBackendLayer::deadline`].)
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.deadline = deadline;
-        self
-    }
-
-    /// How long to wait for a TCP connection to a backend, and then again for its TLS
-    /// handshake. Default: 10 s.
-    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
         self
     }
 
@@ -338,18 +421,17 @@ impl GatewayBuilder {
     ///
     /// [`GatewayError`] when there is no backend, two share a name, a name is not a valid
     /// header value, or an endpoint is not a valid base URL.
-    pub fn build(self) -> Result<Gateway, GatewayError> {
+    pub fn build(self) -> Result<Gateway<C>, GatewayError>
+    where
+        C: Clone,
+    {
         if self.backends.is_empty() {
             return Err(GatewayError::NoBackends);
         }
         let mut names = HashSet::new();
-        let client = UpstreamClient::builder()
-            .connect_timeout(self.connect_timeout)
-            .build();
         let mut stacks = Vec::with_capacity(self.backends.len());
         let unauthenticated_backend = self.backends.iter().any(|spec| spec.auth.is_none());
         let mut served_by_values = Vec::with_capacity(self.backends.len());
-        let timer = Arc::new(AttemptTimer::new(self.attempt_timeout));
         for spec in self.backends {
             if !names.insert(spec.name.clone()) {
                 return Err(GatewayError::DuplicateName(spec.name));
@@ -361,17 +443,17 @@ impl GatewayBuilder {
                 spec.endpoint.trim_end_matches('/'),
                 self.backend_path
             );
-            let upstream = Upstream::new(&base, client.clone()).map_err(|source| {
-                GatewayError::InvalidEndpoint {
+            let rebase =
+                RebaseLayer::new(&base).map_err(|source| GatewayError::InvalidEndpoint {
                     name: spec.name.clone(),
                     source,
-                }
-            })?;
+                })?;
+            let backend = rebase.layer(self.client.clone());
             let service = match spec.auth {
-                Some(auth) => Either::Left(auth.layer(upstream)),
-                None => Either::Right(MapErr::new(upstream, BoxError::from as fn(_) -> _)),
+                Some(auth) => Either::Left(auth.layer(backend)),
+                None => Either::Right(backend),
             };
-            stacks.push((spec.name, AttemptTimeout::new(service, Arc::clone(&timer))));
+            stacks.push((spec.name, Timeout::new(service, self.attempt_timeout)));
             served_by_values.push(value);
         }
         let balance = Balance::with_policy(stacks, self.health, Default::default());
@@ -379,7 +461,7 @@ impl GatewayBuilder {
         let retry = RetryNextBackendLayer::new(health.clone())
             .max_attempts(self.max_attempts)
             .body_limit(self.body_limit)
-            .deadline(self.deadline, Some(timer.longest_wait()))
+            .deadline(self.deadline, Some(self.attempt_timeout))
             .layer(balance);
         Ok(Gateway {
             stack: retry,

@@ -1,8 +1,8 @@
 //! Tower middleware that spreads Azure OpenAI traffic over several Azure OpenAI instances
 //! behind one endpoint: round-robin, retry on the next instance, Entra ID auth.
 //!
-//! This facade re-exports the crates ([`balance`], [`retry`], [`auth`], [`upstream`]) and
-//! composes the standard stack in [`Gateway`], ready to mount in an axum app.
+//! This facade re-exports the crates ([`balance`], [`retry`], [`auth`], [`rebase`],
+//! [`upstream`]) and composes the standard stack in [`Gateway`], ready to mount in an axum app.
 //!
 //! # Example
 //!
@@ -36,14 +36,17 @@
 //! # The stack, outer to inner
 //!
 //! ```text
-//! Gateway                 errors -> Azure-shaped responses, `x-served-by`, one log line
+//! Gateway                 Host check (HTTP/1.1), the caller's credentials removed, upgrades
+//!                         (WebSocket) bridged, errors -> Azure-shaped responses,
+//!                         `x-served-by`, one log line
 //!   RetryNextBackend      read the body once (limit -> 413), retry on the next backend,
 //!                         overall deadline
 //!     Balance             round-robin, skip tried and cooling backends
 //!       per backend:
-//!       attempt timeout   to the response headers (a coarse timer: see `attempt_timeout`)
+//!       Timeout           tower's, per attempt, to the response headers
 //!       AzureAuth         bearer token or api-key; the caller's credentials removed
-//!       Upstream          onto the backend's base URL; the response streams back
+//!       Rebase            onto the backend's base URL, `..` refused, hop-by-hop headers dropped
+//!       client            hyper's (`UpstreamClient`: HTTP/2 by ALPN, rustls), or your own
 //! ```
 //!
 //! Each piece is a plain tower layer or service: compose your own stack from the crates when
@@ -51,22 +54,21 @@
 
 #![forbid(unsafe_code)]
 
-mod attempt_timeout;
 mod client_key;
 mod error;
 mod gateway;
+mod upgrade;
 
 pub use aoai_auth as auth;
 pub use aoai_balance as balance;
+pub use aoai_rebase as rebase;
 pub use aoai_retry as retry;
 pub use aoai_upstream as upstream;
 
 pub use crate::client_key::{RequireClientKey, RequireClientKeyLayer};
 pub use crate::error::{azure_error, error_response};
-pub use crate::gateway::{Gateway, GatewayBuilder, GatewayError, GatewayFuture};
-
-/// A type-erased error, as tower uses.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use crate::gateway::{DefaultClient, Gateway, GatewayBuilder, GatewayError, GatewayFuture};
+pub use tower::BoxError;
 
 /// The README's examples, compiled as doctests so the README stays true.
 #[cfg(doctest)]

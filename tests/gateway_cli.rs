@@ -8,7 +8,7 @@
 //! `cargo build --example gateway`.
 
 mod support;
-#[path = "../crates/upstream/tests/support/wire.rs"]
+#[path = "support/wire.rs"]
 mod wire;
 
 use std::fs::File;

@@ -11,37 +11,20 @@
 //! Callers use the gateway as if it were one Azure OpenAI endpoint: `/openai/...` maps 1:1 onto
 //! each backend's `/openai/...`. `GET /admin/backends` shows each backend's health as JSON.
 
-mod h2_limits;
 mod serve;
 mod settings;
 
-// mimalloc (its v2 line) replaces the C allocator, `malloc` and `free`, in this binary (the
-// crate's `override` feature), and Rust allocates through it as the system allocator. In the
-// load benchmark, a proxied request's dozen allocations cost about 4% fewer instructions than
-// with glibc's malloc, whose larger blocks (a backend exchange, a read buffer) miss its
-// per-thread cache; and about 1% fewer than through `mimalloc::MiMalloc` as the global
-// allocator, which takes mimalloc's aligned-allocation path for every block.
-use mimalloc as _;
-
-use std::convert::Infallible;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use aoai_tower::auth::AzureAuthLayer;
-use aoai_tower::{Gateway, GatewayFuture, RequireClientKeyLayer};
-use axum::body::Body;
-use axum::routing::future::RouteFuture;
+use aoai_tower::upstream::UpstreamClient;
+use aoai_tower::{Gateway, RequireClientKeyLayer};
 use axum::routing::get;
-use axum::{BoxError, Json, Router};
+use axum::{Json, Router};
 use azure_core::credentials::TokenCredential;
-use bytes::Bytes;
 use clap::Parser;
-use futures_util::future::Either;
-use http::{Request, Response};
 use serde_json::json;
-use tower::{Layer, Service};
 
-use crate::serve::{Serving, serve_per_core};
 use crate::settings::{AuthMode, Backend, Flags, Settings, is_loopback_url};
 
 fn main() {
@@ -62,7 +45,14 @@ fn main() {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let runtime = tokio::runtime::Runtime::new().unwrap_or_else(|e| fail(&e.to_string()));
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = settings.workers {
+        runtime.worker_threads(workers);
+    }
+    let runtime = runtime
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| fail(&e.to_string()));
     if let Err(e) = runtime.block_on(run(settings)) {
         fail(&e);
     }
@@ -108,28 +98,23 @@ async fn run(mut settings: Settings) -> Result<(), String> {
 
     let gateway = build_gateway(&settings)?;
     let health = gateway.health().clone();
-    let admin = Router::new().route(
-        "/admin/backends",
-        get(move || {
-            let health = health.clone();
-            async move { Json(backends_json(&health)) }
-        }),
-    );
-    let app = OpenAiFirst {
-        gateway,
-        rest: admin,
-    };
+    let mut app = Router::new()
+        .route(
+            "/admin/backends",
+            get(move || {
+                let health = health.clone();
+                async move { Json(backends_json(&health)) }
+            }),
+        )
+        .nest_service("/openai", gateway);
+    if let Some(keys) = client_keys {
+        app = app.layer(keys);
+    }
 
-    let serving = Serving {
-        listen: settings.listen,
-        timeouts: settings.timeouts,
-        workers: settings.workers,
-    };
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let (addr, workers) = match client_keys {
-        Some(keys) => serve_per_core(&serving, keys.layer(app), &stopped)?,
-        None => serve_per_core(&serving, app, &stopped)?,
-    };
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let names: Vec<&str> = settings.backends.iter().map(|b| b.name.as_str()).collect();
     tracing::info!(%addr, backends = ?names, "gateway listening");
     if !emulators.is_empty() {
@@ -143,54 +128,13 @@ async fn run(mut settings: Settings) -> Result<(), String> {
              -H 'content-type: application/json' -d '{{\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'"
         );
     }
-    shutdown_signal().await;
-    // Stop accepting, let requests in flight finish, then wait for every worker.
-    let _ = stop.send(true);
-    tokio::task::spawn_blocking(move || workers.into_iter().for_each(|w| drop(w.join())))
-        .await
-        .map_err(|e| e.to_string())?;
+    // On SIGTERM or Ctrl-C: stop accepting, let requests in flight finish.
+    serve::serve(listener, app, settings.timeouts, shutdown_signal()).await;
     for sim in emulators {
         sim.shutdown().await;
     }
     tracing::info!("gateway stopped");
     Ok(())
-}
-
-/// Sends `/openai` and everything below it straight to the gateway, and every other request
-/// to the router (`/admin/backends`, and 404s).
-///
-/// The gateway is an ordinary tower service: `Router::nest_service("/openai", gateway)` mounts it
-/// as well (see the `existing_app` example). Matching the prefix here first spares each proxied
-/// request the router's work: path matching, URI rewriting for the nested path, and its request
-/// extensions, about 13 heap allocations per request (README, Performance).
-#[derive(Clone)]
-struct OpenAiFirst {
-    gateway: Gateway,
-    rest: Router,
-}
-
-impl<B> Service<Request<B>> for OpenAiFirst
-where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = Either<GatewayFuture<B>, RouteFuture<Infallible>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        // Both are always ready.
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: Request<B>) -> Self::Future {
-        let path = request.uri().path();
-        if path == "/openai" || path.starts_with("/openai/") {
-            Either::Left(self.gateway.call(request))
-        } else {
-            Either::Right(self.rest.call(request.map(Body::new)))
-        }
-    }
 }
 
 fn build_gateway(settings: &Settings) -> Result<Gateway, String> {
@@ -201,9 +145,16 @@ fn build_gateway(settings: &Settings) -> Result<Gateway, String> {
         AuthMode::ManagedIdentity(None)
     });
     let shared = credential(&mode)?.map(AzureAuthLayer::from_credential);
-    // `OpenAiFirst` hands the gateway the whole path, `/openai` included.
+    let mut client = UpstreamClient::builder();
+    if let Some(path) = &settings.ca_file {
+        let pem = std::fs::read(path)
+            .map_err(|e| format!("cannot read CA file {}: {e}", path.display()))?;
+        client = client
+            .add_root_certificates_pem(&pem)
+            .map_err(|e| format!("CA file {}: {e}", path.display()))?;
+    }
     let mut builder = Gateway::builder()
-        .backend_path("")
+        .client(client.build())
         .served_by_header(settings.served_by_header);
     if let Some(attempts) = settings.max_attempts {
         builder = builder.max_attempts(attempts);

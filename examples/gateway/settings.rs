@@ -4,13 +4,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use aoai_tower::upstream::server::{
-    DEFAULT_BODY_TIMEOUT, DEFAULT_HEAD_TIMEOUT, DEFAULT_SEND_TIMEOUT,
-};
 use clap::Parser;
 use serde::Deserialize;
 
 use crate::serve::Timeouts;
+
+/// The caller-side timeouts' default, each: a minute, as nginx's.
+const DEFAULT_CALLER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Command-line flags. Every flag overrides the same setting from `--config`.
 #[derive(Debug, Parser)]
@@ -55,24 +55,26 @@ pub(crate) struct Flags {
     /// Do not add `x-served-by: NAME` to responses.
     #[arg(long)]
     no_served_by_header: bool,
-    /// Seconds a caller's connection may wait for a whole request head, from its opening and
-    /// after each answer; then a partial head is answered 408 and an idle connection closed (an
-    /// HTTP/2 connection with no stream open: GOAWAY, then closed) [default: 60].
+    /// Seconds a caller's HTTP/1.1 connection may wait for a whole request head, from its
+    /// opening and after each answer; then it is closed (hyper's header read timeout)
+    /// [default: 60].
     #[arg(long, value_name = "SECS")]
     head_timeout: Option<u64>,
     /// Seconds a request body still arriving may go without a byte; then the caller gets 408
-    /// (over HTTP/1.1, and its connection is closed) [default: 60].
-    #[arg(long, value_name = "SECS")]
-    body_timeout: Option<u64>,
-    /// Seconds an answer may wait for its caller to take more of it (room in its connection,
-    /// or its HTTP/2 window); then the connection is closed and the backend's stream dropped
     /// [default: 60].
     #[arg(long, value_name = "SECS")]
+    body_timeout: Option<u64>,
+    /// Seconds an answer may wait for room in its caller's connection (a write timeout on the
+    /// socket); then the connection is closed and the backend's stream dropped [default: 60].
+    #[arg(long, value_name = "SECS")]
     send_timeout: Option<u64>,
-    /// Worker threads, each with its own event loop and listening socket [default: one per
-    /// core].
+    /// Worker threads of the runtime [default: one per core].
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
+    /// A PEM file of CA certificates to trust besides the platform's, for instances behind a
+    /// private CA or a TLS-inspecting proxy.
+    #[arg(long, value_name = "PATH")]
+    ca_file: Option<PathBuf>,
 }
 
 /// The settings file; every field is optional.
@@ -91,6 +93,7 @@ struct File {
     body_timeout_secs: Option<u64>,
     send_timeout_secs: Option<u64>,
     workers: Option<usize>,
+    ca_file: Option<PathBuf>,
     #[serde(default)]
     backends: Vec<FileBackend>,
 }
@@ -164,6 +167,8 @@ pub(crate) struct Settings {
     pub(crate) timeouts: Timeouts,
     /// Worker threads; `None`: one per core.
     pub(crate) workers: Option<usize>,
+    /// CA certificates to trust besides the platform's.
+    pub(crate) ca_file: Option<PathBuf>,
 }
 
 impl Settings {
@@ -201,17 +206,17 @@ impl Settings {
             head: timeout(
                 "head",
                 flags.head_timeout.or(file.head_timeout_secs),
-                DEFAULT_HEAD_TIMEOUT,
+                DEFAULT_CALLER_TIMEOUT,
             )?,
             body: timeout(
                 "body",
                 flags.body_timeout.or(file.body_timeout_secs),
-                DEFAULT_BODY_TIMEOUT,
+                DEFAULT_CALLER_TIMEOUT,
             )?,
             send: timeout(
                 "send",
                 flags.send_timeout.or(file.send_timeout_secs),
-                DEFAULT_SEND_TIMEOUT,
+                DEFAULT_CALLER_TIMEOUT,
             )?,
         };
         let workers = flags.workers.or(file.workers);
@@ -239,6 +244,7 @@ impl Settings {
             served_by_header: !flags.no_served_by_header && file.served_by_header.unwrap_or(true),
             timeouts,
             workers,
+            ca_file: flags.ca_file.or(file.ca_file),
         })
     }
 }

@@ -1,0 +1,107 @@
+//! What hyper leaves to the application: the `Host` check, and joining the two sides of an
+//! upgrade (a WebSocket handshake answered `101 Switching Protocols`).
+
+use http::header::{CONNECTION, HOST, UPGRADE};
+use http::uri::Authority;
+use http::{HeaderMap, Request, Response, StatusCode, Version};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+
+/// Whether `request` has the `Host` RFC 9112 requires of HTTP/1.1: exactly one, an authority
+/// (`host[:port]`, no user info). Other versions carry theirs elsewhere (HTTP/2's
+/// `:authority`) or need none (HTTP/1.0).
+pub(crate) fn has_valid_host<B>(request: &Request<B>) -> bool {
+    if request.version() != Version::HTTP_11 {
+        return true;
+    }
+    let mut hosts = request.headers().get_all(HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(host), None) => host
+            .to_str()
+            .ok()
+            .and_then(|host| host.parse::<Authority>().ok())
+            .is_some_and(|authority| !authority.as_str().contains('@')),
+        _ => false,
+    }
+}
+
+/// Whether the request asks to switch protocols: `Connection` names `upgrade` and an `Upgrade`
+/// field says to what.
+pub(crate) fn is_requested(headers: &HeaderMap) -> bool {
+    headers.contains_key(UPGRADE)
+        && headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// When the backend switched protocols, joins its connection to the caller's once both are
+/// handed over, and relays bytes both ways until either side closes (in a task of its own).
+pub(crate) fn bridge_if_switched<B>(caller: OnUpgrade, response: &mut Response<B>) {
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return;
+    }
+    let backend = hyper::upgrade::on(response);
+    tokio::spawn(async move {
+        let (caller, backend) = match tokio::try_join!(caller, backend) {
+            Ok(both) => both,
+            Err(error) => {
+                tracing::warn!(%error, "upgrade failed");
+                return;
+            }
+        };
+        let mut caller = TokioIo::new(caller);
+        let mut backend = TokioIo::new(backend);
+        if let Err(error) = tokio::io::copy_bidirectional(&mut caller, &mut backend).await {
+            tracing::debug!(%error, "upgraded connection ended");
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(version: Version, hosts: &[&str]) -> Request<()> {
+        let mut request = Request::builder().version(version).uri("/openai/models");
+        for host in hosts {
+            request = request.header(HOST, *host);
+        }
+        request.body(()).unwrap()
+    }
+
+    #[test]
+    fn http11_needs_exactly_one_valid_host() {
+        assert!(has_valid_host(&request(Version::HTTP_11, &["gw"])));
+        assert!(has_valid_host(&request(Version::HTTP_11, &["gw:8080"])));
+        assert!(has_valid_host(&request(Version::HTTP_11, &["[::1]:8080"])));
+        for hosts in [&[][..], &["a", "b"], &["a b"], &[""], &["u@gw"], &["gw/x"]] {
+            assert!(!has_valid_host(&request(Version::HTTP_11, hosts)), "{hosts:?}");
+        }
+        assert!(has_valid_host(&request(Version::HTTP_2, &[])));
+        assert!(has_valid_host(&request(Version::HTTP_10, &[])));
+    }
+
+    #[test]
+    fn an_upgrade_needs_the_connection_token_and_the_upgrade_field() {
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut map = HeaderMap::new();
+            for (name, value) in pairs {
+                map.append(*name, value.parse().unwrap());
+            }
+            map
+        };
+        assert!(is_requested(&headers(&[
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket")
+        ])));
+        assert!(is_requested(&headers(&[
+            ("connection", "keep-alive, upgrade"),
+            ("upgrade", "websocket")
+        ])));
+        assert!(!is_requested(&headers(&[("upgrade", "websocket")])));
+        assert!(!is_requested(&headers(&[("connection", "upgrade")])));
+    }
+}
