@@ -78,7 +78,10 @@ mod tests {
         assert!(has_valid_host(&request(Version::HTTP_11, &["gw:8080"])));
         assert!(has_valid_host(&request(Version::HTTP_11, &["[::1]:8080"])));
         for hosts in [&[][..], &["a", "b"], &["a b"], &[""], &["u@gw"], &["gw/x"]] {
-            assert!(!has_valid_host(&request(Version::HTTP_11, hosts)), "{hosts:?}");
+            assert!(
+                !has_valid_host(&request(Version::HTTP_11, hosts)),
+                "{hosts:?}"
+            );
         }
         assert!(has_valid_host(&request(Version::HTTP_2, &[])));
         assert!(has_valid_host(&request(Version::HTTP_10, &[])));

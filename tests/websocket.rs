@@ -38,8 +38,13 @@ async fn echo_instance() -> (String, Arc<Mutex<Seen>>) {
         while let Ok((socket, _)) = listener.accept().await {
             let seen = Arc::clone(&recorder);
             tokio::spawn(async move {
+                // tungstenite's callback type: its error is a whole HTTP response.
+                #[allow(clippy::result_large_err)]
                 let record = |request: &Request, response: Response| {
-                    seen.lock().unwrap().handshakes.push(request.headers().clone());
+                    seen.lock()
+                        .unwrap()
+                        .handshakes
+                        .push(request.headers().clone());
                     Ok(response)
                 };
                 let Ok(mut session) = tokio_tungstenite::accept_hdr_async(socket, record).await
@@ -47,17 +52,17 @@ async fn echo_instance() -> (String, Arc<Mutex<Seen>>) {
                     return;
                 };
                 while let Some(Ok(message)) = session.next().await {
-                    match message {
-                        Message::Text(_) | Message::Binary(_) => {
-                            if session.send(message).await.is_err() {
-                                return;
-                            }
-                        }
+                    let echo = match message {
+                        Message::Text(_) | Message::Binary(_) => message,
                         Message::Close(frame) => {
                             seen.lock().unwrap().close =
                                 frame.map(|f| (u16::from(f.code), f.reason.to_string()));
+                            continue;
                         }
-                        _ => {}
+                        _ => continue,
+                    };
+                    if session.send(echo).await.is_err() {
+                        return;
                     }
                 }
             });
@@ -141,7 +146,10 @@ async fn frames_pass_both_ways_unchanged_and_the_close_code_reaches_the_instance
     let handshake = &seen.handshakes[0];
     assert_eq!(handshake["api-key"], "the-gateways-key");
     assert!(handshake.get("authorization").is_none());
-    assert_eq!(handshake["upgrade"].to_str().unwrap().to_lowercase(), "websocket");
+    assert_eq!(
+        handshake["upgrade"].to_str().unwrap().to_lowercase(),
+        "websocket"
+    );
 }
 
 #[tokio::test]

@@ -73,9 +73,7 @@ async fn a_backend_answer_with_both_chunked_and_content_length_reaches_the_calle
     )
     .await;
     let mut caller = RawClient::connect(addr_of(&base)).await;
-    let answer = caller
-        .ask(chat_request("host: gateway\r\n", BODY))
-        .await;
+    let answer = caller.ask(chat_request("host: gateway\r\n", BODY)).await;
     assert_eq!(answer.status, 200, "{answer:?}");
     assert_eq!(answer.text(), body);
     assert_ne!(answer.header("content-length"), Some("5"), "{answer:?}");
@@ -99,9 +97,7 @@ async fn a_backend_answer_head_over_64_kib_in_one_write_is_a_502() {
     )
     .await;
     let mut caller = RawClient::connect(addr_of(&base)).await;
-    let answer = caller
-        .ask(chat_request("host: gateway\r\n", BODY))
-        .await;
+    let answer = caller.ask(chat_request("host: gateway\r\n", BODY)).await;
     assert_eq!(answer.status, 502, "{answer:?}");
     support::assert_azure_error(answer.text(), "bad_gateway");
 }
@@ -255,7 +251,10 @@ async fn an_http2_caller_sending_its_whole_over_limit_body_first_reads_the_413()
         .unwrap();
     assert_eq!(response.status(), 413);
     let text = response.into_body().collect().await.unwrap().to_bytes();
-    support::assert_azure_error(std::str::from_utf8(&text).unwrap(), "request_body_too_large");
+    support::assert_azure_error(
+        std::str::from_utf8(&text).unwrap(),
+        "request_body_too_large",
+    );
     assert_eq!(sims[0].request_count(), 0);
 }
 

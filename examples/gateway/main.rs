@@ -50,6 +50,7 @@ fn main() {
         runtime.worker_threads(workers);
     }
     let runtime = runtime
+        .thread_name("gateway-worker")
         .enable_all()
         .build()
         .unwrap_or_else(|e| fail(&e.to_string()));

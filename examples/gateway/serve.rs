@@ -10,7 +10,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_io_timeout::TimeoutStream;
 use tower::ServiceBuilder;
 use tower_http::timeout::RequestBodyTimeoutLayer;
@@ -63,18 +63,48 @@ pub(crate) async fn serve(
         };
         // Stream chunks leave at once.
         let _ = tcp.set_nodelay(true);
-        let mut io = TimeoutStream::new(tcp);
-        io.set_write_timeout(Some(timeouts.send));
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(Box::pin(io)), service.clone())
-            .into_owned();
-        let connection = graceful.watch(connection);
+        let builder = builder.clone();
+        let service = service.clone();
+        let watcher = graceful.watcher();
+        let head_timeout = timeouts.head;
+        let send_timeout = timeouts.send;
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
+            if !tells_its_version_within(&tcp, head_timeout).await {
+                return;
+            }
+            let mut io = TimeoutStream::new(tcp);
+            io.set_write_timeout(Some(send_timeout));
+            let connection = builder
+                .serve_connection_with_upgrades(TokioIo::new(Box::pin(io)), service)
+                .into_owned();
+            if let Err(error) = watcher.watch(connection).await {
                 tracing::debug!(%error, "connection ended");
             }
         });
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// The auto server reads a caller's first bytes, to tell HTTP/1.1 from HTTP/2, before hyper's
+/// header read timeout starts, and waits for them as long as it takes. This waits for them
+/// itself, at most `limit`, without reading them: until they depart from the HTTP/2 preface
+/// (HTTP/1.1) or hold it whole. A caller that sends nothing, or a part of the preface, within
+/// `limit` is let go.
+async fn tells_its_version_within(tcp: &TcpStream, limit: Duration) -> bool {
+    const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let peeked = tokio::time::timeout(limit, async {
+        let mut buf = [0u8; 24];
+        loop {
+            let n = tcp.peek(&mut buf).await?;
+            if n == 0 || n == PREFACE.len() || buf[..n] != PREFACE[..n] {
+                return Ok::<_, std::io::Error>(n > 0);
+            }
+            // A part of the preface: a peek would return it again at once. Real clients send
+            // the preface in one segment; this is for those that trickle it.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    matches!(peeked, Ok(Ok(true)))
 }
