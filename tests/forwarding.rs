@@ -4,11 +4,12 @@
 
 mod support;
 
+use aoai_tower::Gateway;
 use http::HeaderMap;
 use reqwest::header::{HeaderName, HeaderValue};
 use serde_json::{Value, json};
 use support::{
-    BOUND, CHAT, assert_azure_error, builder_over, chat, chat_body, client, serve_gateway,
+    BOUND, CHAT, assert_azure_error, builder_over, chat, chat_body, client, serve, serve_gateway,
     served_by, sims,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -521,4 +522,78 @@ async fn a_chunked_request_body_arrives_whole() {
         received.json().unwrap()["messages"][0]["content"],
         "sent in several chunks"
     );
+}
+
+/// `GatewayBuilder::client` swaps hyper's client for any tower service: it receives each
+/// attempt with the instance's absolute URI and the gateway's credential, and what it answers
+/// is what the caller gets.
+#[tokio::test]
+async fn a_client_of_your_own_receives_each_attempt_with_the_instances_uri() {
+    use std::sync::{Arc, Mutex};
+    let seen: Arc<Mutex<Vec<(String, Option<String>)>>> = Arc::default();
+    let recorder = Arc::clone(&seen);
+    let client = tower::service_fn(
+        move |request: http::Request<aoai_tower::retry::ReplayBody>| {
+            let recorder = Arc::clone(&recorder);
+            async move {
+                let key = request
+                    .headers()
+                    .get("api-key")
+                    .map(|v| v.to_str().unwrap().to_owned());
+                recorder
+                    .lock()
+                    .unwrap()
+                    .push((request.uri().to_string(), key));
+                let status = if request.uri().host() == Some("east.openai.azure.com") {
+                    503
+                } else {
+                    200
+                };
+                let mut response = http::Response::new(http_body_util::Full::new(
+                    bytes::Bytes::from_static(b"{\"choices\":[]}"),
+                ));
+                *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                Ok::<_, std::convert::Infallible>(response)
+            }
+        },
+    );
+    let key = |k: &str| aoai_tower::auth::AzureAuthLayer::from_api_key(k).unwrap();
+    let gateway = Gateway::builder()
+        .client(client)
+        .backend_with_auth("east", "https://east.openai.azure.com", key("east-key"))
+        .backend_with_auth("west", "https://west.openai.azure.com/", key("west-key"))
+        .build()
+        .unwrap();
+    let base = serve(axum::Router::new().nest_service("/openai", gateway)).await;
+
+    let response = client_with_key(&base, "the-callers-key").await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(served_by(&response), "west");
+    assert_eq!(response.text().await.unwrap(), r#"{"choices":[]}"#);
+    let seen = seen.lock().unwrap();
+    let path = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21";
+    assert_eq!(
+        *seen,
+        [
+            (
+                format!("https://east.openai.azure.com{path}"),
+                Some("east-key".to_owned())
+            ),
+            (
+                format!("https://west.openai.azure.com{path}"),
+                Some("west-key".to_owned())
+            ),
+        ]
+    );
+}
+
+/// A chat completion sent with `api-key: key`.
+async fn client_with_key(base: &str, key: &str) -> reqwest::Response {
+    client()
+        .post(format!("{base}{CHAT}"))
+        .header("api-key", key)
+        .json(&chat_body())
+        .send()
+        .await
+        .unwrap()
 }

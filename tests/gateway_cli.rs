@@ -8,6 +8,8 @@
 //! `cargo build --example gateway`.
 
 mod support;
+#[path = "support/tls.rs"]
+mod tls;
 #[path = "support/wire.rs"]
 mod wire;
 
@@ -1432,4 +1434,70 @@ async fn a_slow_http2_reader_gets_its_whole_answer_though_a_frame_takes_longer_t
         "read in {:?}",
         started.elapsed()
     );
+}
+
+/// An instance behind TLS whose certificate `pki`'s CA signed, offering HTTP/2 and HTTP/1.1
+/// by ALPN; it answers every request with a chat completion saying the HTTP version it was
+/// asked over. Returns its `https://localhost:PORT` URL.
+async fn tls_instance(pki: &tls::Pki) -> String {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let acceptor = tokio_rustls::TlsAcceptor::from(pki.server());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "https://localhost:{}",
+        listener.local_addr().unwrap().port()
+    );
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(|request: http::Request<_>| async move {
+                    let answer = serde_json::json!({
+                        "choices": [{ "message": { "content": format!("{:?}", request.version()) } }]
+                    });
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from(answer.to_string())),
+                    ))
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    url
+}
+
+/// `--ca-file` adds a private CA's roots: an instance whose certificate it signed is reached
+/// over HTTP/2 (ALPN); without the flag the same instance cannot be trusted, and the caller
+/// gets 502. A CA file that cannot be read, or holds no certificate, is refused naming it.
+#[tokio::test]
+async fn a_ca_file_lets_the_gateway_trust_a_private_ca_and_speak_http2_to_its_instance() {
+    let pki = tls::Pki::new();
+    let url = tls_instance(&pki).await;
+    let ca = TempFile::with("ca.pem", &pki.ca_pem());
+
+    let (mut gateway, _, base) =
+        Gateway::over_urls(&[format!("tls={url}")], &["--ca-file", ca.path()]);
+    gateway.ready(&base, None).await;
+    let response = chat(&client(), &base).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(served_by(&response), "tls");
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["choices"][0]["message"]["content"], "HTTP/2.0");
+
+    let (mut untrusting, _, base) = Gateway::over_urls(&[format!("tls={url}")], &[]);
+    untrusting.ready(&base, None).await;
+    let response = chat(&client(), &base).await;
+    assert_eq!(response.status(), 502);
+
+    let line = refused(&["--ca-file", "/nonexistent/ca.pem"], &[]).await;
+    assert!(line.contains("/nonexistent/ca.pem"), "{line}");
+    let not_pem = TempFile::with("not-a-ca.pem", "hello");
+    let line = refused(&["--ca-file", not_pem.path()], &[]).await;
+    assert!(line.contains(not_pem.path()), "{line}");
+    assert!(line.contains("certificate"), "{line}");
 }

@@ -81,7 +81,7 @@ use std::{
     task::{Context, Poll, ready},
 };
 
-use http::{Request, Response, StatusCode, Uri, header};
+use http::{Request, Response, StatusCode, Uri, Version, header};
 use pin_project_lite::pin_project;
 use tower::{BoxError, Layer, Service};
 
@@ -258,6 +258,9 @@ where
                 let keep_upgrade = response.status() == StatusCode::SWITCHING_PROTOCOLS
                     && headers::is_upgrade(response.headers());
                 headers::remove_hop_by_hop(response.headers_mut(), keep_upgrade);
+                // The version is the hop's to the instance (HTTP/2 by ALPN, or an old
+                // server's HTTP/1.0), not the caller's: the caller's server answers in its own.
+                *response.version_mut() = Version::HTTP_11;
                 Poll::Ready(Ok(response))
             }
             StateProj::Refused { error } => Poll::Ready(Err(error
@@ -349,9 +352,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn response_hop_by_hop_fields_are_removed() {
+    async fn response_hop_by_hop_fields_and_the_hops_version_are_removed() {
         let (service, _) = service("http://localhost", || {
             Response::builder()
+                .version(Version::HTTP_2)
                 .header("connection", "keep-alive, x-hop")
                 .header("x-hop", "dropped")
                 .header("keep-alive", "timeout=5")
@@ -369,6 +373,7 @@ mod tests {
         let mut expected = HeaderMap::new();
         expected.insert("x-ms-region", HeaderValue::from_static("Sweden Central"));
         assert_eq!(response.headers(), &expected);
+        assert_eq!(response.version(), Version::HTTP_11);
     }
 
     #[tokio::test]

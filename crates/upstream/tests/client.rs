@@ -27,11 +27,6 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo},
     server::conn::auto,
 };
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
-};
-use rustls::pki_types::PrivateKeyDer;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpListener,
@@ -41,6 +36,11 @@ use tokio::{
 };
 use tokio_rustls::TlsAcceptor;
 use tower::{BoxError, Layer, ServiceExt};
+
+#[path = "../../../tests/support/tls.rs"]
+mod tls;
+
+use tls::Pki;
 
 type TestBody = UnsyncBoxBody<Bytes, BoxError>;
 
@@ -130,55 +130,12 @@ impl Body for ChannelBody {
 // ---------------------------------------------------------------------------------------------
 // Certificates
 
-/// A private certificate authority, made fresh for one test.
-struct Pki {
-    ca: CertifiedIssuer<'static, KeyPair>,
-}
-
-impl Pki {
-    fn new() -> Self {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "aoai-upstream test CA");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-        Self { ca }
-    }
-
-    /// A client that trusts this CA besides the platform's roots.
-    fn client(&self) -> UpstreamClient<TestBody> {
-        UpstreamClient::builder()
-            .add_root_certificates_pem(self.ca.pem().as_bytes())
-            .expect("a valid root")
-            .build()
-    }
-
-    /// A TLS server configuration for `localhost`, signed by this CA, offering ALPN `h2` and
-    /// `http/1.1`.
-    fn server(&self) -> Arc<rustls::ServerConfig> {
-        let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "localhost");
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.ca).unwrap();
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-        )
-        .unwrap();
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Arc::new(config)
-    }
+/// A client that trusts `pki`'s CA besides the platform's roots.
+fn client_trusting(pki: &Pki) -> UpstreamClient<TestBody> {
+    UpstreamClient::builder()
+        .add_root_certificates_pem(pki.ca_pem().as_bytes())
+        .expect("a valid root")
+        .build()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -322,7 +279,7 @@ async fn concurrent_requests_to_an_https_instance_are_http2_streams_on_one_conne
         }
     })
     .await;
-    let instance = instance(&backend.url("https", "/openai"), &pki.client());
+    let instance = instance(&backend.url("https", "/openai"), &client_trusting(&pki));
 
     // The first request makes the connection.
     let first = send(&instance, get("/first")).await.unwrap();
@@ -357,10 +314,10 @@ async fn an_https_instance_whose_ca_is_not_trusted_is_a_connect_error() {
 #[test]
 fn pem_without_a_usable_certificate_is_refused_with_a_clear_message() {
     let pki = Pki::new();
-    let key_only = KeyPair::generate().unwrap().serialize_pem();
+    let key_only = rcgen::KeyPair::generate().unwrap().serialize_pem();
     let broken = "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n";
     let not_x509 = "-----BEGIN CERTIFICATE-----\naGVsbG8=\n-----END CERTIFICATE-----\n";
-    let with_a_bad_one = format!("{}{not_x509}", pki.ca.pem());
+    let with_a_bad_one = format!("{}{not_x509}", pki.ca_pem());
     for (pem, message) in [
         ("", "no certificate found"),
         ("hello", "no certificate found"),
@@ -376,7 +333,7 @@ fn pem_without_a_usable_certificate_is_refused_with_a_clear_message() {
         assert!(shown.starts_with("invalid root certificate: "), "{shown}");
         assert!(shown.contains(message), "{pem:?}: {shown}");
     }
-    let two = format!("{}{}", pki.ca.pem(), Pki::new().ca.pem());
+    let two = format!("{}{}", pki.ca_pem(), Pki::new().ca_pem());
     assert!(
         UpstreamClient::builder()
             .add_root_certificates_pem(two.as_bytes())
@@ -542,7 +499,10 @@ async fn an_upgrade_to_an_https_instance_offering_http2_goes_over_http1() {
     let pki = Pki::new();
     // The backend answers in HTTP/1.1 only: an HTTP/2 connection preface would get a 101 back.
     let (addr, mut heads) = raw_backend(Some(pki.server()), SWITCHING.to_vec()).await;
-    let instance = instance(&format!("https://localhost:{}", addr.port()), &pki.client());
+    let instance = instance(
+        &format!("https://localhost:{}", addr.port()),
+        &client_trusting(&pki),
+    );
     upgrade_passes(&instance, &mut heads).await;
 }
 
