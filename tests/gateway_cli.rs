@@ -706,7 +706,7 @@ impl tokio::io::AsyncWrite for SkipFirst {
 }
 
 // ---------------------------------------------------------------------------------------------
-// HTTP/1.1 on the wire: what the gateway's lean server does for callers that write raw bytes.
+// HTTP/1.1 on the wire: what the gateway does for callers that write raw bytes.
 
 /// The head of a chat completions `POST` to the gateway, with `fields` (each ending in CRLF)
 /// before the blank line.

@@ -90,6 +90,23 @@ async fn refusing_instance() -> (String, Arc<Mutex<usize>>) {
     (url, count)
 }
 
+/// Opens a session through the gateway at `base` with [`caller_request`].
+async fn connect(
+    base: &str,
+) -> (
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    tokio_tungstenite::tungstenite::handshake::client::Response,
+) {
+    tokio::time::timeout(
+        BOUND,
+        tokio_tungstenite::connect_async(caller_request(base)),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+}
+
+/// A handshake carrying the caller's own `api-key`, which must reach no instance.
 fn caller_request(base: &str) -> http::Request<()> {
     let mut request = format!("{}{REALTIME}", base.replace("http://", "ws://"))
         .into_client_request()
@@ -110,13 +127,7 @@ async fn frames_pass_both_ways_unchanged_and_the_close_code_reaches_the_instance
         .unwrap();
     let base = serve_gateway(gateway).await;
 
-    let (mut session, response) = tokio::time::timeout(
-        BOUND,
-        tokio_tungstenite::connect_async(caller_request(&base)),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let (mut session, response) = connect(&base).await;
     assert_eq!(response.status(), 101);
     assert_eq!(response.headers()["x-served-by"], "rt");
 
@@ -163,13 +174,7 @@ async fn a_handshake_refused_before_its_101_is_tried_on_the_next_instance() {
         .unwrap();
     let base = serve_gateway(gateway).await;
 
-    let (mut session, response) = tokio::time::timeout(
-        BOUND,
-        tokio_tungstenite::connect_async(caller_request(&base)),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let (mut session, response) = connect(&base).await;
     assert_eq!(response.headers()["x-served-by"], "rt");
     assert_eq!(*refused.lock().unwrap(), 1);
     session.send(Message::text("hello")).await.unwrap();

@@ -56,6 +56,18 @@ fn chat_request(fields: &str, body: &str) -> String {
 
 const BODY: &str = r#"{"messages":[{"role":"user","content":"Hello"}]}"#;
 
+/// A chat request, as raw bytes, through a gateway whose one instance answers `reply`.
+async fn chat_through_gateway_to(reply: Vec<u8>) -> wire::Answer {
+    let backend = raw_backend(reply).await;
+    let gateway = aoai_tower::Gateway::builder()
+        .backend("raw", backend)
+        .build()
+        .unwrap();
+    let base = serve_gateway(gateway).await;
+    let mut caller = RawClient::connect(addr_of(&base)).await;
+    caller.ask(chat_request("host: gateway\r\n", BODY)).await
+}
+
 #[tokio::test]
 async fn a_backend_answer_with_both_chunked_and_content_length_reaches_the_caller_whole() {
     let body = r#"{"pid":"the whole answer, not its first five bytes"}"#;
@@ -64,16 +76,7 @@ async fn a_backend_answer_with_both_chunked_and_content_length_reaches_the_calle
          content-length: 5\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
         body.len()
     );
-    let backend = raw_backend(reply.into_bytes()).await;
-    let base = serve_gateway(
-        aoai_tower::Gateway::builder()
-            .backend("smuggler", backend)
-            .build()
-            .unwrap(),
-    )
-    .await;
-    let mut caller = RawClient::connect(addr_of(&base)).await;
-    let answer = caller.ask(chat_request("host: gateway\r\n", BODY)).await;
+    let answer = chat_through_gateway_to(reply.into_bytes()).await;
     assert_eq!(answer.status, 200, "{answer:?}");
     assert_eq!(answer.text(), body);
     assert_ne!(answer.header("content-length"), Some("5"), "{answer:?}");
@@ -87,17 +90,7 @@ async fn a_backend_answer_head_over_64_kib_in_one_write_is_a_502() {
     }
     reply.extend_from_slice(b"\r\n{}");
     assert!(reply.len() > 100_000);
-    let backend = raw_backend(reply).await;
-    let base = serve_gateway(
-        aoai_tower::Gateway::builder()
-            .backend("huge", backend)
-            .max_attempts(1)
-            .build()
-            .unwrap(),
-    )
-    .await;
-    let mut caller = RawClient::connect(addr_of(&base)).await;
-    let answer = caller.ask(chat_request("host: gateway\r\n", BODY)).await;
+    let answer = chat_through_gateway_to(reply).await;
     assert_eq!(answer.status, 502, "{answer:?}");
     support::assert_azure_error(answer.text(), "bad_gateway");
 }

@@ -2,101 +2,21 @@
 //! `Buffer`, `Timeout`, `RateLimit`) hold under concurrent callers, and every call completes.
 //! On tokio's paused clock; every wait is bounded.
 
-use std::convert::Infallible;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+#[path = "support/probe.rs"]
+mod probe;
+
 use std::time::Duration;
 
-use aoai_balance::{Balance, ServedBy};
-use http::{Request, Response};
-use tokio::time::Instant;
-use tower::{BoxError, Service, ServiceBuilder, ServiceExt, service_fn};
-
-/// How many callers call at once.
-const CALLERS: usize = 8;
-
-/// One backend's record of its calls: how many are in flight, the most ever in flight, and when
-/// each started.
-#[derive(Debug, Clone, Default)]
-struct Probe {
-    in_flight: Arc<AtomicUsize>,
-    most_in_flight: Arc<AtomicUsize>,
-    starts: Arc<Mutex<Vec<Instant>>>,
-}
-
-impl Probe {
-    /// The backend itself: answers 200 after 50 ms, recording the call.
-    fn service(
-        &self,
-    ) -> impl Service<Request<()>, Response = Response<()>, Error = Infallible, Future: Send>
-    + Clone
-    + Send
-    + use<> {
-        let probe = self.clone();
-        service_fn(move |_request: Request<()>| {
-            let probe = probe.clone();
-            async move {
-                let now = probe.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-                probe.most_in_flight.fetch_max(now, Ordering::SeqCst);
-                probe.starts.lock().unwrap().push(Instant::now());
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                probe.in_flight.fetch_sub(1, Ordering::SeqCst);
-                Ok(Response::new(()))
-            }
-        })
-    }
-
-    fn most_in_flight(&self) -> usize {
-        self.most_in_flight.load(Ordering::SeqCst)
-    }
-
-    fn calls(&self) -> usize {
-        self.starts.lock().unwrap().len()
-    }
-
-    /// The most calls that started within `window` of one another.
-    fn most_calls_within(&self, window: Duration) -> usize {
-        let starts = self.starts.lock().unwrap();
-        starts
-            .iter()
-            .map(|&from| {
-                starts
-                    .iter()
-                    .filter(|&&at| at >= from && at < from + window)
-                    .count()
-            })
-            .max()
-            .unwrap_or(0)
-    }
-}
+use aoai_balance::Balance;
+use http::Request;
+use probe::{CALLERS, Probe, assert_served_one_at_a_time, call_at_once};
+use tower::ServiceBuilder;
 
 /// Two probed backends, each behind the stack `stack` builds, under one `Balance`.
 fn balance<S>(stack: impl Fn(&Probe) -> S) -> ([Probe; 2], Balance<S>) {
     let probes = [Probe::default(), Probe::default()];
     let balance = Balance::new([("b0", stack(&probes[0])), ("b1", stack(&probes[1]))]);
     (probes, balance)
-}
-
-/// `callers` calls at once through clones of `service`; waits (at most 10 s) for every one to
-/// complete, and returns which backend served each.
-async fn call_at_once<S>(service: S, callers: usize) -> Vec<usize>
-where
-    S: Service<Request<()>, Response = Response<()>, Error = BoxError> + Clone + Send + 'static,
-    S::Future: Send,
-{
-    let calls: Vec<_> = (0..callers)
-        .map(|_| tokio::spawn(service.clone().oneshot(Request::new(()))))
-        .collect();
-    tokio::time::timeout(Duration::from_secs(10), async {
-        let mut served = Vec::new();
-        for call in calls {
-            let response = call.await.unwrap().expect("every call succeeds");
-            served.push(response.extensions().get::<ServedBy>().unwrap().index());
-        }
-        served
-    })
-    .await
-    .expect("every call completes within 10 s")
 }
 
 #[tokio::test(start_paused = true)]
@@ -106,12 +26,8 @@ async fn a_concurrency_limit_in_each_backend_holds_and_every_call_completes() {
             .concurrency_limit(1)
             .service(probe.service())
     });
-    let served = call_at_once(balance, CALLERS).await;
-    assert_eq!(served.len(), CALLERS);
-    for probe in &probes {
-        assert_eq!(probe.calls(), CALLERS / 2);
-        assert_eq!(probe.most_in_flight(), 1);
-    }
+    let served = call_at_once(balance, CALLERS, || Request::new(())).await;
+    assert_served_one_at_a_time(&probes, &served, CALLERS);
 }
 
 #[tokio::test(start_paused = true)]
@@ -122,12 +38,8 @@ async fn a_buffer_in_front_of_the_limit_holds_it_and_every_call_completes() {
             .concurrency_limit(1)
             .service(probe.service())
     });
-    let served = call_at_once(balance, CALLERS).await;
-    assert_eq!(served.len(), CALLERS);
-    for probe in &probes {
-        assert_eq!(probe.calls(), CALLERS / 2);
-        assert_eq!(probe.most_in_flight(), 1);
-    }
+    let served = call_at_once(balance, CALLERS, || Request::new(())).await;
+    assert_served_one_at_a_time(&probes, &served, CALLERS);
 }
 
 #[tokio::test(start_paused = true)]
@@ -140,12 +52,8 @@ async fn a_timeout_over_the_limit_times_only_the_call_and_every_call_completes()
             .concurrency_limit(1)
             .service(probe.service())
     });
-    let served = call_at_once(balance, CALLERS).await;
-    assert_eq!(served.len(), CALLERS);
-    for probe in &probes {
-        assert_eq!(probe.calls(), CALLERS / 2);
-        assert_eq!(probe.most_in_flight(), 1);
-    }
+    let served = call_at_once(balance, CALLERS, || Request::new(())).await;
+    assert_served_one_at_a_time(&probes, &served, CALLERS);
 }
 
 #[tokio::test(start_paused = true)]
@@ -158,7 +66,7 @@ async fn a_rate_limit_in_each_backend_holds_and_every_call_completes() {
             .rate_limit(2, Duration::from_millis(100))
             .service(probe.service())
     });
-    let served = call_at_once(balance, 2 * CALLERS).await;
+    let served = call_at_once(balance, 2 * CALLERS, || Request::new(())).await;
     assert_eq!(served.len(), 2 * CALLERS);
     for probe in &probes {
         assert_eq!(probe.calls(), CALLERS);

@@ -2,78 +2,18 @@
 //! stack (`ConcurrencyLimit`, `Buffer`, `Timeout`, `RateLimit`) hold under concurrent callers,
 //! and every call completes. On tokio's paused clock; every wait is bounded.
 
-use std::convert::Infallible;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+#[path = "../../balance/tests/support/probe.rs"]
+mod probe;
+
 use std::time::Duration;
 
-use aoai_balance::{Balance, ServedBy};
-use aoai_retry::{ReplayBody, RetryNextBackendLayer};
+use aoai_balance::Balance;
+use aoai_retry::RetryNextBackendLayer;
 use bytes::Bytes;
-use http::{Request, Response};
-use http_body_util::{BodyExt, Full};
-use tokio::time::Instant;
-use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt, service_fn};
-
-/// How many callers call at once.
-const CALLERS: usize = 8;
-
-/// One backend's record of its calls: how many are in flight, the most ever in flight, and when
-/// each started.
-#[derive(Debug, Clone, Default)]
-struct Probe {
-    in_flight: Arc<AtomicUsize>,
-    most_in_flight: Arc<AtomicUsize>,
-    starts: Arc<Mutex<Vec<Instant>>>,
-}
-
-impl Probe {
-    /// The backend itself: reads the body, answers 200 after 50 ms, recording the call.
-    fn service(
-        &self,
-    ) -> impl Service<Request<ReplayBody>, Response = Response<()>, Error = Infallible, Future: Send>
-    + Clone
-    + Send
-    + use<> {
-        let probe = self.clone();
-        service_fn(move |request: Request<ReplayBody>| {
-            let probe = probe.clone();
-            async move {
-                let now = probe.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-                probe.most_in_flight.fetch_max(now, Ordering::SeqCst);
-                probe.starts.lock().unwrap().push(Instant::now());
-                let Ok(body) = request.into_body().collect().await;
-                assert_eq!(body.to_bytes(), "{}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                probe.in_flight.fetch_sub(1, Ordering::SeqCst);
-                Ok(Response::new(()))
-            }
-        })
-    }
-
-    fn most_in_flight(&self) -> usize {
-        self.most_in_flight.load(Ordering::SeqCst)
-    }
-
-    fn calls(&self) -> usize {
-        self.starts.lock().unwrap().len()
-    }
-
-    /// The most calls that started within `window` of one another.
-    fn most_calls_within(&self, window: Duration) -> usize {
-        let starts = self.starts.lock().unwrap();
-        starts
-            .iter()
-            .map(|&from| {
-                starts
-                    .iter()
-                    .filter(|&&at| at >= from && at < from + window)
-                    .count()
-            })
-            .max()
-            .unwrap_or(0)
-    }
-}
+use http::Request;
+use http_body_util::Full;
+use probe::{CALLERS, Probe, assert_served_one_at_a_time};
+use tower::{Layer, ServiceBuilder};
 
 /// Two probed backends, each behind the stack `stack` builds, under one `Balance`, under the
 /// retry layer.
@@ -86,34 +26,23 @@ fn retry_over_balance<S>(
     (probes, service)
 }
 
-/// `callers` calls at once through clones of `service`; waits (at most 10 s) for every one to
-/// complete, and returns which backend served each.
+/// A chat request with a small body, as callers send.
+fn chat() -> Request<Full<Bytes>> {
+    Request::post("/openai/deployments/gpt-4o/chat/completions")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap()
+}
+
+/// [`probe::call_at_once`] with chat requests.
 async fn call_at_once<S>(service: S, callers: usize) -> Vec<usize>
 where
-    S: Service<Request<Full<Bytes>>, Response = Response<()>, Error = BoxError>
+    S: tower::Service<Request<Full<Bytes>>, Response = http::Response<()>, Error = tower::BoxError>
         + Clone
         + Send
         + 'static,
     S::Future: Send,
 {
-    let calls: Vec<_> = (0..callers)
-        .map(|_| {
-            let request = Request::post("/openai/deployments/gpt-4o/chat/completions")
-                .body(Full::new(Bytes::from_static(b"{}")))
-                .unwrap();
-            tokio::spawn(service.clone().oneshot(request))
-        })
-        .collect();
-    tokio::time::timeout(Duration::from_secs(10), async {
-        let mut served = Vec::new();
-        for call in calls {
-            let response = call.await.unwrap().expect("every call succeeds");
-            served.push(response.extensions().get::<ServedBy>().unwrap().index());
-        }
-        served
-    })
-    .await
-    .expect("every call completes within 10 s")
+    probe::call_at_once(service, callers, chat).await
 }
 
 #[tokio::test(start_paused = true)]
@@ -124,11 +53,7 @@ async fn a_concurrency_limit_in_each_backend_holds_and_every_call_completes() {
             .service(probe.service())
     });
     let served = call_at_once(service, CALLERS).await;
-    assert_eq!(served.len(), CALLERS);
-    for probe in &probes {
-        assert_eq!(probe.calls(), CALLERS / 2);
-        assert_eq!(probe.most_in_flight(), 1);
-    }
+    assert_served_one_at_a_time(&probes, &served, CALLERS);
 }
 
 #[tokio::test(start_paused = true)]
@@ -140,11 +65,7 @@ async fn a_buffer_in_front_of_the_limit_holds_it_and_every_call_completes() {
             .service(probe.service())
     });
     let served = call_at_once(service, CALLERS).await;
-    assert_eq!(served.len(), CALLERS);
-    for probe in &probes {
-        assert_eq!(probe.calls(), CALLERS / 2);
-        assert_eq!(probe.most_in_flight(), 1);
-    }
+    assert_served_one_at_a_time(&probes, &served, CALLERS);
 }
 
 #[tokio::test(start_paused = true)]
@@ -159,11 +80,7 @@ async fn a_timeout_over_the_limit_times_only_the_call_and_every_call_completes()
             .service(probe.service())
     });
     let served = call_at_once(service, CALLERS).await;
-    assert_eq!(served.len(), CALLERS);
-    for probe in &probes {
-        assert_eq!(probe.calls(), CALLERS / 2);
-        assert_eq!(probe.most_in_flight(), 1);
-    }
+    assert_served_one_at_a_time(&probes, &served, CALLERS);
 }
 
 #[tokio::test(start_paused = true)]
