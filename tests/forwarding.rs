@@ -530,7 +530,9 @@ async fn a_chunked_request_body_arrives_whole() {
 #[tokio::test]
 async fn a_client_of_your_own_receives_each_attempt_with_the_instances_uri() {
     use std::sync::{Arc, Mutex};
-    let seen: Arc<Mutex<Vec<(String, Option<String>)>>> = Arc::default();
+    /// Each attempt's URI and `api-key`.
+    type Attempts = Arc<Mutex<Vec<(String, Option<String>)>>>;
+    let seen = Attempts::default();
     let recorder = Arc::clone(&seen);
     let client = tower::service_fn(
         move |request: http::Request<aoai_tower::retry::ReplayBody>| {
