@@ -12,8 +12,9 @@ RetryNextBackend + Balance + AzureAuth with an api-key). Each at concurrency 1 a
 that alternate the targets (direct, nginx, gateway, then direct, gateway, nginx, ...), so that a
 noisy neighbour hits all three alike; each figure is the median over the rounds. Reported:
 requests per second, p50 and p99 latency, the proxy's CPU microseconds per request (all its
-processes, user + system) and its peak RSS; then the gateway/nginx ratios at concurrency 32
-against the bars (CPU per request at most 1.3x nginx's, RPS at least 0.8x nginx's).
+processes, user + system), its peak RSS and how many TCP connections to the backends carried its
+requests (distinct connections in the backends' access logs); then the gateway/nginx ratios at
+concurrency 32 against the bars (CPU per request at most 1.3x nginx's, RPS at least 0.8x nginx's).
 
 TLS (`--tls`): the two backends are nginx terminating TLS with HTTP/2 on, with a server
 certificate for 127.0.0.1 and localhost from a CA made for the run (openssl, or Python's
@@ -21,8 +22,7 @@ certificate for 127.0.0.1 and localhost from a CA made for the run (openssl, or 
 the CA (HTTP/2 by ALPN, many streams on one connection); nginx with `proxy_pass https://...`,
 `proxy_ssl_verify on` (HTTP/1.1 with keep-alive: one connection per stream in flight). oha keeps
 `--tls-concurrency` (2,000) HTTP/1.1 callers on each proxy. Reported: RPS, p99, the proxy's CPU
-per request and peak RSS, and how many TCP connections to the backends carried the proxy's
-requests (distinct connections in the backends' access logs).
+per request, peak RSS and connections to the backends.
 
 Every run checks that every answer was 200 and that the backends split the proxied traffic
 about 50/50 (exit status 1 if not). Needs nginx and oha (and openssl or Python's
