@@ -429,6 +429,8 @@ def start_proxies(procs, workdir, gateway_bin, b1, b2, tls, keepalive):
                "--backend", f"b2={scheme}://127.0.0.1:{b2}"]
     if tls:
         command += ["--ca-file", os.path.join(workdir, "ca.pem")]
+    # More gateway flags, to compare settings (`--workers 1`, say).
+    command += os.environ.get("AOAI_GATEWAY_ARGS", "").split()
     env = dict(os.environ, AOAI_KEY_B1="bench-key", AOAI_KEY_B2="bench-key", RUST_LOG="warn")
     gateway = procs.start(command, env=env)
     for port in (peer, gw):
