@@ -19,7 +19,7 @@ use std::{
 use aoai_rebase::{Rebase, RebaseLayer, ResponseHeadTooLarge};
 use aoai_upstream::UpstreamClient;
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::{Body, Frame};
 use http_body_util::{BodyExt, Empty, Full, combinators::UnsyncBoxBody};
 use hyper::{body::Incoming, service::service_fn};
@@ -281,9 +281,9 @@ async fn concurrent_requests_to_an_https_instance_are_http2_streams_on_one_conne
     .await;
     let instance = instance(&backend.url("https", "/openai"), &client_trusting(&pki));
 
-    // The first request makes the connection.
+    // The first request makes the connection. (The response's version is the caller's hop's
+    // once through `Rebase`: the instance's answer says which version it was asked over.)
     let first = send(&instance, get("/first")).await.unwrap();
-    assert_eq!(first.version(), Version::HTTP_2);
     assert_eq!(body_of(first).await, "HTTP/2.0 on connection 0");
 
     let mut calls = JoinSet::new();
@@ -356,7 +356,6 @@ async fn sequential_requests_to_an_http_instance_reuse_one_connection() {
     let instance = instance(&backend.url("http", ""), &UpstreamClient::new());
     for _ in 0..3 {
         let response = send(&instance, get("/x")).await.unwrap();
-        assert_eq!(response.version(), Version::HTTP_11);
         assert_eq!(body_of(response).await, "HTTP/1.1 on connection 0");
         // hyper-util returns an HTTP/1.1 connection to its pool from a task of its own once the
         // response body is read; let it run (hyper-util's keep-alive tests wait the same way).
