@@ -33,8 +33,10 @@ use crate::upgrade;
 /// ([`UpstreamClient`]).
 pub type DefaultClient = UpstreamClient<ReplayBody>;
 
-/// One backend's own stack: attempt timeout, optional auth, rebase onto its URL, the client.
-type BackendStack<C> = Timeout<Either<AzureAuth<Rebase<C>>, Rebase<C>>>;
+/// One backend's own stack: optional auth, the attempt timeout (which starts when the request
+/// is sent, not while it waits for a token), rebase onto its URL, the client.
+type BackendStack<C> = Either<AzureAuth<Attempt<C>>, Attempt<C>>;
+type Attempt<C> = Timeout<Rebase<C>>;
 type Stack<C> = RetryNextBackendService<Balance<BackendStack<C>>>;
 type StackFuture<B, C> = <Stack<C> as Service<Request<B>>>::Future;
 
@@ -381,8 +383,9 @@ impl<C> GatewayBuilder<C> {
     }
 
     /// How long one attempt may wait for the response headers (tower's
-    /// [`Timeout`](tower::timeout::Timeout) on each backend). Default: 5 minutes (completions
-    /// can take minutes before their first byte). The caller gets 504 when no attempt is left.
+    /// [`Timeout`](tower::timeout::Timeout) on each backend, inside its auth: the wait for a
+    /// token does not count). Default: 5 minutes (completions can take minutes before their
+    /// first byte). The caller gets 504 when no attempt is left.
     pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
         self.attempt_timeout = timeout;
         self
@@ -448,12 +451,12 @@ impl<C> GatewayBuilder<C> {
                     name: spec.name.clone(),
                     source,
                 })?;
-            let backend = rebase.layer(self.client.clone());
+            let attempt = Timeout::new(rebase.layer(self.client.clone()), self.attempt_timeout);
             let service = match spec.auth {
-                Some(auth) => Either::Left(auth.layer(backend)),
-                None => Either::Right(backend),
+                Some(auth) => Either::Left(auth.layer(attempt)),
+                None => Either::Right(attempt),
             };
-            stacks.push((spec.name, Timeout::new(service, self.attempt_timeout)));
+            stacks.push((spec.name, service));
             served_by_values.push(value);
         }
         let balance = Balance::with_policy(stacks, self.health, Default::default());

@@ -43,8 +43,8 @@
 //!                         overall deadline
 //!     Balance             round-robin, skip tried and cooling backends
 //!       per backend:
-//!       Timeout           tower's, per attempt, to the response headers
 //!       AzureAuth         bearer token or api-key; the caller's credentials removed
+//!       Timeout           tower's, per attempt, from the send to the response headers
 //!       Rebase            onto the backend's base URL, `..` refused, hop-by-hop headers dropped
 //!       client            hyper's (`UpstreamClient`: HTTP/2 by ALPN, rustls), or your own
 //! ```

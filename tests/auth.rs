@@ -306,3 +306,46 @@ async fn the_tracing_output_of_a_whole_run_contains_no_token_or_key() {
         );
     }
 }
+
+/// A credential that takes `delay` to hand out each token.
+#[derive(Debug)]
+struct SlowCredential {
+    delay: Duration,
+}
+
+#[async_trait::async_trait]
+impl TokenCredential for SlowCredential {
+    async fn get_token(
+        &self,
+        _scopes: &[&str],
+        _options: Option<TokenRequestOptions<'_>>,
+    ) -> azure_core::Result<AccessToken> {
+        tokio::time::sleep(self.delay).await;
+        Ok(AccessToken::new(
+            "slow-token",
+            OffsetDateTime::now_utc() + Duration::from_secs(3600),
+        ))
+    }
+}
+
+/// The attempt timeout counts from the send to the instance: a request that first waits
+/// longer than it for a token is served, not answered 504, and no instance cools down.
+#[tokio::test]
+async fn the_wait_for_a_token_does_not_count_against_the_attempt_timeout() {
+    let sims = sims_with(1, |c| c).await;
+    let auth = AzureAuthLayer::from_credential(Arc::new(SlowCredential {
+        delay: Duration::from_millis(600),
+    }));
+    let gateway = Gateway::builder()
+        .backend_with_auth(sims[0].name(), sims[0].url(), auth)
+        .attempt_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let health = gateway.health().clone();
+    let base = serve_gateway(gateway).await;
+
+    let response = chat(&client(), &base).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(sims[0].request_count(), 1);
+    assert!(health.snapshot()[0].cooling_down_for.is_none());
+}
