@@ -1,14 +1,18 @@
 //! Errors produced by [`AzureAuth`](crate::AzureAuth) and its constructors.
 
-use std::{borrow::Cow, error::Error as StdError, fmt};
+use std::{borrow::Cow, error::Error as StdError, fmt, time::Duration};
 
 use azure_core::error::ErrorKind;
 use http::StatusCode;
 
-/// No valid access token was cached and the credential could not provide one.
+/// No valid access token was cached and none could be had within the request's token wait.
 ///
 /// [`AzureAuth`](crate::AzureAuth) returns this error (boxed) instead of calling the backend. A
-/// gateway answers it with `503 Service Unavailable` (see [`TokenUnavailable::status`]).
+/// gateway answers it with `503 Service Unavailable` (see [`TokenUnavailable::status`]) and a
+/// `Retry-After` of [`TokenUnavailable::retry_after`]. A request gets it either when the fetch
+/// attempt it waited for failed (at once, with that attempt's reason) or when its token wait
+/// ran out first (with the last failed attempt's reason, or "the token endpoint has not answered
+/// yet"); see [`TokenCache`](crate::TokenCache).
 ///
 /// The reason is a fixed summary of what failed (for example "the token endpoint answered HTTP
 /// 500"), never the credential's own message: that message may quote the token endpoint's
@@ -17,13 +21,24 @@ use http::StatusCode;
 #[derive(Debug, Clone)]
 pub struct TokenUnavailable {
     reason: Cow<'static, str>,
+    retry_after: Duration,
 }
+
+/// The least [`TokenUnavailable::retry_after`].
+const MIN_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 impl TokenUnavailable {
     pub(crate) fn new(reason: impl Into<Cow<'static, str>>) -> Self {
         Self {
             reason: reason.into(),
+            retry_after: MIN_RETRY_AFTER,
         }
+    }
+
+    /// The same error, telling the caller to try again after `retry_after` (at least 1 s).
+    pub(crate) fn with_retry_after(mut self, retry_after: Duration) -> Self {
+        self.retry_after = retry_after.max(MIN_RETRY_AFTER);
+        self
     }
 
     /// Summarizes a credential error by its kind alone: the kinds down the source chain say where
@@ -53,6 +68,15 @@ impl TokenUnavailable {
     /// Why no token could be obtained, without any secret.
     pub fn reason(&self) -> &str {
         &self.reason
+    }
+
+    /// How long the caller should wait before trying again: until the token cache's next fetch
+    /// attempt is due for a request arriving then (the running attempt's deadline, or 1 s after
+    /// the last attempt started), never less than 1 s.
+    ///
+    /// A gateway sends it as `Retry-After` (rounded up to whole seconds) with its 503.
+    pub fn retry_after(&self) -> Duration {
+        self.retry_after
     }
 
     /// The status a gateway answers this error with: `503 Service Unavailable`.
@@ -133,5 +157,15 @@ mod tests {
         let error = TokenUnavailable::from_credential_error(&error);
         assert_eq!(error.reason(), "the credential failed");
         assert_eq!(error.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[test]
+    fn retry_after_is_at_least_a_second() {
+        let error = TokenUnavailable::new("x");
+        assert_eq!(error.retry_after(), Duration::from_secs(1));
+        let error = error.with_retry_after(Duration::from_millis(200));
+        assert_eq!(error.retry_after(), Duration::from_secs(1));
+        let error = error.with_retry_after(Duration::from_millis(2500));
+        assert_eq!(error.retry_after(), Duration::from_millis(2500));
     }
 }

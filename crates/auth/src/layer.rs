@@ -1,4 +1,4 @@
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use azure_core::credentials::TokenCredential;
 use bytes::Bytes;
@@ -59,16 +59,37 @@ impl AzureAuthLayer {
         })
     }
 
+    /// Makes requests wait at most `wait` for a token when none is cached (default
+    /// [`DEFAULT_TOKEN_WAIT`](crate::DEFAULT_TOKEN_WAIT), 3 s); then they fail with
+    /// [`TokenUnavailable`](crate::error::TokenUnavailable). See
+    /// [`TokenCache::with_token_wait`]; it applies to the services this layer builds from now on.
+    /// An api-key layer is returned unchanged.
+    pub fn with_token_wait(self, wait: Duration) -> Self {
+        match self.credentials {
+            Credentials::Bearer(cache) => Self::from_cache(cache.with_token_wait(wait)),
+            Credentials::ApiKey(_) => self,
+        }
+    }
+
+    /// Bounds each attempt to fetch a token to `timeout` (default
+    /// [`DEFAULT_FETCH_TIMEOUT`](crate::DEFAULT_FETCH_TIMEOUT), 5 s). See
+    /// [`TokenCache::with_fetch_timeout`]: it is a setting of the cache, shared by every layer
+    /// built from it. An api-key layer is returned unchanged.
+    pub fn with_fetch_timeout(self, timeout: Duration) -> Self {
+        match self.credentials {
+            Credentials::Bearer(cache) => Self::from_cache(cache.with_fetch_timeout(timeout)),
+            Credentials::ApiKey(_) => self,
+        }
+    }
+
     /// Requests tokens for `scope` instead of [`DEFAULT_SCOPE`].
     ///
-    /// This starts a new [`TokenCache`] for the same credential: build the layer with
-    /// [`from_cache`](Self::from_cache) to share a cache for another scope. An api-key layer is
-    /// returned unchanged.
+    /// This starts a new [`TokenCache`] for the same credential, with the same settings: build
+    /// the layer with [`from_cache`](Self::from_cache) to share a cache for another scope. An
+    /// api-key layer is returned unchanged.
     pub fn with_scope(self, scope: impl Into<String>) -> Self {
         match self.credentials {
-            Credentials::Bearer(cache) => {
-                Self::from_cache(TokenCache::new(cache.credential().clone(), scope))
-            }
+            Credentials::Bearer(cache) => Self::from_cache(cache.for_scope(scope)),
             Credentials::ApiKey(_) => self,
         }
     }

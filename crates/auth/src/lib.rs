@@ -80,7 +80,7 @@ use http::{
 use tower::{BoxError, Service};
 
 pub use crate::{
-    cache::{DEFAULT_SCOPE, TokenCache},
+    cache::{DEFAULT_FETCH_TIMEOUT, DEFAULT_SCOPE, DEFAULT_TOKEN_WAIT, TokenCache},
     future::ResponseFuture,
     layer::AzureAuthLayer,
 };

@@ -13,7 +13,10 @@ use std::{
     time::Duration,
 };
 
-use aoai_auth::{AzureAuthLayer, DEFAULT_SCOPE, TokenCache, error::TokenUnavailable};
+use aoai_auth::{
+    AzureAuthLayer, DEFAULT_FETCH_TIMEOUT, DEFAULT_SCOPE, DEFAULT_TOKEN_WAIT, TokenCache,
+    error::TokenUnavailable,
+};
 use azure_core::{
     credentials::{AccessToken, TokenCredential, TokenRequestOptions},
     error::ErrorKind,
@@ -36,6 +39,13 @@ struct Fake {
     lifetime: Duration,
     delay: Duration,
     failing: bool,
+    /// Fail at once as a refused connection does.
+    refusing: bool,
+    /// Never answer: a token endpoint that accepts and hangs.
+    hanging: bool,
+    /// Calls running now, and the most that ever ran together.
+    in_flight: usize,
+    max_in_flight: usize,
     /// When set, every call waits for a permit: a token endpoint that hangs until released.
     gate: Option<Arc<Semaphore>>,
     /// Hands out this value instead of a numbered token.
@@ -51,6 +61,10 @@ impl FakeCredential {
             lifetime,
             delay: Duration::ZERO,
             failing: false,
+            refusing: false,
+            hanging: false,
+            in_flight: 0,
+            max_in_flight: 0,
             gate: None,
             value: None,
             started: Vec::new(),
@@ -81,11 +95,18 @@ impl TokenCredential for FakeCredential {
         scopes: &[&str],
         _options: Option<TokenRequestOptions<'_>>,
     ) -> azure_core::Result<AccessToken> {
-        let (delay, gate) = self.with(|fake| {
+        let (delay, gate, hanging) = self.with(|fake| {
             fake.started.push(Instant::now());
             fake.scopes.push(scopes.join(" "));
-            (fake.delay, fake.gate.clone())
+            fake.in_flight += 1;
+            fake.max_in_flight = fake.max_in_flight.max(fake.in_flight);
+            (fake.delay, fake.gate.clone(), fake.hanging)
         });
+        // Counts the call out however it ends, dropped by the cache's timeout included.
+        let _running = InFlight(self);
+        if hanging {
+            std::future::pending::<()>().await;
+        }
         if let Some(gate) = gate {
             gate.acquire()
                 .await
@@ -94,6 +115,12 @@ impl TokenCredential for FakeCredential {
         }
         tokio::time::sleep(delay).await;
         self.with(|fake| {
+            if fake.refusing {
+                return Err(azure_core::Error::with_message(
+                    ErrorKind::Connection,
+                    "connection refused: secret-in-error",
+                ));
+            }
             if fake.failing {
                 return Err(azure_core::Error::with_message(
                     ErrorKind::HttpResponse {
@@ -114,6 +141,14 @@ impl TokenCredential for FakeCredential {
                 OffsetDateTime::now_utc() + fake.lifetime,
             ))
         })
+    }
+}
+
+struct InFlight<'a>(&'a FakeCredential);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.with(|fake| fake.in_flight -= 1);
     }
 }
 
@@ -282,6 +317,11 @@ async fn short_lived_token_is_refreshed_at_half_its_lifetime() {
 #[tokio::test(start_paused = true)]
 async fn failed_background_refresh_keeps_the_token_and_backs_off_until_expiry() {
     let capture = Capture::default();
+    // Other tests of this binary hit the same log callsites at the same time on other threads,
+    // without a subscriber. While a single dispatcher is registered, tracing-core computes the
+    // interest of a callsite registered on such a thread from that thread's default alone
+    // ("never") and caches it; a second registered dispatcher makes it ask every dispatcher.
+    let _second = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
     let _guard = tracing::subscriber::set_default(capture.subscriber());
     let credential = FakeCredential::new(HOUR);
     let service =
@@ -301,27 +341,42 @@ async fn failed_background_refresh_keeps_the_token_and_backs_off_until_expiry() 
         .windows(2)
         .map(|pair| (pair[1] - pair[0]).as_secs())
         .collect();
-    assert_eq!(pauses, [1, 2, 4, 8, 16, 30, 30, 30, 30, 30, 30, 30, 30]);
+    assert_eq!(pauses[..3], [1, 2, 4]);
+    assert!(pauses[3..].iter().all(|&pause| pause == 5), "{pauses:?}");
+    assert_eq!(pauses.len(), 61, "{pauses:?}");
 
-    // Expired: the next request asks the credential itself and gets its failure.
+    // Expired: the next request starts an attempt at once (the last one started over a second
+    // ago) and gets its failure without waiting for the backoff.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let asked = Instant::now();
     let error = send(&service).await.unwrap_err();
+    assert_eq!(asked.elapsed(), Duration::ZERO);
     let error = token_unavailable(&error);
     assert_eq!(
         error.to_string(),
         "could not obtain an access token for Azure OpenAI: the token endpoint answered HTTP 500"
     );
     assert_eq!(error.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(error.retry_after(), Duration::from_secs(1));
     assert_eq!(credential.calls(), started.len() + 1);
 
+    // The endpoint is back: a request a second later gets a new token at once.
     credential.with(|fake| fake.failing = false);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let asked = Instant::now();
     assert_eq!(token_sent(&service).await, "Bearer fake-token-2");
+    assert_eq!(
+        asked.elapsed(),
+        Duration::from_millis(10),
+        "the backend's own 10 ms"
+    );
 
     let logs = capture.text();
     assert!(
         logs.contains("refreshing the Azure OpenAI access token failed")
+            && logs.contains("obtaining an Azure OpenAI access token failed")
             && logs.contains("retry_in=1s")
-            && logs.contains("retry_in=30s"),
+            && logs.contains("retry_in=5s"),
         "{logs}"
     );
     assert!(!logs.contains("fake-token"), "{logs}");
@@ -496,4 +551,233 @@ async fn unusable_tokens_are_refused() {
         "the credential returned a token that is not a valid header value"
     );
     assert!(!format!("{error:?}").contains("line"));
+}
+
+#[test]
+fn settings_have_documented_defaults() {
+    let cache = TokenCache::new(FakeCredential::new(HOUR), DEFAULT_SCOPE);
+    assert_eq!(cache.token_wait(), Duration::from_secs(3));
+    assert_eq!(cache.fetch_timeout(), Duration::from_secs(5));
+    assert_eq!(DEFAULT_TOKEN_WAIT, Duration::from_secs(3));
+    assert_eq!(DEFAULT_FETCH_TIMEOUT, Duration::from_secs(5));
+
+    let tuned = cache
+        .clone()
+        .with_token_wait(Duration::from_millis(500))
+        .with_fetch_timeout(Duration::from_secs(2));
+    assert_eq!(tuned.token_wait(), Duration::from_millis(500));
+    assert_eq!(
+        cache.token_wait(),
+        DEFAULT_TOKEN_WAIT,
+        "the wait is the handle's"
+    );
+    assert_eq!(
+        cache.fetch_timeout(),
+        Duration::from_secs(2),
+        "the fetch timeout is the cache's"
+    );
+}
+
+/// How the token endpoint fails during an outage.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Outage {
+    /// Refuses connections: the credential fails at once.
+    Refusing,
+    /// Accepts and never answers.
+    Hanging,
+    /// Answers 500.
+    Failing,
+}
+
+impl Outage {
+    fn set(self, fake: &mut Fake, on: bool) {
+        match self {
+            Self::Refusing => fake.refusing = on,
+            Self::Hanging => fake.hanging = on,
+            Self::Failing => fake.failing = on,
+        }
+    }
+
+    /// The reason callers are given once an attempt has failed this way.
+    fn reason(self, fetch_timeout: Duration) -> String {
+        match self {
+            Self::Refusing => "could not connect to the token endpoint".to_owned(),
+            Self::Hanging => format!("the token endpoint did not answer within {fetch_timeout:?}"),
+            Self::Failing => "the token endpoint answered HTTP 500".to_owned(),
+        }
+    }
+}
+
+/// A short-lived token, then an outage of the token endpoint that outlasts it, then its return:
+/// while the token is valid nothing waits; once it has expired every caller gets
+/// `TokenUnavailable` within the token wait, with a `retry_after`; after the endpoint's return
+/// the first request gets a token within a second (or, when an attempt was hanging, once that
+/// attempt's timeout ends it); and the credential is never asked twice at once.
+async fn ride_out(outage: Outage) {
+    const LIFETIME: Duration = Duration::from_secs(60);
+    const WAIT: Duration = Duration::from_secs(2);
+    const FETCH_TIMEOUT: Duration = Duration::from_secs(4);
+    /// What the in-memory backend adds to every request that reaches it.
+    const BACKEND: Duration = Duration::from_millis(10);
+
+    let credential = FakeCredential::new(LIFETIME);
+    let service = AzureAuthLayer::from_credential(credential.clone())
+        .with_token_wait(WAIT)
+        .with_fetch_timeout(FETCH_TIMEOUT)
+        .layer(backend(no_rejections()));
+    let fetched = Instant::now();
+    assert_eq!(token_sent(&service).await, "Bearer fake-token-1");
+
+    // The endpoint goes down. The token (refreshed from 30 s on) still serves every request at
+    // once while the background refresh fails.
+    credential.with(|fake| outage.set(fake, true));
+    tokio::time::sleep_until(fetched + LIFETIME / 2 + Duration::from_millis(1)).await;
+    while fetched.elapsed() < LIFETIME - Duration::from_millis(200) {
+        let asked = Instant::now();
+        assert_eq!(token_sent(&service).await, "Bearer fake-token-1");
+        assert_eq!(
+            asked.elapsed(),
+            BACKEND,
+            "a request waited with a valid token cached"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let refreshes = credential.calls() - 1;
+    assert!(refreshes >= 5, "the refresh was retried: {refreshes}");
+
+    // Expired: a burst of callers, then steady traffic for 15 s, all failing within the wait.
+    tokio::time::sleep_until(fetched + LIFETIME).await;
+    let outage_started = Instant::now();
+    let mut requests = JoinSet::new();
+    for _ in 0..20 {
+        let service = service.clone();
+        requests.spawn(async move {
+            let asked = Instant::now();
+            (send(&service).await.map(|_| ()), asked.elapsed())
+        });
+    }
+    let mut failures = Vec::new();
+    while let Some(result) = requests.join_next().await {
+        failures.push(result.unwrap());
+    }
+    while outage_started.elapsed() < Duration::from_secs(15) {
+        let asked = Instant::now();
+        failures.push((send(&service).await.map(|_| ()), asked.elapsed()));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    for (result, waited) in &failures {
+        let error = result.as_ref().expect_err("no token during the outage");
+        let error = token_unavailable(error);
+        assert!(*waited <= WAIT, "{outage:?}: waited {waited:?}");
+        assert!(
+            error.retry_after() >= Duration::from_secs(1) && error.retry_after() <= FETCH_TIMEOUT,
+            "{outage:?}: {:?}",
+            error.retry_after()
+        );
+        assert_eq!(error.reason(), outage.reason(FETCH_TIMEOUT), "{outage:?}");
+        assert!(!format!("{error} {error:?}").contains("secret"));
+        if outage != Outage::Hanging {
+            // Nobody waits for the wait to run out: a request gets the outcome of the next
+            // attempt, which starts at once or within a second of the last one.
+            assert!(
+                *waited <= Duration::from_secs(1),
+                "{outage:?}: waited {waited:?}"
+            );
+        }
+    }
+
+    // Attempts never overlap, and requests start them no more than once a second.
+    let started = credential.with(|fake| {
+        assert_eq!(fake.max_in_flight, 1, "{outage:?}: overlapping fetches");
+        fake.started.clone()
+    });
+    for pair in started[1..].windows(2) {
+        assert!(pair[1] - pair[0] >= Duration::from_secs(1), "{started:?}");
+    }
+
+    // The endpoint is back.
+    credential.with(|fake| outage.set(fake, false));
+    let back = Instant::now();
+    let recovered = loop {
+        match send(&service).await {
+            Ok(response) => break response,
+            Err(error) => {
+                assert_eq!(outage, Outage::Hanging, "{error}");
+                token_unavailable(&error);
+            }
+        }
+    };
+    assert_eq!(recovered.body().authorization, ["Bearer fake-token-2"]);
+    let recovery = back.elapsed();
+    let bound = match outage {
+        // An attempt that was hanging when the endpoint came back ends at its own deadline.
+        Outage::Hanging => FETCH_TIMEOUT + Duration::from_secs(1) + BACKEND,
+        Outage::Refusing | Outage::Failing => Duration::from_secs(1) + BACKEND,
+    };
+    assert!(
+        recovery <= bound,
+        "{outage:?}: recovered after {recovery:?}"
+    );
+    assert_eq!(token_sent(&service).await, "Bearer fake-token-2");
+    assert_eq!(credential.with(|fake| fake.max_in_flight), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn refusing_token_endpoint_after_expiry_is_answered_within_the_wait_and_recovers() {
+    ride_out(Outage::Refusing).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn hanging_token_endpoint_after_expiry_is_answered_within_the_wait_and_recovers() {
+    ride_out(Outage::Hanging).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn failing_token_endpoint_after_expiry_is_answered_within_the_wait_and_recovers() {
+    ride_out(Outage::Failing).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_waits_at_most_the_token_wait_for_a_hanging_first_fetch() {
+    let credential = FakeCredential::new(HOUR);
+    let gate = credential.close_gate();
+    let service =
+        AzureAuthLayer::from_credential(credential.clone()).layer(backend(no_rejections()));
+
+    let asked = Instant::now();
+    let error = send(&service).await.unwrap_err();
+    assert_eq!(asked.elapsed(), DEFAULT_TOKEN_WAIT);
+    let error = token_unavailable(&error);
+    assert_eq!(
+        error.reason(),
+        "the token endpoint has not answered yet (the request waited 3s)"
+    );
+    // The attempt's deadline is 5 s after it started: 2 s from now.
+    assert_eq!(error.retry_after(), Duration::from_secs(2));
+
+    // The endpoint answers at last, within the attempt's deadline: the token is cached and the
+    // next request is served at once.
+    gate.add_permits(1);
+    settle().await;
+    let asked = Instant::now();
+    assert_eq!(token_sent(&service).await, "Bearer fake-token-1");
+    assert_eq!(asked.elapsed(), Duration::from_millis(10));
+    assert_eq!(credential.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_zero_token_wait_fails_at_once_and_the_fetch_serves_the_next_request() {
+    let credential = FakeCredential::new(HOUR);
+    credential.with(|fake| fake.delay = Duration::from_millis(100));
+    let service = AzureAuthLayer::from_credential(credential.clone())
+        .with_token_wait(Duration::ZERO)
+        .layer(backend(no_rejections()));
+
+    let asked = Instant::now();
+    let error = send(&service).await.unwrap_err();
+    assert_eq!(asked.elapsed(), Duration::ZERO);
+    token_unavailable(&error);
+    tokio::time::sleep(Duration::from_millis(101)).await;
+    assert_eq!(token_sent(&service).await, "Bearer fake-token-1");
+    assert_eq!(credential.calls(), 1);
 }
