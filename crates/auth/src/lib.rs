@@ -4,12 +4,21 @@
 //!
 //! ```no_run
 //! use aoai_auth::AzureAuthLayer;
-//! use azure_identity::ManagedIdentityCredential;
+//! use azure_core::http::{ClientOptions, RetryOptions};
+//! use azure_identity::{ManagedIdentityCredential, ManagedIdentityCredentialOptions};
 //! use http::{Request, Response};
 //! use tower::{BoxError, Service, ServiceBuilder, ServiceExt, service_fn};
 //!
 //! # async fn run() -> Result<(), BoxError> {
-//! let credential = ManagedIdentityCredential::new(None)?;
+//! // The token cache bounds and retries each fetch itself: no retries inside the credential.
+//! let options = ManagedIdentityCredentialOptions {
+//!     client_options: ClientOptions {
+//!         retry: RetryOptions::none(),
+//!         ..ClientOptions::default()
+//!     },
+//!     ..ManagedIdentityCredentialOptions::default()
+//! };
+//! let credential = ManagedIdentityCredential::new(Some(options))?;
 //! let mut service = ServiceBuilder::new()
 //!     .layer(AzureAuthLayer::from_credential(credential))
 //!     .service(service_fn(|request: Request<String>| async move {
@@ -32,15 +41,36 @@
 //!
 //! The bearer header value is cached in a [`TokenCache`] that every clone of the service shares;
 //! give several backends' layers clones of one cache ([`AzureAuthLayer::from_cache`]) and they
-//! share one token. A request waits for the credential only when no valid token is cached, and
-//! concurrent requests then share a single fetch. Otherwise the header is cloned out of the cache
-//! without allocating, and the token is refreshed in the background before it expires: 5 minutes
-//! before, or at half its lifetime for tokens that live less than 10 minutes. A failed background
-//! refresh keeps the valid token in use and retries with backoff (1 s doubling to 30 s). When no
-//! valid token can be had, the service fails with [`error::TokenUnavailable`], which a gateway
-//! answers with `503 Service Unavailable`.
+//! share one token. The token is fetched by a task spawned on the Tokio runtime (a Tokio runtime
+//! is required), one attempt at a time, each attempt bounded by the fetch timeout
+//! ([`DEFAULT_FETCH_TIMEOUT`], 5 s; [`AzureAuthLayer::with_fetch_timeout`]): a token endpoint
+//! that refuses connections, answers an error, or accepts and never answers fails the attempt
+//! within that time. Failed attempts are retried in the background after 1 s, doubling up to
+//! 5 s, until one succeeds.
 //!
-//! The background refresh is spawned on the Tokio runtime that runs the request.
+//! How long a caller can wait, and what it gets:
+//!
+//! - **A valid token is cached: no wait.** The header is cloned out of the cache without
+//!   allocating, and the token is refreshed in the background before it expires: 5 minutes
+//!   before, or at half its lifetime for tokens that live less than 10 minutes. While the
+//!   refresh fails (the token endpoint down), the valid token stays in use.
+//! - **No valid token (first request, expired, or dropped after a 401): at most the token wait**
+//!   ([`DEFAULT_TOKEN_WAIT`], 3 s; [`AzureAuthLayer::with_token_wait`]). The request waits for
+//!   the running attempt, or starts one at once (at most one attempt start per second after a
+//!   failure, so requests cut the backoff short without hammering the endpoint). It gets the
+//!   token as soon as that attempt succeeds; [`error::TokenUnavailable`] as soon as it fails
+//!   (with its reason); or [`error::TokenUnavailable`] when the token wait runs out (with the
+//!   last failure's reason). The error's [`retry_after`](error::TokenUnavailable::retry_after)
+//!   (at least 1 s) says when a new request gets a fresh attempt; a gateway answers it with
+//!   `503 Service Unavailable` and that `Retry-After`. Once the token endpoint is back, the next
+//!   request gets a token within about a second (or, if an attempt was hanging when the endpoint
+//!   came back, once that attempt's fetch timeout ends it).
+//!
+//! The cache retries, so the credential should not: give it a short retry policy or none, for
+//! example `ClientOptions { retry: RetryOptions::none(), .. }` in
+//! `azure_identity::ManagedIdentityCredentialOptions`. With `azure_core`'s default policy (8
+//! retries with backoff, over a minute against a refusing endpoint) each attempt runs until the
+//! fetch timeout cuts it off, reporting the timeout instead of the endpoint's own failure.
 //!
 //! # 401 contract
 //!
