@@ -48,9 +48,29 @@ async fn logs_and_debug_output_hold_no_secret() {
     run_in_child("child::logs_and_debug_output_hold_no_secret").await;
 }
 
+#[tokio::test]
+async fn refusing_endpoint_after_expiry_is_a_prompt_503_and_recovers_at_once() {
+    run_in_child("child::refusing_endpoint_after_expiry_is_a_prompt_503_and_recovers_at_once")
+        .await;
+}
+
+#[tokio::test]
+async fn hanging_endpoint_after_expiry_is_a_503_within_the_wait_and_recovers() {
+    run_in_child("child::hanging_endpoint_after_expiry_is_a_503_within_the_wait_and_recovers")
+        .await;
+}
+
+#[tokio::test]
+async fn failing_endpoint_after_expiry_is_a_prompt_503_and_recovers_at_once() {
+    run_in_child("child::failing_endpoint_after_expiry_is_a_prompt_503_and_recovers_at_once").await;
+}
+
 /// The scenarios, run only in a child process by the tests above.
 mod child {
-    use std::time::Duration;
+    use std::{
+        sync::atomic::{AtomicUsize, Ordering},
+        time::Duration,
+    };
 
     use aoai_auth::{AzureAuth, AzureAuthLayer, TokenCache, error::TokenUnavailable};
     use axum::{
@@ -59,9 +79,10 @@ mod child {
         extract::{Request, State},
         response::IntoResponse,
     };
+    use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
     use http::StatusCode;
     use serde_json::{Value, json};
-    use tokio::{net::TcpListener, task::JoinSet};
+    use tokio::{net::TcpListener, task::JoinSet, time::Instant};
     use tower::{BoxError, Layer, Service as _, ServiceExt};
 
     use crate::support::{
@@ -451,5 +472,209 @@ mod child {
                 "{secret} in Debug output:\n{debug}"
             );
         }
+    }
+
+    /// Wraps the real credential to count its concurrent calls: the cache must never overlap
+    /// two attempts.
+    #[derive(Debug)]
+    struct Counting {
+        inner: std::sync::Arc<azure_identity::ManagedIdentityCredential>,
+        running: AtomicUsize,
+        most: AtomicUsize,
+    }
+
+    struct Running<'a>(&'a AtomicUsize);
+
+    impl Drop for Running<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl TokenCredential for Counting {
+        async fn get_token(
+            &self,
+            scopes: &[&str],
+            options: Option<TokenRequestOptions<'_>>,
+        ) -> azure_core::Result<AccessToken> {
+            let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(now, Ordering::SeqCst);
+            let _running = Running(&self.running);
+            self.inner.get_token(scopes, options).await
+        }
+    }
+
+    /// How the token endpoint fails during the outage.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Outage {
+        Refusing,
+        Hanging,
+        Failing,
+    }
+
+    /// A 3 s token, then the endpoint fails until the token has expired and 4 s more, then it
+    /// comes back. Real time, so the bounds carry some slack for a busy machine.
+    async fn ride_out(outage: Outage) {
+        const WAIT: Duration = Duration::from_millis(1000);
+        const FETCH_TIMEOUT: Duration = Duration::from_millis(2000);
+        const SLACK: Duration = Duration::from_millis(700);
+        let Some(control) = Control::from_env() else {
+            return;
+        };
+        let backend = Backend::start().await;
+        let credential = std::sync::Arc::new(Counting {
+            inner: credential(),
+            running: AtomicUsize::new(0),
+            most: AtomicUsize::new(0),
+        });
+        let service = AzureAuthLayer::from_credential(credential.clone())
+            .with_token_wait(WAIT)
+            .with_fetch_timeout(FETCH_TIMEOUT)
+            .layer(forward(backend.base()));
+        let send = || service.clone().oneshot(request_with_caller_credentials());
+
+        control
+            .configure(Config {
+                lifetime_secs: 3,
+                ..Config::default()
+            })
+            .await;
+        send().await.unwrap();
+        let outage_config = match outage {
+            Outage::Refusing => Config {
+                refuse: true,
+                ..Config::default()
+            },
+            Outage::Hanging => Config {
+                hold: true,
+                ..Config::default()
+            },
+            Outage::Failing => Config {
+                down: true,
+                ..Config::default()
+            },
+        };
+        control.configure(outage_config).await;
+
+        // Until the token expires, requests are served with it without waiting.
+        let mut served = 0;
+        let expired = loop {
+            let asked = Instant::now();
+            match send().await {
+                Ok(response) => {
+                    assert_eq!(response.status(), StatusCode::OK);
+                    assert!(asked.elapsed() < SLACK, "{outage:?}: {:?}", asked.elapsed());
+                    served += 1;
+                }
+                Err(error) => break error,
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert!(served >= 5, "{outage:?}: {served}");
+
+        // After expiry, every caller gets TokenUnavailable within the wait.
+        let mut errors = vec![(expired, Duration::ZERO)];
+        let outage_started = Instant::now();
+        while outage_started.elapsed() < Duration::from_secs(4) {
+            let asked = Instant::now();
+            let error = send().await.expect_err("no token during the outage");
+            errors.push((error, asked.elapsed()));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let expected = match outage {
+            Outage::Refusing => "could not connect to the token endpoint",
+            Outage::Hanging => "the token endpoint did not answer within 2s",
+            Outage::Failing => "the token endpoint answered HTTP 500",
+        };
+        for (error, waited) in &errors {
+            let error = error
+                .downcast_ref::<TokenUnavailable>()
+                .unwrap_or_else(|| panic!("{outage:?}: {error:?}"));
+            assert!(*waited <= WAIT + SLACK, "{outage:?}: waited {waited:?}");
+            assert!(error.retry_after() >= Duration::from_secs(1));
+            assert!(
+                error.retry_after() <= FETCH_TIMEOUT,
+                "{:?}",
+                error.retry_after()
+            );
+            let text = format!("{error} {error:?}");
+            assert!(!text.contains(BODY_SECRET) && !text.contains(IDENTITY_SECRET));
+            if outage == Outage::Hanging {
+                // The first failures may predate the first timed-out attempt.
+                assert!(
+                    error.reason() == expected
+                        || error
+                            .reason()
+                            .starts_with("the token endpoint has not answered yet"),
+                    "{outage:?}: {}",
+                    error.reason()
+                );
+            } else {
+                assert_eq!(error.reason(), expected, "{outage:?}");
+            }
+        }
+        assert!(
+            errors
+                .iter()
+                .any(|(error, _)| error.to_string().contains(expected)),
+            "{outage:?}"
+        );
+        assert!(errors.len() >= 3, "{outage:?}: {}", errors.len());
+
+        // The endpoint comes back.
+        control.configure(Config::default()).await;
+        let back = Instant::now();
+        let bound = match outage {
+            Outage::Hanging => FETCH_TIMEOUT + Duration::from_secs(1) + SLACK,
+            Outage::Refusing | Outage::Failing => Duration::from_secs(1) + SLACK,
+        };
+        loop {
+            match send().await {
+                Ok(response) => {
+                    assert_eq!(response.status(), StatusCode::OK);
+                    break;
+                }
+                Err(error) => {
+                    assert_eq!(outage, Outage::Hanging, "{error}");
+                    assert!(back.elapsed() < bound, "{outage:?}: {error}");
+                }
+            }
+        }
+        let recovery = back.elapsed();
+        assert!(
+            recovery <= bound,
+            "{outage:?}: recovered after {recovery:?}"
+        );
+        let seen = backend.seen();
+        let last = seen.last().unwrap();
+        assert_ne!(last.authorization, seen[0].authorization, "a new token");
+        assert_eq!(
+            credential.most.load(Ordering::SeqCst),
+            1,
+            "overlapping fetches"
+        );
+        eprintln!(
+            "{outage:?}: {} errors, recovered after {recovery:?}",
+            errors.len()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "runs in a child process started by the test of the same name"]
+    async fn refusing_endpoint_after_expiry_is_a_prompt_503_and_recovers_at_once() {
+        ride_out(Outage::Refusing).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "runs in a child process started by the test of the same name"]
+    async fn hanging_endpoint_after_expiry_is_a_503_within_the_wait_and_recovers() {
+        ride_out(Outage::Hanging).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "runs in a child process started by the test of the same name"]
+    async fn failing_endpoint_after_expiry_is_a_prompt_503_and_recovers_at_once() {
+        ride_out(Outage::Failing).await;
     }
 }

@@ -25,7 +25,11 @@ use azure_core::http::{ClientOptions, RetryOptions};
 use azure_identity::{ManagedIdentityCredential, ManagedIdentityCredentialOptions};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::{
+    net::TcpListener,
+    sync::{Semaphore, oneshot},
+    task::JoinHandle,
+};
 
 /// The `IDENTITY_HEADER` secret the endpoint expects in `X-IDENTITY-HEADER`.
 pub(crate) const IDENTITY_SECRET: &str = "identity-header-secret-5b1d0c";
@@ -39,6 +43,10 @@ const CONTROL: &str = "AOAI_AUTH_TEST_CONTROL";
 pub(crate) struct Config {
     /// Answer 500.
     pub(crate) down: bool,
+    /// Refuse connections: the token listener is closed (and its connections with it) until a
+    /// configuration without `refuse` opens it again on the same port.
+    #[serde(default)]
+    pub(crate) refuse: bool,
     /// Hold each token request until `/control/release`.
     pub(crate) hold: bool,
     /// Lifetime of the tokens handed out, in seconds. At most 300, so that the credential's own
@@ -51,6 +59,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             down: false,
+            refuse: false,
             hold: false,
             lifetime_secs: 240,
         }
@@ -67,6 +76,10 @@ pub(crate) struct Fetch {
 
 struct Endpoint {
     config: Mutex<Config>,
+    /// Where token requests are served, on a listener of its own so that it can refuse them.
+    token_address: SocketAddr,
+    /// The running token server: its shutdown signal and task. `None` while refusing.
+    token_server: tokio::sync::Mutex<Option<(oneshot::Sender<()>, JoinHandle<()>)>>,
     fetches: Mutex<Vec<Fetch>>,
     issued: Mutex<usize>,
     release: Semaphore,
@@ -110,7 +123,49 @@ async fn token(
 }
 
 async fn configure(State(endpoint): State<Arc<Endpoint>>, Json(config): Json<Config>) {
+    let refuse = config.refuse;
     *endpoint.config.lock().unwrap() = config;
+    let mut server = endpoint.token_server.lock().await;
+    match (refuse, server.take()) {
+        (true, Some((stop, task))) => {
+            // Stops accepting, closes idle keep-alive connections, and returns once every
+            // connection is closed.
+            let _ = stop.send(());
+            task.await.unwrap();
+        }
+        (false, None) => {
+            *server = Some(serve_tokens(endpoint.clone(), endpoint.token_address).await)
+        }
+        (_, running) => *server = running,
+    }
+}
+
+/// Serves token requests on `address` until the returned sender fires.
+async fn serve_tokens(
+    endpoint: Arc<Endpoint>,
+    address: SocketAddr,
+) -> (oneshot::Sender<()>, JoinHandle<()>) {
+    let listener = TcpListener::bind(address).await.unwrap();
+    serve_tokens_on(endpoint, listener)
+}
+
+fn serve_tokens_on(
+    endpoint: Arc<Endpoint>,
+    listener: TcpListener,
+) -> (oneshot::Sender<()>, JoinHandle<()>) {
+    let (stop, stopped) = oneshot::channel::<()>();
+    let app = Router::new()
+        .route("/msi/token", get(token))
+        .with_state(endpoint);
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+    });
+    (stop, task)
 }
 
 async fn fetches(State(endpoint): State<Arc<Endpoint>>) -> Json<Vec<Fetch>> {
@@ -121,28 +176,34 @@ async fn release(State(endpoint): State<Arc<Endpoint>>) {
     endpoint.release.add_permits(1);
 }
 
-async fn start_endpoint() -> SocketAddr {
+/// Starts the endpoint: the control routes' address, and the token route's.
+async fn start_endpoint() -> (SocketAddr, SocketAddr) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
+    let tokens = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let token_address = tokens.local_addr().unwrap();
+    let endpoint = Arc::new(Endpoint {
+        config: Mutex::default(),
+        token_address,
+        token_server: tokio::sync::Mutex::default(),
+        fetches: Mutex::default(),
+        issued: Mutex::default(),
+        release: Semaphore::new(0),
+    });
+    *endpoint.token_server.lock().await = Some(serve_tokens_on(endpoint.clone(), tokens));
     let app = Router::new()
-        .route("/msi/token", get(token))
         .route("/control/config", post(configure))
         .route("/control/fetches", get(fetches))
         .route("/control/release", post(release))
-        .with_state(Arc::new(Endpoint {
-            config: Mutex::default(),
-            fetches: Mutex::default(),
-            issued: Mutex::default(),
-            release: Semaphore::new(0),
-        }));
+        .with_state(endpoint);
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    address
+    (address, token_address)
 }
 
 /// Starts an identity endpoint and runs the ignored test `name` of this binary in a child
 /// process whose environment points `ManagedIdentityCredential` at it.
 pub(crate) async fn run_in_child(name: &str) {
-    let address = start_endpoint().await;
+    let (address, token_address) = start_endpoint().await;
     let child = tokio::process::Command::new(std::env::current_exe().unwrap())
         .args([
             name,
@@ -151,7 +212,10 @@ pub(crate) async fn run_in_child(name: &str) {
             "--nocapture",
             "--test-threads=1",
         ])
-        .env("IDENTITY_ENDPOINT", format!("http://{address}/msi/token"))
+        .env(
+            "IDENTITY_ENDPOINT",
+            format!("http://{token_address}/msi/token"),
+        )
         .env("IDENTITY_HEADER", IDENTITY_SECRET)
         .env(CONTROL, format!("http://{address}"))
         .env_remove("IDENTITY_SERVER_THUMBPRINT")
