@@ -21,7 +21,8 @@ use tower_http::timeout::TimeoutError;
 /// | [`BodyReadError`], a refused request path | 400 |
 /// | [`BodyReadError`] of a body that stopped arriving (tower-http's [`TimeoutError`], or an [`io::Error`] of kind `TimedOut`) | 408 |
 /// | [`AllCoolingDown`] | 429, with `Retry-After` and `retry-after-ms` |
-/// | [`TokenUnavailable`], [`NoBackends`] | 503 |
+/// | [`TokenUnavailable`] | 503, with `Retry-After` and `retry-after-ms`: when a fresh token fetch is due |
+/// | [`NoBackends`] | 503 |
 /// | a timeout (attempt or deadline) | 504 |
 /// | a backend that cannot be reached, or any other error | 502 |
 ///
@@ -39,6 +40,8 @@ pub(crate) fn error_response_with(
     let mut response = azure_error(status, code, message);
     if let Some(cooling) = find::<AllCoolingDown>(error) {
         aoai_retry::set_retry_after(&mut response, cooling.retry_after());
+    } else if let Some(unavailable) = find::<TokenUnavailable>(error) {
+        aoai_retry::set_retry_after(&mut response, unavailable.retry_after());
     }
     response
 }

@@ -145,6 +145,13 @@ async fn a_token_endpoint_that_is_down_gives_503_and_contacts_no_backend() {
 
     let response = chat(&client(), &base).await;
     assert_eq!(response.status(), 503);
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=5).contains(&retry_after), "{retry_after}");
+    assert!(response.headers().contains_key("retry-after-ms"));
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "token_unavailable");
     let message = body["error"]["message"].as_str().unwrap();

@@ -145,7 +145,13 @@ fn build_gateway(settings: &Settings) -> Result<Gateway, String> {
     } else {
         AuthMode::ManagedIdentity(None)
     });
-    let shared = credential(&mode)?.map(AzureAuthLayer::from_credential);
+    let shared = credential(&mode)?.map(|credential| {
+        let layer = AzureAuthLayer::from_credential(credential);
+        match settings.token_wait {
+            Some(wait) => layer.with_token_wait(wait),
+            None => layer,
+        }
+    });
     let mut client = UpstreamClient::builder();
     if let Some(path) = &settings.ca_file {
         let pem = std::fs::read(path)
@@ -185,20 +191,37 @@ fn build_gateway(settings: &Settings) -> Result<Gateway, String> {
 
 /// The credential for an Entra ID mode; `None` for `api-key` and `none`.
 fn credential(mode: &AuthMode) -> Result<Option<Arc<dyn TokenCredential>>, String> {
+    use azure_core::http::{ClientOptions, RetryOptions};
     use azure_identity::{
-        ClientSecretCredential, DeveloperToolsCredential, ManagedIdentityCredential,
-        ManagedIdentityCredentialOptions, UserAssignedId, WorkloadIdentityCredential,
+        ClientAssertionCredentialOptions, ClientSecretCredential, ClientSecretCredentialOptions,
+        DeveloperToolsCredential, ManagedIdentityCredential, ManagedIdentityCredentialOptions,
+        UserAssignedId, WorkloadIdentityCredential, WorkloadIdentityCredentialOptions,
     };
     let failed = |e: azure_core::Error| format!("cannot create the {mode:?} credential: {e}");
+    // The token cache bounds each fetch and retries on its own (aoai-auth): the credential's
+    // own retries (8, about 81 s against a refusing endpoint) would only hold callers.
+    let client_options = || ClientOptions {
+        retry: RetryOptions::none(),
+        ..Default::default()
+    };
     Ok(Some(match mode {
         AuthMode::ManagedIdentity(client_id) => {
             let options = ManagedIdentityCredentialOptions {
                 user_assigned_id: client_id.clone().map(UserAssignedId::ClientId),
+                client_options: client_options(),
                 ..Default::default()
             };
             ManagedIdentityCredential::new(Some(options)).map_err(failed)?
         }
-        AuthMode::WorkloadIdentity => WorkloadIdentityCredential::new(None).map_err(failed)?,
+        AuthMode::WorkloadIdentity => {
+            let options = WorkloadIdentityCredentialOptions {
+                credential_options: ClientAssertionCredentialOptions {
+                    client_options: client_options(),
+                },
+                ..Default::default()
+            };
+            WorkloadIdentityCredential::new(Some(options)).map_err(failed)?
+        }
         AuthMode::DeveloperTools => DeveloperToolsCredential::new(None).map_err(failed)?,
         AuthMode::ClientSecret => {
             let var = |name: &str| {
@@ -208,7 +231,9 @@ fn credential(mode: &AuthMode) -> Result<Option<Arc<dyn TokenCredential>>, Strin
                 &var("AZURE_TENANT_ID")?,
                 var("AZURE_CLIENT_ID")?,
                 var("AZURE_CLIENT_SECRET")?.into(),
-                None,
+                Some(ClientSecretCredentialOptions {
+                    client_options: client_options(),
+                }),
             )
             .map_err(failed)?
         }

@@ -49,6 +49,10 @@ pub(crate) struct Flags {
     /// Seconds one attempt may wait for the response headers [default: 300].
     #[arg(long, value_name = "SECS")]
     attempt_timeout: Option<u64>,
+    /// Seconds a request may wait for an access token when none is cached (the token endpoint
+    /// is slow or down); then it gets 503 with `Retry-After` [default: 3].
+    #[arg(long, value_name = "SECS")]
+    token_wait: Option<u64>,
     /// Longest cooldown, in seconds, a 429 may cause [default: 300].
     #[arg(long, value_name = "SECS")]
     cooldown_cap: Option<u64>,
@@ -88,6 +92,7 @@ struct File {
     body_limit: Option<usize>,
     attempt_timeout_secs: Option<u64>,
     cooldown_cap_secs: Option<u64>,
+    token_wait_secs: Option<u64>,
     served_by_header: Option<bool>,
     head_timeout_secs: Option<u64>,
     body_timeout_secs: Option<u64>,
@@ -162,6 +167,7 @@ pub(crate) struct Settings {
     pub(crate) body_limit: Option<usize>,
     pub(crate) attempt_timeout: Option<Duration>,
     pub(crate) cooldown_cap: Option<Duration>,
+    pub(crate) token_wait: Option<Duration>,
     pub(crate) served_by_header: bool,
     /// How long a caller's connection may wait on its caller.
     pub(crate) timeouts: Timeouts,
@@ -240,6 +246,10 @@ impl Settings {
             cooldown_cap: flags
                 .cooldown_cap
                 .or(file.cooldown_cap_secs)
+                .map(Duration::from_secs),
+            token_wait: flags
+                .token_wait
+                .or(file.token_wait_secs)
                 .map(Duration::from_secs),
             served_by_header: !flags.no_served_by_header && file.served_by_header.unwrap_or(true),
             timeouts,
