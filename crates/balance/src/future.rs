@@ -18,13 +18,17 @@ pin_project! {
     /// Response future of [`Balance`](crate::Balance): drives a clone of the chosen backend to
     /// readiness and calls it, then records the outcome (passive health) and which backend
     /// served it.
+    ///
+    /// When the request is a backend's trial (see [`HealthPolicy`](crate::HealthPolicy)),
+    /// dropping this future before the backend answers frees the trial slot, so the next
+    /// request is the trial.
     pub struct ResponseFuture<S, B, C>
     where
         S: Service<Request<B>>,
     {
         #[pin]
         state: State<S, B>,
-        shared: Arc<Shared>,
+        health: Health,
         classifier: C,
     }
 }
@@ -51,15 +55,20 @@ impl<S, B, C> ResponseFuture<S, B, C>
 where
     S: Service<Request<B>>,
 {
+    /// `trial`: the request is backend `index`'s trial, its slot claimed by the pick.
     pub(crate) fn called(
         oneshot: Oneshot<S, Request<B>>,
         index: usize,
+        trial: bool,
         shared: Arc<Shared>,
         classifier: C,
     ) -> Self {
         Self {
             state: State::Called { oneshot, index },
-            shared,
+            health: Health {
+                shared,
+                trial: trial.then_some(index),
+            },
             classifier,
         }
     }
@@ -67,7 +76,10 @@ where
     pub(crate) fn refused(error: BoxError, shared: Arc<Shared>, classifier: C) -> Self {
         Self {
             state: State::Refused { error: Some(error) },
-            shared,
+            health: Health {
+                shared,
+                trial: None,
+            },
             classifier,
         }
     }
@@ -90,7 +102,7 @@ where
             StateProj::Called { oneshot, index } => {
                 let index = *index;
                 let result = ready!(oneshot.poll(cx));
-                Poll::Ready(finish(result, index, this.shared, this.classifier))
+                Poll::Ready(finish(result, index, this.health, this.classifier))
             }
         }
     }
@@ -107,8 +119,29 @@ where
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)
-            .field("backend", &index.map(|&i| &*self.shared.backends[i].name))
+            .field(
+                "backend",
+                &index.map(|&i| &*self.health.shared.backends[i].name),
+            )
+            .field("trial", &self.health.trial.is_some())
             .finish_non_exhaustive()
+    }
+}
+
+/// The balance's shared health, and the trial slot this call holds, if any: released on drop
+/// unless the trial was answered (a guard, so a caller going away never leaves a backend on
+/// trial with a trial in flight forever).
+struct Health {
+    shared: Arc<Shared>,
+    /// The backend whose trial this call is, until the trial is answered.
+    trial: Option<usize>,
+}
+
+impl Drop for Health {
+    fn drop(&mut self) {
+        if let Some(index) = self.trial {
+            self.shared.backends[index].release_trial();
+        }
     }
 }
 
@@ -116,27 +149,31 @@ where
 fn finish<RB, E, C>(
     result: Result<Response<RB>, E>,
     index: usize,
-    shared: &Shared,
+    health: &mut Health,
     classifier: &C,
 ) -> Result<Response<RB>, BoxError>
 where
     E: Into<BoxError>,
     C: Classify,
 {
-    let backend = &shared.backends[index];
+    let backend = &health.shared.backends[index];
     let served_by = ServedBy::new(backend.name.clone(), index);
-    match result {
+    let (outcome, result) = match result {
         Ok(mut response) => {
             let outcome = classifier.classify_response(response.status(), response.headers());
-            backend.observe(index, &outcome, &shared.policy, &shared.clock);
             response.extensions_mut().insert(served_by);
-            Ok(response)
+            (outcome, Ok(response))
         }
         Err(error) => {
             let error: BoxError = error.into();
             let outcome = classifier.classify_error(&*error);
-            backend.observe(index, &outcome, &shared.policy, &shared.clock);
-            Err(Box::new(BackendError::new(served_by, error)))
+            let error: BoxError = Box::new(BackendError::new(served_by, error));
+            (outcome, Err(error))
         }
-    }
+    };
+    // The trial (if this was one) is answered: `observe` settles it, so the guard is disarmed.
+    let trial = health.trial.take() == Some(index);
+    let shared = &*health.shared;
+    shared.backends[index].observe(index, &outcome, &shared.policy, &shared.clock, trial);
+    result
 }

@@ -1,8 +1,9 @@
-//! Passive health: cooldowns learned from each attempt's [`Outcome`].
+//! Passive health: cooldowns learned from each attempt's [`Outcome`], and trial re-admission.
 
 use std::cell::Cell;
+use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -11,18 +12,28 @@ use crate::classify::{Failure, Outcome};
 
 /// How long a backend cools down after failing, and when.
 ///
-/// A cooling backend receives no traffic; when its cooldown ends it gets traffic again.
+/// A cooling backend receives no traffic. When its cooldown ends it is *on trial*: it gets one
+/// request, the trial, while every other request goes to the backends that are available; the
+/// trial's answer decides. A trial that succeeds (any answer that is neither a failure nor a
+/// throttle: success, a final answer, 401) re-admits the backend: it takes its share of traffic
+/// again, its consecutive failures and its failed trials are reset. A trial that fails (5xx,
+/// connect error, timeout: at once, whatever `failure_threshold` says) cools it again, for
+/// `failure_cooldown` doubled for each consecutive failed trial, at most `max_cooldown`
+/// (10 s, 20 s, 40 s, ... with the defaults). A trial answered 429 cools it for the 429's own
+/// `Retry-After` (at most `max_cooldown`), not doubled. A trial whose caller goes away before
+/// it is answered (its response future dropped) frees the slot: the next request is the trial.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HealthPolicy {
     /// The cooldown after a 429 that names no wait. Default: 10 s.
     pub default_throttle_cooldown: Duration,
     /// The longest cooldown, whatever a 429 asks for (Azure sends 86400 s when a daily quota is
-    /// spent). Default: 5 minutes.
+    /// spent), and however many trials failed. Default: 5 minutes.
     pub max_cooldown: Duration,
     /// The cooldown after a connect error, an attempt timeout, or `failure_threshold` consecutive
-    /// failures. Default: 10 s.
+    /// failures; doubled for each consecutive failed trial. Default: 10 s.
     pub failure_cooldown: Duration,
-    /// How many consecutive 5xx (or broken exchanges) cool a backend down. Default: 3.
+    /// How many consecutive 5xx (or broken exchanges) cool a backend down. Default: 3. (A
+    /// failed trial cools it down at once.)
     pub failure_threshold: u32,
 }
 
@@ -36,11 +47,61 @@ impl HealthPolicy {
             failure_threshold: 3,
         }
     }
+
+    /// The cooldown after the `failed_trials`-th consecutive failed trial (0: not a trial).
+    fn failure_cooldown_after(&self, failed_trials: u32) -> Duration {
+        self.failure_cooldown
+            .saturating_mul(2u32.saturating_pow(failed_trials.min(31)))
+            .min(self.max_cooldown)
+    }
 }
 
 impl Default for HealthPolicy {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// The retry-after of [`AllCoolingDown`](crate::AllCoolingDown) when no backend is available
+/// and one of them is on trial with its trial in flight (and no cooling backend recovers
+/// sooner): a trial answers within an attempt timeout, so callers come back shortly rather
+/// than wait in `Balance`.
+pub const TRIAL_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Where a backend stands, as a [`BackendSnapshot`] reports it.
+///
+/// Displayed as `available`, `cooling` or `trial`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BackendState {
+    /// It takes its share of traffic.
+    Available,
+    /// It gets no traffic until its cooldown ends (see
+    /// [`cooling_down_for`](BackendSnapshot::cooling_down_for) and
+    /// [`cooling_reason`](BackendSnapshot::cooling_reason)).
+    Cooling,
+    /// Its cooldown ended: it gets one request, the trial, whose answer re-admits it or cools it
+    /// again. While the trial is `in_flight` it gets no other request.
+    Trial {
+        /// Whether the trial request has been sent and not answered yet.
+        in_flight: bool,
+    },
+}
+
+impl BackendState {
+    /// `available`, `cooling` or `trial`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            BackendState::Available => "available",
+            BackendState::Cooling => "cooling",
+            BackendState::Trial { .. } => "trial",
+        }
+    }
+}
+
+impl fmt::Display for BackendState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -51,7 +112,7 @@ pub struct BackendSnapshot {
     pub name: Arc<str>,
     /// Its position in the list.
     pub index: usize,
-    /// How long it still cools down; `None` when it takes traffic.
+    /// How long it still cools down; `None` when it takes traffic (available, or on trial).
     pub cooling_down_for: Option<Duration>,
     /// Failures since its last success.
     pub consecutive_failures: u32,
@@ -61,25 +122,89 @@ pub struct BackendSnapshot {
     pub throttled: u64,
     /// How many of those failed (5xx, connect errors, timeouts).
     pub failed: u64,
+    /// Available, cooling, or on trial.
+    pub state: BackendState,
+    /// Why it last cooled down, while it is cooling or on trial (`None` when available):
+    /// `throttled` (429), `failed` (5xx or a broken exchange), `timeout` or `connect`.
+    pub cooling_reason: Option<&'static str>,
+    /// Consecutive trials that failed since it was last available (each doubles the next
+    /// failure cooldown).
+    pub failed_trials: u32,
+}
+
+/// The `gate` of a backend whose trial is in flight.
+const TRIAL_IN_FLIGHT: u64 = u64::MAX;
+
+/// What a pick may do with one backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Admission {
+    /// Send it the request: it is available.
+    Available,
+    /// Send it the request, which is its trial: the slot is claimed (and must be answered with
+    /// `observe(.., trial = true)` or released with `release_trial`).
+    Trial,
+    /// It takes no request now: cooling, or its trial is in flight.
+    Refused,
 }
 
 /// One backend's counters, shared by every clone of the `Balance`.
 #[derive(Debug)]
 pub(crate) struct BackendHealth {
     pub(crate) name: Arc<str>,
-    /// Nanoseconds after `Clock::start` until which the backend cools down; 0: not cooling.
-    cooling_until: AtomicU64,
+    /// The backend's admission state, one atomic so a pick reads one word:
+    /// - 0: available;
+    /// - [`TRIAL_IN_FLIGHT`]: on trial, the trial sent and not answered;
+    /// - any other value: nanoseconds after `Clock::start` until which it cools down; once that
+    ///   time has passed, on trial with no trial in flight (the first pick to claim it with a
+    ///   compare-exchange to `TRIAL_IN_FLIGHT` sends the trial).
+    gate: AtomicU64,
+    /// Why it last cooled down (one of the `REASON_*`).
+    cooling_reason: AtomicU8,
+    /// Consecutive failed trials since it was last available.
+    failed_trials: AtomicU32,
     consecutive_failures: AtomicU32,
     attempts: AtomicU64,
     throttled: AtomicU64,
     failed: AtomicU64,
 }
 
+const REASON_NONE: u8 = 0;
+const REASON_THROTTLED: u8 = 1;
+const REASON_FAILED: u8 = 2;
+const REASON_TIMEOUT: u8 = 3;
+const REASON_CONNECT: u8 = 4;
+
+fn reason_code(outcome: &Outcome) -> u8 {
+    match outcome {
+        Outcome::Throttled { .. } => REASON_THROTTLED,
+        Outcome::Failed(Failure::Timeout) => REASON_TIMEOUT,
+        Outcome::Failed(Failure::Connect) => REASON_CONNECT,
+        Outcome::Failed(_) => REASON_FAILED,
+        Outcome::Success | Outcome::Final | Outcome::Unauthorized => REASON_NONE,
+    }
+}
+
+fn reason_name(code: u8) -> Option<&'static str> {
+    match code {
+        REASON_THROTTLED => Some("throttled"),
+        REASON_FAILED => Some("failed"),
+        REASON_TIMEOUT => Some("timeout"),
+        REASON_CONNECT => Some("connect"),
+        _ => None,
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
 impl BackendHealth {
     pub(crate) fn new(name: Arc<str>) -> Self {
         Self {
             name,
-            cooling_until: AtomicU64::new(0),
+            gate: AtomicU64::new(0),
+            cooling_reason: AtomicU8::new(REASON_NONE),
+            failed_trials: AtomicU32::new(0),
             consecutive_failures: AtomicU32::new(0),
             attempts: AtomicU64::new(0),
             throttled: AtomicU64::new(0),
@@ -87,40 +212,87 @@ impl BackendHealth {
         }
     }
 
-    /// Nanoseconds (on the balance's clock) until which this backend cools down.
-    pub(crate) fn cooling_until(&self) -> u64 {
-        self.cooling_until.load(Ordering::Relaxed)
-    }
-
-    /// Whether it takes traffic at `now`, read from `now` only if the backend has been cooling
-    /// down: the usual pick reads no clock. A cooldown found over is cleared (unless a new one
-    /// was set meanwhile), so the next pick reads no clock either.
+    /// Whether it would take a request at `now` (available, or on trial with no trial in
+    /// flight), without claiming anything. `now` is read only if the backend has been cooling.
     pub(crate) fn is_available(&self, now: impl FnOnce() -> u64) -> bool {
-        let until = self.cooling_until();
-        if until == 0 {
-            return true;
+        match self.gate.load(Ordering::Relaxed) {
+            0 => true,
+            TRIAL_IN_FLIGHT => false,
+            until => until <= now(),
         }
-        if until <= now() {
-            let _ =
-                self.cooling_until
-                    .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed);
-            return true;
-        }
-        false
     }
 
-    /// Learns from one attempt's outcome; the clock is read only to start a cooldown.
+    /// Whether it takes this request: the usual pick reads one atomic and no clock. A backend
+    /// whose cooldown is over is claimed for its trial (one compare-exchange; one caller wins).
+    pub(crate) fn admit(&self, now: impl Fn() -> u64) -> Admission {
+        let mut gate = self.gate.load(Ordering::Relaxed);
+        loop {
+            match gate {
+                0 => return Admission::Available,
+                TRIAL_IN_FLIGHT => return Admission::Refused,
+                until if until > now() => return Admission::Refused,
+                until => match self.gate.compare_exchange_weak(
+                    until,
+                    TRIAL_IN_FLIGHT,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => {
+                        tracing::info!(
+                            backend = %self.name,
+                            "backend on trial: sending it one request"
+                        );
+                        return Admission::Trial;
+                    }
+                    Err(actual) => gate = actual,
+                },
+            }
+        }
+    }
+
+    /// Frees the trial slot of a trial that will never be answered (its caller went away): the
+    /// backend stays on trial, and the next pick sends the trial.
+    pub(crate) fn release_trial(&self) {
+        // 1: a cooldown that ended at the clock's first nanosecond, i.e. over.
+        let _ =
+            self.gate
+                .compare_exchange(TRIAL_IN_FLIGHT, 1, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// How long after `now` it takes a request again: `Some(ZERO)` when it does at `now`,
+    /// [`TRIAL_RETRY_AFTER`] while its trial is in flight.
+    pub(crate) fn recovery(&self, now: u64) -> Duration {
+        match self.gate.load(Ordering::Relaxed) {
+            0 => Duration::ZERO,
+            TRIAL_IN_FLIGHT => TRIAL_RETRY_AFTER,
+            until => Duration::from_nanos(until.saturating_sub(now)),
+        }
+    }
+
+    /// Learns from one attempt's outcome; the clock is read only to start a cooldown. `trial`:
+    /// the attempt was this backend's trial, whose outcome re-admits it or cools it again.
     pub(crate) fn observe(
         &self,
         index: usize,
         outcome: &Outcome,
         policy: &HealthPolicy,
         clock: &Clock,
+        trial: bool,
     ) {
         self.attempts.fetch_add(1, Ordering::Relaxed);
         let cooldown = match *outcome {
             Outcome::Success | Outcome::Final | Outcome::Unauthorized => {
                 self.consecutive_failures.store(0, Ordering::Relaxed);
+                if trial {
+                    self.failed_trials.store(0, Ordering::Relaxed);
+                    self.gate.store(0, Ordering::Relaxed);
+                    tracing::info!(
+                        backend = %self.name,
+                        index,
+                        reason = outcome.reason(),
+                        "backend re-admitted after its trial"
+                    );
+                }
                 return;
             }
             Outcome::Throttled { retry_after } => {
@@ -132,38 +304,69 @@ impl BackendHealth {
             Outcome::Failed(failure) => {
                 self.failed.fetch_add(1, Ordering::Relaxed);
                 let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
-                let at_once = matches!(failure, Failure::Connect | Failure::Timeout);
-                if !at_once && failures < policy.failure_threshold {
-                    return;
+                if trial {
+                    let failed_trials = self.failed_trials.fetch_add(1, Ordering::Relaxed) + 1;
+                    policy.failure_cooldown_after(failed_trials)
+                } else {
+                    let at_once = matches!(failure, Failure::Connect | Failure::Timeout);
+                    if !at_once && failures < policy.failure_threshold {
+                        return;
+                    }
+                    policy.failure_cooldown_after(0)
                 }
-                policy.failure_cooldown.min(policy.max_cooldown)
             }
         };
         let until = clock
             .now()
-            .saturating_add(u64::try_from(cooldown.as_nanos()).unwrap_or(u64::MAX));
-        let previous = self.cooling_until.fetch_max(until, Ordering::Relaxed);
-        if previous < until {
+            .saturating_add(u64::try_from(cooldown.as_nanos()).unwrap_or(u64::MAX))
+            .min(TRIAL_IN_FLIGHT - 1);
+        let started = if trial {
+            // Only the trial's holder moves the gate off `TRIAL_IN_FLIGHT` (other attempts'
+            // `fetch_max` leave it there).
+            self.gate.store(until, Ordering::Relaxed);
+            true
+        } else {
+            // Never shortens a cooldown, never touches a trial in flight.
+            self.gate.fetch_max(until, Ordering::Relaxed) < until
+        };
+        if started {
+            self.cooling_reason
+                .store(reason_code(outcome), Ordering::Relaxed);
             tracing::warn!(
                 backend = %self.name,
                 index,
                 reason = outcome.reason(),
-                cooldown_ms = u64::try_from(cooldown.as_millis()).unwrap_or(u64::MAX),
+                cooldown_ms = millis(cooldown),
+                trial,
                 "backend cooling down"
             );
         }
     }
 
     pub(crate) fn snapshot(&self, index: usize, now: u64) -> BackendSnapshot {
-        let until = self.cooling_until();
+        let (state, cooling_down_for) = match self.gate.load(Ordering::Relaxed) {
+            0 => (BackendState::Available, None),
+            TRIAL_IN_FLIGHT => (BackendState::Trial { in_flight: true }, None),
+            until if until > now => (
+                BackendState::Cooling,
+                Some(Duration::from_nanos(until - now)),
+            ),
+            _ => (BackendState::Trial { in_flight: false }, None),
+        };
         BackendSnapshot {
             name: self.name.clone(),
             index,
-            cooling_down_for: (until > now).then(|| Duration::from_nanos(until - now)),
+            cooling_down_for,
             consecutive_failures: self.consecutive_failures.load(Ordering::Relaxed),
             attempts: self.attempts.load(Ordering::Relaxed),
             throttled: self.throttled.load(Ordering::Relaxed),
             failed: self.failed.load(Ordering::Relaxed),
+            state,
+            cooling_reason: match state {
+                BackendState::Available => None,
+                _ => reason_name(self.cooling_reason.load(Ordering::Relaxed)),
+            },
+            failed_trials: self.failed_trials.load(Ordering::Relaxed),
         }
     }
 }

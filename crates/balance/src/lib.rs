@@ -69,9 +69,9 @@ pub use crate::classify::{AzureOpenAiClassifier, Classify, Failure, Outcome};
 pub use crate::error::{AllCoolingDown, BackendError, NoBackends};
 pub use crate::extensions::{ServedBy, TriedBackends};
 pub use crate::future::ResponseFuture;
-pub use crate::health::{BackendSnapshot, HealthPolicy};
+pub use crate::health::{BackendSnapshot, BackendState, HealthPolicy, TRIAL_RETRY_AFTER};
 
-use crate::health::{BackendHealth, Clock, LazyNow};
+use crate::health::{Admission, BackendHealth, Clock, LazyNow};
 
 /// Round-robin over named backend services, skipping those that cool down.
 ///
@@ -173,9 +173,11 @@ impl<S, C> Balance<S, C> {
         }
     }
 
-    /// Picks the backend for a request: the next in rotation that is not cooling and, when
-    /// `tried` is given, not tried yet; else the next available after the last one tried.
-    fn pick(&self, tried: Option<&TriedBackends>) -> Result<usize, BoxError> {
+    /// Picks the backend for a request: the next in rotation that takes a request (see
+    /// [`BackendHealth::admit`]) and, when `tried` is given, not tried yet; else the next one
+    /// that takes a request after the last one tried. Returns its index and whether the request
+    /// is its trial.
+    fn pick(&self, tried: Option<&TriedBackends>) -> Result<(usize, bool), BoxError> {
         let backends = &self.inner.shared.backends;
         let count = backends.len();
         if count == 0 {
@@ -183,25 +185,30 @@ impl<S, C> Balance<S, C> {
         }
         let start = self.inner.shared.next.fetch_add(1, Ordering::Relaxed) % count;
         let now = LazyNow::new(&self.inner.shared.clock);
-        let available = |index: usize| backends[index].is_available(|| now.get());
+        let admit = |index: usize| match backends[index].admit(|| now.get()) {
+            Admission::Available => Some((index, false)),
+            Admission::Trial => Some((index, true)),
+            Admission::Refused => None,
+        };
         let ring = |from: usize| (0..count).map(move |step| (from + step) % count);
 
-        if let Some(index) =
-            ring(start).find(|&i| available(i) && tried.is_none_or(|t| !t.contains(i)))
+        if let Some(picked) = ring(start)
+            .filter(|&i| tried.is_none_or(|t| !t.contains(i)))
+            .find_map(admit)
         {
-            return Ok(index);
+            return Ok(picked);
         }
-        if let Some(index) = tried
+        if let Some(picked) = tried
             .and_then(TriedBackends::last)
-            .and_then(|last| ring(last + 1).find(|&i| available(i)))
+            .and_then(|last| ring(last + 1).find_map(admit))
         {
-            return Ok(index);
+            return Ok(picked);
         }
         let soonest = self
             .inner
             .shared
             .soonest_recovery(now.get())
-            .unwrap_or(Duration::ZERO);
+            .unwrap_or(TRIAL_RETRY_AFTER);
         Err(Box::new(AllCoolingDown::new(soonest)))
     }
 }
@@ -223,7 +230,9 @@ impl BalanceHealth {
         self.shared.backends.is_empty()
     }
 
-    /// Whether a backend that is neither cooling down nor in `tried` exists.
+    /// Whether a backend that is not in `tried` and takes a request now exists: one available,
+    /// or on trial with no trial in flight (cooling backends, and backends whose trial is in
+    /// flight, do not take one).
     pub fn has_untried_available(&self, tried: &TriedBackends) -> bool {
         let now = self.shared.clock.now();
         self.shared
@@ -233,7 +242,9 @@ impl BalanceHealth {
             .any(|(index, backend)| backend.is_available(|| now) && !tried.contains(index))
     }
 
-    /// How long until a backend takes traffic again; `None` when one does now.
+    /// How long until a backend takes a request again; `None` when one does now (available, or
+    /// on trial with no trial in flight). A backend whose trial is in flight counts as taking
+    /// one again in [`TRIAL_RETRY_AFTER`].
     pub fn soonest_recovery(&self) -> Option<Duration> {
         self.shared.soonest_recovery(self.shared.clock.now())
     }
@@ -251,15 +262,15 @@ impl BalanceHealth {
 }
 
 impl Shared {
-    /// How long after `now` the first cooling backend takes traffic again; `None` when one
-    /// takes traffic at `now`.
+    /// How long after `now` the first backend that takes no request takes one again; `None`
+    /// when one takes a request at `now`.
     fn soonest_recovery(&self, now: u64) -> Option<Duration> {
         let soonest = self
             .backends
             .iter()
-            .map(BackendHealth::cooling_until)
+            .map(|backend| backend.recovery(now))
             .min()?;
-        (soonest > now).then(|| Duration::from_nanos(soonest - now))
+        (!soonest.is_zero()).then_some(soonest)
     }
 }
 
@@ -309,9 +320,9 @@ where
         let shared = self.inner.shared.clone();
         let classifier = self.classifier.clone();
         match self.pick(request.extensions().get::<TriedBackends>()) {
-            Ok(index) => {
+            Ok((index, trial)) => {
                 let oneshot = self.inner.services[index].clone().oneshot(request);
-                ResponseFuture::called(oneshot, index, shared, classifier)
+                ResponseFuture::called(oneshot, index, trial, shared, classifier)
             }
             Err(error) => ResponseFuture::refused(error, shared, classifier),
         }

@@ -231,3 +231,516 @@ async fn readiness_is_driven_per_call_with_tower_test_mocks() {
         1
     );
 }
+
+// Trial re-admission (half-open).
+
+/// What a [`Fake`] backend does with each request.
+#[derive(Debug, Clone, Copy)]
+enum Mode {
+    /// Answer this status at once (429s ask for `retry-after: 20`).
+    Status(u16),
+    /// Answer 429 asking for this many seconds.
+    Throttle(u64),
+    /// Fail as a refused connection.
+    Connect,
+    /// Never answer.
+    Hang,
+    /// Answer this status once the test adds a permit to `release`.
+    Held(u16),
+}
+
+/// An in-memory backend whose behaviour a test changes, counting the requests it gets.
+#[derive(Clone)]
+struct Fake {
+    mode: Arc<std::sync::Mutex<Mode>>,
+    calls: Arc<std::sync::atomic::AtomicUsize>,
+    release: Arc<tokio::sync::Semaphore>,
+}
+
+impl Fake {
+    fn new() -> Self {
+        Self {
+            mode: Arc::new(std::sync::Mutex::new(Mode::Status(200))),
+            calls: Arc::default(),
+            release: Arc::new(tokio::sync::Semaphore::new(0)),
+        }
+    }
+
+    fn set(&self, mode: Mode) {
+        *self.mode.lock().unwrap() = mode;
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    fn service(&self) -> FakeService {
+        let fake = self.clone();
+        FakeService::new(service_fn(move |_req: Request<()>| {
+            fake.calls.fetch_add(1, Ordering::SeqCst);
+            let mode = *fake.mode.lock().unwrap();
+            let release = fake.release.clone();
+            async move {
+                let status = match mode {
+                    Mode::Status(status) => status,
+                    Mode::Throttle(secs) => {
+                        let mut response = Response::new(());
+                        *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+                        response
+                            .headers_mut()
+                            .insert("retry-after", http::HeaderValue::from(secs));
+                        return Ok(response);
+                    }
+                    Mode::Connect => {
+                        return Err(Box::new(std::io::Error::from(
+                            std::io::ErrorKind::ConnectionRefused,
+                        )) as BoxError);
+                    }
+                    Mode::Hang => std::future::pending().await,
+                    Mode::Held(status) => {
+                        release.acquire().await.unwrap().forget();
+                        status
+                    }
+                };
+                let mut response = Response::new(());
+                *response.status_mut() = StatusCode::from_u16(status).unwrap();
+                if status == 429 {
+                    response
+                        .headers_mut()
+                        .insert("retry-after", http::HeaderValue::from_static("20"));
+                }
+                Ok(response)
+            }
+        }))
+    }
+}
+
+type FakeService = tower::util::BoxCloneSyncService<Request<()>, Response<()>, BoxError>;
+
+/// A balance over `n` fakes, each behind an attempt timeout of `timeout` if given.
+fn fakes(
+    n: usize,
+    policy: HealthPolicy,
+    timeout: Option<Duration>,
+) -> (Vec<Fake>, Balance<FakeService>) {
+    let fakes: Vec<Fake> = (0..n).map(|_| Fake::new()).collect();
+    let balance = Balance::with_policy(
+        fakes.iter().enumerate().map(|(i, fake)| {
+            let service = match timeout {
+                Some(timeout) => {
+                    FakeService::new(tower::timeout::Timeout::new(fake.service(), timeout))
+                }
+                None => fake.service(),
+            };
+            (format!("b{i}"), service)
+        }),
+        policy,
+        AzureOpenAiClassifier,
+    );
+    (fakes, balance)
+}
+
+/// Starts `n` requests at once, each on a task of its own, and lets them reach their backend.
+async fn burst(
+    balance: &Balance<FakeService>,
+    n: usize,
+) -> Vec<tokio::task::JoinHandle<Result<Response<()>, BoxError>>> {
+    let tasks = (0..n)
+        .map(|_| tokio::spawn(balance.clone().oneshot(Request::new(()))))
+        .collect();
+    settle().await;
+    tasks
+}
+
+/// Lets every spawned task run until it waits (no time passes).
+async fn settle() {
+    for _ in 0..8 {
+        tokio::task::yield_now().await;
+    }
+}
+
+async fn served_by_fake(balance: &Balance<FakeService>) -> Result<String, BoxError> {
+    let response = balance.clone().oneshot(Request::new(())).await?;
+    Ok(response
+        .extensions()
+        .get::<ServedBy>()
+        .unwrap()
+        .name()
+        .to_owned())
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_its_cooldown_a_failed_backend_gets_one_trial_among_8_concurrent_callers() {
+    let (f, balance) = fakes(2, HealthPolicy::new(), None);
+    f[0].set(Mode::Connect);
+    balance.clone().oneshot(Request::new(())).await.unwrap_err();
+    assert_eq!(balance.snapshot()[0].state, BackendState::Cooling);
+    assert_eq!(f[0].calls(), 1);
+
+    tokio::time::advance(Duration::from_secs(10)).await;
+    f[0].set(Mode::Held(200));
+    let trial_and_others = burst(&balance, 8).await;
+    assert_eq!(f[0].calls(), 2, "exactly one trial");
+    assert_eq!(f[1].calls(), 7);
+    assert_eq!(
+        balance.snapshot()[0].state,
+        BackendState::Trial { in_flight: true }
+    );
+    // More callers while the trial is in flight: none reaches b0.
+    let more = burst(&balance, 8).await;
+    assert_eq!(f[0].calls(), 2);
+    assert_eq!(f[1].calls(), 15);
+
+    f[0].release.add_permits(1);
+    for task in trial_and_others.into_iter().chain(more) {
+        assert_eq!(task.await.unwrap().unwrap().status(), StatusCode::OK);
+    }
+    assert_eq!(balance.snapshot()[0].state, BackendState::Available);
+
+    // Re-admitted: its round-robin share again, concurrently too.
+    f[0].set(Mode::Status(200));
+    for task in burst(&balance, 8).await {
+        task.await.unwrap().unwrap();
+    }
+    assert_eq!(f[0].calls(), 2 + 4);
+    assert_eq!(f[1].calls(), 15 + 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hung_backend_gets_one_request_per_readmission() {
+    let attempt_timeout = Duration::from_secs(2);
+    let (f, balance) = fakes(2, HealthPolicy::new(), Some(attempt_timeout));
+    f[0].set(Mode::Hang);
+    // A burst finds it hung: the first 4 requests to it time out together.
+    let first = burst(&balance, 8).await;
+    assert_eq!(f[0].calls(), 4);
+    for task in first {
+        task.await.unwrap().ok();
+    }
+    let snapshot = &balance.snapshot()[0];
+    assert_eq!(snapshot.state, BackendState::Cooling);
+    assert_eq!(snapshot.cooling_reason, Some("timeout"));
+    assert_eq!(snapshot.cooling_down_for, Some(Duration::from_secs(10)));
+
+    // Each re-admission: 8 callers every 100 ms through the trial's 2 s; b0 gets only the
+    // trial, which times out and cools it again, for twice as long each time.
+    for failed_trials in 1..=4u32 {
+        let calls = f[0].calls();
+        let left = balance.snapshot()[0].cooling_down_for.unwrap();
+        tokio::time::sleep(left).await;
+        let mut tasks = Vec::new();
+        for _ in 0..19 {
+            tasks.extend(burst(&balance, 8).await);
+            assert_eq!(
+                balance.snapshot()[0].state,
+                BackendState::Trial { in_flight: true }
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for task in tasks {
+            task.await.unwrap().ok();
+        }
+        assert_eq!(f[0].calls(), calls + 1, "re-admission {failed_trials}");
+        let snapshot = &balance.snapshot()[0];
+        assert_eq!(snapshot.state, BackendState::Cooling);
+        assert_eq!(snapshot.cooling_reason, Some("timeout"));
+        assert_eq!(snapshot.failed_trials, failed_trials);
+        assert_eq!(
+            snapshot.cooling_down_for,
+            Some(Duration::from_secs(10 << failed_trials))
+        );
+    }
+    // Every other request went to b1.
+    assert_eq!(f[1].calls(), 4 + 4 * (19 * 8 - 1));
+}
+
+/// Sleeps until backend `index` of `balance` is done cooling down.
+async fn until_cooled(balance: &Balance<FakeService>, index: usize) {
+    let left = balance.snapshot()[index]
+        .cooling_down_for
+        .expect("cooling down");
+    tokio::time::sleep(left).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_successful_trial_readmits_the_backend_and_resets_its_cooldown() {
+    let (f, balance) = fakes(2, HealthPolicy::new(), None);
+    f[0].set(Mode::Connect);
+    balance.clone().oneshot(Request::new(())).await.unwrap_err();
+    until_cooled(&balance, 0).await;
+    // A failed trial: 20 s.
+    while f[0].calls() < 2 {
+        let _ = balance.clone().oneshot(Request::new(())).await;
+    }
+    let snapshot = &balance.snapshot()[0];
+    assert_eq!(snapshot.cooling_down_for, Some(Duration::from_secs(20)));
+    assert_eq!(
+        (snapshot.failed_trials, snapshot.consecutive_failures),
+        (1, 2)
+    );
+
+    until_cooled(&balance, 0).await;
+    f[0].set(Mode::Status(200));
+    let mut names = Vec::new();
+    for _ in 0..8 {
+        names.push(served_by_fake(&balance).await.unwrap());
+    }
+    // The trial, then its round-robin share.
+    assert_eq!(names.iter().filter(|n| *n == "b0").count(), 4, "{names:?}");
+    let snapshot = &balance.snapshot()[0];
+    assert_eq!(snapshot.state, BackendState::Available);
+    assert_eq!(
+        (snapshot.failed_trials, snapshot.consecutive_failures),
+        (0, 0)
+    );
+    assert_eq!(snapshot.cooling_reason, None);
+
+    // Re-admitted, it starts over: the next failure cools it for the base 10 s.
+    f[0].set(Mode::Connect);
+    while f[0].calls() < 7 {
+        let _ = balance.clone().oneshot(Request::new(())).await;
+    }
+    assert_eq!(
+        balance.snapshot()[0].cooling_down_for,
+        Some(Duration::from_secs(10))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_trials_double_the_cooldown_up_to_the_cap() {
+    let policy = HealthPolicy {
+        max_cooldown: Duration::from_secs(45),
+        ..HealthPolicy::new()
+    };
+    let (f, balance) = fakes(1, policy, None);
+    f[0].set(Mode::Status(503));
+    // Three 503s in a row cool it down...
+    for _ in 0..3 {
+        balance.clone().oneshot(Request::new(())).await.unwrap();
+    }
+    let snapshot = &balance.snapshot()[0];
+    assert_eq!(snapshot.cooling_down_for, Some(Duration::from_secs(10)));
+    assert_eq!(snapshot.cooling_reason, Some("failed"));
+    // ... and one failed trial (a single 503) cools it again at once, twice as long each time.
+    for (failed_trials, cooldown) in [(1, 20), (2, 40), (3, 45), (4, 45)] {
+        let error = balance.clone().oneshot(Request::new(())).await.unwrap_err();
+        assert!(error.is::<AllCoolingDown>(), "{error}");
+        until_cooled(&balance, 0).await;
+        let response = balance.clone().oneshot(Request::new(())).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let snapshot = &balance.snapshot()[0];
+        assert_eq!(snapshot.state, BackendState::Cooling);
+        assert_eq!(snapshot.failed_trials, failed_trials);
+        assert_eq!(
+            snapshot.cooling_down_for,
+            Some(Duration::from_secs(cooldown))
+        );
+    }
+    assert_eq!(f[0].calls(), 3 + 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_throttled_trial_keeps_its_retry_after() {
+    let (f, balance) = fakes(1, HealthPolicy::new(), None);
+    f[0].set(Mode::Throttle(7));
+    balance.clone().oneshot(Request::new(())).await.unwrap();
+    let cooling = |b: &Balance<FakeService>| b.snapshot()[0].cooling_down_for;
+    assert_eq!(cooling(&balance), Some(Duration::from_secs(7)));
+    assert_eq!(balance.snapshot()[0].cooling_reason, Some("throttled"));
+
+    // A 429 trial: the same 7 s, not doubled.
+    until_cooled(&balance, 0).await;
+    balance.clone().oneshot(Request::new(())).await.unwrap();
+    assert_eq!(cooling(&balance), Some(Duration::from_secs(7)));
+    assert_eq!(balance.snapshot()[0].failed_trials, 0);
+
+    // A failed trial doubles the failure cooldown; a 429 trial after it keeps its own wait
+    // (capped at `max_cooldown`), and leaves the count of failed trials alone.
+    until_cooled(&balance, 0).await;
+    f[0].set(Mode::Connect);
+    balance.clone().oneshot(Request::new(())).await.unwrap_err();
+    assert_eq!(cooling(&balance), Some(Duration::from_secs(20)));
+    until_cooled(&balance, 0).await;
+    f[0].set(Mode::Throttle(3));
+    balance.clone().oneshot(Request::new(())).await.unwrap();
+    assert_eq!(cooling(&balance), Some(Duration::from_secs(3)));
+    until_cooled(&balance, 0).await;
+    f[0].set(Mode::Throttle(86400));
+    balance.clone().oneshot(Request::new(())).await.unwrap();
+    assert_eq!(cooling(&balance), Some(Duration::from_secs(300)));
+    let snapshot = &balance.snapshot()[0];
+    assert_eq!(snapshot.failed_trials, 1);
+    assert_eq!(snapshot.cooling_reason, Some("throttled"));
+    assert_eq!(f[0].calls(), 5);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_trial_releases_its_slot() {
+    let (f, balance) = fakes(2, HealthPolicy::new(), None);
+    f[0].set(Mode::Connect);
+    balance.clone().oneshot(Request::new(())).await.unwrap_err();
+    until_cooled(&balance, 0).await;
+    f[0].set(Mode::Hang);
+    let state = |b: &Balance<FakeService>| b.snapshot()[0].state;
+
+    // A trial whose caller goes away while b0 hangs.
+    let mut trial = None;
+    while trial.is_none() {
+        let task = tokio::spawn(balance.clone().oneshot(Request::new(())));
+        settle().await;
+        if task.is_finished() {
+            task.await.unwrap().unwrap();
+        } else {
+            trial = Some(task);
+        }
+    }
+    assert_eq!(f[0].calls(), 2);
+    assert_eq!(state(&balance), BackendState::Trial { in_flight: true });
+    trial.unwrap().abort();
+    settle().await;
+    assert_eq!(state(&balance), BackendState::Trial { in_flight: false });
+
+    // A trial claimed by `call` and dropped unpolled (two calls: one of them is b0's).
+    let mut service = balance.clone();
+    let mut claimed = 0;
+    for _ in 0..2 {
+        let call = service.call(Request::new(()));
+        if state(&balance) == (BackendState::Trial { in_flight: true }) {
+            claimed += 1;
+        }
+        drop(call);
+        assert_eq!(state(&balance), BackendState::Trial { in_flight: false });
+    }
+    assert_eq!(claimed, 1);
+    assert_eq!(f[0].calls(), 2, "an unpolled call sends nothing");
+
+    // The next request to b0 is the trial, and re-admits it.
+    f[0].set(Mode::Status(200));
+    while f[0].calls() < 3 {
+        served_by_fake(&balance).await.unwrap();
+    }
+    assert_eq!(state(&balance), BackendState::Available);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_snapshot_shows_each_state() {
+    let policy = HealthPolicy {
+        failure_threshold: 1,
+        ..HealthPolicy::new()
+    };
+    let (f, balance) = fakes(5, policy, Some(Duration::from_secs(2)));
+    f[0].set(Mode::Connect);
+    f[1].set(Mode::Status(429));
+    f[2].set(Mode::Status(500));
+    f[3].set(Mode::Hang);
+    let snapshot = balance.snapshot();
+    assert!(snapshot.iter().all(|b| b.state == BackendState::Available
+        && b.cooling_reason.is_none()
+        && b.cooling_down_for.is_none()));
+    assert_eq!(snapshot[0].state.to_string(), "available");
+
+    // One request each; b3's times out after 2 s.
+    for task in burst(&balance, 5).await {
+        let _ = task.await.unwrap();
+    }
+    let view = |b: &Balance<FakeService>| {
+        b.snapshot()
+            .into_iter()
+            .map(|b| {
+                (
+                    b.state,
+                    b.cooling_reason,
+                    b.cooling_down_for.map(|d| d.as_secs()),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let cooling = BackendState::Cooling;
+    assert_eq!(
+        view(&balance),
+        [
+            (cooling, Some("connect"), Some(8)),
+            (cooling, Some("throttled"), Some(18)),
+            (cooling, Some("failed"), Some(8)),
+            (cooling, Some("timeout"), Some(10)),
+            (BackendState::Available, None, None),
+        ]
+    );
+    assert_eq!(cooling.to_string(), "cooling");
+
+    tokio::time::advance(Duration::from_secs(8)).await;
+    let waiting = BackendState::Trial { in_flight: false };
+    assert_eq!(view(&balance)[0], (waiting, Some("connect"), None));
+    assert_eq!(view(&balance)[2], (waiting, Some("failed"), None));
+    assert_eq!(waiting.to_string(), "trial");
+
+    // b0's trial is held; b2's succeeds.
+    f[0].set(Mode::Held(200));
+    f[2].set(Mode::Status(200));
+    let tasks = burst(&balance, 5).await;
+    let in_flight = BackendState::Trial { in_flight: true };
+    assert_eq!(
+        view(&balance),
+        [
+            (in_flight, Some("connect"), None),
+            (cooling, Some("throttled"), Some(10)),
+            (BackendState::Available, None, None),
+            (cooling, Some("timeout"), Some(2)),
+            (BackendState::Available, None, None),
+        ]
+    );
+    assert_eq!(in_flight.to_string(), "trial");
+    f[0].release.add_permits(1);
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    assert_eq!(view(&balance)[0], (BackendState::Available, None, None));
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_every_other_backend_cooling_a_trial_in_flight_answers_at_once_with_a_short_wait() {
+    let (f, balance) = fakes(2, HealthPolicy::new(), None);
+    let health = balance.health();
+    f[0].set(Mode::Connect);
+    f[1].set(Mode::Throttle(60));
+    for _ in 0..2 {
+        let _ = balance.clone().oneshot(Request::new(())).await;
+    }
+    let error = balance.clone().oneshot(Request::new(())).await.unwrap_err();
+    let cooling = error.downcast_ref::<AllCoolingDown>().unwrap();
+    assert_eq!(cooling.retry_after(), Duration::from_secs(10));
+    assert_eq!(health.soonest_recovery(), Some(Duration::from_secs(10)));
+
+    // On trial, no trial in flight: it takes a request.
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let mut tried = TriedBackends::new();
+    assert_eq!(health.soonest_recovery(), None);
+    assert!(health.has_untried_available(&tried));
+    tried.insert(0);
+    assert!(!health.has_untried_available(&tried));
+
+    // Its trial in flight: nothing takes a request; callers are answered at once, told to come
+    // back in `TRIAL_RETRY_AFTER`, and the backend gets nothing more.
+    f[0].set(Mode::Held(200));
+    let trial = burst(&balance, 1).await;
+    assert_eq!(health.soonest_recovery(), Some(TRIAL_RETRY_AFTER));
+    assert!(!health.has_untried_available(&TriedBackends::new()));
+    for _ in 0..4 {
+        let error = balance.clone().oneshot(Request::new(())).await.unwrap_err();
+        let cooling = error.downcast_ref::<AllCoolingDown>().unwrap();
+        assert_eq!(cooling.retry_after(), TRIAL_RETRY_AFTER);
+    }
+    assert_eq!((f[0].calls(), f[1].calls()), (2, 1));
+
+    // A cooling backend that recovers sooner than that is the one named.
+    tokio::time::advance(Duration::from_millis(49_500)).await;
+    assert_eq!(health.soonest_recovery(), Some(Duration::from_millis(500)));
+
+    f[0].set(Mode::Status(200));
+    f[0].release.add_permits(1);
+    for task in trial {
+        task.await.unwrap().unwrap();
+    }
+    assert_eq!(health.soonest_recovery(), None);
+    assert_eq!(served_by_fake(&balance).await.unwrap(), "b0");
+}
