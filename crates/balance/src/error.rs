@@ -43,7 +43,8 @@ impl StdError for BackendError {
     }
 }
 
-/// Every backend is cooling down: answered at once, without contacting any backend.
+/// No backend takes a request: each is cooling down, or on trial with its trial in flight.
+/// Answered at once, without contacting any backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AllCoolingDown {
     retry_after: Duration,
@@ -54,7 +55,9 @@ impl AllCoolingDown {
         Self { retry_after }
     }
 
-    /// How long until the first backend becomes available again.
+    /// How long until the first backend takes a request again: the soonest end of a cooldown,
+    /// or [`TRIAL_RETRY_AFTER`](crate::TRIAL_RETRY_AFTER) if that is sooner and a backend's
+    /// trial is in flight.
     pub fn retry_after(&self) -> Duration {
         self.retry_after
     }

@@ -20,8 +20,15 @@ use crate::classify::{Failure, Outcome};
 /// connect error, timeout: at once, whatever `failure_threshold` says) cools it again, for
 /// `failure_cooldown` doubled for each consecutive failed trial, at most `max_cooldown`
 /// (10 s, 20 s, 40 s, ... with the defaults). A trial answered 429 cools it for the 429's own
-/// `Retry-After` (at most `max_cooldown`), not doubled. A trial whose caller goes away before
-/// it is answered (its response future dropped) frees the slot: the next request is the trial.
+/// `Retry-After` (at most `max_cooldown`), not doubled, and leaves the count of failed trials as
+/// it is. A trial whose caller goes away before it is answered (its response future dropped)
+/// frees the slot: the next request is the trial. The trial is in flight from the moment it is
+/// picked, including any wait for the backend's own readiness (a `ConcurrencyLimit` in its
+/// stack), until its response head or error arrives.
+///
+/// Answers to other requests (sent before the backend cooled down) never end a cooldown or a
+/// trial; failures among them may lengthen a cooldown, never a trial in flight, and never count
+/// as failed trials.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HealthPolicy {
     /// The cooldown after a 429 that names no wait. Default: 10 s.

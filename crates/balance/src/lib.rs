@@ -4,7 +4,11 @@
 //! auth, timeout, upstream) in strict rotation, one atomic counter, no lock. It learns from every
 //! answer: a backend that throttles (429) cools down for as long as its `Retry-After` asks; one
 //! that cannot be reached, or times out, cools down at once; one that fails with 5xx several
-//! times in a row cools down too. A cooling backend gets no traffic until its cooldown ends.
+//! times in a row cools down too. A cooling backend gets no traffic until its cooldown ends;
+//! then it is *on trial*: it gets one request, while every other request goes to the backends
+//! that are well, and that request's answer re-admits it or cools it again, for twice as long
+//! after each failed trial (up to a cap; a 429 keeps its own `Retry-After`). So a hung backend
+//! gets one request per cooldown, not a burst. See [`HealthPolicy`].
 //!
 //! It knows nothing of Azure beyond the default [`Classify`] rules; it works for any HTTP
 //! backends.
@@ -40,8 +44,21 @@
 //!   the backend (or [`AllCoolingDown`] / [`NoBackends`] when none was contacted).
 //! - A request carrying a [`TriedBackends`] extension goes to an untried, available backend
 //!   while one exists, else round-robin on after the last one tried.
-//! - When every backend cools down, the call fails at once with [`AllCoolingDown`], which
-//!   carries the soonest recovery.
+//! - A backend is *available*, *cooling* (no request), or *on trial* ([`BackendState`]). A
+//!   backend on trial takes exactly one request, the trial, claimed by one compare-exchange; while
+//!   the trial is in flight it takes no other. The trial's answer settles it: success, a final
+//!   answer or 401 re-admit it; a failure (5xx, connect error, timeout) cools it again at once,
+//!   `failure_cooldown` doubled per consecutive failed trial, at most `max_cooldown`; a 429 cools
+//!   it for its own `Retry-After` (at most `max_cooldown`). A trial whose response future is
+//!   dropped unanswered frees the slot: the next request is the trial.
+//! - When no backend takes a request (each is cooling, or on trial with its trial in flight),
+//!   the call fails at once with [`AllCoolingDown`], without contacting any backend and without
+//!   waiting. It carries the soonest recovery: the least of the cooling backends' time left and,
+//!   if a trial is in flight, [`TRIAL_RETRY_AFTER`] (1 s: a trial answers within an attempt
+//!   timeout). [`BalanceHealth::soonest_recovery`] and [`BalanceHealth::has_untried_available`]
+//!   count the same way, so the retry policy agrees with the pick.
+//! - [`Balance::snapshot`] reports each backend's [`BackendState`], why it cools
+//!   (`throttled`, `failed`, `timeout`, `connect`), the time left and its failed trials.
 //! - [`Classify`] decides each outcome; give the retry policy the same classifier.
 //! - Each call drives a clone of its backend with tower's [`Oneshot`](tower::util::Oneshot):
 //!   a backend's readiness is awaited with the caller's own task, so limits inside a backend's

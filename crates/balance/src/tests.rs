@@ -744,3 +744,43 @@ async fn with_every_other_backend_cooling_a_trial_in_flight_answers_at_once_with
     assert_eq!(health.soonest_recovery(), None);
     assert_eq!(served_by_fake(&balance).await.unwrap(), "b0");
 }
+
+#[test]
+fn one_of_many_threads_claims_the_trial() {
+    for _ in 0..200 {
+        let health = BackendHealth::new("b0".into());
+        let clock = Clock::new();
+        let policy = HealthPolicy {
+            failure_cooldown: Duration::ZERO,
+            ..HealthPolicy::new()
+        };
+        health.observe(
+            0,
+            &Outcome::Failed(Failure::Connect),
+            &policy,
+            &clock,
+            false,
+        );
+        let barrier = std::sync::Barrier::new(8);
+        let trials = std::thread::scope(|scope| {
+            let threads: Vec<_> = (0..8)
+                .map(|_| {
+                    scope.spawn(|| {
+                        barrier.wait();
+                        (0..100)
+                            .filter(|_| health.admit(|| clock.now()) == Admission::Trial)
+                            .count()
+                    })
+                })
+                .collect();
+            threads
+                .into_iter()
+                .map(|t| t.join().unwrap())
+                .sum::<usize>()
+        });
+        assert_eq!(trials, 1);
+        assert!(!health.is_available(|| clock.now()));
+        health.release_trial();
+        assert!(health.is_available(|| clock.now()));
+    }
+}
