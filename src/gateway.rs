@@ -25,6 +25,7 @@ use tower::util::Either;
 use tower::{Layer, Service};
 
 use crate::BoxError;
+use crate::classify::GatewayClassifier;
 use crate::error::{azure_error, error_response_with, find, message};
 use crate::upgrade;
 
@@ -37,7 +38,8 @@ pub type DefaultClient = UpstreamClient<ReplayBody>;
 /// is sent, not while it waits for a token), rebase onto its URL, the client.
 type BackendStack<C> = Either<AzureAuth<Attempt<C>>, Attempt<C>>;
 type Attempt<C> = Timeout<Rebase<C>>;
-type Stack<C> = RetryNextBackendService<Balance<BackendStack<C>>>;
+type Stack<C> =
+    RetryNextBackendService<Balance<BackendStack<C>, GatewayClassifier>, GatewayClassifier>;
 type StackFuture<B, C> = <Stack<C> as Service<Request<B>>>::Future;
 
 /// The standard aoai-tower stack as one axum-ready service: mount it with
@@ -431,6 +433,7 @@ impl<C> GatewayBuilder<C> {
         if self.backends.is_empty() {
             return Err(GatewayError::NoBackends);
         }
+        let classifier = GatewayClassifier::new(several_credentials(&self.backends));
         let mut names = HashSet::new();
         let mut stacks = Vec::with_capacity(self.backends.len());
         let unauthenticated_backend = self.backends.iter().any(|spec| spec.auth.is_none());
@@ -459,9 +462,10 @@ impl<C> GatewayBuilder<C> {
             stacks.push((spec.name, service));
             served_by_values.push(value);
         }
-        let balance = Balance::with_policy(stacks, self.health, Default::default());
+        let balance = Balance::with_policy(stacks, self.health, classifier);
         let health = balance.health();
         let retry = RetryNextBackendLayer::new(health.clone())
+            .classifier(classifier)
             .max_attempts(self.max_attempts)
             .body_limit(self.body_limit)
             .deadline(self.deadline, Some(self.attempt_timeout))
@@ -473,6 +477,20 @@ impl<C> GatewayBuilder<C> {
             unauthenticated_backend,
         })
     }
+}
+
+/// Whether the backends authenticate in more than one way: a token one of them cannot get,
+/// another may not need.
+fn several_credentials(backends: &[BackendSpec]) -> bool {
+    fn cache(spec: &BackendSpec) -> Option<&aoai_auth::TokenCache> {
+        spec.auth.as_ref().and_then(AzureAuthLayer::token_cache)
+    }
+    let Some(first) = backends.iter().find_map(cache) else {
+        return false;
+    };
+    backends
+        .iter()
+        .any(|spec| !cache(spec).is_some_and(|other| other.is_shared_with(first)))
 }
 
 /// Why a [`GatewayBuilder`] could not build.

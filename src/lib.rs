@@ -54,6 +54,7 @@
 
 #![forbid(unsafe_code)]
 
+mod classify;
 mod client_key;
 mod error;
 mod gateway;
@@ -65,6 +66,7 @@ pub use aoai_rebase as rebase;
 pub use aoai_retry as retry;
 pub use aoai_upstream as upstream;
 
+pub use crate::classify::GatewayClassifier;
 pub use crate::client_key::{RequireClientKey, RequireClientKeyLayer};
 pub use crate::error::{azure_error, error_response};
 pub use crate::gateway::{DefaultClient, Gateway, GatewayBuilder, GatewayError, GatewayFuture};

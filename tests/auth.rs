@@ -356,3 +356,52 @@ async fn the_wait_for_a_token_does_not_count_against_the_attempt_timeout() {
     assert_eq!(sims[0].request_count(), 1);
     assert!(health.snapshot()[0].cooling_down_for.is_none());
 }
+
+/// A token that cannot be had is no instance's failure: with one credential for every
+/// instance, the caller gets its 503 from the first attempt and no instance cools down.
+#[tokio::test]
+async fn with_one_credential_a_token_outage_is_a_503_that_cools_no_instance() {
+    let sims = sims_with(2, |c| c).await;
+    let credential = Arc::new(CountingCredential::default());
+    *credential.failing.lock().unwrap() = true;
+    let gateway = authenticated(&sims, &credential);
+    let health = gateway.health().clone();
+    let base = serve_gateway(gateway).await;
+
+    for _ in 0..4 {
+        assert_eq!(chat(&client(), &base).await.status(), 503);
+    }
+    for backend in health.snapshot() {
+        assert_eq!(backend.state.to_string(), "available", "{backend:?}");
+        assert_eq!(backend.attempts, 0, "{backend:?}");
+    }
+    assert_eq!(sims[0].request_count() + sims[1].request_count(), 0);
+}
+
+/// With instances on different credentials, a request whose first instance's token cannot be
+/// had goes on to the other instance at once, and the first is not marked cooling.
+#[tokio::test]
+async fn with_two_credentials_a_request_goes_on_to_the_instance_whose_credential_works() {
+    let sims = sims_with(2, |c| c).await;
+    let down = Arc::new(CountingCredential::default());
+    *down.failing.lock().unwrap() = true;
+    let up = Arc::new(CountingCredential::default());
+    let gateway = Gateway::builder()
+        .backend_with_auth("a", sims[0].url(), AzureAuthLayer::from_credential(down))
+        .backend_with_auth("b", sims[1].url(), AzureAuthLayer::from_credential(up))
+        .build()
+        .unwrap();
+    let health = gateway.health().clone();
+    let base = serve_gateway(gateway).await;
+
+    for _ in 0..4 {
+        let response = chat(&client(), &base).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(served_by(&response), "b");
+    }
+    assert_eq!(sims[0].request_count(), 0);
+    assert_eq!(sims[1].request_count(), 4);
+    let a = &health.snapshot()[0];
+    assert_eq!(a.state.to_string(), "available", "{a:?}");
+    assert!(a.cooling_down_for.is_none());
+}

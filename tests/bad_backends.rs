@@ -158,3 +158,79 @@ async fn a_request_body_that_stops_arriving_meets_the_deadline_before_any_backen
     assert!(head.starts_with("HTTP/1.1 504"), "{head}");
     assert_eq!(healthy[0].request_count(), 0);
 }
+
+/// A hung instance is re-admitted with one trial request: after each cooldown it gets exactly
+/// one request, which times out and cools it again (for twice as long), while every caller is
+/// served by the healthy instance. Real sockets, short timeouts: about two seconds.
+#[tokio::test]
+async fn a_hung_instance_gets_one_trial_request_per_readmission() {
+    let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = std::sync::Arc::clone(&requests);
+    let hung = loopback_backend(move |mut socket| {
+        let seen = std::sync::Arc::clone(&seen);
+        async move {
+            let mut buffer = [0u8; 4096];
+            while let Ok(Ok(read)) =
+                tokio::time::timeout(support::BOUND, socket.read(&mut buffer)).await
+            {
+                if read == 0 {
+                    return;
+                }
+                if buffer[..read].starts_with(b"POST ") {
+                    seen.lock().unwrap().push(Instant::now());
+                }
+            }
+        }
+    })
+    .await;
+    let sims = sims(1).await;
+    let policy = aoai_tower::balance::HealthPolicy {
+        failure_cooldown: Duration::from_millis(200),
+        ..aoai_tower::balance::HealthPolicy::new()
+    };
+    let gateway = aoai_tower::Gateway::builder()
+        .backend("hung", hung)
+        .backend("a", sims[0].url())
+        .attempt_timeout(Duration::from_millis(150))
+        .health_policy(policy)
+        .build()
+        .unwrap();
+    let base = serve_gateway(gateway).await;
+
+    let started = Instant::now();
+    let callers: Vec<_> = (0..8)
+        .map(|_| {
+            let base = base.clone();
+            tokio::spawn(async move {
+                let client = client();
+                let mut statuses = Vec::new();
+                while started.elapsed() < Duration::from_secs(2) {
+                    statuses.push(chat(&client, &base).await.status().as_u16());
+                }
+                statuses
+            })
+        })
+        .collect();
+    for caller in callers {
+        let statuses = caller.await.unwrap();
+        assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    }
+    // Before its first timeout, the hung instance took its round-robin share of the callers'
+    // first requests; after it, one trial per re-admission, each at least a (doubling)
+    // cooldown after the one before.
+    let requests = requests.lock().unwrap();
+    let first_timeout = requests[0] + Duration::from_millis(150);
+    let trials: Vec<Instant> = requests
+        .iter()
+        .copied()
+        .filter(|&at| at > first_timeout)
+        .collect();
+    assert!(trials.len() >= 2, "{} trials", trials.len());
+    for pair in trials.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= Duration::from_millis(150 + 200),
+            "two requests {:?} apart",
+            pair[1] - pair[0]
+        );
+    }
+}

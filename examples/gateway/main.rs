@@ -17,6 +17,7 @@ mod settings;
 use std::sync::Arc;
 
 use aoai_tower::auth::AzureAuthLayer;
+use aoai_tower::balance::BackendState;
 use aoai_tower::upstream::UpstreamClient;
 use aoai_tower::{Gateway, RequireClientKeyLayer};
 use axum::routing::get;
@@ -209,7 +210,6 @@ fn credential(mode: &AuthMode) -> Result<Option<Arc<dyn TokenCredential>>, Strin
             let options = ManagedIdentityCredentialOptions {
                 user_assigned_id: client_id.clone().map(UserAssignedId::ClientId),
                 client_options: client_options(),
-                ..Default::default()
             };
             ManagedIdentityCredential::new(Some(options)).map_err(failed)?
         }
@@ -268,8 +268,12 @@ fn backends_json(health: &aoai_tower::balance::BalanceHealth) -> serde_json::Val
             json!({
                 "name": &*b.name,
                 "index": b.index,
-                "available": b.cooling_down_for.is_none(),
+                "state": b.state.to_string(),
+                "available": b.state == BackendState::Available,
+                "trial_in_flight": b.state == BackendState::Trial { in_flight: true },
+                "cooling_reason": b.cooling_reason,
                 "cooling_down_ms": b.cooling_down_for.map(|d| d.as_millis() as u64),
+                "failed_trials": b.failed_trials,
                 "consecutive_failures": b.consecutive_failures,
                 "attempts": b.attempts,
                 "throttled": b.throttled,

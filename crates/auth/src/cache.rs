@@ -191,6 +191,12 @@ impl TokenCache {
         }
     }
 
+    /// Whether `self` and `other` are the same cache (clones of one `TokenCache`): a token one
+    /// cannot get, the other cannot either.
+    pub fn is_shared_with(&self, other: &TokenCache) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
     /// Bounds each attempt to fetch a token to `timeout` (default [`DEFAULT_FETCH_TIMEOUT`],
     /// 5 s): an attempt still running then is dropped and counts as failed.
     ///

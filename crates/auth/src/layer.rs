@@ -95,6 +95,17 @@ impl AzureAuthLayer {
     }
 }
 
+impl AzureAuthLayer {
+    /// The token cache of a bearer-token layer; `None` for an api-key layer (a key is always at
+    /// hand). Two layers with the same cache fail to get a token together.
+    pub fn token_cache(&self) -> Option<&TokenCache> {
+        match &self.credentials {
+            Credentials::Bearer(cache) => Some(cache),
+            Credentials::ApiKey(_) => None,
+        }
+    }
+}
+
 impl<S> Layer<S> for AzureAuthLayer {
     type Service = AzureAuth<S>;
 

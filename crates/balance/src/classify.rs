@@ -25,6 +25,16 @@ pub enum Outcome {
     /// An answer that is the caller's to see (400 content_filter, 403, 404, ...) or an error the
     /// stack made about the request itself. Never retried; says nothing about backend health.
     Final,
+    /// No credential could be had for the backend (its token endpoint is down): the backend was
+    /// never contacted. Says nothing about its health (no cooldown, no failure counted, a trial
+    /// stays to be sent). [`AzureOpenAiClassifier`] never gives it (it cannot know the
+    /// credential error's type): a classifier that knows them does, as the `aoai-tower`
+    /// gateway's.
+    CredentialUnavailable {
+        /// Whether another backend may authenticate another way, so that a retry on a backend
+        /// not tried yet may help.
+        retry_elsewhere: bool,
+    },
 }
 
 impl Outcome {
@@ -32,12 +42,17 @@ impl Outcome {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            Outcome::Throttled { .. } | Outcome::Failed(_) | Outcome::Unauthorized
+            Outcome::Throttled { .. }
+                | Outcome::Failed(_)
+                | Outcome::Unauthorized
+                | Outcome::CredentialUnavailable {
+                    retry_elsewhere: true
+                }
         )
     }
 
     /// A short name for logs: `success`, `throttled`, `connect`, `timeout`, `status`, `error`,
-    /// `unauthorized` or `final`.
+    /// `unauthorized`, `final` or `credential`.
     pub fn reason(&self) -> &'static str {
         match self {
             Outcome::Success => "success",
@@ -48,6 +63,7 @@ impl Outcome {
             Outcome::Failed(Failure::Other) => "error",
             Outcome::Unauthorized => "unauthorized",
             Outcome::Final => "final",
+            Outcome::CredentialUnavailable { .. } => "credential",
         }
     }
 }

@@ -187,7 +187,10 @@ fn reason_code(outcome: &Outcome) -> u8 {
         Outcome::Failed(Failure::Timeout) => REASON_TIMEOUT,
         Outcome::Failed(Failure::Connect) => REASON_CONNECT,
         Outcome::Failed(_) => REASON_FAILED,
-        Outcome::Success | Outcome::Final | Outcome::Unauthorized => REASON_NONE,
+        Outcome::Success
+        | Outcome::Final
+        | Outcome::Unauthorized
+        | Outcome::CredentialUnavailable { .. } => REASON_NONE,
     }
 }
 
@@ -286,8 +289,16 @@ impl BackendHealth {
         clock: &Clock,
         trial: bool,
     ) {
+        if matches!(outcome, Outcome::CredentialUnavailable { .. }) {
+            // The backend never saw the request: nothing learnt, and a trial is still owed.
+            if trial {
+                self.release_trial();
+            }
+            return;
+        }
         self.attempts.fetch_add(1, Ordering::Relaxed);
         let cooldown = match *outcome {
+            Outcome::CredentialUnavailable { .. } => return,
             Outcome::Success | Outcome::Final | Outcome::Unauthorized => {
                 self.consecutive_failures.store(0, Ordering::Relaxed);
                 if trial {

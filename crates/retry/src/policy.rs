@@ -132,6 +132,13 @@ impl<C> RetryNextBackend<C> {
             );
             return None;
         }
+        if matches!(outcome, Outcome::CredentialUnavailable { .. })
+            && !self.settings.health.has_untried_available(tried)
+        {
+            // Only a backend that authenticates another way could help, and only one not tried
+            // yet: no backoff, no second go at the same credential.
+            return None;
+        }
         if matches!(outcome, Outcome::Unauthorized) {
             if self.unauthorized_retried {
                 return None;

@@ -1,0 +1,50 @@
+//! [`GatewayClassifier`]: Azure OpenAI's rules, with credential failures told apart.
+
+use std::error::Error as StdError;
+
+use aoai_auth::error::TokenUnavailable;
+use aoai_balance::{AzureOpenAiClassifier, Classify, Outcome};
+use http::{HeaderMap, StatusCode};
+
+use crate::error::find;
+
+/// Azure OpenAI's rules ([`AzureOpenAiClassifier`]), and one of its own: a token that could not
+/// be had ([`TokenUnavailable`]) never counts against a backend's health, and is retried only
+/// where it can help. It is [`Outcome::CredentialUnavailable`]:
+///
+/// - with backends that authenticate in more than one way (several token caches, or an api-key
+///   beside a token), retried at once on a backend not tried yet, whose credential may work;
+/// - with one credential for every backend, not retried: another backend would wait for the
+///   same token, so the caller gets its 503 at once.
+///
+/// [`Gateway`](crate::Gateway) sets it up from its backends; give it to `Balance` and
+/// `RetryNextBackendLayer` alike when composing the layers yourself.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GatewayClassifier {
+    several_credentials: bool,
+}
+
+impl GatewayClassifier {
+    /// For backends that authenticate in more than one way (`true`), or all with one
+    /// credential (`false`).
+    pub fn new(several_credentials: bool) -> Self {
+        Self {
+            several_credentials,
+        }
+    }
+}
+
+impl Classify for GatewayClassifier {
+    fn classify_response(&self, status: StatusCode, headers: &HeaderMap) -> Outcome {
+        AzureOpenAiClassifier.classify_response(status, headers)
+    }
+
+    fn classify_error(&self, error: &(dyn StdError + 'static)) -> Outcome {
+        match find::<TokenUnavailable>(error) {
+            Some(_) => Outcome::CredentialUnavailable {
+                retry_elsewhere: self.several_credentials,
+            },
+            None => AzureOpenAiClassifier.classify_error(error),
+        }
+    }
+}
