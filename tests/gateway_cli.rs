@@ -1501,3 +1501,34 @@ async fn a_ca_file_lets_the_gateway_trust_a_private_ca_and_speak_http2_to_its_in
     assert!(line.contains(not_pem.path()), "{line}");
     assert!(line.contains("certificate"), "{line}");
 }
+
+/// The admin route says why an instance takes no traffic: one refusing connections is cooling
+/// for a connect failure, with the time it has left; the other is available.
+#[tokio::test]
+async fn the_admin_route_shows_a_cooling_instance_and_why() {
+    let sims = sims(1).await;
+    let closed = free_addr();
+    let (mut gateway, _, base) = Gateway::over_urls(
+        &[format!("down=http://{closed}"), backend_flag(&sims[0])],
+        &[],
+    );
+    gateway.ready(&base, None).await;
+    let response = chat(&client(), &base).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(served_by(&response), "a");
+
+    let backends = gateway.ready(&base, None).await;
+    let down = &backends["backends"][0];
+    assert_eq!(down["name"], "down", "{down}");
+    assert_eq!(down["state"], "cooling", "{down}");
+    assert_eq!(down["available"], false, "{down}");
+    assert_eq!(down["cooling_reason"], "connect", "{down}");
+    assert!(
+        down["cooling_down_ms"].as_u64().is_some_and(|ms| ms > 0),
+        "{down}"
+    );
+    assert_eq!(down["trial_in_flight"], false, "{down}");
+    let up = &backends["backends"][1];
+    assert_eq!(up["state"], "available", "{up}");
+    assert_eq!(up["cooling_reason"], Value::Null, "{up}");
+}
