@@ -300,10 +300,15 @@ pub(crate) fn copy_request(request: &Request<ReplayBody>) -> Request<ReplayBody>
     copy
 }
 
-/// Sets `Retry-After` (whole seconds, rounded up) and `retry-after-ms` on a response.
+/// Sets `Retry-After` (whole seconds, rounded up) and `retry-after-ms` on a response, and
+/// removes `x-ratelimit-reset-requests` and `x-ratelimit-reset-tokens`: on a 429 passed on from
+/// one instance with the soonest recovery of all, those would tell the caller that instance's
+/// own window, which disagrees with the wait it is given.
 pub fn set_retry_after<B>(response: &mut Response<B>, wait: Duration) {
     let millis = millis(wait);
     let headers = response.headers_mut();
+    headers.remove("x-ratelimit-reset-requests");
+    headers.remove("x-ratelimit-reset-tokens");
     headers.insert("retry-after", HeaderValue::from(millis.div_ceil(1000)));
     headers.insert("retry-after-ms", HeaderValue::from(millis));
 }

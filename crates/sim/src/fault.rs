@@ -14,7 +14,8 @@ use http::StatusCode;
 pub enum Fault {
     /// 429 with Azure's token-rate-limit body ("... have exceeded token rate limit ... Please
     /// retry after N seconds ..."), `retry-after: <secs>` and `retry-after-ms: <ms>` when given
-    /// (either, both or neither), and `x-ratelimit-remaining-tokens: 0`.
+    /// (either, both or neither), `x-ratelimit-remaining-tokens: 0`, and, with a wait,
+    /// `x-ratelimit-reset-tokens` in whole seconds.
     Throttle {
         /// The `retry-after` header, in whole seconds.
         retry_after_secs: Option<u64>,

@@ -116,6 +116,9 @@ async fn front(State(state): State<SimState>, request: Request, next: Next) -> R
                 headers.insert("retry-after-ms", HeaderValue::from(ms));
             }
             headers.insert("x-ratelimit-remaining-tokens", HeaderValue::from(0));
+            if let Some(secs) = secs {
+                headers.insert("x-ratelimit-reset-tokens", HeaderValue::from(secs));
+            }
             response
         }
         Some(Fault::Respond {
