@@ -21,8 +21,17 @@ pub enum Outcome {
     /// The backend failed in a way another backend may not: worth a retry elsewhere.
     Failed(Failure),
     /// The backend refused our credentials (401): worth one retry once the token is refreshed.
+    /// A backend's second 401 in a row takes it out of rotation for
+    /// [`HealthPolicy::credential_cooldown`](crate::HealthPolicy::credential_cooldown).
     Unauthorized,
-    /// An answer that is the caller's to see (400 content_filter, 403, 404, ...) or an error the
+    /// The backend refused us access (403: a missing role assignment, a network rule, a token
+    /// for another tenant): the backend is out of rotation for
+    /// [`HealthPolicy::credential_cooldown`](crate::HealthPolicy::credential_cooldown) at once.
+    /// Not [`is_retryable`](Outcome::is_retryable) (the same backend would refuse again) but
+    /// [`is_retryable_elsewhere`](Outcome::is_retryable_elsewhere): a retry policy may send the
+    /// request to a backend not tried yet; when none takes it, the caller sees the 403.
+    Forbidden,
+    /// An answer that is the caller's to see (400 content_filter, 404, 422, ...) or an error the
     /// stack made about the request itself. Never retried; says nothing about backend health.
     Final,
     /// No credential could be had for the backend (its token endpoint is down): the backend was
@@ -51,8 +60,15 @@ impl Outcome {
         )
     }
 
+    /// Whether a retry on a backend not tried yet may give a different answer: every
+    /// [`is_retryable`](Outcome::is_retryable) outcome, and [`Outcome::Forbidden`], which the
+    /// backend that gave it would give again, not another backend.
+    pub fn is_retryable_elsewhere(&self) -> bool {
+        self.is_retryable() || matches!(self, Outcome::Forbidden)
+    }
+
     /// A short name for logs: `success`, `throttled`, `connect`, `timeout`, `status`, `error`,
-    /// `unauthorized`, `final` or `credential`.
+    /// `unauthorized`, `forbidden`, `final` or `credential`.
     pub fn reason(&self) -> &'static str {
         match self {
             Outcome::Success => "success",
@@ -62,6 +78,7 @@ impl Outcome {
             Outcome::Failed(Failure::Status(_)) => "status",
             Outcome::Failed(Failure::Other) => "error",
             Outcome::Unauthorized => "unauthorized",
+            Outcome::Forbidden => "forbidden",
             Outcome::Final => "final",
             Outcome::CredentialUnavailable { .. } => "credential",
         }
@@ -95,7 +112,8 @@ pub trait Classify: Clone + Send + Sync + 'static {
 }
 
 /// Azure OpenAI's rules: 429 is throttling; 408, 500, 502, 503, 504, connect errors and attempt
-/// timeouts are failures; 401 is [`Outcome::Unauthorized`]; every other 4xx is final.
+/// timeouts are failures; 401 is [`Outcome::Unauthorized`], 403 [`Outcome::Forbidden`]; every
+/// other 4xx is final.
 ///
 /// An error is read by its source chain, outermost first; the first error of a known kind
 /// decides:
@@ -123,6 +141,7 @@ impl Classify for AzureOpenAiClassifier {
                 retry_after: retry_after(headers, SystemTime::now()),
             },
             401 => Outcome::Unauthorized,
+            403 => Outcome::Forbidden,
             408 | 500 | 502 | 503 | 504 => Outcome::Failed(Failure::Status(status)),
             400..=599 => Outcome::Final,
             _ => Outcome::Success,
@@ -264,7 +283,11 @@ mod tests {
                 "{code}"
             );
         }
-        for code in [400, 403, 404, 413, 422, 501] {
+        assert_eq!(
+            c.classify_response(StatusCode::FORBIDDEN, &none),
+            Outcome::Forbidden
+        );
+        for code in [400, 404, 413, 422, 501] {
             let status = StatusCode::from_u16(code).unwrap();
             assert_eq!(c.classify_response(status, &none), Outcome::Final, "{code}");
         }

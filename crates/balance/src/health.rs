@@ -29,6 +29,24 @@ use crate::classify::{Failure, Outcome};
 /// Answers to other requests (sent before the backend cooled down) never end a cooldown or a
 /// trial; failures among them may lengthen a cooldown, never a trial in flight, and never count
 /// as failed trials.
+///
+/// # Credentials that fail
+///
+/// A backend that refuses our credentials is out of rotation for `credential_cooldown`
+/// (5 minutes by default; not capped by `max_cooldown`), with the cooling reason `credential`,
+/// and one warning naming the backend and the status (never the credential):
+///
+/// - a 403 ([`Outcome::Forbidden`]: a missing role assignment, a network rule) cools it at once;
+/// - a 401 ([`Outcome::Unauthorized`]) cools it when it is the backend's second 401 in a row.
+///   The first one is the token-refresh case (the auth layer drops the token, the retry policy
+///   retries once); a backend that answers 401 again, to a refreshed token, has a wrong
+///   credential. `Balance` cannot see the token, so "in a row" means with no success (nor final
+///   answer) from that backend in between, whichever requests carried them.
+///
+/// A success or a final answer (an answer to an authenticated request) resets the count of 401s.
+/// A trial answered 401 or 403 by a backend whose credential failed cools it again for
+/// `credential_cooldown` (not doubled; the count of failed trials is left as it is). A first
+/// 401 answering a trial re-admits the backend, as before.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HealthPolicy {
     /// The cooldown after a 429 that names no wait. Default: 10 s.
@@ -42,6 +60,10 @@ pub struct HealthPolicy {
     /// How many consecutive 5xx (or broken exchanges) cool a backend down. Default: 3. (A
     /// failed trial cools it down at once.)
     pub failure_threshold: u32,
+    /// The cooldown of a backend that refuses our credentials: a 403, or a second 401 in a row
+    /// (see [Credentials that fail](#credentials-that-fail)). Not capped by `max_cooldown`.
+    /// Default: 5 minutes.
+    pub credential_cooldown: Duration,
 }
 
 impl HealthPolicy {
@@ -52,6 +74,7 @@ impl HealthPolicy {
             max_cooldown: Duration::from_secs(300),
             failure_cooldown: Duration::from_secs(10),
             failure_threshold: 3,
+            credential_cooldown: Duration::from_secs(300),
         }
     }
 
@@ -119,6 +142,11 @@ pub struct BackendSnapshot {
     pub name: Arc<str>,
     /// Its position in the list.
     pub index: usize,
+    /// Its tier: 1 is tried first; a backend of a later tier gets a request only when no
+    /// backend of an earlier tier takes it.
+    pub priority: u32,
+    /// Its weight within its tier (smooth weighted round-robin).
+    pub weight: u32,
     /// How long it still cools down; `None` when it takes traffic (available, or on trial).
     pub cooling_down_for: Option<Duration>,
     /// Failures since its last success.
@@ -132,7 +160,8 @@ pub struct BackendSnapshot {
     /// Available, cooling, or on trial.
     pub state: BackendState,
     /// Why it last cooled down, while it is cooling or on trial (`None` when available):
-    /// `throttled` (429), `failed` (5xx or a broken exchange), `timeout` or `connect`.
+    /// `throttled` (429), `failed` (5xx or a broken exchange), `timeout`, `connect`, or
+    /// `credential` (a 403, or a second 401 in a row).
     pub cooling_reason: Option<&'static str>,
     /// Consecutive trials that failed since it was last available (each doubles the next
     /// failure cooldown).
@@ -158,6 +187,8 @@ pub(crate) enum Admission {
 #[derive(Debug)]
 pub(crate) struct BackendHealth {
     pub(crate) name: Arc<str>,
+    pub(crate) priority: u32,
+    pub(crate) weight: u32,
     /// The backend's admission state, one atomic so a pick reads one word:
     /// - 0: available;
     /// - [`TRIAL_IN_FLIGHT`]: on trial, the trial sent and not answered;
@@ -170,6 +201,8 @@ pub(crate) struct BackendHealth {
     /// Consecutive failed trials since it was last available.
     failed_trials: AtomicU32,
     consecutive_failures: AtomicU32,
+    /// 401s since its last success or final answer.
+    consecutive_unauthorized: AtomicU32,
     attempts: AtomicU64,
     throttled: AtomicU64,
     failed: AtomicU64,
@@ -180,6 +213,7 @@ const REASON_THROTTLED: u8 = 1;
 const REASON_FAILED: u8 = 2;
 const REASON_TIMEOUT: u8 = 3;
 const REASON_CONNECT: u8 = 4;
+const REASON_CREDENTIAL: u8 = 5;
 
 fn reason_code(outcome: &Outcome) -> u8 {
     match outcome {
@@ -187,10 +221,8 @@ fn reason_code(outcome: &Outcome) -> u8 {
         Outcome::Failed(Failure::Timeout) => REASON_TIMEOUT,
         Outcome::Failed(Failure::Connect) => REASON_CONNECT,
         Outcome::Failed(_) => REASON_FAILED,
-        Outcome::Success
-        | Outcome::Final
-        | Outcome::Unauthorized
-        | Outcome::CredentialUnavailable { .. } => REASON_NONE,
+        Outcome::Unauthorized | Outcome::Forbidden => REASON_CREDENTIAL,
+        Outcome::Success | Outcome::Final | Outcome::CredentialUnavailable { .. } => REASON_NONE,
     }
 }
 
@@ -200,6 +232,7 @@ fn reason_name(code: u8) -> Option<&'static str> {
         REASON_FAILED => Some("failed"),
         REASON_TIMEOUT => Some("timeout"),
         REASON_CONNECT => Some("connect"),
+        REASON_CREDENTIAL => Some("credential"),
         _ => None,
     }
 }
@@ -209,13 +242,16 @@ fn millis(duration: Duration) -> u64 {
 }
 
 impl BackendHealth {
-    pub(crate) fn new(name: Arc<str>) -> Self {
+    pub(crate) fn new(name: Arc<str>, priority: u32, weight: u32) -> Self {
         Self {
             name,
+            priority,
+            weight,
             gate: AtomicU64::new(0),
             cooling_reason: AtomicU8::new(REASON_NONE),
             failed_trials: AtomicU32::new(0),
             consecutive_failures: AtomicU32::new(0),
+            consecutive_unauthorized: AtomicU32::new(0),
             attempts: AtomicU64::new(0),
             throttled: AtomicU64::new(0),
             failed: AtomicU64::new(0),
@@ -299,7 +335,20 @@ impl BackendHealth {
         self.attempts.fetch_add(1, Ordering::Relaxed);
         let cooldown = match *outcome {
             Outcome::CredentialUnavailable { .. } => return,
+            Outcome::Forbidden => policy.credential_cooldown,
+            Outcome::Unauthorized
+                if self
+                    .consecutive_unauthorized
+                    .fetch_add(1, Ordering::Relaxed)
+                    >= 1 =>
+            {
+                // The second 401 in a row: a refreshed token was refused too.
+                policy.credential_cooldown
+            }
             Outcome::Success | Outcome::Final | Outcome::Unauthorized => {
+                if !matches!(outcome, Outcome::Unauthorized) {
+                    self.consecutive_unauthorized.store(0, Ordering::Relaxed);
+                }
                 self.consecutive_failures.store(0, Ordering::Relaxed);
                 if trial {
                     self.failed_trials.store(0, Ordering::Relaxed);
@@ -334,22 +383,43 @@ impl BackendHealth {
                 }
             }
         };
-        let until = clock
-            .now()
+        let now = clock.now();
+        let until = now
             .saturating_add(u64::try_from(cooldown.as_nanos()).unwrap_or(u64::MAX))
             .min(TRIAL_IN_FLIGHT - 1);
-        let started = if trial {
+        let (started, was_cooling) = if trial {
             // Only the trial's holder moves the gate off `TRIAL_IN_FLIGHT` (other attempts'
             // `fetch_max` leave it there).
             self.gate.store(until, Ordering::Relaxed);
-            true
+            (true, false)
         } else {
             // Never shortens a cooldown, never touches a trial in flight.
-            self.gate.fetch_max(until, Ordering::Relaxed) < until
+            let previous = self.gate.fetch_max(until, Ordering::Relaxed);
+            (previous < until, previous > now)
         };
-        if started {
-            self.cooling_reason
-                .store(reason_code(outcome), Ordering::Relaxed);
+        if !started {
+            return;
+        }
+        let reason = reason_code(outcome);
+        let previous_reason = self.cooling_reason.swap(reason, Ordering::Relaxed);
+        if reason == REASON_CREDENTIAL {
+            // One warning per cooldown: not again for the other 401s and 403s in flight.
+            if !(was_cooling && previous_reason == REASON_CREDENTIAL) {
+                let status: u16 = if matches!(outcome, Outcome::Forbidden) {
+                    403
+                } else {
+                    401
+                };
+                tracing::warn!(
+                    backend = %self.name,
+                    index,
+                    status,
+                    cooldown_ms = millis(cooldown),
+                    trial,
+                    "backend refused our credentials: out of rotation"
+                );
+            }
+        } else {
             tracing::warn!(
                 backend = %self.name,
                 index,
@@ -374,6 +444,8 @@ impl BackendHealth {
         BackendSnapshot {
             name: self.name.clone(),
             index,
+            priority: self.priority,
+            weight: self.weight,
             cooling_down_for,
             consecutive_failures: self.consecutive_failures.load(Ordering::Relaxed),
             attempts: self.attempts.load(Ordering::Relaxed),

@@ -72,10 +72,10 @@ pub mod error;
 mod extensions;
 pub mod future;
 mod health;
+mod tier;
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -88,7 +88,8 @@ pub use crate::extensions::{ServedBy, TriedBackends};
 pub use crate::future::ResponseFuture;
 pub use crate::health::{BackendSnapshot, BackendState, HealthPolicy, TRIAL_RETRY_AFTER};
 
-use crate::health::{Admission, BackendHealth, Clock, LazyNow};
+use crate::health::{BackendHealth, Clock, LazyNow};
+use crate::tier::Tier;
 
 /// Round-robin over named backend services, skipping those that cool down.
 ///
@@ -120,9 +121,84 @@ struct Inner<S> {
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) backends: Box<[BackendHealth]>,
+    /// The backends grouped by priority, best first.
+    tiers: Box<[Tier]>,
     pub(crate) policy: HealthPolicy,
     pub(crate) clock: Clock,
-    next: AtomicUsize,
+}
+
+/// One backend of a [`Balance`], with its place in the rotation: its priority (tier) and its
+/// weight within the tier. Give a list of them to [`Balance::with_backends`].
+///
+/// ```
+/// use aoai_balance::{AzureOpenAiClassifier, Balance, BackendSpec, HealthPolicy};
+/// # use http::{Request, Response};
+/// # use std::convert::Infallible;
+/// # let backend = || tower::service_fn(|_req: Request<String>| async {
+/// #     Ok::<_, Infallible>(Response::new(String::new()))
+/// # });
+/// // Two provisioned (PTU) deployments sharing 3:1, spilling over to pay-as-you-go.
+/// let balance = Balance::with_backends(
+///     [
+///         BackendSpec::new("ptu-east", backend()).weight(3),
+///         BackendSpec::new("ptu-west", backend()),
+///         BackendSpec::new("paygo", backend()).priority(2),
+///     ],
+///     HealthPolicy::new(),
+///     AzureOpenAiClassifier,
+/// );
+/// assert_eq!(balance.snapshot()[2].priority, 2);
+/// ```
+#[derive(Debug, Clone)]
+pub struct BackendSpec<S> {
+    name: Arc<str>,
+    service: S,
+    priority: u32,
+    weight: u32,
+}
+
+impl<S> BackendSpec<S> {
+    /// A backend of priority 1 and weight 1.
+    pub fn new(name: impl Into<Arc<str>>, service: S) -> Self {
+        Self {
+            name: name.into(),
+            service,
+            priority: 1,
+            weight: 1,
+        }
+    }
+
+    /// Its tier: 1 first (the default), then 2, and so on (any order of numbers works: lower
+    /// first). A backend gets a request only when no backend of a better tier takes it.
+    #[must_use]
+    pub fn priority(mut self, priority: u32) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// Its share of its tier's traffic, relative to the other backends of the tier (default 1;
+    /// 0 is taken as 1).
+    #[must_use]
+    pub fn weight(mut self, weight: u32) -> Self {
+        self.weight = weight.max(1);
+        self
+    }
+
+    /// Its name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its service.
+    pub fn service(&self) -> &S {
+        &self.service
+    }
+}
+
+impl<N: Into<Arc<str>>, S> From<(N, S)> for BackendSpec<S> {
+    fn from((name, service): (N, S)) -> Self {
+        Self::new(name, service)
+    }
 }
 
 impl<S> Balance<S> {
@@ -138,24 +214,45 @@ impl<S> Balance<S> {
 }
 
 impl<S, C> Balance<S, C> {
-    /// Balances over `backends` with the given health policy and classifier.
+    /// Balances over `backends`, `(name, service)` pairs all of priority 1 and weight 1, with
+    /// the given health policy and classifier.
     pub fn with_policy<N, I>(backends: I, policy: HealthPolicy, classifier: C) -> Self
     where
         I: IntoIterator<Item = (N, S)>,
         N: Into<Arc<str>>,
     {
-        let (names, services): (Vec<Arc<str>>, Vec<S>) = backends
+        Self::with_backends(
+            backends.into_iter().map(BackendSpec::from),
+            policy,
+            classifier,
+        )
+    }
+
+    /// Balances over `backends`, each with its priority and weight (see [`BackendSpec`]), with
+    /// the given health policy and classifier. A backend's index (in [`ServedBy`],
+    /// [`TriedBackends`] and the snapshot) is its position in `backends`, whatever its tier.
+    pub fn with_backends<I>(backends: I, policy: HealthPolicy, classifier: C) -> Self
+    where
+        I: IntoIterator<Item = BackendSpec<S>>,
+    {
+        let (health, services): (Vec<BackendHealth>, Vec<S>) = backends
             .into_iter()
-            .map(|(name, service)| (name.into(), service))
+            .map(|spec| {
+                (
+                    BackendHealth::new(spec.name, spec.priority, spec.weight),
+                    spec.service,
+                )
+            })
             .unzip();
+        let tiers = Tier::build(&health);
         Self {
             inner: Arc::new(Inner {
                 services: services.into(),
                 shared: Arc::new(Shared {
-                    backends: names.into_iter().map(BackendHealth::new).collect(),
+                    backends: health.into(),
+                    tiers,
                     policy,
                     clock: Clock::new(),
-                    next: AtomicUsize::new(0),
                 }),
             }),
             classifier,
@@ -190,35 +287,36 @@ impl<S, C> Balance<S, C> {
         }
     }
 
-    /// Picks the backend for a request: the next in rotation that takes a request (see
-    /// [`BackendHealth::admit`]) and, when `tried` is given, not tried yet; else the next one
-    /// that takes a request after the last one tried. Returns its index and whether the request
-    /// is its trial.
+    /// Picks the backend for a request: in the best tier that has one that takes the request
+    /// (see [`BackendHealth::admit`]) and, when `tried` is given, was not tried yet, the next
+    /// in the tier's rotation; else, in the best tier that has one that takes the request, the
+    /// next after the last one tried (or the next in rotation if the last one tried is of
+    /// another tier). Returns its index and whether the request is its trial.
     fn pick(&self, tried: Option<&TriedBackends>) -> Result<(usize, bool), BoxError> {
-        let backends = &self.inner.shared.backends;
-        let count = backends.len();
-        if count == 0 {
+        let shared = &*self.inner.shared;
+        if shared.backends.is_empty() {
             return Err(Box::new(NoBackends));
         }
-        let start = self.inner.shared.next.fetch_add(1, Ordering::Relaxed) % count;
-        let now = LazyNow::new(&self.inner.shared.clock);
-        let admit = |index: usize| match backends[index].admit(|| now.get()) {
-            Admission::Available => Some((index, false)),
-            Admission::Trial => Some((index, true)),
-            Admission::Refused => None,
+        let backends = &*shared.backends;
+        let now = LazyNow::new(&shared.clock);
+        let picked = match tried {
+            None => shared
+                .tiers
+                .iter()
+                .find_map(|tier| tier.pick(backends, &now, |_| false)),
+            Some(tried) => shared
+                .tiers
+                .iter()
+                .find_map(|tier| tier.pick(backends, &now, |i| tried.contains(i)))
+                .or_else(|| {
+                    let last = tried.last()?;
+                    shared
+                        .tiers
+                        .iter()
+                        .find_map(|tier| tier.pick_after(backends, &now, last))
+                }),
         };
-        let ring = |from: usize| (0..count).map(move |step| (from + step) % count);
-
-        if let Some(picked) = ring(start)
-            .filter(|&i| tried.is_none_or(|t| !t.contains(i)))
-            .find_map(admit)
-        {
-            return Ok(picked);
-        }
-        if let Some(picked) = tried
-            .and_then(TriedBackends::last)
-            .and_then(|last| ring(last + 1).find_map(admit))
-        {
+        if let Some(picked) = picked {
             return Ok(picked);
         }
         let soonest = self
@@ -302,15 +400,23 @@ impl<S, C: Clone> Clone for Balance<S, C> {
 
 impl<S, C: fmt::Debug> fmt::Debug for Balance<S, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let names: Vec<&str> = self
+        let backends = &self.inner.shared.backends;
+        let tiers: Vec<(u32, Vec<(&str, u32)>)> = self
             .inner
             .shared
-            .backends
+            .tiers
             .iter()
-            .map(|b| &*b.name)
+            .map(|tier| {
+                let members = tier
+                    .members()
+                    .iter()
+                    .map(|&i| (&*backends[i].name, backends[i].weight))
+                    .collect();
+                (tier.priority, members)
+            })
             .collect();
         f.debug_struct("Balance")
-            .field("backends", &names)
+            .field("tiers", &tiers)
             .field("policy", &self.inner.shared.policy)
             .field("classifier", &self.classifier)
             .finish()

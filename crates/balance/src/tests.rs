@@ -7,6 +7,7 @@ use http::{Request, Response, StatusCode};
 use tower::{BoxError, Service, ServiceExt, service_fn};
 
 use super::*;
+use crate::health::Admission;
 
 /// A backend answering with the status stored in `status` (shared so a test can change it).
 fn backend(
@@ -748,7 +749,7 @@ async fn with_every_other_backend_cooling_a_trial_in_flight_answers_at_once_with
 #[test]
 fn one_of_many_threads_claims_the_trial() {
     for _ in 0..200 {
-        let health = BackendHealth::new("b0".into());
+        let health = BackendHealth::new("b0".into(), 1, 1);
         let clock = Clock::new();
         let policy = HealthPolicy {
             failure_cooldown: Duration::ZERO,
@@ -783,4 +784,306 @@ fn one_of_many_threads_claims_the_trial() {
         health.release_trial();
         assert!(health.is_available(|| clock.now()));
     }
+}
+
+// Priority tiers and weights.
+
+/// A balance over fakes given as `(priority, weight)`, named b0, b1, ...
+fn tiered(specs: &[(u32, u32)], policy: HealthPolicy) -> (Vec<Fake>, Balance<FakeService>) {
+    let fakes: Vec<Fake> = specs.iter().map(|_| Fake::new()).collect();
+    let balance = Balance::with_backends(
+        fakes
+            .iter()
+            .zip(specs)
+            .enumerate()
+            .map(|(i, (fake, &(p, w)))| {
+                BackendSpec::new(format!("b{i}"), fake.service())
+                    .priority(p)
+                    .weight(w)
+            }),
+        policy,
+        AzureOpenAiClassifier,
+    );
+    (fakes, balance)
+}
+
+fn calls(fakes: &[Fake]) -> Vec<usize> {
+    fakes.iter().map(Fake::calls).collect()
+}
+
+async fn sequence(balance: &Balance<FakeService>, n: usize) -> Vec<String> {
+    let mut names = Vec::with_capacity(n);
+    for _ in 0..n {
+        names.push(served_by_fake(balance).await.unwrap());
+    }
+    names
+}
+
+#[tokio::test(start_paused = true)]
+async fn tier_one_takes_everything_until_it_cools_then_tier_two_serves_then_tier_one_again() {
+    let (f, balance) = tiered(&[(1, 1), (1, 1), (2, 1), (3, 1)], HealthPolicy::new());
+    assert_eq!(
+        sequence(&balance, 8).await,
+        ["b0", "b1", "b0", "b1", "b0", "b1", "b0", "b1"]
+    );
+    // Concurrent callers too.
+    for task in burst(&balance, 8).await {
+        task.await.unwrap().unwrap();
+    }
+    assert_eq!(calls(&f), [8, 8, 0, 0]);
+
+    // Tier 1 throttles: once both cool, tier 2 takes everything; tier 3 nothing.
+    f[0].set(Mode::Throttle(10));
+    f[1].set(Mode::Throttle(10));
+    for _ in 0..2 {
+        let response = balance.clone().oneshot(Request::new(())).await.unwrap();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    }
+    assert!(
+        balance.snapshot()[..2]
+            .iter()
+            .all(|b| b.state == BackendState::Cooling)
+    );
+    assert!(sequence(&balance, 8).await.iter().all(|n| n == "b2"));
+    for task in burst(&balance, 8).await {
+        task.await.unwrap().unwrap();
+    }
+    assert_eq!(calls(&f), [9, 9, 16, 0]);
+
+    // Tier 1 recovers: its trials are the next two requests, then it takes everything again.
+    tokio::time::advance(Duration::from_secs(10)).await;
+    f[0].set(Mode::Status(200));
+    f[1].set(Mode::Status(200));
+    let names = sequence(&balance, 8).await;
+    assert!(names.iter().all(|n| n == "b0" || n == "b1"), "{names:?}");
+    assert_eq!(calls(&f), [13, 13, 16, 0]);
+    assert!(
+        balance.snapshot()[..2]
+            .iter()
+            .all(|b| b.state == BackendState::Available)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_never_goes_to_tier_two_while_tier_one_can_take_it() {
+    let (f, balance) = tiered(&[(1, 1), (2, 1)], HealthPolicy::new());
+    f[0].set(Mode::Connect);
+    balance.clone().oneshot(Request::new(())).await.unwrap_err();
+    assert_eq!(sequence(&balance, 4).await, ["b1"; 4]);
+
+    // On trial with no trial in flight, b0 takes the request: the trial, held.
+    tokio::time::advance(Duration::from_secs(10)).await;
+    f[0].set(Mode::Held(200));
+    let trial = burst(&balance, 1).await;
+    assert_eq!(calls(&f), [2, 4]);
+    // Its trial in flight, b0 takes nothing: tier 2 serves.
+    for task in burst(&balance, 8).await {
+        task.await.unwrap().unwrap();
+    }
+    assert_eq!(calls(&f), [2, 12]);
+    f[0].release.add_permits(1);
+    for task in trial {
+        task.await.unwrap().unwrap();
+    }
+    // Re-admitted: tier 1 only, sequential and concurrent.
+    f[0].set(Mode::Status(200));
+    assert_eq!(sequence(&balance, 4).await, ["b0"; 4]);
+    for task in burst(&balance, 8).await {
+        task.await.unwrap().unwrap();
+    }
+    assert_eq!(calls(&f), [14, 12]);
+
+    // A backend of tier 1 that failed without cooling (one 500 of 3) still takes requests.
+    f[0].set(Mode::Status(500));
+    balance.clone().oneshot(Request::new(())).await.unwrap();
+    f[0].set(Mode::Status(200));
+    assert_eq!(sequence(&balance, 2).await, ["b0"; 2]);
+    assert_eq!(calls(&f), [17, 12]);
+}
+
+#[tokio::test]
+async fn retries_take_untried_backends_in_priority_order() {
+    let (_f, balance) = tiered(&[(2, 1), (1, 1), (2, 1), (1, 1)], HealthPolicy::new());
+    let with_tried = |indices: &[usize]| {
+        let mut tried = TriedBackends::new();
+        for &i in indices {
+            tried.insert(i);
+        }
+        let mut request = Request::new(());
+        request.extensions_mut().insert(tried);
+        request
+    };
+    // Tier 1 is b1 and b3.
+    assert_eq!(
+        sequence(&balance, 4).await,
+        ["b1", "b3", "b1", "b3"],
+        "tier 1 only"
+    );
+    for _ in 0..4 {
+        let name = served_by_fake_with(&balance, with_tried(&[1])).await;
+        assert_eq!(name, "b3");
+        let name = served_by_fake_with(&balance, with_tried(&[3, 1])).await;
+        assert!(name == "b0" || name == "b2", "{name}");
+        let name = served_by_fake_with(&balance, with_tried(&[1, 3, 0])).await;
+        assert_eq!(name, "b2");
+        // Every backend tried: tier 1 again, after the last one tried if it is of tier 1.
+        let name = served_by_fake_with(&balance, with_tried(&[0, 2, 3, 1])).await;
+        assert_eq!(name, "b3");
+        let name = served_by_fake_with(&balance, with_tried(&[0, 1, 3, 2])).await;
+        assert!(name == "b1" || name == "b3", "{name}");
+    }
+}
+
+async fn served_by_fake_with(balance: &Balance<FakeService>, request: Request<()>) -> String {
+    let response = balance.clone().oneshot(request).await.unwrap();
+    response
+        .extensions()
+        .get::<ServedBy>()
+        .unwrap()
+        .name()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn weights_3_to_1_interleave_and_split_exactly() {
+    let (f, balance) = tiered(&[(1, 3), (1, 1)], HealthPolicy::new());
+    let names = sequence(&balance, 400).await;
+    let letters: Vec<&str> = names
+        .iter()
+        .map(|n| if n == "b0" { "a" } else { "b" })
+        .collect();
+    assert_eq!(letters[..8], ["a", "a", "b", "a", "a", "a", "b", "a"]);
+    assert_eq!(calls(&f), [300, 100]);
+    assert!(
+        letters.windows(4).all(|w| w.contains(&"b")),
+        "never 4 a's in a row"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_weighted_backend_that_cannot_take_a_request_is_skipped() {
+    let (f, balance) = tiered(&[(1, 2), (1, 1), (1, 1), (2, 5)], HealthPolicy::new());
+    assert_eq!(
+        sequence(&balance, 8).await,
+        ["b0", "b1", "b2", "b0", "b0", "b1", "b2", "b0"]
+    );
+    f[0].set(Mode::Connect);
+    while balance.snapshot()[0].state != BackendState::Cooling {
+        let _ = balance.clone().oneshot(Request::new(())).await;
+    }
+    let names = sequence(&balance, 8).await;
+    assert_eq!(names.iter().filter(|n| *n == "b1").count(), 4, "{names:?}");
+    assert_eq!(names.iter().filter(|n| *n == "b2").count(), 4, "{names:?}");
+    assert_eq!(f[3].calls(), 0);
+}
+
+// Credentials that fail.
+
+#[tokio::test(start_paused = true)]
+async fn a_second_401_in_a_row_cools_the_backend_for_the_credential_cooldown() {
+    let (f, balance) = fakes(2, HealthPolicy::new(), None);
+    f[0].set(Mode::Status(401));
+    // The first 401 is the token-refresh case: b0 stays in rotation.
+    assert_eq!(sequence(&balance, 2).await, ["b0", "b1"]);
+    assert_eq!(balance.snapshot()[0].state, BackendState::Available);
+    // The second, with no success between: out for 5 minutes, reason `credential`.
+    assert_eq!(sequence(&balance, 1).await, ["b0"]);
+    let snapshot = &balance.snapshot()[0];
+    assert_eq!(snapshot.state, BackendState::Cooling);
+    assert_eq!(snapshot.cooling_reason, Some("credential"));
+    assert_eq!(snapshot.cooling_down_for, Some(Duration::from_secs(300)));
+    assert_eq!(sequence(&balance, 8).await, ["b1"; 8]);
+    tokio::time::advance(Duration::from_secs(299)).await;
+    assert_eq!(sequence(&balance, 8).await, ["b1"; 8]);
+    assert_eq!(f[0].calls(), 2);
+
+    // Its trial answered 401: the credential is still wrong, out again for 5 minutes.
+    tokio::time::advance(Duration::from_secs(1)).await;
+    while f[0].calls() < 3 {
+        sequence(&balance, 1).await;
+    }
+    let snapshot = &balance.snapshot()[0];
+    assert_eq!(snapshot.cooling_reason, Some("credential"));
+    assert_eq!(snapshot.cooling_down_for, Some(Duration::from_secs(300)));
+    assert_eq!(snapshot.failed_trials, 0);
+
+    // Fixed: the trial re-admits it.
+    tokio::time::advance(Duration::from_secs(300)).await;
+    f[0].set(Mode::Status(200));
+    let names = sequence(&balance, 4).await;
+    assert_eq!(names.iter().filter(|n| *n == "b0").count(), 2, "{names:?}");
+    assert_eq!(balance.snapshot()[0].state, BackendState::Available);
+
+    // A success between two 401s resets the count.
+    f[0].set(Mode::Status(401));
+    sequence(&balance, 2).await;
+    f[0].set(Mode::Status(200));
+    sequence(&balance, 2).await;
+    f[0].set(Mode::Status(401));
+    sequence(&balance, 2).await;
+    assert_eq!(balance.snapshot()[0].state, BackendState::Available);
+    assert_eq!(f[0].calls(), 3 + 2 + 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_403_cools_the_backend_at_once_for_the_credential_cooldown() {
+    let policy = HealthPolicy {
+        credential_cooldown: Duration::from_secs(600),
+        ..HealthPolicy::new()
+    };
+    let (f, balance) = tiered(&[(1, 1), (2, 3)], policy);
+    f[0].set(Mode::Status(403));
+    // The caller sees the 403 (no retry layer here); the backend is out at once.
+    let response = balance.clone().oneshot(Request::new(())).await.unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    let snapshot = balance.snapshot();
+    assert_eq!(snapshot[0].state, BackendState::Cooling);
+    assert_eq!(snapshot[0].cooling_reason, Some("credential"));
+    assert_eq!(
+        snapshot[0].cooling_down_for,
+        Some(Duration::from_secs(600)),
+        "not capped by max_cooldown"
+    );
+    assert_eq!(sequence(&balance, 4).await, ["b1"; 4]);
+    assert_eq!(calls(&f), [1, 4]);
+}
+
+#[test]
+fn a_403_is_retryable_elsewhere_only() {
+    let outcome =
+        AzureOpenAiClassifier.classify_response(StatusCode::FORBIDDEN, &Default::default());
+    assert_eq!(outcome, Outcome::Forbidden);
+    assert!(!outcome.is_retryable());
+    assert!(outcome.is_retryable_elsewhere());
+    assert_eq!(outcome.reason(), "forbidden");
+    assert!(Outcome::Unauthorized.is_retryable_elsewhere());
+    assert!(!Outcome::Final.is_retryable_elsewhere());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_snapshot_shows_priority_weight_and_reason() {
+    let (f, balance) = tiered(&[(1, 3), (1, 1), (2, 1)], HealthPolicy::new());
+    f[1].set(Mode::Status(403));
+    let view = |b: &Balance<FakeService>| {
+        b.snapshot()
+            .into_iter()
+            .map(|b| (b.name.to_string(), b.priority, b.weight, b.cooling_reason))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        view(&balance),
+        [
+            ("b0".to_owned(), 1, 3, None),
+            ("b1".to_owned(), 1, 1, None),
+            ("b2".to_owned(), 2, 1, None),
+        ]
+    );
+    sequence(&balance, 3).await;
+    assert_eq!(
+        view(&balance)[1],
+        ("b1".to_owned(), 1, 1, Some("credential"))
+    );
+    assert_eq!(f[1].calls(), 1);
+    let debug = format!("{balance:?}");
+    assert!(debug.contains("tiers"), "{debug}");
 }
