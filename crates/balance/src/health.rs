@@ -15,7 +15,7 @@ use crate::classify::{Failure, Outcome};
 /// A cooling backend receives no traffic. When its cooldown ends it is *on trial*: it gets one
 /// request, the trial, while every other request goes to the backends that are available; the
 /// trial's answer decides. A trial that succeeds (any answer that is neither a failure nor a
-/// throttle: success, a final answer, 401) re-admits the backend: it takes its share of traffic
+/// throttle: success, a final answer, a first 401) re-admits the backend: it takes its share of traffic
 /// again, its consecutive failures and its failed trials are reset. A trial that fails (5xx,
 /// connect error, timeout: at once, whatever `failure_threshold` says) cools it again, for
 /// `failure_cooldown` doubled for each consecutive failed trial, at most `max_cooldown`

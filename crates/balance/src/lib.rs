@@ -1,14 +1,24 @@
-//! Round-robin balancing over named backend services, with passive health.
+//! Round-robin balancing over named backend services, in priority tiers, with weights and
+//! passive health.
 //!
 //! [`Balance`] spreads requests over a list of backends (each a full tower stack of its own:
-//! auth, timeout, upstream) in strict rotation, one atomic counter, no lock. It learns from every
+//! auth, timeout, upstream). Each backend has a priority (its tier: 1 first) and a weight
+//! ([`BackendSpec`]; both 1 by default). A request goes to the best tier that has a backend
+//! that takes it, never to a later tier while an earlier one can take it: when every backend
+//! of a tier is cooling down (or on trial with its trial in flight), requests and retries spill
+//! to the next tier, and come back as soon as one of them takes requests again (its trial
+//! first). Within a tier, backends of equal weight take turns in strict rotation (one atomic
+//! counter, no lock); unequal weights share by nginx's smooth weighted round-robin (weights 3
+//! and 1 give a a b a, a a b a, ...: deterministic, interleaved; a small mutex per tier), and a
+//! backend that takes no request is left out of that pick. It learns from every
 //! answer: a backend that throttles (429) cools down for as long as its `Retry-After` asks; one
 //! that cannot be reached, or times out, cools down at once; one that fails with 5xx several
 //! times in a row cools down too. A cooling backend gets no traffic until its cooldown ends;
 //! then it is *on trial*: it gets one request, while every other request goes to the backends
 //! that are well, and that request's answer re-admits it or cools it again, for twice as long
 //! after each failed trial (up to a cap; a 429 keeps its own `Retry-After`). So a hung backend
-//! gets one request per cooldown, not a burst. See [`HealthPolicy`].
+//! gets one request per cooldown, not a burst. A backend that refuses our credentials (a 403,
+//! or a second 401 in a row) is out for a long cooldown (5 minutes). See [`HealthPolicy`].
 //!
 //! It knows nothing of Azure beyond the default [`Classify`] rules; it works for any HTTP
 //! backends.
@@ -42,12 +52,14 @@
 //!
 //! - Every response carries a [`ServedBy`] extension; every error is a [`BackendError`] naming
 //!   the backend (or [`AllCoolingDown`] / [`NoBackends`] when none was contacted).
-//! - A request carrying a [`TriedBackends`] extension goes to an untried, available backend
-//!   while one exists, else round-robin on after the last one tried.
+//! - A request carrying a [`TriedBackends`] extension goes to an untried backend that takes it
+//!   while one exists, tiers in priority order (an untried one of tier 2 before a tried one of
+//!   tier 1); else, in the best tier that has a backend that takes it, round-robin on after the
+//!   last one tried.
 //! - A backend is *available*, *cooling* (no request), or *on trial* ([`BackendState`]). A
 //!   backend on trial takes exactly one request, the trial, claimed by one compare-exchange; while
 //!   the trial is in flight it takes no other. The trial's answer settles it: success, a final
-//!   answer or 401 re-admit it; a failure (5xx, connect error, timeout) cools it again at once,
+//!   answer or a first 401 re-admit it; a failure (5xx, connect error, timeout) cools it again at once,
 //!   `failure_cooldown` doubled per consecutive failed trial, at most `max_cooldown`; a 429 cools
 //!   it for its own `Retry-After` (at most `max_cooldown`). A trial whose response future is
 //!   dropped unanswered frees the slot: the next request is the trial.
@@ -57,8 +69,13 @@
 //!   if a trial is in flight, [`TRIAL_RETRY_AFTER`] (1 s: a trial answers within an attempt
 //!   timeout). [`BalanceHealth::soonest_recovery`] and [`BalanceHealth::has_untried_available`]
 //!   count the same way, so the retry policy agrees with the pick.
-//! - [`Balance::snapshot`] reports each backend's [`BackendState`], why it cools
-//!   (`throttled`, `failed`, `timeout`, `connect`), the time left and its failed trials.
+//! - A 403 ([`Outcome::Forbidden`]), or a backend's second 401 ([`Outcome::Unauthorized`]) with
+//!   no success or final answer from it in between, takes the backend out for
+//!   [`HealthPolicy::credential_cooldown`], with one warning naming it and the status. The first
+//!   401 is left to the token refresh (see [`HealthPolicy`]).
+//! - [`Balance::snapshot`] reports each backend's priority, weight, [`BackendState`], why it
+//!   cools (`throttled`, `failed`, `timeout`, `connect`, `credential`), the time left and its
+//!   failed trials.
 //! - [`Classify`] decides each outcome; give the retry policy the same classifier.
 //! - Each call drives a clone of its backend with tower's [`Oneshot`](tower::util::Oneshot):
 //!   a backend's readiness is awaited with the caller's own task, so limits inside a backend's
@@ -91,7 +108,8 @@ pub use crate::health::{BackendSnapshot, BackendState, HealthPolicy, TRIAL_RETRY
 use crate::health::{BackendHealth, Clock, LazyNow};
 use crate::tier::Tier;
 
-/// Round-robin over named backend services, skipping those that cool down.
+/// Round-robin over named backend services in priority tiers, with weights, skipping those
+/// that cool down (see the [crate docs](crate)).
 ///
 /// # Clone and readiness
 ///
