@@ -14,9 +14,10 @@ use crate::classify::{Failure, Outcome};
 ///
 /// A cooling backend receives no traffic. When its cooldown ends it is *on trial*: it gets one
 /// request, the trial, while every other request goes to the backends that are available; the
-/// trial's answer decides. A trial that succeeds (any answer that is neither a failure nor a
-/// throttle: success, a final answer, a first 401) re-admits the backend: it takes its share of traffic
-/// again, its consecutive failures and its failed trials are reset. A trial that fails (5xx,
+/// trial's answer decides. A trial that succeeds (any answer that is neither a failure, a
+/// throttle nor a refused credential: success, a final answer, a first 401) re-admits the
+/// backend: it takes its share of traffic again, its consecutive failures and its failed
+/// trials are reset. A trial that fails (5xx,
 /// connect error, timeout: at once, whatever `failure_threshold` says) cools it again, for
 /// `failure_cooldown` doubled for each consecutive failed trial, at most `max_cooldown`
 /// (10 s, 20 s, 40 s, ... with the defaults). A trial answered 429 cools it for the 429's own
