@@ -72,6 +72,8 @@ fn poll_once<F: Future>(future: F) -> F::Output {
 }
 
 /// `n` backends in 3 tiers, weighted or not, with their statuses.
+// The backend's type is an `impl Service`, which a type alias cannot name.
+#[allow(clippy::type_complexity)]
 fn balance(
     n: usize,
     weighted: bool,

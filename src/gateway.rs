@@ -10,7 +10,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use aoai_auth::{AzureAuth, AzureAuthLayer};
-use aoai_balance::{BackendError, Balance, BalanceHealth, HealthPolicy, ServedBy};
+use aoai_balance::{BackendError, BackendSpec, Balance, BalanceHealth, HealthPolicy, ServedBy};
 use aoai_rebase::{InvalidBaseUrl, Rebase, RebaseLayer};
 use aoai_retry::{ReplayBody, RetryNextBackendLayer, RetryNextBackendService};
 use aoai_upstream::UpstreamClient;
@@ -284,7 +284,7 @@ where
 #[derive(Debug, Clone)]
 pub struct GatewayBuilder<C = DefaultClient> {
     client: C,
-    backends: Vec<BackendSpec>,
+    backends: Vec<Backend>,
     backend_path: String,
     max_attempts: usize,
     body_limit: usize,
@@ -294,11 +294,62 @@ pub struct GatewayBuilder<C = DefaultClient> {
     served_by_header: bool,
 }
 
+/// One instance of a [`Gateway`]: its name, its endpoint, and how it takes part (for
+/// [`GatewayBuilder::add_backend`]).
+///
+/// ```
+/// use aoai_tower::{Backend, Gateway};
+///
+/// // PTU first; pay-as-you-go in two regions, 3:1, when every PTU instance is cooling.
+/// let gateway = Gateway::builder()
+///     .add_backend(Backend::new("ptu", "https://ptu.openai.azure.com"))
+///     .add_backend(Backend::new("eastus", "https://eastus.openai.azure.com").priority(2).weight(3))
+///     .add_backend(Backend::new("westus", "https://westus.openai.azure.com").priority(2))
+///     .build()?;
+/// # Ok::<_, aoai_tower::GatewayError>(())
+/// ```
 #[derive(Debug, Clone)]
-struct BackendSpec {
+pub struct Backend {
     name: String,
     endpoint: String,
     auth: Option<AzureAuthLayer>,
+    priority: u32,
+    weight: u32,
+}
+
+impl Backend {
+    /// The instance at `endpoint` (as the Azure portal shows it,
+    /// `https://NAME.openai.azure.com`), named `name`, with no credential, priority 1 and
+    /// weight 1.
+    pub fn new(name: impl Into<String>, endpoint: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            endpoint: endpoint.into(),
+            auth: None,
+            priority: 1,
+            weight: 1,
+        }
+    }
+
+    /// Authenticates to it with `auth`. Clones of one [`AzureAuthLayer`] share its token
+    /// cache.
+    pub fn auth(mut self, auth: AzureAuthLayer) -> Self {
+        self.auth = Some(auth);
+        self
+    }
+
+    /// Its tier: 1 first (say, provisioned throughput); a request goes to tier 2 only while
+    /// no tier-1 instance can take it, and so on. Default: 1.
+    pub fn priority(mut self, priority: u32) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// Its share of its tier's traffic, interleaved (smooth weighted round-robin). Default: 1.
+    pub fn weight(mut self, weight: u32) -> Self {
+        self.weight = weight;
+        self
+    }
 }
 
 impl GatewayBuilder {
@@ -337,32 +388,28 @@ impl<C> GatewayBuilder<C> {
         }
     }
 
+    /// Adds `backend`, with its own auth, priority and weight.
+    pub fn add_backend(mut self, backend: Backend) -> Self {
+        self.backends.push(backend);
+        self
+    }
+
     /// Adds a backend that needs no credential (an emulator, or one behind its own auth).
     /// `endpoint` is the instance's endpoint as the Azure portal shows it,
     /// `https://NAME.openai.azure.com`.
-    pub fn backend(mut self, name: impl Into<String>, endpoint: impl Into<String>) -> Self {
-        self.backends.push(BackendSpec {
-            name: name.into(),
-            endpoint: endpoint.into(),
-            auth: None,
-        });
-        self
+    pub fn backend(self, name: impl Into<String>, endpoint: impl Into<String>) -> Self {
+        self.add_backend(Backend::new(name, endpoint))
     }
 
     /// Adds a backend authenticated by `auth`. Clones of one [`AzureAuthLayer`] share its
     /// token cache, so give every backend a clone of the same layer.
     pub fn backend_with_auth(
-        mut self,
+        self,
         name: impl Into<String>,
         endpoint: impl Into<String>,
         auth: AzureAuthLayer,
     ) -> Self {
-        self.backends.push(BackendSpec {
-            name: name.into(),
-            endpoint: endpoint.into(),
-            auth: Some(auth),
-        });
-        self
+        self.add_backend(Backend::new(name, endpoint).auth(auth))
     }
 
     /// The path joined onto each endpoint before the request's own path. Default: `/openai`,
@@ -442,6 +489,9 @@ impl<C> GatewayBuilder<C> {
             if !names.insert(spec.name.clone()) {
                 return Err(GatewayError::DuplicateName(spec.name));
             }
+            if spec.priority == 0 || spec.weight == 0 {
+                return Err(GatewayError::ZeroPriorityOrWeight(spec.name));
+            }
             let value = HeaderValue::from_str(&spec.name)
                 .map_err(|_| GatewayError::InvalidName(spec.name.clone()))?;
             let base = format!(
@@ -459,10 +509,14 @@ impl<C> GatewayBuilder<C> {
                 Some(auth) => Either::Left(auth.layer(attempt)),
                 None => Either::Right(attempt),
             };
-            stacks.push((spec.name, service));
+            stacks.push(
+                BackendSpec::new(spec.name, service)
+                    .priority(spec.priority)
+                    .weight(spec.weight),
+            );
             served_by_values.push(value);
         }
-        let balance = Balance::with_policy(stacks, self.health, classifier);
+        let balance = Balance::with_backends(stacks, self.health, classifier);
         let health = balance.health();
         let retry = RetryNextBackendLayer::new(health.clone())
             .classifier(classifier)
@@ -481,8 +535,8 @@ impl<C> GatewayBuilder<C> {
 
 /// Whether the backends authenticate in more than one way: a token one of them cannot get,
 /// another may not need.
-fn several_credentials(backends: &[BackendSpec]) -> bool {
-    fn cache(spec: &BackendSpec) -> Option<&aoai_auth::TokenCache> {
+fn several_credentials(backends: &[Backend]) -> bool {
+    fn cache(spec: &Backend) -> Option<&aoai_auth::TokenCache> {
         spec.auth.as_ref().and_then(AzureAuthLayer::token_cache)
     }
     let Some(first) = backends.iter().find_map(cache) else {
@@ -502,6 +556,9 @@ pub enum GatewayError {
     /// Two backends share a name.
     #[error("two backends are named {0:?}")]
     DuplicateName(String),
+    /// A backend's priority or weight is 0 (both start at 1).
+    #[error("backend {0:?}: priority and weight must be at least 1")]
+    ZeroPriorityOrWeight(String),
     /// A name cannot be sent as a header value.
     #[error("backend name {0:?} is not a valid header value")]
     InvalidName(String),

@@ -69,7 +69,9 @@ pub use aoai_upstream as upstream;
 pub use crate::classify::GatewayClassifier;
 pub use crate::client_key::{RequireClientKey, RequireClientKeyLayer};
 pub use crate::error::{azure_error, error_response};
-pub use crate::gateway::{DefaultClient, Gateway, GatewayBuilder, GatewayError, GatewayFuture};
+pub use crate::gateway::{
+    Backend, DefaultClient, Gateway, GatewayBuilder, GatewayError, GatewayFuture,
+};
 pub use tower::BoxError;
 
 /// The README's examples, compiled as doctests so the README stays true.

@@ -117,3 +117,66 @@ async fn concurrent_callers_are_split_evenly() {
         );
     }
 }
+
+/// The instances of `sims`, each with its priority and weight.
+fn pool(sims: &[aoai_sim::SimHandle], tiers: &[(u32, u32)]) -> aoai_tower::Gateway {
+    sims.iter()
+        .zip(tiers)
+        .fold(
+            aoai_tower::Gateway::builder(),
+            |builder, (sim, &(priority, weight))| {
+                builder.add_backend(
+                    aoai_tower::Backend::new(sim.name(), sim.url())
+                        .priority(priority)
+                        .weight(weight),
+                )
+            },
+        )
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn weights_3_to_1_give_75_25_interleaved() {
+    let sims = sims(2).await;
+    let base = serve_gateway(pool(&sims, &[(1, 3), (1, 1)])).await;
+    let client = client();
+
+    let mut order = Vec::new();
+    for _ in 0..400 {
+        let response = chat(&client, &base).await;
+        assert_eq!(response.status(), 200);
+        order.push(served_by(&response));
+    }
+    assert_eq!(order[..8], ["a", "a", "b", "a", "a", "a", "b", "a"]);
+    assert_eq!(sims[0].request_count(), 300);
+    assert_eq!(sims[1].request_count(), 100);
+}
+
+#[tokio::test]
+async fn the_first_tier_takes_everything_until_it_throttles_then_the_next_serves_until_it_recovers()
+{
+    let sims = sims(3).await;
+    let gateway = pool(&sims, &[(1, 1), (2, 1), (2, 1)]);
+    let base = serve_gateway(gateway).await;
+    let client = client();
+
+    for _ in 0..6 {
+        assert_eq!(served_by(&chat(&client, &base).await), "a");
+    }
+    // a throttles for a second: the request goes on to tier 2, and so do the next ones.
+    sims[0].push_fault(aoai_sim::Fault::throttle(1));
+    let mut spilled = Vec::new();
+    for _ in 0..4 {
+        let response = chat(&client, &base).await;
+        assert_eq!(response.status(), 200);
+        spilled.push(served_by(&response));
+    }
+    assert_eq!(spilled, ["b", "c", "b", "c"]);
+    assert_eq!(sims[0].request_count(), 7);
+    // Once a's cooldown is over, its trial brings traffic back.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    for _ in 0..3 {
+        assert_eq!(served_by(&chat(&client, &base).await), "a");
+    }
+}

@@ -280,6 +280,17 @@ async fn an_invalid_config_file_is_refused_naming_the_problem() {
     assert!(line.contains(unknown_key.path()), "{line}");
     assert!(line.contains("bogus_key"), "{line}");
 
+    let line_two = TempFile::with("line-two.toml", "max_attempts = 2\nbody_limit = \"x\"\n");
+    let line = refused(&["--config", line_two.path()], &[]).await;
+    assert!(line.contains("line 2"), "{line}");
+
+    let zero_weight = TempFile::with(
+        "zero-weight.toml",
+        "[[backends]]\nname = \"a\"\nurl = \"http://127.0.0.1:9\"\nweight = 0\n",
+    );
+    let line = refused(&["--config", zero_weight.path()], &[]).await;
+    assert!(line.contains("weight"), "{line}");
+
     let unknown_backend_key = TempFile::with(
         "unknown-backend.toml",
         "[[backends]]\nurl = \"http://127.0.0.1:9\"\nnmae = \"a\"\n",
@@ -439,13 +450,23 @@ async fn the_example_config_file_is_read() {
         &[],
     );
     let backends = gateway.ready(&base, None).await;
-    let names: Vec<&str> = backends["backends"]
+    let tiers: Vec<(&str, u64, u64)> = backends["backends"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|backend| backend["name"].as_str().unwrap())
+        .map(|backend| {
+            (
+                backend["name"].as_str().unwrap(),
+                backend["priority"].as_u64().unwrap(),
+                backend["weight"].as_u64().unwrap(),
+            )
+        })
         .collect();
-    assert_eq!(names, ["eastus", "swedencentral"], "{backends}");
+    assert_eq!(
+        tiers,
+        [("ptu", 1, 1), ("eastus", 2, 3), ("swedencentral", 2, 1)],
+        "{backends}"
+    );
 }
 
 #[tokio::test]

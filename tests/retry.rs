@@ -196,7 +196,7 @@ async fn a_content_filter_400_makes_one_call_and_reaches_the_caller_unchanged() 
 
 #[tokio::test]
 async fn other_client_errors_are_never_retried() {
-    for status in [403, 404, 413, 422] {
+    for status in [404, 413, 422] {
         let sims = sims(2).await;
         let body = azure_body(&status.to_string(), &format!("scripted {status}"));
         sims[0].push_fault(respond(status, &body));
@@ -232,6 +232,53 @@ async fn a_401_is_retried_once() {
     assert_eq!(served_by(&response), "b");
     assert_azure_error(&response.text().await.unwrap(), "401");
     assert_eq!(counts(&sims), [1, 1, 0], "exactly two calls");
+}
+
+/// An instance that refuses the gateway's credential (a wrong key: two 401s in a row) is taken
+/// out of rotation for the credential cooldown, and says why; every caller is served by the
+/// other instance, and the wrong one hears of no request after its second 401.
+#[tokio::test]
+async fn an_instance_refusing_the_gateways_credential_is_taken_out_of_rotation() {
+    let a = aoai_sim::start(SimConfig::new("a").expect_api_key("key-a")).await;
+    let b = aoai_sim::start(SimConfig::new("b")).await;
+    let sims = [a, b];
+    let (gateway, base) = start(builder_over(&sims)).await;
+    let client = client();
+    for _ in 0..10 {
+        let response = chat(&client, &base).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(served_by(&response), "b");
+    }
+    assert_eq!(sims[0].request_count(), 2, "two 401s, then nothing");
+    let a = &gateway.health().snapshot()[0];
+    assert_eq!(a.state.to_string(), "cooling", "{a:?}");
+    assert_eq!(a.cooling_reason, Some("credential"), "{a:?}");
+    assert!(
+        a.cooling_down_for
+            .is_some_and(|left| left > Duration::from_secs(200))
+    );
+}
+
+/// A 403 (a missing role assignment) goes on to the other instance, and takes the refusing one
+/// out of rotation at once.
+#[tokio::test]
+async fn a_403_goes_on_to_the_other_instance_and_cools_the_refusing_one() {
+    let sims = sims(2).await;
+    let body = azure_body(
+        "PermissionDenied",
+        "The principal lacks the required data action",
+    );
+    sims[0].push_fault(respond(403, &body));
+    let (gateway, base) = start(builder_over(&sims)).await;
+    let client = client();
+    for _ in 0..3 {
+        let response = chat(&client, &base).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(served_by(&response), "b");
+    }
+    assert_eq!(counts(&sims), [1, 3]);
+    let a = &gateway.health().snapshot()[0];
+    assert_eq!(a.cooling_reason, Some("credential"), "{a:?}");
 }
 
 #[tokio::test]

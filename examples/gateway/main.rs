@@ -74,6 +74,9 @@ async fn run(mut settings: Settings) -> Result<(), String> {
             settings.backends.push(Backend {
                 name: name.to_owned(),
                 url: sim.url(),
+                priority: 1,
+                weight: 1,
+                auth: None,
             });
             emulators.push(sim);
         }
@@ -146,13 +149,22 @@ fn build_gateway(settings: &Settings) -> Result<Gateway, String> {
     } else {
         AuthMode::ManagedIdentity(None)
     });
-    let shared = credential(&mode)?.map(|credential| {
-        let layer = AzureAuthLayer::from_credential(credential);
-        match settings.token_wait {
-            Some(wait) => layer.with_token_wait(wait),
-            None => layer,
+    // One token cache per Entra ID mode, shared by every backend that uses it.
+    let mut shared: Vec<(AuthMode, Option<AzureAuthLayer>)> = Vec::new();
+    let mut entra_layer = |mode: &AuthMode| -> Result<Option<AzureAuthLayer>, String> {
+        if let Some((_, layer)) = shared.iter().find(|(known, _)| known == mode) {
+            return Ok(layer.clone());
         }
-    });
+        let layer = credential(mode)?.map(|credential| {
+            let layer = AzureAuthLayer::from_credential(credential);
+            match settings.token_wait {
+                Some(wait) => layer.with_token_wait(wait),
+                None => layer,
+            }
+        });
+        shared.push((mode.clone(), layer.clone()));
+        Ok(layer)
+    };
     let mut client = UpstreamClient::builder();
     if let Some(path) = &settings.ca_file {
         let pem = std::fs::read(path)
@@ -177,15 +189,17 @@ fn build_gateway(settings: &Settings) -> Result<Gateway, String> {
         builder = builder.max_cooldown(cap);
     }
     for backend in &settings.backends {
-        let auth = match (&mode, &shared) {
-            (AuthMode::ApiKey, _) => Some(api_key_layer(&backend.name)?),
-            (_, Some(shared)) => Some(shared.clone()),
-            (_, None) => None,
+        let auth = match backend.auth.as_ref().unwrap_or(&mode) {
+            AuthMode::ApiKey => Some(api_key_layer(&backend.name)?),
+            mode => entra_layer(mode)?,
         };
-        builder = match auth {
-            Some(auth) => builder.backend_with_auth(&backend.name, &backend.url, auth),
-            None => builder.backend(&backend.name, &backend.url),
-        };
+        let mut spec = aoai_tower::Backend::new(&backend.name, &backend.url)
+            .priority(backend.priority)
+            .weight(backend.weight);
+        if let Some(auth) = auth {
+            spec = spec.auth(auth);
+        }
+        builder = builder.add_backend(spec);
     }
     builder.build().map_err(|e| e.to_string())
 }
@@ -268,6 +282,8 @@ fn backends_json(health: &aoai_tower::balance::BalanceHealth) -> serde_json::Val
             json!({
                 "name": &*b.name,
                 "index": b.index,
+                "priority": b.priority,
+                "weight": b.weight,
                 "state": b.state.to_string(),
                 "available": b.state == BackendState::Available,
                 "trial_in_flight": b.state == BackendState::Trial { in_flight: true },

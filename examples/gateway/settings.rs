@@ -28,6 +28,13 @@ pub(crate) struct Flags {
     /// NAME=URL. Repeat for each instance.
     #[arg(long = "backend", value_name = "[NAME=]URL")]
     backends: Vec<String>,
+    /// A backend's tier: NAME=N, 1 first (e.g. PTU), 2 when every tier-1 backend is cooling,
+    /// ... [default: 1]. Repeat for each backend.
+    #[arg(long = "priority", value_name = "NAME=N")]
+    priorities: Vec<String>,
+    /// A backend's share of its tier's traffic: NAME=N [default: 1]. Repeat for each backend.
+    #[arg(long = "weight", value_name = "NAME=N")]
+    weights: Vec<String>,
     /// A TOML file with the same settings (see examples/gateway.toml).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -108,6 +115,12 @@ struct File {
 struct FileBackend {
     name: Option<String>,
     url: String,
+    /// 1 is the first tier; default 1.
+    priority: Option<u32>,
+    /// Share of its tier's traffic; default 1.
+    weight: Option<u32>,
+    /// This backend's auth mode, over the file's `auth`.
+    auth: Option<String>,
 }
 
 /// How the gateway authenticates to its backends.
@@ -152,6 +165,12 @@ impl AuthMode {
 pub(crate) struct Backend {
     pub(crate) name: String,
     pub(crate) url: String,
+    /// 1 is the first tier.
+    pub(crate) priority: u32,
+    /// Share of its tier's traffic.
+    pub(crate) weight: u32,
+    /// This backend's own auth mode, over the gateway's.
+    pub(crate) auth: Option<AuthMode>,
 }
 
 /// Everything the gateway needs, validated.
@@ -185,15 +204,21 @@ impl Settings {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
                 toml::from_str::<File>(&text).map_err(|e| {
-                    let message = e.message().to_owned();
-                    format!("invalid config {}: {message}", path.display())
+                    let line = e.span().map_or(String::new(), |span| {
+                        format!("line {}: ", text[..span.start].lines().count().max(1))
+                    });
+                    format!("invalid config {}: {line}{}", path.display(), e.message())
                 })?
             }
             None => File::default(),
         };
         let mut backends = Vec::new();
         for backend in &file.backends {
-            backends.push(backend_from(backend.name.clone(), &backend.url)?);
+            let mut parsed = backend_from(backend.name.clone(), &backend.url)?;
+            parsed.priority = at_least_one("priority", &parsed.name, backend.priority)?;
+            parsed.weight = at_least_one("weight", &parsed.name, backend.weight)?;
+            parsed.auth = backend.auth.as_deref().map(AuthMode::parse).transpose()?;
+            backends.push(parsed);
         }
         for spec in &flags.backends {
             backends.push(match spec.split_once('=') {
@@ -202,6 +227,25 @@ impl Settings {
                 }
                 _ => backend_from(None, spec)?,
             });
+        }
+        for (what, specs) in [("priority", &flags.priorities), ("weight", &flags.weights)] {
+            for spec in specs {
+                let (name, value) = spec
+                    .split_once('=')
+                    .ok_or_else(|| format!("--{what} {spec:?}: expected NAME=N"))?;
+                let value = value
+                    .parse()
+                    .map_err(|_| format!("--{what} {spec:?}: {value:?} is not a whole number"))?;
+                let backend = backends
+                    .iter_mut()
+                    .find(|b| b.name == name)
+                    .ok_or_else(|| format!("--{what} {spec:?}: no backend is named {name:?}"))?;
+                let value = at_least_one(what, name, Some(value))?;
+                match what {
+                    "priority" => backend.priority = value,
+                    _ => backend.weight = value,
+                }
+            }
         }
         let auth = flags.auth.as_deref().or(file.auth.as_deref());
         let max_attempts = flags.max_attempts.or(file.max_attempts);
@@ -259,6 +303,15 @@ impl Settings {
     }
 }
 
+/// A backend's `what` (priority or weight): at least 1, default 1.
+fn at_least_one(what: &str, name: &str, value: Option<u32>) -> Result<u32, String> {
+    match value {
+        Some(0) => Err(format!("backend {name:?}: the {what} must be at least 1")),
+        Some(value) => Ok(value),
+        None => Ok(1),
+    }
+}
+
 /// The `kind` timeout of `secs` seconds, at least one, or `default` when none is given.
 fn timeout(kind: &str, secs: Option<u64>, default: Duration) -> Result<Duration, String> {
     match secs {
@@ -296,6 +349,9 @@ fn backend_from(name: Option<String>, url: &str) -> Result<Backend, String> {
     Ok(Backend {
         name,
         url: url.trim_end_matches('/').to_owned(),
+        priority: 1,
+        weight: 1,
+        auth: None,
     })
 }
 

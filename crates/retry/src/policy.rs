@@ -91,7 +91,7 @@ impl<C> RetryNextBackend<C> {
             Err(error) if error.is::<AllCoolingDown>() || error.is::<NoBackends>() => return None,
             Err(error) => self.classifier.classify_error(&**error),
         };
-        outcome.is_retryable().then_some(outcome)
+        outcome.is_retryable_elsewhere().then_some(outcome)
     }
 
     /// Whether to retry after an attempt whose outcome a retry could mend (from
@@ -132,11 +132,13 @@ impl<C> RetryNextBackend<C> {
             );
             return None;
         }
-        if matches!(outcome, Outcome::CredentialUnavailable { .. })
-            && !self.settings.health.has_untried_available(tried)
+        if matches!(
+            outcome,
+            Outcome::CredentialUnavailable { .. } | Outcome::Forbidden
+        ) && !self.settings.health.has_untried_available(tried)
         {
-            // Only a backend that authenticates another way could help, and only one not tried
-            // yet: no backoff, no second go at the same credential.
+            // Only a backend that authenticates another way (or holds another role assignment)
+            // could help, and only one not tried yet: no backoff, no second go at the same one.
             return None;
         }
         if matches!(outcome, Outcome::Unauthorized) {
