@@ -1553,3 +1553,23 @@ async fn the_admin_route_shows_a_cooling_instance_and_why() {
     assert_eq!(up["state"], "available", "{up}");
     assert_eq!(up["cooling_reason"], Value::Null, "{up}");
 }
+
+/// A backend's own `auth` in the file overrides the gateway's: an api-key backend needs its
+/// `AOAI_KEY_<NAME>`, named when missing; an unknown mode is refused naming it.
+#[tokio::test]
+async fn a_backends_own_auth_mode_is_read_and_checked() {
+    let api_key = TempFile::with(
+        "per-backend-auth.toml",
+        "auth = \"none\"\n[[backends]]\nname = \"ptu\"\nurl = \"http://127.0.0.1:9\"\n\
+         auth = \"api-key\"\n",
+    );
+    let line = refused(&["--config", api_key.path()], &[]).await;
+    assert!(line.contains("AOAI_KEY_PTU"), "{line}");
+
+    let bogus = TempFile::with(
+        "bogus-backend-auth.toml",
+        "[[backends]]\nname = \"ptu\"\nurl = \"http://127.0.0.1:9\"\nauth = \"bogus\"\n",
+    );
+    let line = refused(&["--config", bogus.path()], &[]).await;
+    assert!(line.contains("bogus"), "{line}");
+}
