@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tower::BoxError;
 
-use crate::ServedBy;
+use crate::{Deployment, ServedBy};
 
 /// An error from one backend, naming the backend.
 #[derive(Debug)]
@@ -43,8 +43,9 @@ impl StdError for BackendError {
     }
 }
 
-/// No backend takes a request: each is cooling down, or on trial with its trial in flight.
-/// Answered at once, without contacting any backend.
+/// No backend takes a request: each is cooling down, or on trial with its trial in flight (for
+/// a request carrying a [`Deployment`]: each backend that offers it is, or cools down for that
+/// deployment). Answered at once, without contacting any backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AllCoolingDown {
     retry_after: Duration,
@@ -74,6 +75,33 @@ impl fmt::Display for AllCoolingDown {
 }
 
 impl StdError for AllCoolingDown {}
+
+/// No backend offers the deployment a request is for (see
+/// [`BackendSpec::deployments`](crate::BackendSpec::deployments)): answered at once, without
+/// contacting any backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownDeployment {
+    deployment: Deployment,
+}
+
+impl UnknownDeployment {
+    pub(crate) fn new(deployment: Deployment) -> Self {
+        Self { deployment }
+    }
+
+    /// The deployment no backend offers.
+    pub fn deployment(&self) -> &Deployment {
+        &self.deployment
+    }
+}
+
+impl fmt::Display for UnknownDeployment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "no backend serves deployment `{}`", self.deployment)
+    }
+}
+
+impl StdError for UnknownDeployment {}
 
 /// `Balance` was built with an empty list of backends.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

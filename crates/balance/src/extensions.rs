@@ -85,3 +85,62 @@ impl TriedBackends {
         self.count
     }
 }
+
+/// The deployment a request is for (an Azure OpenAI deployment, or the `model` of an
+/// `/openai/v1` request), as the caller names it: a request extension set by a layer above
+/// [`Balance`](crate::Balance).
+///
+/// With it, a 429 cools only the pair (backend, deployment), requests go only to backends that
+/// offer the deployment ([`BackendSpec::deployments`](crate::BackendSpec::deployments)), and
+/// "every backend is cooling down" is judged among those. A request without it is for any
+/// deployment: every backend takes it, and a 429 cools the whole backend. Names are compared
+/// exactly (case-sensitive).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Deployment(Arc<str>);
+
+impl Deployment {
+    /// The deployment named `name`.
+    pub fn new(name: impl Into<Arc<str>>) -> Self {
+        Self(name.into())
+    }
+
+    /// Its name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Its name, shared.
+    pub fn name(&self) -> &Arc<str> {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Deployment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Deployment({:?})", &*self.0)
+    }
+}
+
+impl fmt::Display for Deployment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for Deployment {
+    fn from(name: &str) -> Self {
+        Self::new(name)
+    }
+}
+
+impl From<String> for Deployment {
+    fn from(name: String) -> Self {
+        Self::new(name)
+    }
+}
+
+impl From<Arc<str>> for Deployment {
+    fn from(name: Arc<str>) -> Self {
+        Self(name)
+    }
+}

@@ -12,7 +12,7 @@ use tower::util::Oneshot;
 use tower::{BoxError, Service};
 
 use crate::error::BackendError;
-use crate::{Classify, ServedBy, Shared};
+use crate::{Classify, Deployment, ServedBy, Shared};
 
 pin_project! {
     /// Response future of [`Balance`](crate::Balance): drives a clone of the chosen backend to
@@ -60,6 +60,7 @@ where
         oneshot: Oneshot<S, Request<B>>,
         index: usize,
         trial: bool,
+        deployment: Option<Deployment>,
         shared: Arc<Shared>,
         classifier: C,
     ) -> Self {
@@ -68,6 +69,7 @@ where
             health: Health {
                 shared,
                 trial: trial.then_some(index),
+                deployment,
             },
             classifier,
         }
@@ -79,6 +81,7 @@ where
             health: Health {
                 shared,
                 trial: None,
+                deployment: None,
             },
             classifier,
         }
@@ -135,6 +138,8 @@ struct Health {
     shared: Arc<Shared>,
     /// The backend whose trial this call is, until the trial is answered.
     trial: Option<usize>,
+    /// The deployment the request is for, if it said.
+    deployment: Option<Deployment>,
 }
 
 impl Drop for Health {
@@ -174,6 +179,13 @@ where
     // The trial (if this was one) is answered: `observe` settles it, so the guard is disarmed.
     let trial = health.trial.take() == Some(index);
     let shared = &*health.shared;
-    shared.backends[index].observe(index, &outcome, &shared.policy, &shared.clock, trial);
+    shared.backends[index].observe(
+        index,
+        &outcome,
+        &shared.policy,
+        &shared.clock,
+        trial,
+        health.deployment.as_ref(),
+    );
     result
 }

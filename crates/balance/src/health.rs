@@ -2,12 +2,13 @@
 
 use std::cell::Cell;
 use std::fmt;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::Deployment;
 use crate::classify::{Failure, Outcome};
 
 /// How long a backend cools down after failing, and when.
@@ -167,6 +168,13 @@ pub struct BackendSnapshot {
     /// Consecutive trials that failed since it was last available (each doubles the next
     /// failure cooldown).
     pub failed_trials: u32,
+    /// The deployments it offers, as callers name them; `None` when it serves every deployment
+    /// (see [`BackendSpec::deployments`](crate::BackendSpec::deployments)).
+    pub deployments: Option<Vec<Arc<str>>>,
+    /// The deployments it is cooling down for (each after a 429 to a request for it), and for
+    /// how long still; only those still cooling, in the order they started. These leave the
+    /// backend's own [`state`](Self::state) as it is: it takes requests for other deployments.
+    pub deployment_cooldowns: Vec<(Arc<str>, Duration)>,
 }
 
 /// The `gate` of a backend whose trial is in flight.
@@ -207,6 +215,14 @@ pub(crate) struct BackendHealth {
     attempts: AtomicU64,
     throttled: AtomicU64,
     failed: AtomicU64,
+    /// The deployments it offers (`None`: every one).
+    deployments: Option<Box<[Arc<str>]>>,
+    /// Whether `deployment_cooldowns` may hold an entry: read first, so a pick of a backend
+    /// with no deployment cooling down takes no lock and reads no clock.
+    has_deployment_cooldowns: AtomicBool,
+    /// The deployments it cools down for, each with the time (`Clock` nanoseconds) its cooldown
+    /// ends. Entries whose time has passed are removed by the next reader.
+    deployment_cooldowns: Mutex<Vec<(Arc<str>, u64)>>,
 }
 
 const REASON_NONE: u8 = 0;
@@ -243,7 +259,12 @@ fn millis(duration: Duration) -> u64 {
 }
 
 impl BackendHealth {
-    pub(crate) fn new(name: Arc<str>, priority: u32, weight: u32) -> Self {
+    pub(crate) fn new(
+        name: Arc<str>,
+        priority: u32,
+        weight: u32,
+        deployments: Option<Box<[Arc<str>]>>,
+    ) -> Self {
         Self {
             name,
             priority,
@@ -256,6 +277,97 @@ impl BackendHealth {
             attempts: AtomicU64::new(0),
             throttled: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            deployments,
+            has_deployment_cooldowns: AtomicBool::new(false),
+            deployment_cooldowns: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Whether it offers `deployment`.
+    pub(crate) fn offers(&self, deployment: &str) -> bool {
+        self.deployments
+            .as_ref()
+            .is_none_or(|offered| offered.iter().any(|d| **d == *deployment))
+    }
+
+    /// Whether a request for `deployment` may go to it, as far as the deployment goes: any
+    /// request without one; else if it offers the deployment and does not cool down for it.
+    /// Reads one atomic (and no clock) when it cools down for no deployment.
+    pub(crate) fn takes_deployment(
+        &self,
+        deployment: Option<&Deployment>,
+        now: impl FnOnce() -> u64,
+    ) -> bool {
+        let Some(deployment) = deployment else {
+            return true;
+        };
+        self.offers(deployment.as_str())
+            && (!self.has_deployment_cooldowns.load(Ordering::Relaxed)
+                || self
+                    .deployment_recovery(deployment.as_str(), now())
+                    .is_zero())
+    }
+
+    /// How long after `now` its cooldown for `deployment` ends (zero when it has none), removing
+    /// the cooldowns that have ended.
+    fn deployment_recovery(&self, deployment: &str, now: u64) -> Duration {
+        if !self.has_deployment_cooldowns.load(Ordering::Relaxed) {
+            return Duration::ZERO;
+        }
+        let mut cooldowns = self
+            .deployment_cooldowns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        cooldowns.retain(|&(_, until)| until > now);
+        if cooldowns.is_empty() {
+            // Under the lock, so a cooldown being added is never hidden.
+            self.has_deployment_cooldowns
+                .store(false, Ordering::Relaxed);
+        }
+        cooldowns
+            .iter()
+            .find(|(d, _)| **d == *deployment)
+            .map_or(Duration::ZERO, |&(_, until)| {
+                Duration::from_nanos(until - now)
+            })
+    }
+
+    /// Whether it may hold a cooldown for a deployment (one that has ended is forgotten by the
+    /// next pick that looks).
+    #[cfg(test)]
+    pub(crate) fn cools_any_deployment(&self) -> bool {
+        self.has_deployment_cooldowns.load(Ordering::Relaxed)
+    }
+
+    /// Cools it down for `deployment` until `until` (never shortening a cooldown); whether that
+    /// started or lengthened one.
+    fn cool_deployment(&self, deployment: &Arc<str>, until: u64) -> bool {
+        let mut cooldowns = self
+            .deployment_cooldowns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.has_deployment_cooldowns.store(true, Ordering::Relaxed);
+        match cooldowns.iter_mut().find(|(d, _)| **d == **deployment) {
+            Some((_, current)) if *current >= until => false,
+            Some((_, current)) => {
+                *current = until;
+                true
+            }
+            None => {
+                cooldowns.push((deployment.clone(), until));
+                true
+            }
+        }
+    }
+
+    /// How long after `now` it takes a request for `deployment` again (see
+    /// [`recovery`](Self::recovery)): the later of its own recovery and the end of its cooldown
+    /// for the deployment.
+    pub(crate) fn recovery_for(&self, deployment: Option<&Deployment>, now: u64) -> Duration {
+        let own = self.recovery(now);
+        match deployment {
+            Some(deployment) => own.max(self.deployment_recovery(deployment.as_str(), now)),
+            None => own,
         }
     }
 
@@ -318,6 +430,8 @@ impl BackendHealth {
 
     /// Learns from one attempt's outcome; the clock is read only to start a cooldown. `trial`:
     /// the attempt was this backend's trial, whose outcome re-admits it or cools it again.
+    /// `deployment`: the deployment the request was for, if it said; a 429 then cools the
+    /// backend for that deployment only.
     pub(crate) fn observe(
         &self,
         index: usize,
@@ -325,6 +439,7 @@ impl BackendHealth {
         policy: &HealthPolicy,
         clock: &Clock,
         trial: bool,
+        deployment: Option<&Deployment>,
     ) {
         if matches!(outcome, Outcome::CredentialUnavailable { .. }) {
             // The backend never saw the request: nothing learnt, and a trial is still owed.
@@ -334,6 +449,17 @@ impl BackendHealth {
             return;
         }
         self.attempts.fetch_add(1, Ordering::Relaxed);
+        if let (Outcome::Throttled { retry_after }, Some(deployment)) = (outcome, deployment) {
+            self.observe_deployment_throttled(
+                index,
+                *retry_after,
+                policy,
+                clock,
+                trial,
+                deployment,
+            );
+            return;
+        }
         let cooldown = match *outcome {
             Outcome::CredentialUnavailable { .. } => return,
             Outcome::Forbidden => policy.credential_cooldown,
@@ -432,6 +558,49 @@ impl BackendHealth {
         }
     }
 
+    /// A 429 to a request for `deployment`: the backend answered (so a trial re-admits it), and
+    /// cools down for that deployment only, for the 429's `Retry-After` (at most
+    /// `max_cooldown`).
+    fn observe_deployment_throttled(
+        &self,
+        index: usize,
+        retry_after: Option<Duration>,
+        policy: &HealthPolicy,
+        clock: &Clock,
+        trial: bool,
+        deployment: &Deployment,
+    ) {
+        self.throttled.fetch_add(1, Ordering::Relaxed);
+        if trial {
+            self.failed_trials.store(0, Ordering::Relaxed);
+            self.gate.store(0, Ordering::Relaxed);
+            tracing::info!(
+                backend = %self.name,
+                index,
+                reason = "throttled",
+                deployment = deployment.as_str(),
+                "backend re-admitted after its trial"
+            );
+        }
+        let cooldown = retry_after
+            .unwrap_or(policy.default_throttle_cooldown)
+            .min(policy.max_cooldown);
+        let until = clock
+            .now()
+            .saturating_add(u64::try_from(cooldown.as_nanos()).unwrap_or(u64::MAX));
+        if self.cool_deployment(deployment.name(), until) {
+            tracing::warn!(
+                backend = %self.name,
+                index,
+                deployment = deployment.as_str(),
+                reason = "throttled",
+                cooldown_ms = millis(cooldown),
+                trial,
+                "deployment cooling down on this backend"
+            );
+        }
+    }
+
     pub(crate) fn snapshot(&self, index: usize, now: u64) -> BackendSnapshot {
         let (state, cooling_down_for) = match self.gate.load(Ordering::Relaxed) {
             0 => (BackendState::Available, None),
@@ -458,6 +627,15 @@ impl BackendHealth {
                 _ => reason_name(self.cooling_reason.load(Ordering::Relaxed)),
             },
             failed_trials: self.failed_trials.load(Ordering::Relaxed),
+            deployments: self.deployments.as_ref().map(|d| d.to_vec()),
+            deployment_cooldowns: self
+                .deployment_cooldowns
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .filter(|&&(_, until)| until > now)
+                .map(|(d, until)| (d.clone(), Duration::from_nanos(until - now)))
+                .collect(),
         }
     }
 }

@@ -100,8 +100,8 @@ use http::Request;
 use tower::{BoxError, Service, ServiceExt};
 
 pub use crate::classify::{AzureOpenAiClassifier, Classify, Failure, Outcome};
-pub use crate::error::{AllCoolingDown, BackendError, NoBackends};
-pub use crate::extensions::{ServedBy, TriedBackends};
+pub use crate::error::{AllCoolingDown, BackendError, NoBackends, UnknownDeployment};
+pub use crate::extensions::{Deployment, ServedBy, TriedBackends};
 pub use crate::future::ResponseFuture;
 pub use crate::health::{BackendSnapshot, BackendState, HealthPolicy, TRIAL_RETRY_AFTER};
 
@@ -173,6 +173,7 @@ pub struct BackendSpec<S> {
     service: S,
     priority: u32,
     weight: u32,
+    deployments: Option<Box<[Arc<str>]>>,
 }
 
 impl<S> BackendSpec<S> {
@@ -183,6 +184,7 @@ impl<S> BackendSpec<S> {
             service,
             priority: 1,
             weight: 1,
+            deployments: None,
         }
     }
 
@@ -202,9 +204,28 @@ impl<S> BackendSpec<S> {
         self
     }
 
+    /// The deployments it serves, as callers name them (the [`Deployment`] a request carries):
+    /// a request for any other deployment never goes to it. Without this (the default), it
+    /// serves every deployment. (Mapping the caller's names onto the backend's own is for its
+    /// service to do.)
+    #[must_use]
+    pub fn deployments<I>(mut self, deployments: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: Into<Arc<str>>,
+    {
+        self.deployments = Some(deployments.into_iter().map(Into::into).collect());
+        self
+    }
+
     /// Its name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The deployments it serves; `None`: every deployment.
+    pub fn offered_deployments(&self) -> Option<&[Arc<str>]> {
+        self.deployments.as_deref()
     }
 
     /// Its service.
@@ -257,7 +278,7 @@ impl<S, C> Balance<S, C> {
             .into_iter()
             .map(|spec| {
                 (
-                    BackendHealth::new(spec.name, spec.priority, spec.weight),
+                    BackendHealth::new(spec.name, spec.priority, spec.weight, spec.deployments),
                     spec.service,
                 )
             })
@@ -306,41 +327,50 @@ impl<S, C> Balance<S, C> {
     }
 
     /// Picks the backend for a request: in the best tier that has one that takes the request
-    /// (see [`BackendHealth::admit`]) and, when `tried` is given, was not tried yet, the next
+    /// (see [`BackendHealth::admit`]; for a request for a [`Deployment`], only those that offer
+    /// it and do not cool down for it) and, when `tried` is given, was not tried yet, the next
     /// in the tier's rotation; else, in the best tier that has one that takes the request, the
     /// next after the last one tried (or the next in rotation if the last one tried is of
     /// another tier). Returns its index and whether the request is its trial.
-    fn pick(&self, tried: Option<&TriedBackends>) -> Result<(usize, bool), BoxError> {
+    fn pick(
+        &self,
+        tried: Option<&TriedBackends>,
+        deployment: Option<&Deployment>,
+    ) -> Result<(usize, bool), BoxError> {
         let shared = &*self.inner.shared;
         if shared.backends.is_empty() {
             return Err(Box::new(NoBackends));
         }
         let backends = &*shared.backends;
         let now = LazyNow::new(&shared.clock);
+        let refused = |i: usize| !backends[i].takes_deployment(deployment, || now.get());
         let picked = match tried {
             None => shared
                 .tiers
                 .iter()
-                .find_map(|tier| tier.pick(backends, &now, |_| false)),
+                .find_map(|tier| tier.pick(backends, &now, refused)),
             Some(tried) => shared
                 .tiers
                 .iter()
-                .find_map(|tier| tier.pick(backends, &now, |i| tried.contains(i)))
+                .find_map(|tier| tier.pick(backends, &now, |i| tried.contains(i) || refused(i)))
                 .or_else(|| {
                     let last = tried.last()?;
                     shared
                         .tiers
                         .iter()
-                        .find_map(|tier| tier.pick_after(backends, &now, last))
+                        .find_map(|tier| tier.pick_after(backends, &now, last, refused))
                 }),
         };
         if let Some(picked) = picked {
             return Ok(picked);
         }
-        let soonest = self
-            .inner
-            .shared
-            .soonest_recovery(now.get())
+        if let Some(deployment) = deployment
+            && !backends.iter().any(|b| b.offers(deployment.as_str()))
+        {
+            return Err(Box::new(UnknownDeployment::new(deployment.clone())));
+        }
+        let soonest = shared
+            .soonest_recovery(now.get(), deployment)
             .unwrap_or(TRIAL_RETRY_AFTER);
         Err(Box::new(AllCoolingDown::new(soonest)))
     }
@@ -365,21 +395,49 @@ impl BalanceHealth {
 
     /// Whether a backend that is not in `tried` and takes a request now exists: one available,
     /// or on trial with no trial in flight (cooling backends, and backends whose trial is in
-    /// flight, do not take one).
+    /// flight, do not take one). For a request for any deployment: per-deployment cooldowns
+    /// and offered deployments are not looked at (see
+    /// [`has_untried_available_for`](Self::has_untried_available_for)).
     pub fn has_untried_available(&self, tried: &TriedBackends) -> bool {
+        self.has_untried_available_for(tried, None)
+    }
+
+    /// As [`has_untried_available`](Self::has_untried_available), for a request for
+    /// `deployment` (the request's [`Deployment`] extension, if any): only backends that offer
+    /// it and do not cool down for it count. The pick judges the same way.
+    pub fn has_untried_available_for(
+        &self,
+        tried: &TriedBackends,
+        deployment: Option<&Deployment>,
+    ) -> bool {
         let now = self.shared.clock.now();
         self.shared
             .backends
             .iter()
             .enumerate()
-            .any(|(index, backend)| backend.is_available(|| now) && !tried.contains(index))
+            .any(|(index, backend)| {
+                !tried.contains(index)
+                    && backend.takes_deployment(deployment, || now)
+                    && backend.is_available(|| now)
+            })
     }
 
     /// How long until a backend takes a request again; `None` when one does now (available, or
     /// on trial with no trial in flight). A backend whose trial is in flight counts as taking
-    /// one again in [`TRIAL_RETRY_AFTER`].
+    /// one again in [`TRIAL_RETRY_AFTER`]. For a request for any deployment (see
+    /// [`soonest_recovery_for`](Self::soonest_recovery_for)).
     pub fn soonest_recovery(&self) -> Option<Duration> {
-        self.shared.soonest_recovery(self.shared.clock.now())
+        self.shared.soonest_recovery(self.shared.clock.now(), None)
+    }
+
+    /// As [`soonest_recovery`](Self::soonest_recovery), for a request for `deployment` (the
+    /// request's [`Deployment`] extension, if any): among the backends that offer it, each
+    /// recovering at the later of its own recovery and the end of its cooldown for the
+    /// deployment. `None` also when no backend offers it (the pick then fails with
+    /// [`UnknownDeployment`], which no retry mends).
+    pub fn soonest_recovery_for(&self, deployment: Option<&Deployment>) -> Option<Duration> {
+        self.shared
+            .soonest_recovery(self.shared.clock.now(), deployment)
     }
 
     /// Each backend's state now: cooldown, failures, counts.
@@ -395,13 +453,14 @@ impl BalanceHealth {
 }
 
 impl Shared {
-    /// How long after `now` the first backend that takes no request takes one again; `None`
-    /// when one takes a request at `now`.
-    fn soonest_recovery(&self, now: u64) -> Option<Duration> {
+    /// How long after `now` the first backend that takes no request (for `deployment`, among
+    /// those that offer it) takes one again; `None` when one takes a request at `now`.
+    fn soonest_recovery(&self, now: u64, deployment: Option<&Deployment>) -> Option<Duration> {
         let soonest = self
             .backends
             .iter()
-            .map(|backend| backend.recovery(now))
+            .filter(|backend| deployment.is_none_or(|d| backend.offers(d.as_str())))
+            .map(|backend| backend.recovery_for(deployment, now))
             .min()?;
         (!soonest.is_zero()).then_some(soonest)
     }
@@ -460,10 +519,15 @@ where
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let shared = self.inner.shared.clone();
         let classifier = self.classifier.clone();
-        match self.pick(request.extensions().get::<TriedBackends>()) {
+        // A reference count, not an allocation, and only for a request that names one.
+        let deployment = request.extensions().get::<Deployment>().cloned();
+        match self.pick(
+            request.extensions().get::<TriedBackends>(),
+            deployment.as_ref(),
+        ) {
             Ok((index, trial)) => {
                 let oneshot = self.inner.services[index].clone().oneshot(request);
-                ResponseFuture::called(oneshot, index, trial, shared, classifier)
+                ResponseFuture::called(oneshot, index, trial, deployment, shared, classifier)
             }
             Err(error) => ResponseFuture::refused(error, shared, classifier),
         }

@@ -749,7 +749,7 @@ async fn with_every_other_backend_cooling_a_trial_in_flight_answers_at_once_with
 #[test]
 fn one_of_many_threads_claims_the_trial() {
     for _ in 0..200 {
-        let health = BackendHealth::new("b0".into(), 1, 1);
+        let health = BackendHealth::new("b0".into(), 1, 1, None);
         let clock = Clock::new();
         let policy = HealthPolicy {
             failure_cooldown: Duration::ZERO,
@@ -761,6 +761,7 @@ fn one_of_many_threads_claims_the_trial() {
             &policy,
             &clock,
             false,
+            None,
         );
         let barrier = std::sync::Barrier::new(8);
         let trials = std::thread::scope(|scope| {
@@ -1086,4 +1087,365 @@ async fn the_snapshot_shows_priority_weight_and_reason() {
     assert_eq!(f[1].calls(), 1);
     let debug = format!("{balance:?}");
     assert!(debug.contains("tiers"), "{debug}");
+}
+
+// Per-deployment health and offered deployments.
+
+/// An in-memory backend whose behaviour a test sets per deployment (200 unless set), recording
+/// the deployment of each request it gets (`-` for none).
+#[derive(Clone, Default)]
+struct DFake {
+    modes: Arc<std::sync::Mutex<Vec<(String, Mode)>>>,
+    calls: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl DFake {
+    /// Sets the mode for requests for `deployment` (`*`: for every deployment).
+    fn set(&self, deployment: &str, mode: Mode) {
+        let mut modes = self.modes.lock().unwrap();
+        modes.retain(|(d, _)| d != deployment);
+        modes.push((deployment.to_owned(), mode));
+    }
+
+    fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    fn service(&self) -> FakeService {
+        let fake = self.clone();
+        FakeService::new(service_fn(move |req: Request<()>| {
+            let deployment = req
+                .extensions()
+                .get::<Deployment>()
+                .map_or("-".to_owned(), |d| d.as_str().to_owned());
+            fake.calls.lock().unwrap().push(deployment.clone());
+            let mode = {
+                let modes = fake.modes.lock().unwrap();
+                let find = |name: &str| modes.iter().find(|(d, _)| d == name).map(|&(_, m)| m);
+                find(&deployment)
+                    .or_else(|| find("*"))
+                    .unwrap_or(Mode::Status(200))
+            };
+            async move {
+                match mode {
+                    Mode::Throttle(secs) => {
+                        let mut response = Response::new(());
+                        *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+                        response
+                            .headers_mut()
+                            .insert("retry-after", http::HeaderValue::from(secs));
+                        Ok(response)
+                    }
+                    Mode::Connect => Err(Box::new(std::io::Error::from(
+                        std::io::ErrorKind::ConnectionRefused,
+                    )) as BoxError),
+                    Mode::Status(status) => {
+                        let mut response = Response::new(());
+                        *response.status_mut() = StatusCode::from_u16(status).unwrap();
+                        Ok(response)
+                    }
+                    Mode::Hang | Mode::Held(_) => std::future::pending().await,
+                }
+            }
+        }))
+    }
+}
+
+/// A balance over backends `a` and `b`, each offering the deployments given (`None`: all).
+fn deployed(offers: [Option<&[&str]>; 2]) -> (Vec<DFake>, Balance<FakeService>) {
+    let fakes = vec![DFake::default(), DFake::default()];
+    let specs = ["a", "b"]
+        .into_iter()
+        .zip(offers)
+        .zip(&fakes)
+        .map(|((name, offers), fake)| {
+            let spec = BackendSpec::new(name, fake.service());
+            match offers {
+                Some(offers) => spec.deployments(offers.iter().copied()),
+                None => spec,
+            }
+        });
+    let balance = Balance::with_backends(specs, HealthPolicy::new(), AzureOpenAiClassifier);
+    (fakes, balance)
+}
+
+fn for_deployment(deployment: &str) -> Request<()> {
+    let mut request = Request::new(());
+    request.extensions_mut().insert(Deployment::new(deployment));
+    request
+}
+
+/// Which backend served a request for `deployment` (or the error).
+async fn serve(balance: &Balance<FakeService>, deployment: &str) -> Result<String, BoxError> {
+    let response = balance.clone().oneshot(for_deployment(deployment)).await?;
+    Ok(response
+        .extensions()
+        .get::<ServedBy>()
+        .unwrap()
+        .name()
+        .to_owned())
+}
+
+/// Sends requests for `deployment` until backend `b` has answered one (at most 4).
+async fn until_b_answers(balance: &Balance<FakeService>, deployment: &str) {
+    until_answers(balance, "b", deployment).await;
+}
+
+/// Sends requests for `deployment` until backend `backend` has answered one (at most 4).
+async fn until_answers(balance: &Balance<FakeService>, backend: &str, deployment: &str) {
+    for _ in 0..4 {
+        let response = balance.clone().oneshot(for_deployment(deployment)).await;
+        let served_by = match &response {
+            Ok(response) => response.extensions().get::<ServedBy>().unwrap().clone(),
+            Err(error) => error
+                .downcast_ref::<BackendError>()
+                .unwrap()
+                .served_by()
+                .clone(),
+        };
+        if served_by.name() == backend {
+            return;
+        }
+    }
+    panic!("{backend} never got a request for {deployment}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_429_on_b_gpt_leaves_b_tiny_flowing_while_gpt_goes_to_a() {
+    let (fakes, balance) = deployed([None, None]);
+    fakes[1].set("gpt", Mode::Throttle(20));
+    until_b_answers(&balance, "gpt").await;
+    assert_eq!(fakes[1].calls(), ["gpt"]);
+
+    let mut gpt = Vec::new();
+    for _ in 0..4 {
+        gpt.push(serve(&balance, "gpt").await.unwrap());
+    }
+    assert_eq!(gpt, ["a"; 4]);
+    let mut tiny = Vec::new();
+    for _ in 0..4 {
+        tiny.push(serve(&balance, "tiny").await.unwrap());
+    }
+    assert_eq!(tiny.iter().filter(|n| *n == "b").count(), 2, "{tiny:?}");
+    assert_eq!(fakes[1].calls(), ["gpt", "tiny", "tiny"]);
+    // B itself stays available; only the pair cools.
+    let b = &balance.snapshot()[1];
+    assert_eq!(b.state, BackendState::Available);
+    assert_eq!(b.cooling_down_for, None);
+    assert_eq!(b.throttled, 1);
+    // A request for any deployment is not held back by a deployment's cooldown.
+    let mut any = Vec::new();
+    for _ in 0..2 {
+        any.push(served_by_fake(&balance).await.unwrap());
+    }
+    assert!(any.contains(&"b".to_owned()), "{any:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_429s_retry_after_is_honoured_for_the_pair() {
+    let (fakes, balance) = deployed([None, None]);
+    fakes[1].set("gpt", Mode::Throttle(7));
+    until_b_answers(&balance, "gpt").await;
+    fakes[1].set("gpt", Mode::Status(200));
+
+    tokio::time::advance(Duration::from_millis(6_900)).await;
+    for _ in 0..3 {
+        assert_eq!(serve(&balance, "gpt").await.unwrap(), "a");
+    }
+    tokio::time::advance(Duration::from_millis(100)).await;
+    let mut gpt = Vec::new();
+    for _ in 0..4 {
+        gpt.push(serve(&balance, "gpt").await.unwrap());
+    }
+    assert_eq!(gpt.iter().filter(|n| *n == "b").count(), 2, "{gpt:?}");
+    assert!(balance.snapshot()[1].deployment_cooldowns.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_connect_error_still_cools_b_for_every_deployment() {
+    let (fakes, balance) = deployed([None, None]);
+    fakes[1].set("*", Mode::Connect);
+    until_b_answers(&balance, "gpt").await;
+    for _ in 0..3 {
+        assert_eq!(serve(&balance, "gpt").await.unwrap(), "a");
+        assert_eq!(serve(&balance, "tiny").await.unwrap(), "a");
+        assert_eq!(served_by_fake(&balance).await.unwrap(), "a");
+    }
+    let b = &balance.snapshot()[1];
+    assert_eq!(b.state, BackendState::Cooling);
+    assert_eq!(b.cooling_reason, Some("connect"));
+    assert!(b.deployment_cooldowns.is_empty());
+    assert_eq!(fakes[1].calls(), ["gpt"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deployment_only_a_offers_never_goes_to_b() {
+    let (fakes, balance) = deployed([Some(&["gpt", "tiny"]), Some(&["tiny"])]);
+    for _ in 0..6 {
+        assert_eq!(serve(&balance, "gpt").await.unwrap(), "a");
+    }
+    // A retry that has tried A goes back to A, not to B.
+    let mut tried = TriedBackends::new();
+    tried.insert(0);
+    let mut retry = for_deployment("gpt");
+    retry.extensions_mut().insert(tried);
+    assert_eq!(served_by_fake_with(&balance, retry).await, "a");
+    let mut tiny = Vec::new();
+    for _ in 0..4 {
+        tiny.push(serve(&balance, "tiny").await.unwrap());
+    }
+    assert_eq!(tiny.iter().filter(|n| *n == "b").count(), 2, "{tiny:?}");
+    // With A cooling, a request for gpt has nowhere to go: it is not sent to B.
+    fakes[0].set("*", Mode::Connect);
+    serve(&balance, "gpt").await.unwrap_err();
+    let error = serve(&balance, "gpt").await.unwrap_err();
+    let cooling = error.downcast_ref::<AllCoolingDown>().expect("all cooling");
+    assert_eq!(cooling.retry_after(), HealthPolicy::new().failure_cooldown);
+    assert!(!fakes[1].calls().contains(&"gpt".to_owned()));
+    assert_eq!(serve(&balance, "tiny").await.unwrap(), "b");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unknown_deployment_fails_at_once_and_no_backend_is_called() {
+    let (fakes, balance) = deployed([Some(&["gpt"]), Some(&["gpt", "tiny"])]);
+    let error = serve(&balance, "x").await.unwrap_err();
+    let unknown = error
+        .downcast_ref::<UnknownDeployment>()
+        .expect("unknown deployment");
+    assert_eq!(unknown.deployment(), &Deployment::new("x"));
+    assert_eq!(error.to_string(), "no backend serves deployment `x`");
+    // Also for a retry, and whatever the health.
+    let mut retry = for_deployment("x");
+    let mut tried = TriedBackends::new();
+    tried.insert(1);
+    retry.extensions_mut().insert(tried);
+    let error = balance.clone().oneshot(retry).await.unwrap_err();
+    assert!(error.is::<UnknownDeployment>());
+    assert!(fakes[0].calls().is_empty());
+    assert!(fakes[1].calls().is_empty());
+    // A request for no deployment in particular goes anywhere, as before.
+    assert_eq!(served_by_fake(&balance).await.unwrap(), "a");
+    assert_eq!(served_by_fake(&balance).await.unwrap(), "b");
+}
+
+#[tokio::test(start_paused = true)]
+async fn all_cooling_is_per_deployment() {
+    let (fakes, balance) = deployed([None, None]);
+    let health = balance.health();
+    fakes[0].set("gpt", Mode::Throttle(30));
+    fakes[1].set("gpt", Mode::Throttle(20));
+    serve(&balance, "gpt").await.unwrap();
+    serve(&balance, "gpt").await.unwrap();
+    assert_eq!(fakes[0].calls(), ["gpt"]);
+    assert_eq!(fakes[1].calls(), ["gpt"]);
+
+    let gpt = Deployment::new("gpt");
+    let tiny = Deployment::new("tiny");
+    tokio::time::advance(Duration::from_secs(5)).await;
+    let error = serve(&balance, "gpt").await.unwrap_err();
+    let cooling = error.downcast_ref::<AllCoolingDown>().expect("all cooling");
+    assert_eq!(cooling.retry_after(), Duration::from_secs(15));
+    assert_eq!(
+        health.soonest_recovery_for(Some(&gpt)),
+        Some(Duration::from_secs(15))
+    );
+    assert!(!health.has_untried_available_for(&TriedBackends::new(), Some(&gpt)));
+    // tiny (and any deployment) is served meanwhile.
+    assert_eq!(health.soonest_recovery_for(Some(&tiny)), None);
+    assert!(health.has_untried_available_for(&TriedBackends::new(), Some(&tiny)));
+    assert_eq!(health.soonest_recovery(), None);
+    assert!(health.has_untried_available(&TriedBackends::new()));
+    let mut served = Vec::new();
+    for _ in 0..2 {
+        served.push(serve(&balance, "tiny").await.unwrap());
+    }
+    served.sort();
+    assert_eq!(served, ["a", "b"]);
+    assert_eq!(fakes[0].calls().len() + fakes[1].calls().len(), 4);
+
+    // A backend cooling as a whole counts too: the later of its two recoveries.
+    fakes[0].set("*", Mode::Connect);
+    until_answers(&balance, "a", "tiny").await;
+    assert_eq!(balance.snapshot()[0].cooling_reason, Some("connect"));
+    // gpt: a recovers in 25 s (its own 10 s, gpt's 25 s), b in 15 s.
+    assert_eq!(
+        health.soonest_recovery_for(Some(&gpt)),
+        Some(Duration::from_secs(15))
+    );
+    tokio::time::advance(Duration::from_secs(15)).await;
+    assert_eq!(serve(&balance, "gpt").await.unwrap(), "b");
+    // B was tried for tiny; A, whose own cooldown is over, takes its trial.
+    let mut tried = TriedBackends::new();
+    tried.insert(1);
+    assert!(
+        health.has_untried_available_for(&tried, Some(&tiny)),
+        "a's trial is due"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_snapshot_shows_the_pairs_cooldown_and_the_offered_deployments() {
+    let (fakes, balance) = deployed([None, Some(&["gpt", "tiny"])]);
+    fakes[1].set("gpt", Mode::Throttle(20));
+    until_b_answers(&balance, "gpt").await;
+    tokio::time::advance(Duration::from_secs(4)).await;
+
+    let snapshot = balance.snapshot();
+    assert_eq!(snapshot[0].deployments, None);
+    assert!(snapshot[0].deployment_cooldowns.is_empty());
+    let b = &snapshot[1];
+    assert_eq!(
+        b.deployments,
+        Some(vec![Arc::<str>::from("gpt"), Arc::from("tiny")])
+    );
+    assert_eq!(
+        b.deployment_cooldowns,
+        [(Arc::<str>::from("gpt"), Duration::from_secs(16))]
+    );
+    assert_eq!(b.state, BackendState::Available);
+    assert_eq!(b.cooling_reason, None);
+
+    tokio::time::advance(Duration::from_secs(16)).await;
+    assert!(balance.snapshot()[1].deployment_cooldowns.is_empty());
+    // Expired entries go at the next pick that looks, and the flag with them.
+    fakes[1].set("gpt", Mode::Status(200));
+    serve(&balance, "gpt").await.unwrap();
+    serve(&balance, "gpt").await.unwrap();
+    assert!(!balance.inner.shared.backends[1].cools_any_deployment());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_trial_answered_429_for_a_deployment_readmits_the_backend_and_cools_the_pair() {
+    let (fakes, balance) = deployed([None, None]);
+    fakes[1].set("*", Mode::Connect);
+    until_b_answers(&balance, "tiny").await;
+    assert_eq!(balance.snapshot()[1].state, BackendState::Cooling);
+    fakes[1].set("*", Mode::Status(200));
+    fakes[1].set("gpt", Mode::Throttle(20));
+    tokio::time::advance(HealthPolicy::new().failure_cooldown).await;
+    // The trial, for gpt: B answers (429), so it is back, and cools for gpt only.
+    until_b_answers(&balance, "gpt").await;
+    let b = &balance.snapshot()[1];
+    assert_eq!(b.state, BackendState::Available);
+    assert_eq!(b.deployment_cooldowns.len(), 1);
+    for _ in 0..3 {
+        assert_eq!(serve(&balance, "gpt").await.unwrap(), "a");
+    }
+    let mut tiny = Vec::new();
+    for _ in 0..4 {
+        tiny.push(serve(&balance, "tiny").await.unwrap());
+    }
+    assert_eq!(tiny.iter().filter(|n| *n == "b").count(), 2, "{tiny:?}");
+}
+
+#[test]
+fn a_deployment_is_a_cheap_named_extension() {
+    let d = Deployment::new("gpt-4o");
+    assert_eq!(d.as_str(), "gpt-4o");
+    assert_eq!(d, Deployment::from("gpt-4o"));
+    assert_eq!(format!("{d:?}"), "Deployment(\"gpt-4o\")");
+    assert_eq!(d.to_string(), "gpt-4o");
+    let spec = BackendSpec::new("a", ()).deployments(["gpt-4o", "tiny"]);
+    assert_eq!(spec.offered_deployments().unwrap().len(), 2);
+    assert_eq!(BackendSpec::new("a", ()).offered_deployments(), None);
 }

@@ -109,19 +109,21 @@ impl Tier {
     }
 
     /// Picks the member after backend `last` that takes the request (round-robin from it), if
-    /// `last` is a member; else as [`Tier::pick`] does.
+    /// `last` is a member; else as [`Tier::pick`] does; among those for which `skip` is false.
     pub(crate) fn pick_after(
         &self,
         backends: &[BackendHealth],
         now: &LazyNow<'_>,
         last: usize,
+        skip: impl Fn(usize) -> bool,
     ) -> Option<(usize, bool)> {
         let Some(position) = self.members.iter().position(|&i| i == last) else {
-            return self.pick(backends, now, |_| false);
+            return self.pick(backends, now, skip);
         };
         let count = self.members.len();
         (1..=count)
             .map(|step| self.members[(position + step) % count])
+            .filter(|&i| !skip(i))
             .find_map(|index| admitted(index, backends[index].admit(|| now.get())))
     }
 
