@@ -28,6 +28,10 @@ use crate::classify::{Failure, Outcome};
 /// picked, including any wait for the backend's own readiness (a `ConcurrencyLimit` in its
 /// stack), until its response head or error arrives.
 ///
+/// A 429 to a request that names its [`Deployment`] cools the backend for that deployment only
+/// (for its `Retry-After`, or `default_throttle_cooldown`, at most `max_cooldown`), with no
+/// trial: when that time is over, requests for the deployment go to it again.
+///
 /// Answers to other requests (sent before the backend cooled down) never end a cooldown or a
 /// trial; failures among them may lengthen a cooldown, never a trial in flight, and never count
 /// as failed trials.

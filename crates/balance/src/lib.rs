@@ -20,6 +20,16 @@
 //! gets one request per cooldown, not a burst. A backend that refuses our credentials (a 403,
 //! or a second 401 in a row) is out for a long cooldown (5 minutes). See [`HealthPolicy`].
 //!
+//! Health is per deployment where quotas are: a request may say which deployment it is for
+//! (a [`Deployment`] request extension, set by a layer above). A 429 to such a request cools
+//! only that deployment on that backend, for the 429's `Retry-After`: requests for the
+//! backend's other deployments keep going to it. Connect errors, timeouts, repeated 5xx and
+//! refused credentials still cool the whole backend. A backend may serve only some
+//! deployments ([`BackendSpec::deployments`]): a request for another never goes to it, and a
+//! request for a deployment no backend serves fails at once with [`UnknownDeployment`]. A
+//! request without a `Deployment` is for any deployment: every backend takes it, and a 429 to
+//! it cools the whole backend.
+//!
 //! It knows nothing of Azure beyond the default [`Classify`] rules; it works for any HTTP
 //! backends.
 //!
@@ -51,7 +61,15 @@
 //! # Contracts
 //!
 //! - Every response carries a [`ServedBy`] extension; every error is a [`BackendError`] naming
-//!   the backend (or [`AllCoolingDown`] / [`NoBackends`] when none was contacted).
+//!   the backend (or [`AllCoolingDown`] / [`UnknownDeployment`] / [`NoBackends`] when none was
+//!   contacted).
+//! - A request carrying a [`Deployment`] goes only to a backend that offers it and does not
+//!   cool down for it, and a 429 to it cools only that pair (backend, deployment): no trial,
+//!   the pair takes requests again when its `Retry-After` (at most `max_cooldown`) is over. A
+//!   backend on trial whose trial is answered 429 for a deployment is re-admitted (it answered)
+//!   and cools for that deployment. A backend with no deployment cooling down costs a pick one
+//!   more atomic read; names are compared exactly. Requests without a `Deployment` ignore
+//!   per-deployment cooldowns and offered deployments.
 //! - A request carrying a [`TriedBackends`] extension goes to an untried backend that takes it
 //!   while one exists, tiers in priority order (an untried one of tier 2 before a tried one of
 //!   tier 1); else, in the best tier that has a backend that takes it, round-robin on after the
@@ -63,19 +81,23 @@
 //!   `failure_cooldown` doubled per consecutive failed trial, at most `max_cooldown`; a 429 cools
 //!   it for its own `Retry-After` (at most `max_cooldown`). A trial whose response future is
 //!   dropped unanswered frees the slot: the next request is the trial.
-//! - When no backend takes a request (each is cooling, or on trial with its trial in flight),
-//!   the call fails at once with [`AllCoolingDown`], without contacting any backend and without
-//!   waiting. It carries the soonest recovery: the least of the cooling backends' time left and,
-//!   if a trial is in flight, [`TRIAL_RETRY_AFTER`] (1 s: a trial answers within an attempt
-//!   timeout). [`BalanceHealth::soonest_recovery`] and [`BalanceHealth::has_untried_available`]
-//!   count the same way, so the retry policy agrees with the pick.
+//! - When no backend takes a request (each is cooling, or on trial with its trial in flight;
+//!   for a request for a [`Deployment`], each backend that offers it is, or cools down for the
+//!   deployment), the call fails at once with [`AllCoolingDown`], without contacting any
+//!   backend and without waiting. It carries the soonest recovery: the least of the cooling
+//!   backends' time left (for a deployment, each backend's the later of its own and the
+//!   deployment's) and, if a trial is in flight, [`TRIAL_RETRY_AFTER`] (1 s: a trial answers
+//!   within an attempt timeout). [`BalanceHealth::soonest_recovery_for`] and
+//!   [`BalanceHealth::has_untried_available_for`], given the request's deployment, count the
+//!   same way, so the retry policy agrees with the pick (`soonest_recovery` and
+//!   `has_untried_available` are the same for a request for any deployment).
 //! - A 403 ([`Outcome::Forbidden`]), or a backend's second 401 ([`Outcome::Unauthorized`]) with
 //!   no success or final answer from it in between, takes the backend out for
 //!   [`HealthPolicy::credential_cooldown`], with one warning naming it and the status. The first
 //!   401 is left to the token refresh (see [`HealthPolicy`]).
 //! - [`Balance::snapshot`] reports each backend's priority, weight, [`BackendState`], why it
-//!   cools (`throttled`, `failed`, `timeout`, `connect`, `credential`), the time left and its
-//!   failed trials.
+//!   cools (`throttled`, `failed`, `timeout`, `connect`, `credential`), the time left, its
+//!   failed trials, the deployments it offers and those it cools down for (with the time left).
 //! - [`Classify`] decides each outcome; give the retry policy the same classifier.
 //! - Each call drives a clone of its backend with tower's [`Oneshot`](tower::util::Oneshot):
 //!   a backend's readiness is awaited with the caller's own task, so limits inside a backend's
@@ -160,12 +182,16 @@ pub(crate) struct Shared {
 ///     [
 ///         BackendSpec::new("ptu-east", backend()).weight(3),
 ///         BackendSpec::new("ptu-west", backend()),
-///         BackendSpec::new("paygo", backend()).priority(2),
+///         // Pay-as-you-go serves only two deployments: requests for others never go there.
+///         BackendSpec::new("paygo", backend())
+///             .priority(2)
+///             .deployments(["gpt-4o", "text-embedding-3-small"]),
 ///     ],
 ///     HealthPolicy::new(),
 ///     AzureOpenAiClassifier,
 /// );
 /// assert_eq!(balance.snapshot()[2].priority, 2);
+/// assert_eq!(balance.snapshot()[2].deployments.as_ref().unwrap().len(), 2);
 /// ```
 #[derive(Debug, Clone)]
 pub struct BackendSpec<S> {
