@@ -5,7 +5,10 @@ use std::fmt::Write as _;
 use std::io;
 
 use aoai_auth::error::TokenUnavailable;
-use aoai_balance::{AllCoolingDown, AzureOpenAiClassifier, Classify, Failure, NoBackends, Outcome};
+use aoai_balance::{
+    AllCoolingDown, AzureOpenAiClassifier, Classify, Failure, NoBackends, Outcome,
+    UnknownDeployment,
+};
 use aoai_rebase::InvalidPath;
 use aoai_retry::{BodyReadError, BodyTooLarge, DeadlineElapsed};
 use axum::body::Body;
@@ -23,6 +26,7 @@ use tower_http::timeout::TimeoutError;
 /// | [`AllCoolingDown`] | 429, with `Retry-After` and `retry-after-ms` |
 /// | [`TokenUnavailable`] | 503, with `Retry-After` and `retry-after-ms`: when a fresh token fetch is due |
 /// | [`NoBackends`] | 503 |
+/// | [`UnknownDeployment`] (no instance serves the deployment asked for) | 404 `DeploymentNotFound` |
 /// | a timeout (attempt or deadline) | 504 |
 /// | a backend that cannot be reached, or any other error | 502 |
 ///
@@ -73,6 +77,8 @@ fn classify(error: &(dyn StdError + 'static)) -> (StatusCode, &'static str) {
         (StatusCode::TOO_MANY_REQUESTS, "429")
     } else if find::<TokenUnavailable>(error).is_some() {
         (StatusCode::SERVICE_UNAVAILABLE, "token_unavailable")
+    } else if find::<UnknownDeployment>(error).is_some() {
+        (StatusCode::NOT_FOUND, "DeploymentNotFound")
     } else if find::<NoBackends>(error).is_some() {
         (StatusCode::SERVICE_UNAVAILABLE, "no_backends")
     } else if find::<InvalidPath>(error).is_some() {

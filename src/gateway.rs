@@ -1,6 +1,6 @@
 //! [`Gateway`]: the standard stack, composed.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
@@ -26,6 +26,7 @@ use tower::{Layer, Service};
 
 use crate::BoxError;
 use crate::classify::GatewayClassifier;
+use crate::deployment::{DeploymentLayer, MapDeployment, SetDeployment};
 use crate::error::{azure_error, error_response_with, find, message};
 use crate::upgrade;
 
@@ -36,10 +37,12 @@ pub type DefaultClient = UpstreamClient<ReplayBody>;
 
 /// One backend's own stack: optional auth, the attempt timeout (which starts when the request
 /// is sent, not while it waits for a token), rebase onto its URL, the client.
-type BackendStack<C> = Either<AzureAuth<Attempt<C>>, Attempt<C>>;
+type BackendStack<C> = MapDeployment<Either<AzureAuth<Attempt<C>>, Attempt<C>>>;
 type Attempt<C> = Timeout<Rebase<C>>;
-type Stack<C> =
-    RetryNextBackendService<Balance<BackendStack<C>, GatewayClassifier>, GatewayClassifier>;
+type Stack<C> = RetryNextBackendService<
+    SetDeployment<Balance<BackendStack<C>, GatewayClassifier>>,
+    GatewayClassifier,
+>;
 type StackFuture<B, C> = <Stack<C> as Service<Request<B>>>::Future;
 
 /// The standard aoai-tower stack as one axum-ready service: mount it with
@@ -315,6 +318,8 @@ pub struct Backend {
     auth: Option<AzureAuthLayer>,
     priority: u32,
     weight: u32,
+    /// The deployments it serves, the caller's name to its own; `None`: every one, as named.
+    deployments: Option<HashMap<Arc<str>, Arc<str>>>,
 }
 
 impl Backend {
@@ -328,6 +333,7 @@ impl Backend {
             auth: None,
             priority: 1,
             weight: 1,
+            deployments: None,
         }
     }
 
@@ -348,6 +354,22 @@ impl Backend {
     /// Its share of its tier's traffic, interleaved (smooth weighted round-robin). Default: 1.
     pub fn weight(mut self, weight: u32) -> Self {
         self.weight = weight;
+        self
+    }
+
+    /// The deployments it serves, each as `(the caller's name, its own name)`: a request for
+    /// another deployment never goes there, and a request for one of these is renamed (in the
+    /// path, or a v1 body's `model`). Default: every deployment, under the caller's names.
+    pub fn deployments<I, A, B>(mut self, deployments: I) -> Self
+    where
+        I: IntoIterator<Item = (A, B)>,
+        A: Into<Arc<str>>,
+        B: Into<Arc<str>>,
+    {
+        let names = deployments
+            .into_iter()
+            .map(|(asked, own)| (asked.into(), own.into()));
+        self.deployments = Some(names.collect());
         self
     }
 }
@@ -509,15 +531,23 @@ impl<C> GatewayBuilder<C> {
                 Some(auth) => Either::Left(auth.layer(attempt)),
                 None => Either::Right(attempt),
             };
-            stacks.push(
-                BackendSpec::new(spec.name, service)
-                    .priority(spec.priority)
-                    .weight(spec.weight),
-            );
+            let renames = spec
+                .deployments
+                .as_ref()
+                .filter(|names| names.iter().any(|(asked, own)| asked != own))
+                .map(|names| Arc::new(names.clone()));
+            let mut backend = BackendSpec::new(spec.name, MapDeployment::new(service, renames))
+                .priority(spec.priority)
+                .weight(spec.weight);
+            if let Some(names) = spec.deployments {
+                backend = backend.deployments(names.into_keys());
+            }
+            stacks.push(backend);
             served_by_values.push(value);
         }
         let balance = Balance::with_backends(stacks, self.health, classifier);
         let health = balance.health();
+        let balance = DeploymentLayer.layer(balance);
         let retry = RetryNextBackendLayer::new(health.clone())
             .classifier(classifier)
             .max_attempts(self.max_attempts)

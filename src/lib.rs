@@ -56,6 +56,7 @@
 
 mod classify;
 mod client_key;
+mod deployment;
 mod error;
 mod gateway;
 mod upgrade;
@@ -68,6 +69,7 @@ pub use aoai_upstream as upstream;
 
 pub use crate::classify::GatewayClassifier;
 pub use crate::client_key::{RequireClientKey, RequireClientKeyLayer};
+pub use crate::deployment::{DeploymentLayer, MapDeployment, SetDeployment};
 pub use crate::error::{azure_error, error_response};
 pub use crate::gateway::{
     Backend, DefaultClient, Gateway, GatewayBuilder, GatewayError, GatewayFuture,

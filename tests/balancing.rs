@@ -180,3 +180,103 @@ async fn the_first_tier_takes_everything_until_it_throttles_then_the_next_serves
         assert_eq!(served_by(&chat(&client, &base).await), "a");
     }
 }
+
+/// A chat completion for `deployment`, by its path.
+async fn chat_for(client: &reqwest::Client, base: &str, deployment: &str) -> reqwest::Response {
+    client
+        .post(format!(
+            "{base}/openai/deployments/{deployment}/chat/completions?api-version=2024-10-21"
+        ))
+        .json(&serde_json::json!({ "messages": [{ "role": "user", "content": "Hi" }] }))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Quotas are per deployment: a 429 from b for `gpt` sends `gpt` to a for b's Retry-After,
+/// while b keeps serving `tiny`.
+#[tokio::test]
+async fn a_429_for_one_deployment_leaves_the_instances_other_deployments_flowing() {
+    let sims = sims(2).await;
+    let gateway = builder_over(&sims).build().unwrap();
+    let health = gateway.health().clone();
+    let base = serve_gateway(gateway).await;
+    let client = client();
+
+    assert_eq!(served_by(&chat_for(&client, &base, "gpt").await), "a");
+    sims[1].push_fault(aoai_sim::Fault::throttle(30));
+    let throttled = chat_for(&client, &base, "gpt").await;
+    assert_eq!(throttled.status(), 200);
+    assert_eq!(served_by(&throttled), "a", "retried on a");
+    for _ in 0..4 {
+        assert_eq!(served_by(&chat_for(&client, &base, "gpt").await), "a");
+    }
+    let tiny: Vec<String> = {
+        let mut served = Vec::new();
+        for _ in 0..4 {
+            served.push(served_by(&chat_for(&client, &base, "tiny").await));
+        }
+        served
+    };
+    assert!(tiny.iter().any(|name| name == "b"), "{tiny:?}");
+    let b = &health.snapshot()[1];
+    assert_eq!(b.state.to_string(), "available", "{b:?}");
+    assert_eq!(b.deployment_cooldowns.len(), 1, "{b:?}");
+    assert_eq!(&*b.deployment_cooldowns[0].0, "gpt");
+}
+
+/// An instance serves only the deployments it lists, under its own names: the caller's
+/// `gpt-4o` reaches it as `gpt4o-ptu` (in the path, and in a v1 body's `model`), a deployment
+/// it does not list never reaches it, and one no instance lists is a 404 that contacts none.
+#[tokio::test]
+async fn deployments_are_renamed_per_instance_and_unknown_ones_are_a_404() {
+    let sims = sims(2).await;
+    let gateway = aoai_tower::Gateway::builder()
+        .add_backend(
+            aoai_tower::Backend::new("a", sims[0].url()).deployments([("gpt-4o", "gpt4o-ptu")]),
+        )
+        .add_backend(
+            aoai_tower::Backend::new("b", sims[1].url())
+                .deployments([("gpt-4o", "gpt-4o"), ("tiny", "tiny")]),
+        )
+        .build()
+        .unwrap();
+    let base = serve_gateway(gateway).await;
+    let client = client();
+
+    for _ in 0..2 {
+        assert_eq!(chat_for(&client, &base, "gpt-4o").await.status(), 200);
+    }
+    assert_eq!(
+        sims[0].requests()[0].path,
+        "/openai/deployments/gpt4o-ptu/chat/completions"
+    );
+    assert_eq!(
+        sims[1].requests()[0].path,
+        "/openai/deployments/gpt-4o/chat/completions"
+    );
+    for _ in 0..3 {
+        assert_eq!(served_by(&chat_for(&client, &base, "tiny").await), "b");
+    }
+    assert_eq!(sims[0].request_count(), 1);
+
+    let v1 = |model: &str| {
+        client
+            .post(format!("{base}/openai/v1/chat/completions"))
+            .json(&serde_json::json!({ "model": model, "messages": [{ "role": "user", "content": "Hi" }] }))
+            .send()
+    };
+    for _ in 0..2 {
+        assert_eq!(v1("gpt-4o").await.unwrap().status(), 200);
+    }
+    let renamed = sims[0].requests().last().unwrap().json().unwrap();
+    assert_eq!(renamed["model"], "gpt4o-ptu");
+
+    let before = sims[0].request_count() + sims[1].request_count();
+    let unknown = chat_for(&client, &base, "nobody-serves-this").await;
+    assert_eq!(unknown.status(), 404);
+    let text = unknown.text().await.unwrap();
+    support::assert_azure_error(&text, "DeploymentNotFound");
+    assert!(text.contains("nobody-serves-this"), "{text}");
+    assert_eq!(sims[0].request_count() + sims[1].request_count(), before);
+}

@@ -35,9 +35,17 @@ fn counts(sims: &[SimHandle]) -> Vec<usize> {
     sims.iter().map(SimHandle::request_count).collect()
 }
 
-/// How long the backend at `index` still cools down, per the gateway's health.
+/// How long the backend at `index` still takes no chat for `gpt-4o` (the deployment of
+/// [`CHAT`]), per the gateway's health: the instance's own cooldown, or its 429 cooldown for
+/// that deployment, whichever ends later.
 fn cooling(gateway: &Gateway, index: usize) -> Option<Duration> {
-    gateway.health().snapshot()[index].cooling_down_for
+    let backend = &gateway.health().snapshot()[index];
+    let deployment = backend
+        .deployment_cooldowns
+        .iter()
+        .find(|(name, _)| &**name == "gpt-4o")
+        .map(|(_, left)| *left);
+    backend.cooling_down_for.max(deployment)
 }
 
 /// Waits (bounded) until the backend at `index` takes traffic again.

@@ -77,6 +77,7 @@ async fn run(mut settings: Settings) -> Result<(), String> {
                 priority: 1,
                 weight: 1,
                 auth: None,
+                deployments: None,
             });
             emulators.push(sim);
         }
@@ -199,6 +200,9 @@ fn build_gateway(settings: &Settings) -> Result<Gateway, String> {
         if let Some(auth) = auth {
             spec = spec.auth(auth);
         }
+        if let Some(names) = &backend.deployments {
+            spec = spec.deployments(names.iter().map(|(a, o)| (a.as_str(), o.as_str())));
+        }
         builder = builder.add_backend(spec);
     }
     builder.build().map_err(|e| e.to_string())
@@ -290,6 +294,15 @@ fn backends_json(health: &aoai_tower::balance::BalanceHealth) -> serde_json::Val
                 "cooling_reason": b.cooling_reason,
                 "cooling_down_ms": b.cooling_down_for.map(|d| d.as_millis() as u64),
                 "failed_trials": b.failed_trials,
+                "deployments": b
+                    .deployments
+                    .as_ref()
+                    .map(|names| names.iter().map(|n| n.to_string()).collect::<Vec<_>>()),
+                "deployment_cooldowns_ms": b
+                    .deployment_cooldowns
+                    .iter()
+                    .map(|(name, left)| (name.to_string(), left.as_millis() as u64))
+                    .collect::<std::collections::BTreeMap<_, _>>(),
                 "consecutive_failures": b.consecutive_failures,
                 "attempts": b.attempts,
                 "throttled": b.throttled,

@@ -121,6 +121,8 @@ struct FileBackend {
     weight: Option<u32>,
     /// This backend's auth mode, over the file's `auth`.
     auth: Option<String>,
+    /// The deployments it serves: the caller's name to its own; absent = every one, same names.
+    deployments: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// How the gateway authenticates to its backends.
@@ -171,6 +173,8 @@ pub(crate) struct Backend {
     pub(crate) weight: u32,
     /// This backend's own auth mode, over the gateway's.
     pub(crate) auth: Option<AuthMode>,
+    /// The deployments it serves (the caller's name, its own); `None`: every one, same names.
+    pub(crate) deployments: Option<Vec<(String, String)>>,
 }
 
 /// Everything the gateway needs, validated.
@@ -218,6 +222,10 @@ impl Settings {
             parsed.priority = at_least_one("priority", &parsed.name, backend.priority)?;
             parsed.weight = at_least_one("weight", &parsed.name, backend.weight)?;
             parsed.auth = backend.auth.as_deref().map(AuthMode::parse).transpose()?;
+            parsed.deployments = backend
+                .deployments
+                .clone()
+                .map(|names| names.into_iter().collect());
             backends.push(parsed);
         }
         for spec in &flags.backends {
@@ -352,6 +360,7 @@ fn backend_from(name: Option<String>, url: &str) -> Result<Backend, String> {
         priority: 1,
         weight: 1,
         auth: None,
+        deployments: None,
     })
 }
 

@@ -167,6 +167,10 @@ where
         Ok(mut response) => {
             let outcome = classifier.classify_response(response.status(), response.headers());
             response.extensions_mut().insert(served_by);
+            if let Some(deployment) = &health.deployment {
+                // For a layer above (the retry policy) whose copy of the request does not say.
+                response.extensions_mut().insert(deployment.clone());
+            }
             (outcome, Ok(response))
         }
         Err(error) => {

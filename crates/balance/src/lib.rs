@@ -60,9 +60,9 @@
 //!
 //! # Contracts
 //!
-//! - Every response carries a [`ServedBy`] extension; every error is a [`BackendError`] naming
-//!   the backend (or [`AllCoolingDown`] / [`UnknownDeployment`] / [`NoBackends`] when none was
-//!   contacted).
+//! - Every response carries a [`ServedBy`] extension (and the request's [`Deployment`], when it
+//!   had one); every error is a [`BackendError`] naming the backend (or [`AllCoolingDown`] /
+//!   [`UnknownDeployment`] / [`NoBackends`] when none was contacted).
 //! - A request carrying a [`Deployment`] goes only to a backend that offers it and does not
 //!   cool down for it, and a 429 to it cools only that pair (backend, deployment): no trial,
 //!   the pair takes requests again when its `Retry-After` (at most `max_cooldown`) is over. A

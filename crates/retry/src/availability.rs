@@ -3,7 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use aoai_balance::{BalanceHealth, TriedBackends};
+use aoai_balance::{BalanceHealth, Deployment, TriedBackends};
 
 /// What the retry policy needs to know of the balancer behind it: whether a retry can go to a
 /// backend not tried yet (then it goes at once; otherwise it waits a backoff first), and whether
@@ -13,20 +13,27 @@ use aoai_balance::{BalanceHealth, TriedBackends};
 /// and by [`AlwaysAvailable`], for a balancer that knows no health; implement it to put
 /// [`RetryNextBackendLayer`](crate::RetryNextBackendLayer) in front of a balancer of your own.
 pub trait BackendAvailability: fmt::Debug + Send + Sync + 'static {
-    /// Whether a backend that is neither cooling down nor in `tried` exists.
-    fn has_untried_available(&self, tried: &TriedBackends) -> bool;
+    /// Whether a backend that is neither cooling down (for `deployment`, when the request
+    /// names one) nor in `tried` exists.
+    fn has_untried_available(&self, tried: &TriedBackends, deployment: Option<&Deployment>)
+    -> bool;
 
-    /// How long until a backend takes traffic again; `None` when one does now.
-    fn soonest_recovery(&self) -> Option<Duration>;
+    /// How long until a backend takes traffic for `deployment` (any, when `None`) again;
+    /// `None` when one does now.
+    fn soonest_recovery(&self, deployment: Option<&Deployment>) -> Option<Duration>;
 }
 
 impl BackendAvailability for BalanceHealth {
-    fn has_untried_available(&self, tried: &TriedBackends) -> bool {
-        BalanceHealth::has_untried_available(self, tried)
+    fn has_untried_available(
+        &self,
+        tried: &TriedBackends,
+        deployment: Option<&Deployment>,
+    ) -> bool {
+        self.has_untried_available_for(tried, deployment)
     }
 
-    fn soonest_recovery(&self) -> Option<Duration> {
-        BalanceHealth::soonest_recovery(self)
+    fn soonest_recovery(&self, deployment: Option<&Deployment>) -> Option<Duration> {
+        self.soonest_recovery_for(deployment)
     }
 }
 
@@ -37,11 +44,11 @@ impl BackendAvailability for BalanceHealth {
 pub struct AlwaysAvailable;
 
 impl BackendAvailability for AlwaysAvailable {
-    fn has_untried_available(&self, _tried: &TriedBackends) -> bool {
+    fn has_untried_available(&self, _: &TriedBackends, _: Option<&Deployment>) -> bool {
         false
     }
 
-    fn soonest_recovery(&self) -> Option<Duration> {
+    fn soonest_recovery(&self, _: Option<&Deployment>) -> Option<Duration> {
         None
     }
 }

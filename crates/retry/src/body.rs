@@ -21,6 +21,12 @@ impl ReplayBody {
             data: (!data.is_empty()).then_some(data),
         }
     }
+
+    /// The bytes it yields (empty once yielded), for a layer that reads the request body
+    /// before it is sent, such as one that finds the request's deployment in it.
+    pub fn as_bytes(&self) -> &[u8] {
+        self.data.as_deref().unwrap_or_default()
+    }
 }
 
 impl Body for ReplayBody {

@@ -7,8 +7,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use aoai_balance::{
-    AllCoolingDown, AzureOpenAiClassifier, BackendError, Classify, NoBackends, Outcome, ServedBy,
-    TriedBackends,
+    AllCoolingDown, AzureOpenAiClassifier, BackendError, Classify, Deployment, NoBackends, Outcome,
+    ServedBy, TriedBackends, UnknownDeployment,
 };
 use http::{Extensions, HeaderName, HeaderValue, Method, Request, Response, Uri, Version};
 use pin_project_lite::pin_project;
@@ -88,7 +88,13 @@ impl<C> RetryNextBackend<C> {
             Ok(response) => self
                 .classifier
                 .classify_response(response.status(), response.headers()),
-            Err(error) if error.is::<AllCoolingDown>() || error.is::<NoBackends>() => return None,
+            Err(error)
+                if error.is::<AllCoolingDown>()
+                    || error.is::<NoBackends>()
+                    || error.is::<UnknownDeployment>() =>
+            {
+                return None;
+            }
             Err(error) => self.classifier.classify_error(&**error),
         };
         outcome.is_retryable_elsewhere().then_some(outcome)
@@ -111,13 +117,29 @@ impl<C> RetryNextBackend<C> {
                 .map(|e| e.served_by().clone()),
         };
         let backend = served_by.as_ref().map_or("", ServedBy::name);
+        // The deployment the request is for, as the request says or, when a layer below the
+        // retry named it (from the path or the body), as the answer carries it back; kept on
+        // the request for the attempts after this one.
+        let deployment = request
+            .extensions()
+            .get::<Deployment>()
+            .cloned()
+            .or_else(|| {
+                let found = result
+                    .as_ref()
+                    .ok()
+                    .and_then(|response| response.extensions().get::<Deployment>().cloned())?;
+                request.extensions_mut().insert(found.clone());
+                Some(found)
+            });
+        let deployment = deployment.as_ref();
         let tried = request
             .extensions_mut()
             .get_or_insert_default::<TriedBackends>();
         if let Some(served_by) = &served_by {
             tried.insert(served_by.index());
         }
-        if let Some(recovery) = self.settings.health.soonest_recovery() {
+        if let Some(recovery) = self.settings.health.soonest_recovery(deployment) {
             if let Ok(response) = result
                 && matches!(outcome, Outcome::Throttled { .. })
             {
@@ -135,7 +157,10 @@ impl<C> RetryNextBackend<C> {
         if matches!(
             outcome,
             Outcome::CredentialUnavailable { .. } | Outcome::Forbidden
-        ) && !self.settings.health.has_untried_available(tried)
+        ) && !self
+            .settings
+            .health
+            .has_untried_available(tried, deployment)
         {
             // Only a backend that authenticates another way (or holds another role assignment)
             // could help, and only one not tried yet: no backoff, no second go at the same one.
@@ -160,7 +185,11 @@ impl<C> RetryNextBackend<C> {
             );
             return None;
         }
-        let delay = (!self.settings.health.has_untried_available(tried)).then(|| self.backoff());
+        let delay = (!self
+            .settings
+            .health
+            .has_untried_available(tried, deployment))
+        .then(|| self.backoff());
         tracing::info!(
             backend,
             attempt = self.attempts,
