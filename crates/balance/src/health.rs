@@ -263,6 +263,56 @@ fn millis(duration: Duration) -> u64 {
 }
 
 impl BackendHealth {
+    /// Takes over the state of `previous` (the same backend in a pool being replaced): its
+    /// cooldowns (moved from `previous`'s clock onto `clock`), counts and reasons. A trial in
+    /// flight there is owed again here.
+    pub(crate) fn carry_over_from(&self, previous: &BackendHealth, from: &Clock, clock: &Clock) {
+        let moved = |until: u64| -> u64 {
+            let at = from.start + Duration::from_nanos(until);
+            let here = at.saturating_duration_since(clock.start).as_nanos();
+            // 1: a cooldown already over (0 would mean "available").
+            u64::try_from(here).unwrap_or(u64::MAX - 1).max(1)
+        };
+        let gate = match previous.gate.load(Ordering::Relaxed) {
+            0 => 0,
+            TRIAL_IN_FLIGHT => 1,
+            until => moved(until),
+        };
+        self.gate.store(gate, Ordering::Relaxed);
+        let copy32 = |to: &AtomicU32, from: &AtomicU32| {
+            to.store(from.load(Ordering::Relaxed), Ordering::Relaxed)
+        };
+        let copy64 = |to: &AtomicU64, from: &AtomicU64| {
+            to.store(from.load(Ordering::Relaxed), Ordering::Relaxed)
+        };
+        self.cooling_reason.store(
+            previous.cooling_reason.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+        copy32(&self.failed_trials, &previous.failed_trials);
+        copy32(&self.consecutive_failures, &previous.consecutive_failures);
+        copy32(
+            &self.consecutive_unauthorized,
+            &previous.consecutive_unauthorized,
+        );
+        copy64(&self.attempts, &previous.attempts);
+        copy64(&self.throttled, &previous.throttled);
+        copy64(&self.failed, &previous.failed);
+        let cooling: Vec<(Arc<str>, u64)> = previous
+            .deployment_cooldowns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(name, until)| (name.clone(), moved(*until)))
+            .collect();
+        self.has_deployment_cooldowns
+            .store(!cooling.is_empty(), Ordering::Relaxed);
+        *self
+            .deployment_cooldowns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = cooling;
+    }
+
     pub(crate) fn new(
         name: Arc<str>,
         priority: u32,

@@ -409,6 +409,23 @@ pub struct BalanceHealth {
 }
 
 impl BalanceHealth {
+    /// Takes over, for each backend that `previous` has too (by name), its state there:
+    /// cooldowns (whole and per deployment), trial, counts and reasons. For a pool that
+    /// replaces another (a configuration reload), so that a backend that stayed keeps what was
+    /// learnt of it; a trial in flight in `previous` is owed again here.
+    pub fn carry_over_from(&self, previous: &BalanceHealth) {
+        for backend in self.shared.backends.iter() {
+            if let Some(old) = previous
+                .shared
+                .backends
+                .iter()
+                .find(|old| old.name == backend.name)
+            {
+                backend.carry_over_from(old, &previous.shared.clock, &self.shared.clock);
+            }
+        }
+    }
+
     /// How many backends there are.
     pub fn len(&self) -> usize {
         self.shared.backends.len()

@@ -1449,3 +1449,33 @@ fn a_deployment_is_a_cheap_named_extension() {
     assert_eq!(spec.offered_deployments().unwrap().len(), 2);
     assert_eq!(BackendSpec::new("a", ()).offered_deployments(), None);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_pool_that_replaces_another_carries_over_the_backends_that_stayed() {
+    let s = statuses(2);
+    let old = balance_of(&s);
+    s[0].store(429, Ordering::Relaxed);
+    old.clone().oneshot(Request::new(())).await.unwrap();
+    s[0].store(200, Ordering::Relaxed);
+    tokio::time::advance(Duration::from_secs(5)).await;
+
+    // The new pool: b0 stays, b1 goes, b2 comes.
+    let t = statuses(3);
+    let new = Balance::new([("b0", backend(t[0].clone())), ("b2", backend(t[2].clone()))]);
+    new.health().carry_over_from(&old.health());
+    let snapshot = new.snapshot();
+    assert_eq!(snapshot[0].cooling_down_for, Some(Duration::from_secs(15)));
+    assert_eq!(snapshot[0].throttled, 1);
+    assert_eq!(snapshot[0].cooling_reason, Some("throttled"));
+    assert_eq!(snapshot[1].state, BackendState::Available);
+    assert_eq!(snapshot[1].attempts, 0);
+    for _ in 0..3 {
+        assert_eq!(served_by(&new, Request::new(())).await.unwrap(), "b2");
+    }
+    tokio::time::advance(Duration::from_secs(15)).await;
+    let mut names = Vec::new();
+    for _ in 0..2 {
+        names.push(served_by(&new, Request::new(())).await.unwrap());
+    }
+    assert!(names.contains(&"b0".to_owned()), "its trial: {names:?}");
+}
