@@ -1573,3 +1573,103 @@ async fn a_backends_own_auth_mode_is_read_and_checked() {
     let line = refused(&["--config", bogus.path()], &[]).await;
     assert!(line.contains("bogus"), "{line}");
 }
+
+/// `SIGHUP` rereads the configuration file and swaps the pool under load: no request fails, a
+/// stream in flight completes, the instance that left gets nothing more, the one that came
+/// serves, and the one that stayed keeps its health. A file that no longer parses leaves the
+/// running pool in place.
+#[tokio::test]
+async fn sighup_reloads_the_pool_under_load_without_a_failed_request() {
+    let sims = sims(3).await;
+    let addr = free_addr();
+    let base = format!("http://{addr}");
+    let config_of = |names: &[usize]| {
+        let mut text = format!("listen = \"{addr}\"\n");
+        for &i in names {
+            text.push_str(&format!(
+                "[[backends]]\nname = \"{}\"\nurl = \"{}\"\n",
+                sims[i].name(),
+                sims[i].url()
+            ));
+        }
+        text
+    };
+    let config = TempFile::with("reload.toml", &config_of(&[0, 1]));
+    let mut gateway = Gateway::spawn(&["--config", config.path()], &[]);
+    gateway.ready(&base, None).await;
+    let hangup = |gateway: &Gateway| {
+        let sent = Command::new("kill")
+            .args(["-HUP", &gateway.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    };
+
+    let stream = client()
+        .post(format!("{base}{CHAT}"))
+        .json(&serde_json::json!({ "messages": [{ "role": "user", "content": "Hi" }], "stream": true }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let callers: Vec<_> = (0..4)
+        .map(|_| {
+            let (base, stop) = (base.clone(), stop.clone());
+            tokio::spawn(async move {
+                let client = client();
+                let mut statuses = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    statuses.push(chat(&client, &base).await.status().as_u16());
+                }
+                statuses
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    std::fs::write(&config.0, config_of(&[1, 2])).unwrap();
+    hangup(&gateway);
+    // The admin route shows the new pool once it is in place.
+    let deadline = tokio::time::Instant::now() + BOUND;
+    loop {
+        let backends = gateway.ready(&base, None).await;
+        let names: Vec<&str> = backends["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["name"].as_str().unwrap())
+            .collect();
+        if names == ["b", "c"] {
+            assert!(
+                backends["backends"][0]["attempts"].as_u64().unwrap() > 0,
+                "b kept"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never reloaded: {names:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let a_after_reload = sims[0].request_count();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    for caller in callers {
+        let statuses = caller.await.unwrap();
+        assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    }
+    let body = stream.text().await.expect("the stream in flight completes");
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+    assert!(sims[2].request_count() > 0, "c serves");
+    // At most the requests already in flight at the swap reached a afterwards.
+    assert!(sims[0].request_count() <= a_after_reload + 4);
+
+    // A file that does not parse: the running pool stays.
+    std::fs::write(&config.0, "listen = \n").unwrap();
+    hangup(&gateway);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let response = chat(&client(), &base).await;
+    assert_eq!(response.status(), 200);
+    assert!(["b", "c"].contains(&served_by(&response).as_str()));
+}

@@ -11,6 +11,7 @@
 //! Callers use the gateway as if it were one Azure OpenAI endpoint: `/openai/...` maps 1:1 onto
 //! each backend's `/openai/...`. `GET /admin/backends` shows each backend's health as JSON.
 
+mod reload;
 mod serve;
 mod settings;
 
@@ -26,6 +27,7 @@ use azure_core::credentials::TokenCredential;
 use clap::Parser;
 use serde_json::json;
 
+use crate::reload::Reloadable;
 use crate::settings::{AuthMode, Backend, Flags, Settings, is_loopback_url};
 
 fn main() {
@@ -102,13 +104,25 @@ async fn run(mut settings: Settings) -> Result<(), String> {
         }
     };
 
-    let gateway = build_gateway(&settings)?;
-    let health = gateway.health().clone();
+    let gateway = Reloadable::new(build_gateway(&settings)?);
+    if settings.config.is_some() {
+        // The file is read again on SIGHUP; the backends the emulators stand for are kept.
+        let backends = settings.backends.clone();
+        #[cfg(unix)]
+        tokio::spawn(reload::on_sighup(gateway.clone(), move || {
+            let mut settings = Settings::from_flags(Flags::parse())?;
+            if settings.backends.is_empty() {
+                settings.backends = backends.clone();
+            }
+            build_gateway(&settings)
+        }));
+    }
+    let admin = gateway.clone();
     let mut app = Router::new()
         .route(
             "/admin/backends",
             get(move || {
-                let health = health.clone();
+                let health = admin.current().health().clone();
                 async move { Json(backends_json(&health)) }
             }),
         )

@@ -198,6 +198,8 @@ pub(crate) struct Settings {
     pub(crate) workers: Option<usize>,
     /// CA certificates to trust besides the platform's.
     pub(crate) ca_file: Option<PathBuf>,
+    /// The configuration file, read again on `SIGHUP`.
+    pub(crate) config: Option<PathBuf>,
 }
 
 impl Settings {
@@ -307,6 +309,7 @@ impl Settings {
             timeouts,
             workers,
             ca_file: flags.ca_file.or(file.ca_file),
+            config: flags.config,
         })
     }
 }
