@@ -2,7 +2,7 @@
 
 use std::error::Error as StdError;
 
-use aoai_auth::error::TokenUnavailable;
+use aoai_auth::error::{CredentialRejected, TokenUnavailable};
 use aoai_balance::{AzureOpenAiClassifier, Classify, Outcome};
 use http::{HeaderMap, StatusCode};
 
@@ -37,6 +37,18 @@ impl GatewayClassifier {
 impl Classify for GatewayClassifier {
     fn classify_response(&self, status: StatusCode, headers: &HeaderMap) -> Outcome {
         AzureOpenAiClassifier.classify_response(status, headers)
+    }
+
+    /// A 401 that no token refresh can mend (an api-key the instance refused, marked by
+    /// `AzureAuth`) is [`Outcome::Forbidden`]: the instance is out of rotation at once, and the
+    /// request goes on to another.
+    fn classify_answer<B>(&self, response: &http::Response<B>) -> Outcome {
+        if response.status() == StatusCode::UNAUTHORIZED
+            && response.extensions().get::<CredentialRejected>().is_some()
+        {
+            return Outcome::Forbidden;
+        }
+        self.classify_response(response.status(), response.headers())
     }
 
     fn classify_error(&self, error: &(dyn StdError + 'static)) -> Outcome {

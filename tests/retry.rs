@@ -242,22 +242,27 @@ async fn a_401_is_retried_once() {
     assert_eq!(counts(&sims), [1, 1, 0], "exactly two calls");
 }
 
-/// An instance that refuses the gateway's credential (a wrong key: two 401s in a row) is taken
-/// out of rotation for the credential cooldown, and says why; every caller is served by the
-/// other instance, and the wrong one hears of no request after its second 401.
+/// An instance that refuses the gateway's api-key is taken out of rotation after its first
+/// 401 (no token refresh can mend a key), for the credential cooldown, and says why; every
+/// caller is served by the other instance. Without a credential to blame, two 401s in a row
+/// take an instance out (the first may be a stale token).
 #[tokio::test]
 async fn an_instance_refusing_the_gateways_credential_is_taken_out_of_rotation() {
     let a = aoai_sim::start(SimConfig::new("a").expect_api_key("key-a")).await;
     let b = aoai_sim::start(SimConfig::new("b")).await;
     let sims = [a, b];
-    let (gateway, base) = start(builder_over(&sims)).await;
+    let wrong_key = aoai_tower::auth::AzureAuthLayer::from_api_key("not-key-a").unwrap();
+    let builder = Gateway::builder()
+        .backend_with_auth("a", sims[0].url(), wrong_key)
+        .backend("b", sims[1].url());
+    let (gateway, base) = start(builder).await;
     let client = client();
     for _ in 0..10 {
         let response = chat(&client, &base).await;
         assert_eq!(response.status(), 200);
         assert_eq!(served_by(&response), "b");
     }
-    assert_eq!(sims[0].request_count(), 2, "two 401s, then nothing");
+    assert_eq!(sims[0].request_count(), 1, "one 401, then nothing");
     let a = &gateway.health().snapshot()[0];
     assert_eq!(a.state.to_string(), "cooling", "{a:?}");
     assert_eq!(a.cooling_reason, Some("credential"), "{a:?}");
@@ -265,6 +270,16 @@ async fn an_instance_refusing_the_gateways_credential_is_taken_out_of_rotation()
         a.cooling_down_for
             .is_some_and(|left| left > Duration::from_secs(200))
     );
+
+    // No credential of the gateway's: the second 401 in a row takes it out.
+    let a = aoai_sim::start(SimConfig::new("a").expect_api_key("key-a")).await;
+    let b = aoai_sim::start(SimConfig::new("b")).await;
+    let sims = [a, b];
+    let (_gateway, base) = start(builder_over(&sims)).await;
+    for _ in 0..10 {
+        assert_eq!(served_by(&chat(&client, &base).await), "b");
+    }
+    assert_eq!(sims[0].request_count(), 2, "two 401s, then nothing");
 }
 
 /// A 403 (a missing role assignment) goes on to the other instance, and takes the refusing one

@@ -169,3 +169,9 @@ mod tests {
         assert_eq!(error.retry_after(), Duration::from_millis(2500));
     }
 }
+
+/// Marks a `401 Unauthorized` that no token refresh can mend, in the response's extensions:
+/// the instance refused the api-key [`AzureAuth`](crate::AzureAuth) sent. A balancer can take
+/// the instance out of rotation at once (the `aoai-tower` gateway's classifier does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CredentialRejected;

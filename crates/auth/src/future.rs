@@ -12,6 +12,7 @@ use pin_project_lite::pin_project;
 use tower::{BoxError, Service};
 
 use crate::cache::{TokenCache, TokenFuture};
+use crate::error::CredentialRejected;
 
 pin_project! {
     /// Response future of [`AzureAuth`](crate::AzureAuth).
@@ -105,11 +106,15 @@ where
                     this.state.set(State::Called { future });
                 }
                 StateProj::Called { future } => {
-                    let response = ready!(future.poll(cx)).map_err(Into::into)?;
-                    if response.status() == StatusCode::UNAUTHORIZED
-                        && let Some((cache, generation)) = this.issued.take()
-                    {
-                        cache.invalidate(generation);
+                    let mut response = ready!(future.poll(cx)).map_err(Into::into)?;
+                    if response.status() == StatusCode::UNAUTHORIZED {
+                        match this.issued.take() {
+                            Some((cache, generation)) => cache.invalidate(generation),
+                            // An api-key: no refresh can mend it.
+                            None => {
+                                response.extensions_mut().insert(CredentialRejected);
+                            }
+                        }
                     }
                     return Poll::Ready(Ok(response));
                 }

@@ -79,7 +79,9 @@
 //! concurrent 401s for the same token cause one new fetch). The 401 itself is returned unchanged;
 //! `AzureAuth` does not retry. A retry layer above it (`aoai-retry`) retries the 401 once, and that
 //! attempt waits for a fresh token. A credential that caches tokens itself may hand back the same
-//! token; a second 401 is then the caller's answer.
+//! token; a second 401 is then the caller's answer. A 401 to an api-key, which no refresh can
+//! mend, carries [`error::CredentialRejected`] in its extensions, for a balancer to take the
+//! instance out of rotation at once.
 //!
 //! # Security
 //!

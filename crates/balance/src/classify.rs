@@ -109,6 +109,13 @@ pub trait Classify: Clone + Send + Sync + 'static {
 
     /// Classifies an error returned instead of a response.
     fn classify_error(&self, error: &(dyn StdError + 'static)) -> Outcome;
+
+    /// Classifies a whole response head: by default its status and headers
+    /// ([`classify_response`](Self::classify_response)); override it to read what a layer below
+    /// marked in its extensions. `Balance` and the retry policy call this one.
+    fn classify_answer<B>(&self, response: &http::Response<B>) -> Outcome {
+        self.classify_response(response.status(), response.headers())
+    }
 }
 
 /// Azure OpenAI's rules: 429 is throttling; 408, 500, 502, 503, 504, connect errors and attempt

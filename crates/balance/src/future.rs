@@ -165,7 +165,7 @@ where
     let served_by = ServedBy::new(backend.name.clone(), index);
     let (outcome, result) = match result {
         Ok(mut response) => {
-            let outcome = classifier.classify_response(response.status(), response.headers());
+            let outcome = classifier.classify_answer(&response);
             response.extensions_mut().insert(served_by);
             if let Some(deployment) = &health.deployment {
                 // For a layer above (the retry policy) whose copy of the request does not say.

@@ -85,9 +85,7 @@ impl<C> RetryNextBackend<C> {
         C: Classify,
     {
         let outcome = match result {
-            Ok(response) => self
-                .classifier
-                .classify_response(response.status(), response.headers()),
+            Ok(response) => self.classifier.classify_answer(response),
             Err(error)
                 if error.is::<AllCoolingDown>()
                     || error.is::<NoBackends>()
