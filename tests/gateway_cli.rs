@@ -467,6 +467,8 @@ async fn the_example_config_file_is_read() {
         [("ptu", 1, 1), ("eastus", 2, 3), ("swedencentral", 2, 1)],
         "{backends}"
     );
+    assert_eq!(backends["backends"][0]["deployments"], serde_json::json!(["gpt-4o"]));
+    assert_eq!(backends["backends"][1]["deployments"], Value::Null);
 }
 
 #[tokio::test]
