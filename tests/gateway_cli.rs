@@ -467,7 +467,10 @@ async fn the_example_config_file_is_read() {
         [("ptu", 1, 1), ("eastus", 2, 3), ("swedencentral", 2, 1)],
         "{backends}"
     );
-    assert_eq!(backends["backends"][0]["deployments"], serde_json::json!(["gpt-4o"]));
+    assert_eq!(
+        backends["backends"][0]["deployments"],
+        serde_json::json!(["gpt-4o"])
+    );
     assert_eq!(backends["backends"][1]["deployments"], Value::Null);
 }
 
@@ -1674,4 +1677,25 @@ async fn sighup_reloads_the_pool_under_load_without_a_failed_request() {
     let response = chat(&client(), &base).await;
     assert_eq!(response.status(), 200);
     assert!(["b", "c"].contains(&served_by(&response).as_str()));
+}
+
+/// `--priority NAME=N` and `--weight NAME=N` set a backend's tier and share; a name no
+/// backend has, or a 0, is refused naming it.
+#[tokio::test]
+async fn priority_and_weight_flags_set_a_backends_tier_and_share() {
+    let sims = sims(2).await;
+    let (mut gateway, _, base) =
+        Gateway::over_with(&sims, &["--priority", "b=2", "--weight", "a=3"]);
+    let backends = gateway.ready(&base, None).await;
+    assert_eq!(backends["backends"][0]["weight"], 3, "{backends}");
+    assert_eq!(backends["backends"][1]["priority"], 2, "{backends}");
+    for _ in 0..3 {
+        assert_eq!(served_by(&chat(&client(), &base).await), "a");
+    }
+
+    let a = format!("a={}", sims[0].url());
+    let line = refused(&["--backend", &a, "--weight", "zz=2"], &[]).await;
+    assert!(line.contains("zz"), "{line}");
+    let line = refused(&["--backend", &a, "--priority", "a=0"], &[]).await;
+    assert!(line.contains("priority"), "{line}");
 }
