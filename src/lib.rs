@@ -41,8 +41,11 @@
 //!                         `x-served-by`, one log line
 //!   RetryNextBackend      read the body once (limit -> 413), retry on the next backend,
 //!                         overall deadline
-//!     Balance             round-robin, skip tried and cooling backends
+//!     DeploymentLayer     names the request's deployment (path, or a v1 body's `model`)
+//!     Balance             tiers, weighted round-robin, skip tried and cooling backends
+//!                         (per deployment for a 429), one trial after a cooldown
 //!       per backend:
+//!       MapDeployment     the deployment under the instance's own name, if it has one
 //!       AzureAuth         bearer token or api-key; the caller's credentials removed
 //!       Timeout           tower's, per attempt, from the send to the response headers
 //!       Rebase            onto the backend's base URL, `..` refused, hop-by-hop headers dropped
