@@ -54,8 +54,9 @@ type StackFuture<B, C> = <Stack<C> as Service<Request<B>>>::Future;
 ///
 /// - An HTTP/1.1 request without exactly one valid `Host` is answered 400 (hyper leaves this
 ///   check to the application), and no backend is contacted.
-/// - The caller's `Authorization` and `api-key` headers are removed before any backend sees
-///   the request, and so are its extensions (nothing inside reads them).
+/// - The caller's `Authorization` and `api-key` headers, and an `api-key` query parameter, are
+///   removed before any backend sees the request, and so are its extensions (nothing inside
+///   reads them).
 /// - An upgrade (a WebSocket handshake, such as the Realtime API's) goes to one backend like any
 ///   request; when it answers `101 Switching Protocols`, the two connections are joined and the
 ///   bytes relayed both ways until either side closes.
@@ -161,6 +162,10 @@ where
         if self.unauthenticated_backend {
             headers.remove(http::header::AUTHORIZATION);
             headers.remove("api-key");
+        }
+        // Browsers cannot set headers on a WebSocket handshake, so SDKs put the key in the query.
+        if let Some(uri) = upgrade::without_api_key_in_query(request.uri()) {
+            *request.uri_mut() = uri;
         }
         // Nothing inside reads the caller's extensions (the router's, for example); dropped
         // here, they are not cloned for every attempt.

@@ -1,9 +1,10 @@
-//! What hyper leaves to the application: the `Host` check, and joining the two sides of an
-//! upgrade (a WebSocket handshake answered `101 Switching Protocols`).
+//! What hyper leaves to the application: the `Host` check, the caller's key in a query (which
+//! WebSocket clients use) removed, and joining the two sides of an upgrade (a WebSocket
+//! handshake answered `101 Switching Protocols`).
 
 use http::header::{CONNECTION, HOST, UPGRADE};
 use http::uri::Authority;
-use http::{HeaderMap, Request, Response, StatusCode, Version};
+use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
@@ -23,6 +24,29 @@ pub(crate) fn has_valid_host<B>(request: &Request<B>) -> bool {
             .is_some_and(|authority| !authority.as_str().contains('@')),
         _ => false,
     }
+}
+
+/// The URI without its `api-key` query parameters (in any letter case, percent-encoded or
+/// not), the caller's credential; `None` when it has none.
+pub(crate) fn without_api_key_in_query(uri: &Uri) -> Option<Uri> {
+    let query = uri.query()?;
+    let is_key = |pair: &str| {
+        let name = pair.split('=').next().unwrap_or_default();
+        form_urlencoded::parse(name.as_bytes())
+            .next()
+            .is_some_and(|(name, _)| name.eq_ignore_ascii_case("api-key"))
+    };
+    if !query.split('&').any(is_key) {
+        return None;
+    }
+    let kept: Vec<&str> = query.split('&').filter(|pair| !is_key(pair)).collect();
+    let path_and_query = match kept.is_empty() {
+        true => uri.path().to_owned(),
+        false => format!("{}?{}", uri.path(), kept.join("&")),
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(path_and_query.parse().ok()?);
+    Uri::from_parts(parts).ok()
 }
 
 /// Whether the request asks to switch protocols: `Connection` names `upgrade` and an `Upgrade`
@@ -85,6 +109,20 @@ mod tests {
         }
         assert!(has_valid_host(&request(Version::HTTP_2, &[])));
         assert!(has_valid_host(&request(Version::HTTP_10, &[])));
+    }
+
+    #[test]
+    fn the_callers_api_key_leaves_the_query_and_nothing_else_does() {
+        let strip =
+            |uri: &str| without_api_key_in_query(&uri.parse().unwrap()).map(|u| u.to_string());
+        assert_eq!(
+            strip("/openai/realtime?api-version=2025-04-01&api-key=s3cret&deployment=rt")
+                .as_deref(),
+            Some("/openai/realtime?api-version=2025-04-01&deployment=rt")
+        );
+        assert_eq!(strip("/x?API-KEY=a&api%2Dkey=b").as_deref(), Some("/x"));
+        assert_eq!(strip("/x?api-version=1&api-keys=kept"), None);
+        assert_eq!(strip("/x"), None);
     }
 
     #[test]

@@ -599,3 +599,22 @@ async fn client_with_key(base: &str, key: &str) -> reqwest::Response {
         .await
         .unwrap()
 }
+
+/// A caller's key in the query (as browsers' WebSocket clients send it) never reaches an
+/// instance; the rest of the query does, unchanged.
+#[tokio::test]
+async fn the_callers_api_key_in_the_query_never_reaches_a_backend() {
+    let sims = sims(1).await;
+    let base = serve_gateway(builder_over(&sims).build().unwrap()).await;
+    let response = client()
+        .post(format!(
+            "{base}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21&api-key=callers-s3cret"
+        ))
+        .json(&chat_body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let received = &sims[0].requests()[0];
+    assert_eq!(received.query.as_deref(), Some("api-version=2024-10-21"));
+}
