@@ -73,14 +73,9 @@ async fn run(mut settings: Settings) -> Result<(), String> {
     if settings.backends.is_empty() {
         for name in ["sim-a", "sim-b"] {
             let sim = aoai_sim::start(aoai_sim::SimConfig::new(name)).await;
-            settings.backends.push(Backend {
-                name: name.to_owned(),
-                url: sim.url(),
-                priority: 1,
-                weight: 1,
-                auth: None,
-                deployments: None,
-            });
+            settings
+                .backends
+                .push(Backend::new(name.to_owned(), sim.url()));
             emulators.push(sim);
         }
     }

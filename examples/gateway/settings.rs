@@ -177,6 +177,21 @@ pub(crate) struct Backend {
     pub(crate) deployments: Option<Vec<(String, String)>>,
 }
 
+impl Backend {
+    /// A backend at `url` named `name`, in tier 1 with weight 1, the gateway's auth and every
+    /// deployment.
+    pub(crate) fn new(name: String, url: String) -> Self {
+        Self {
+            name,
+            url,
+            priority: 1,
+            weight: 1,
+            auth: None,
+            deployments: None,
+        }
+    }
+}
+
 /// Everything the gateway needs, validated.
 #[derive(Debug)]
 pub(crate) struct Settings {
@@ -357,14 +372,7 @@ fn backend_from(name: Option<String>, url: &str) -> Result<Backend, String> {
     if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(format!("invalid backend name {name:?}"));
     }
-    Ok(Backend {
-        name,
-        url: url.trim_end_matches('/').to_owned(),
-        priority: 1,
-        weight: 1,
-        auth: None,
-        deployments: None,
-    })
+    Ok(Backend::new(name, url.trim_end_matches('/').to_owned()))
 }
 
 /// Whether a URL points at this machine (an emulator), which needs no credential.
