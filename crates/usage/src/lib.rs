@@ -1,0 +1,225 @@
+//! Tower middleware that reads the token usage of every Azure OpenAI answer as it passes: JSON
+//! answers and server-sent event streams, without holding back a byte of what it forwards.
+//!
+//! [`CountUsage`] wraps each response body in a [`UsageBody`] that hands every frame on the moment
+//! the inner body yields it, and reads the usage on the way:
+//!
+//! - `application/json` answers (Chat Completions, Completions, Embeddings, the Responses API) are
+//!   copied up to a bound ([`DEFAULT_PARSE_LIMIT`], set with [`UsageLayer::parse_up_to`]) and
+//!   their `usage` parsed at the end; longer answers are not parsed.
+//! - `text/event-stream` answers are split into events as chunks arrive (an event may span
+//!   chunks; only the incomplete tail is kept), and each event whose data holds `"usage"` is
+//!   parsed: the last chunk of a chat stream asked for with `stream_options.include_usage`, the
+//!   Responses API's `response.completed` event. `[DONE]` is skipped.
+//! - Anything else, and encoded bodies (`Content-Encoding: gzip`, ...), pass unread.
+//!
+//! Each request gets a callback, made from the request by a [`MakeUsageCallback`] (any
+//! `FnMut(&Request<B>) -> impl FnOnce(UsageReport)`), so it can capture whatever identifies the
+//! caller or the deployment. It is called exactly once with a [`UsageReport`]: when the body ends,
+//! or when it fails or is dropped before its end (the caller abandoned the stream:
+//! `complete: false`, with the usage seen so far), or when the inner service fails or the response
+//! future is dropped (`usage: None, complete: false`). The body never fails because of what it
+//! reads: unreadable usage is `None`.
+//!
+//! # Example
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use std::sync::{Arc, Mutex};
+//!
+//! use aoai_usage::{Usage, UsageLayer, UsageReport};
+//! use bytes::Bytes;
+//! use http::{Request, Response};
+//! use http_body_util::{BodyExt, Full};
+//! use tower::{ServiceBuilder, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! let reports = Arc::new(Mutex::new(Vec::new()));
+//! let sink = reports.clone();
+//! let service = ServiceBuilder::new()
+//!     // Per request: a callback that records the report (a real one would also capture the
+//!     // caller's name from `request`, and charge its token limit).
+//!     .layer(UsageLayer::new(move |_request: &Request<String>| {
+//!         let sink = sink.clone();
+//!         move |report: UsageReport| sink.lock().unwrap().push(report)
+//!     }))
+//!     .service(service_fn(|_request: Request<String>| async {
+//!         let json = r#"{"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":5,"total_tokens":17}}"#;
+//!         Ok::<_, Infallible>(
+//!             Response::builder()
+//!                 .header("content-type", "application/json")
+//!                 .body(Full::new(Bytes::from_static(json.as_bytes())))
+//!                 .unwrap(),
+//!         )
+//!     }));
+//!
+//! let response = service.oneshot(Request::new(String::new())).await?;
+//! let body = response.into_body().collect().await?.to_bytes();
+//! assert!(body.starts_with(b"{\"choices\""));
+//!
+//! let reports = reports.lock().unwrap();
+//! assert_eq!(reports.len(), 1);
+//! assert!(reports[0].complete);
+//! assert_eq!(
+//!     reports[0].usage,
+//!     Some(Usage { input_tokens: 12, output_tokens: 5, total_tokens: 17, ..Usage::default() })
+//! );
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Design
+//!
+//! The callback is a plain closure made per request rather than a shared `Arc<dyn Fn>`: it is
+//! generic (no boxing, no dynamic call), it carries per-request facts without a lookup, and
+//! `FnOnce` makes "exactly once" a property of the type. Streams of chat completions report usage
+//! only when the request asks for it (`stream_options.include_usage`); this crate reads what the
+//! answer carries and does not change the request.
+
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    rust_2018_idioms,
+    unreachable_pub
+)]
+#![forbid(unsafe_code)]
+
+use std::fmt;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use http_body::Body;
+use tower::Service;
+
+mod body;
+pub mod future;
+mod layer;
+mod scan;
+mod usage;
+
+pub use body::UsageBody;
+pub use layer::UsageLayer;
+pub use usage::Usage;
+
+use future::ResponseFuture;
+
+/// How many bytes of a JSON answer (or of one stream event) are copied to be parsed, unless
+/// [`UsageLayer::parse_up_to`] says otherwise: 1 MiB.
+pub const DEFAULT_PARSE_LIMIT: usize = 1 << 20;
+
+/// What one answer used, handed to the request's callback exactly once.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UsageReport {
+    /// The last usage the answer carried; `None` when it carried none, or none that could be read
+    /// (not JSON or an event stream, encoded, over the parse limit, or the inner service failed).
+    pub usage: Option<Usage>,
+    /// Whether the body reached its end. `false` when it failed, or was dropped first (the caller
+    /// went away mid-stream): `usage` is then what was seen up to there.
+    pub complete: bool,
+}
+
+/// Makes the callback that receives a request's [`UsageReport`].
+///
+/// Implemented for every `FnMut(&Request<B>) -> C` where `C: FnOnce(UsageReport)`: read what
+/// identifies the caller (an extension set by your auth, a header, the deployment in the path)
+/// from the request, and return a closure that charges it.
+pub trait MakeUsageCallback<B> {
+    /// The callback, called once per request.
+    type Callback: FnOnce(UsageReport);
+
+    /// Makes the callback for `request`, before it goes to the inner service.
+    fn make_callback(&mut self, request: &Request<B>) -> Self::Callback;
+}
+
+impl<B, M, C> MakeUsageCallback<B> for M
+where
+    M: FnMut(&Request<B>) -> C,
+    C: FnOnce(UsageReport),
+{
+    type Callback = C;
+
+    fn make_callback(&mut self, request: &Request<B>) -> C {
+        self(request)
+    }
+}
+
+/// Reads the token usage of each answer of the inner service as it streams past, and hands it to
+/// a per-request callback made by `M` (see the [crate docs](crate)).
+///
+/// Readiness is the inner service's: `call` makes the callback and calls the inner service
+/// directly, no clone involved. `Clone` when `S` and `M` are.
+#[derive(Clone)]
+pub struct CountUsage<S, M> {
+    inner: S,
+    make: M,
+    limit: usize,
+}
+
+impl<S, M> CountUsage<S, M> {
+    /// Wraps `inner`, making each request's callback with `make`.
+    pub const fn new(inner: S, make: M) -> Self {
+        Self {
+            inner,
+            make,
+            limit: DEFAULT_PARSE_LIMIT,
+        }
+    }
+
+    /// A [`UsageLayer`] that makes each request's callback with `make`.
+    pub const fn layer(make: M) -> UsageLayer<M> {
+        UsageLayer::new(make)
+    }
+
+    /// Parses JSON answers (and single stream events) up to `bytes` long; see
+    /// [`UsageLayer::parse_up_to`].
+    pub const fn parse_up_to(mut self, bytes: usize) -> Self {
+        self.limit = bytes;
+        self
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, M, ReqBody, ResBody> Service<Request<ReqBody>> for CountUsage<S, M>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: Body,
+    M: MakeUsageCallback<ReqBody>,
+{
+    type Response = Response<UsageBody<ResBody, M::Callback>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, M::Callback>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let callback = self.make.make_callback(&request);
+        ResponseFuture::new(self.inner.call(request), callback, self.limit)
+    }
+}
+
+impl<S: fmt::Debug, M> fmt::Debug for CountUsage<S, M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CountUsage")
+            .field("inner", &self.inner)
+            .field("make", &std::any::type_name::<M>())
+            .field("limit", &self.limit)
+            .finish()
+    }
+}
