@@ -131,11 +131,11 @@ fn rename(request: &mut Request<ReplayBody>, own: &str) {
 }
 
 /// The deployment a request below the mount point names, if any.
-fn deployment_of(path: &str, body: &ReplayBody) -> Option<String> {
+fn deployment_of(path: &str, body: &ReplayBody) -> Option<Arc<str>> {
     let path = path.trim_start_matches("/openai");
     if let Some(rest) = path.strip_prefix("/deployments/") {
         let name = rest.split('/').next().unwrap_or_default();
-        return (!name.is_empty()).then(|| name.to_owned());
+        return (!name.is_empty()).then(|| name.into());
     }
     if path.starts_with("/v1/") {
         /// The one field read of a v1 body; the rest is skipped without being kept.
@@ -147,7 +147,7 @@ fn deployment_of(path: &str, body: &ReplayBody) -> Option<String> {
         let model = serde_json::from_slice::<Model<'_>>(body.as_bytes())
             .ok()?
             .model?;
-        return (!model.is_empty()).then(|| model.into_owned());
+        return (!model.is_empty()).then(|| Arc::from(&*model));
     }
     None
 }
