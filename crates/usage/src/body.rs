@@ -4,13 +4,14 @@ use std::fmt;
 use std::io::IoSlice;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Instant;
 
 use bytes::Buf;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use crate::UsageReport;
 use crate::scan::Scan;
+use crate::{UsageCallback, UsageReport};
 
 pin_project! {
     /// The response body of [`CountUsage`](crate::CountUsage): the inner body, every frame passed
@@ -20,7 +21,7 @@ pin_project! {
     /// fails or is dropped before its end (`complete: false`, with the usage seen so far).
     pub struct UsageBody<B, F>
     where
-        F: FnOnce(UsageReport),
+        F: UsageCallback,
     {
         #[pin]
         inner: B,
@@ -31,7 +32,7 @@ pin_project! {
 impl<B, F> UsageBody<B, F>
 where
     B: Body,
-    F: FnOnce(UsageReport),
+    F: UsageCallback,
 {
     pub(crate) fn new(inner: B, mut counter: Counter<F>) -> Self {
         // A body already at its end may never be polled (hyper checks `is_end_stream` first).
@@ -50,7 +51,7 @@ where
 impl<B, F> Body for UsageBody<B, F>
 where
     B: Body,
-    F: FnOnce(UsageReport),
+    F: UsageCallback,
 {
     type Data = B::Data;
     type Error = B::Error;
@@ -63,6 +64,9 @@ where
         match ready!(this.inner.as_mut().poll_frame(cx)) {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
+                    if this.counter.first_data_at.is_none() && data.has_remaining() {
+                        this.counter.first_data_at = Some(Instant::now());
+                    }
                     this.counter.feed(data);
                 }
                 // hyper stops polling a body that says it has ended, so its last frame may be the
@@ -95,7 +99,7 @@ where
 impl<B, F> fmt::Debug for UsageBody<B, F>
 where
     B: fmt::Debug,
-    F: FnOnce(UsageReport),
+    F: UsageCallback,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("UsageBody")
@@ -108,20 +112,22 @@ where
 /// The callback and what is read so far; calls the callback once, at the latest when dropped.
 pub(crate) struct Counter<F>
 where
-    F: FnOnce(UsageReport),
+    F: UsageCallback,
 {
-    callback: Option<F>,
+    pub(crate) callback: Option<F>,
     pub(crate) scan: Scan,
+    first_data_at: Option<Instant>,
 }
 
 impl<F> Counter<F>
 where
-    F: FnOnce(UsageReport),
+    F: UsageCallback,
 {
     pub(crate) fn new(callback: F) -> Self {
         Self {
             callback: Some(callback),
             scan: Scan::Skip,
+            first_data_at: None,
         }
     }
 
@@ -150,20 +156,26 @@ where
     /// Calls the callback, unless it was called already.
     pub(crate) fn finish(&mut self, complete: bool) {
         if let Some(callback) = self.callback.take() {
-            let usage = if complete {
+            let read = if complete {
                 self.scan.finish()
             } else {
                 self.scan.so_far()
             };
             self.scan = Scan::Skip;
-            callback(UsageReport { usage, complete });
+            let (usage, model) = read.map_or((None, None), |(usage, model)| (Some(usage), model));
+            callback.on_report(UsageReport {
+                usage,
+                model,
+                complete,
+                first_data_at: self.first_data_at,
+            });
         }
     }
 }
 
 impl<F> Drop for Counter<F>
 where
-    F: FnOnce(UsageReport),
+    F: UsageCallback,
 {
     fn drop(&mut self) {
         self.finish(false);
@@ -172,7 +184,7 @@ where
 
 impl<F> fmt::Debug for Counter<F>
 where
-    F: FnOnce(UsageReport),
+    F: UsageCallback,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Counter")

@@ -9,7 +9,7 @@ use http::Response;
 use http_body::Body;
 use pin_project_lite::pin_project;
 
-use crate::UsageReport;
+use crate::UsageCallback;
 use crate::body::{Counter, UsageBody};
 use crate::scan::Scan;
 
@@ -21,7 +21,7 @@ pin_project! {
     /// called with `usage: None, complete: false`.
     pub struct ResponseFuture<Fut, F>
     where
-        F: FnOnce(UsageReport),
+        F: UsageCallback,
     {
         #[pin]
         inner: Fut,
@@ -32,7 +32,7 @@ pin_project! {
 
 impl<Fut, F> ResponseFuture<Fut, F>
 where
-    F: FnOnce(UsageReport),
+    F: UsageCallback,
 {
     pub(crate) fn new(inner: Fut, callback: F, limit: usize) -> Self {
         Self {
@@ -47,7 +47,7 @@ impl<Fut, F, B, E> Future for ResponseFuture<Fut, F>
 where
     Fut: Future<Output = Result<Response<B>, E>>,
     B: Body,
-    F: FnOnce(UsageReport),
+    F: UsageCallback,
 {
     type Output = Result<Response<UsageBody<B, F>>, E>;
 
@@ -60,6 +60,9 @@ where
             .expect("ResponseFuture polled after completion");
         Poll::Ready(match result {
             Ok(response) => {
+                if let Some(callback) = counter.callback.as_mut() {
+                    callback.on_response(&response);
+                }
                 counter.scan = Scan::for_headers(response.headers(), *this.limit);
                 Ok(response.map(|body| UsageBody::new(body, counter)))
             }
@@ -74,7 +77,7 @@ where
 impl<Fut, F> fmt::Debug for ResponseFuture<Fut, F>
 where
     Fut: fmt::Debug,
-    F: FnOnce(UsageReport),
+    F: UsageCallback,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture")

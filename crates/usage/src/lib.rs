@@ -87,6 +87,7 @@
 
 use std::fmt;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use http::{Request, Response};
 use http_body::Body;
@@ -109,24 +110,52 @@ use future::ResponseFuture;
 pub const DEFAULT_PARSE_LIMIT: usize = 1 << 20;
 
 /// What one answer used, handed to the request's callback exactly once.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct UsageReport {
     /// The last usage the answer carried; `None` when it carried none, or none that could be read
     /// (not JSON or an event stream, encoded, over the parse limit, or the inner service failed).
     pub usage: Option<Usage>,
+    /// The `model` named next to that usage (`response.model` in a Responses API event): the
+    /// model that answered, as the instance reports it.
+    pub model: Option<Box<str>>,
     /// Whether the body reached its end. `false` when it failed, or was dropped first (the caller
     /// went away mid-stream): `usage` is then what was seen up to there.
     pub complete: bool,
+    /// When the body's first non-empty data frame passed: with the time the request was sent,
+    /// the time to first token of a stream.
+    pub first_data_at: Option<Instant>,
+}
+
+/// Receives one request's [`UsageReport`]; made per request by a [`MakeUsageCallback`].
+///
+/// Implemented for every `FnOnce(UsageReport)`. Implement it on a type of your own to see the
+/// answer's head as well (its status, headers, extensions), before any of its body.
+pub trait UsageCallback {
+    /// Called with the inner service's response, before its body is read; not called when the
+    /// inner service fails. Default: nothing.
+    fn on_response<B>(&mut self, response: &Response<B>) {
+        let _ = response;
+    }
+
+    /// Called exactly once, when the body ends, fails or is dropped, or when the inner service
+    /// fails or its response future is dropped.
+    fn on_report(self, report: UsageReport);
+}
+
+impl<F: FnOnce(UsageReport)> UsageCallback for F {
+    fn on_report(self, report: UsageReport) {
+        self(report);
+    }
 }
 
 /// Makes the callback that receives a request's [`UsageReport`].
 ///
-/// Implemented for every `FnMut(&Request<B>) -> C` where `C: FnOnce(UsageReport)`: read what
-/// identifies the caller (an extension set by your auth, a header, the deployment in the path)
-/// from the request, and return a closure that charges it.
+/// Implemented for every `FnMut(&Request<B>) -> C` where `C:` [`UsageCallback`] (such as any
+/// `FnOnce(UsageReport)`): read what identifies the caller (an extension set by your auth, a
+/// header, the deployment in the path) from the request, and return a closure that charges it.
 pub trait MakeUsageCallback<B> {
     /// The callback, called once per request.
-    type Callback: FnOnce(UsageReport);
+    type Callback: UsageCallback;
 
     /// Makes the callback for `request`, before it goes to the inner service.
     fn make_callback(&mut self, request: &Request<B>) -> Self::Callback;
@@ -135,7 +164,7 @@ pub trait MakeUsageCallback<B> {
 impl<B, M, C> MakeUsageCallback<B> for M
 where
     M: FnMut(&Request<B>) -> C,
-    C: FnOnce(UsageReport),
+    C: UsageCallback,
 {
     type Callback = C;
 

@@ -7,6 +7,10 @@ use http::HeaderMap;
 use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
 
 use crate::Usage;
+use crate::usage::read_document;
+
+/// A usage and the model named beside it.
+pub(crate) type Read = (Usage, Option<Box<str>>);
 
 /// What a body is read as, chosen from its response's headers.
 #[derive(Debug)]
@@ -73,7 +77,7 @@ impl Scan {
     }
 
     /// The usage once the body has ended, or (`complete == false`) as far as it was read.
-    pub(crate) fn finish(&mut self) -> Option<Usage> {
+    pub(crate) fn finish(&mut self) -> Option<Read> {
         match self {
             Self::Skip => None,
             Self::Json(json) => json.finish(),
@@ -83,11 +87,11 @@ impl Scan {
 
     /// The usage seen so far of a body that did not reach its end. A JSON answer is parsed as far
     /// as it came, which succeeds only if it was whole; a stream counts the events it completed.
-    pub(crate) fn so_far(&mut self) -> Option<Usage> {
+    pub(crate) fn so_far(&mut self) -> Option<Read> {
         match self {
             Self::Skip => None,
             Self::Json(json) => json.finish(),
-            Self::Sse(sse) => sse.usage,
+            Self::Sse(sse) => sse.read.take(),
         }
     }
 }
@@ -114,11 +118,11 @@ impl JsonScan {
         self.buf.extend_from_slice(bytes);
     }
 
-    fn finish(&mut self) -> Option<Usage> {
+    fn finish(&mut self) -> Option<Read> {
         if self.overflow {
             return None;
         }
-        Usage::from_json(&mem::take(&mut self.buf))
+        read_document(&mem::take(&mut self.buf))
     }
 }
 
@@ -138,7 +142,7 @@ pub(crate) struct SseScan {
     event_overflow: bool,
     limit: usize,
     /// The last usage an event carried.
-    usage: Option<Usage>,
+    read: Option<Read>,
 }
 
 impl SseScan {
@@ -150,7 +154,7 @@ impl SseScan {
             line_overflow: false,
             event_overflow: false,
             limit,
-            usage: None,
+            read: None,
         }
     }
 
@@ -237,21 +241,21 @@ impl SseScan {
         if !mem::take(&mut self.event_overflow)
             && self.data != b"[DONE]"
             && contains(&self.data, b"\"usage\"")
-            && let Some(usage) = Usage::from_json(&self.data)
+            && let Some(read) = read_document(&self.data)
         {
-            self.usage = Some(usage);
+            self.read = Some(read);
         }
         self.data.clear();
     }
 
-    fn finish(&mut self) -> Option<Usage> {
+    fn finish(&mut self) -> Option<Read> {
         // A stream that ends without the blank line after its last event still counts that event.
         if !self.line.is_empty() && !self.line_overflow {
             let line = mem::take(&mut self.line);
             self.on_line(&line);
         }
         self.dispatch();
-        self.usage
+        self.read.take()
     }
 }
 
@@ -270,7 +274,7 @@ mod tests {
         for chunk in chunks {
             scan.feed(chunk);
         }
-        scan.finish()
+        scan.finish().map(|(usage, _)| usage)
     }
 
     const USAGE: &[u8] =
@@ -321,7 +325,7 @@ mod tests {
         scan.feed(b"data: ");
         scan.feed(&[b'x'; 100]);
         scan.feed(b"\n\ndata: {\"usage\":{\"total_tokens\":9}}\n\n");
-        assert_eq!(scan.finish().map(|u| u.total_tokens), Some(9));
+        assert_eq!(scan.finish().map(|(u, _)| u.total_tokens), Some(9));
     }
 
     #[test]

@@ -48,13 +48,21 @@ impl Usage {
     /// assert_eq!(Usage::from_json(b"not json"), None);
     /// ```
     pub fn from_json(json: &[u8]) -> Option<Self> {
-        // Typed and borrowing nothing: serde skips every other field (the answer's text included)
-        // without allocating for it.
-        let envelope: Envelope = serde_json::from_slice(json).ok()?;
-        envelope
-            .usage
-            .or(envelope.response.and_then(|r| r.usage))?
-            .into_usage()
+        read_document(json).map(|(usage, _)| usage)
+    }
+}
+
+/// The usage in one JSON document, and the `model` beside it.
+pub(crate) fn read_document(json: &[u8]) -> Option<(Usage, Option<Box<str>>)> {
+    // Typed: serde skips every other field (the answer's text included) without allocating for
+    // it; only the model's name is copied.
+    let envelope: Envelope = serde_json::from_slice(json).ok()?;
+    match envelope.usage {
+        Some(usage) => Some((usage.into_usage()?, envelope.model)),
+        None => {
+            let response = envelope.response?;
+            Some((response.usage?.into_usage()?, response.model))
+        }
     }
 }
 
@@ -62,6 +70,8 @@ impl Usage {
 struct Envelope {
     #[serde(default)]
     usage: Option<RawUsage>,
+    #[serde(default)]
+    model: Option<Box<str>>,
     /// The Responses API's stream events carry the response, usage inside, under `response`.
     #[serde(default)]
     response: Option<ResponseObject>,
@@ -71,6 +81,8 @@ struct Envelope {
 struct ResponseObject {
     #[serde(default)]
     usage: Option<RawUsage>,
+    #[serde(default)]
+    model: Option<Box<str>>,
 }
 
 #[derive(Deserialize)]
@@ -174,6 +186,17 @@ mod tests {
         assert_eq!(Usage::from_json(br#"{"usage":{}}"#), None);
         assert_eq!(Usage::from_json(br#"{"error":{"code":"429"}}"#), None);
         assert_eq!(Usage::from_json(b"[DONE]"), None);
+    }
+
+    #[test]
+    fn the_model_beside_the_usage() {
+        let chat = br#"{"model":"gpt-4o-2024-11-20","usage":{"total_tokens":1}}"#;
+        let event = br#"{"type":"response.completed","response":{"model":"o4-mini","usage":{"total_tokens":1}}}"#;
+        assert_eq!(
+            read_document(chat).unwrap().1.as_deref(),
+            Some("gpt-4o-2024-11-20")
+        );
+        assert_eq!(read_document(event).unwrap().1.as_deref(), Some("o4-mini"));
     }
 
     #[test]

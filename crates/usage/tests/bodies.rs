@@ -82,7 +82,12 @@ where
 fn one_report(reports: &Reports) -> UsageReport {
     let reports = reports.lock().unwrap();
     assert_eq!(reports.len(), 1, "the callback is called exactly once");
-    reports[0]
+    // When the first data passed is checked by its own test; the model only where it is named.
+    UsageReport {
+        first_data_at: None,
+        model: None,
+        ..reports[0].clone()
+    }
 }
 
 async fn whole_json(content_type: &str, chunks: &[&[u8]]) -> UsageReport {
@@ -117,6 +122,7 @@ async fn chat_json_answer_usage() {
                 reasoning_tokens: 2,
             }),
             complete: true,
+            ..UsageReport::default()
         }
     );
 }
@@ -224,6 +230,7 @@ async fn responses_stream_completed_event() {
                 reasoning_tokens: 5,
             }),
             complete: true,
+            ..UsageReport::default()
         }
     );
 }
@@ -248,6 +255,7 @@ async fn stream_dropped_early_reports_incomplete() {
         UsageReport {
             usage: None,
             complete: false,
+            ..UsageReport::default()
         }
     );
     drop(tx);
@@ -278,6 +286,7 @@ async fn non_json_body_reports_none() {
         UsageReport {
             usage: None,
             complete: true,
+            ..UsageReport::default()
         }
     );
     // Declared JSON, but is not.
@@ -331,6 +340,7 @@ async fn oversized_json_reports_none_and_passes_whole() {
         UsageReport {
             usage: None,
             complete: true,
+            ..UsageReport::default()
         }
     );
 }
@@ -352,6 +362,7 @@ async fn inner_error_and_dropped_future_report_once() {
         UsageReport {
             usage: None,
             complete: false,
+            ..UsageReport::default()
         }
     );
 
@@ -389,6 +400,28 @@ async fn empty_body_is_complete_at_once() {
         UsageReport {
             usage: None,
             complete: true,
+            ..UsageReport::default()
         }
     );
+}
+
+#[tokio::test]
+async fn first_data_time_and_model_are_reported() {
+    let (mut body, tx, reports) = answer("text/event-stream").await;
+    let before = std::time::Instant::now();
+    pass(
+        &mut body,
+        &tx,
+        &[
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\n",
+            b"data: {\"choices\":[],\"model\":\"gpt-4o-mini-2024-07-18\",\"usage\":{\"total_tokens\":4}}\n\n",
+        ],
+    )
+    .await;
+    drop(tx);
+    assert_eq!(next_data(&mut body).await, None);
+    let report = reports.lock().unwrap()[0].clone();
+    assert!(report.first_data_at.is_some_and(|at| at >= before));
+    assert_eq!(report.model.as_deref(), Some("gpt-4o-mini-2024-07-18"));
+    assert_eq!(report.usage.map(|u| u.total_tokens), Some(4));
 }
