@@ -94,12 +94,14 @@ use http_body::Body;
 use tower::Service;
 
 mod body;
+mod caller;
 pub mod future;
 mod layer;
 mod scan;
 mod usage;
 
 pub use body::UsageBody;
+pub use caller::{Caller, CallerLimits};
 pub use layer::UsageLayer;
 pub use usage::Usage;
 
