@@ -7,6 +7,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
 use bytes::Buf;
+use http::Response;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
@@ -40,6 +41,14 @@ where
             counter.finish(true);
         }
         Self { inner, counter }
+    }
+
+    /// Wraps the body of `response`, an answer of your own stack, so its usage reaches
+    /// `callback`: what [`CountUsage`](crate::CountUsage) does to each response of its inner
+    /// service, for code that has the response in hand. `callback.on_response` is called
+    /// first. JSON answers (and single stream events) are parsed up to `parse_limit` bytes.
+    pub fn wrap(response: Response<B>, callback: F, parse_limit: usize) -> Response<Self> {
+        Counter::new(callback).wrap(response, parse_limit)
     }
 
     /// The inner body.
@@ -129,6 +138,19 @@ where
             scan: Scan::Skip,
             first_data_at: None,
         }
+    }
+
+    /// Shows `response` to the callback, chooses how to read its body, and wraps the body.
+    pub(crate) fn wrap<B: Body>(
+        mut self,
+        response: Response<B>,
+        parse_limit: usize,
+    ) -> Response<UsageBody<B, F>> {
+        if let Some(callback) = self.callback.as_mut() {
+            callback.on_response(&response);
+        }
+        self.scan = Scan::for_headers(response.headers(), parse_limit);
+        response.map(|body| UsageBody::new(body, self))
     }
 
     fn feed<D: Buf>(&mut self, data: &D) {

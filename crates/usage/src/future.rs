@@ -11,7 +11,6 @@ use pin_project_lite::pin_project;
 
 use crate::UsageCallback;
 use crate::body::{Counter, UsageBody};
-use crate::scan::Scan;
 
 pin_project! {
     /// Response future of [`CountUsage`](crate::CountUsage): the inner future, its response's
@@ -59,13 +58,7 @@ where
             .take()
             .expect("ResponseFuture polled after completion");
         Poll::Ready(match result {
-            Ok(response) => {
-                if let Some(callback) = counter.callback.as_mut() {
-                    callback.on_response(&response);
-                }
-                counter.scan = Scan::for_headers(response.headers(), *this.limit);
-                Ok(response.map(|body| UsageBody::new(body, counter)))
-            }
+            Ok(response) => Ok(counter.wrap(response, *this.limit)),
             Err(error) => {
                 counter.finish(false);
                 Err(error)
