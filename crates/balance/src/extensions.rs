@@ -21,6 +21,12 @@ impl ServedBy {
         &self.name
     }
 
+    /// The backend's configured name, shared (for a label or a log field that outlives the
+    /// response).
+    pub fn shared_name(&self) -> &Arc<str> {
+        &self.name
+    }
+
     /// The backend's position in the list `Balance` was built from.
     pub fn index(&self) -> usize {
         self.index
@@ -83,6 +89,12 @@ impl TriedBackends {
     /// How many attempts were recorded (a backend tried twice counts twice).
     pub fn attempts(&self) -> usize {
         self.count
+    }
+
+    /// Whether no attempt was recorded: a request carrying a non-empty set is a retry (see
+    /// [`BackendSnapshot::retries`](crate::BackendSnapshot::retries)).
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
     }
 }
 
