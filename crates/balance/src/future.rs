@@ -12,6 +12,7 @@ use tower::util::Oneshot;
 use tower::{BoxError, Service};
 
 use crate::error::BackendError;
+use crate::health::Attempt;
 use crate::{Classify, Deployment, ServedBy, Shared};
 
 pin_project! {
@@ -55,11 +56,13 @@ impl<S, B, C> ResponseFuture<S, B, C>
 where
     S: Service<Request<B>>,
 {
-    /// `trial`: the request is backend `index`'s trial, its slot claimed by the pick.
+    /// `trial`: the request is backend `index`'s trial, its slot claimed by the pick. `retry`:
+    /// the request carried a non-empty [`TriedBackends`](crate::TriedBackends).
     pub(crate) fn called(
         oneshot: Oneshot<S, Request<B>>,
         index: usize,
         trial: bool,
+        retry: bool,
         deployment: Option<Deployment>,
         shared: Arc<Shared>,
         classifier: C,
@@ -69,6 +72,7 @@ where
             health: Health {
                 shared,
                 trial: trial.then_some(index),
+                retry,
                 deployment,
             },
             classifier,
@@ -81,6 +85,7 @@ where
             health: Health {
                 shared,
                 trial: None,
+                retry: false,
                 deployment: None,
             },
             classifier,
@@ -138,6 +143,8 @@ struct Health {
     shared: Arc<Shared>,
     /// The backend whose trial this call is, until the trial is answered.
     trial: Option<usize>,
+    /// Whether the request is a retry (it carried a non-empty `TriedBackends`).
+    retry: bool,
     /// The deployment the request is for, if it said.
     deployment: Option<Deployment>,
 }
@@ -188,8 +195,11 @@ where
         &outcome,
         &shared.policy,
         &shared.clock,
-        trial,
-        health.deployment.as_ref(),
+        Attempt {
+            trial,
+            retry: health.retry,
+            deployment: health.deployment.as_ref(),
+        },
     );
     result
 }

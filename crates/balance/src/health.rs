@@ -141,7 +141,62 @@ impl fmt::Display for BackendState {
     }
 }
 
+/// How many cooldowns a backend entered, by reason, since its pool was built (and, for a
+/// backend that stayed across a reload, in the pools before: see
+/// [`BalanceHealth::carry_over_from`](crate::BalanceHealth::carry_over_from)), as
+/// [`BackendSnapshot::cooldowns`] reports them.
+///
+/// The reasons are those of [`BackendSnapshot::cooling_reason`]. A cooldown is counted once,
+/// when it starts: when the backend goes from taking requests (available, or on trial) to
+/// cooling, including a failed trial. A failure that lengthens a cooldown already running (an
+/// answer to a request sent before it cooled) is not counted again. A 429 to a request for a
+/// [`Deployment`] counts as `throttled` when it starts a cooldown of that deployment on the
+/// backend (one the backend was not already serving out for that deployment), though the
+/// backend itself stays available.
+///
+/// Counts only grow (a monotonic counter per reason, as for a Prometheus `_total`): read them
+/// all with [`by_reason`](Self::by_reason).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CooldownCounts {
+    /// After a 429 (whole backend, or one of its deployments).
+    pub throttled: u64,
+    /// After 5xx (or broken exchanges): `failure_threshold` in a row, or a failed trial.
+    pub failed: u64,
+    /// After an attempt timeout.
+    pub timeout: u64,
+    /// After a connect error.
+    pub connect: u64,
+    /// After a refused credential: a 403, or a second 401 in a row.
+    pub credential: u64,
+}
+
+impl CooldownCounts {
+    /// Every reason with its count, zeros included, always in this order: `throttled`,
+    /// `failed`, `timeout`, `connect`, `credential` (the names
+    /// [`cooling_reason`](BackendSnapshot::cooling_reason) uses).
+    pub fn by_reason(&self) -> [(&'static str, u64); 5] {
+        [
+            ("throttled", self.throttled),
+            ("failed", self.failed),
+            ("timeout", self.timeout),
+            ("connect", self.connect),
+            ("credential", self.credential),
+        ]
+    }
+
+    /// The cooldowns entered, whatever the reason.
+    pub fn total(&self) -> u64 {
+        self.by_reason().iter().map(|&(_, count)| count).sum()
+    }
+}
+
 /// The state of one backend, as [`Balance::snapshot`](crate::Balance::snapshot) reports it.
+///
+/// The counts (`attempts`, `throttled`, `failed`, `retries`, `cooldowns`) only grow, and are
+/// carried over to the same backend's next pool on a reload (see
+/// [`BalanceHealth::carry_over_from`](crate::BalanceHealth::carry_over_from)): each can be
+/// exported as a counter.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendSnapshot {
     /// The backend's configured name.
@@ -163,6 +218,13 @@ pub struct BackendSnapshot {
     pub throttled: u64,
     /// How many of those failed (5xx, connect errors, timeouts).
     pub failed: u64,
+    /// How many of those were retries: requests that carried a non-empty [`TriedBackends`]
+    /// (the retry policy had already sent them to a backend, usually another one).
+    ///
+    /// [`TriedBackends`]: crate::TriedBackends
+    pub retries: u64,
+    /// How many cooldowns it entered so far, by reason.
+    pub cooldowns: CooldownCounts,
     /// Available, cooling, or on trial.
     pub state: BackendState,
     /// Why it last cooled down, while it is cooling or on trial (`None` when available):
@@ -196,6 +258,29 @@ pub(crate) enum Admission {
     Refused,
 }
 
+/// What an attempt was, beside its outcome, for [`BackendHealth::observe`].
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Attempt<'a> {
+    /// It was this backend's trial, whose outcome re-admits it or cools it again.
+    pub(crate) trial: bool,
+    /// It was a retry: the request carried a non-empty [`TriedBackends`](crate::TriedBackends).
+    pub(crate) retry: bool,
+    /// The deployment the request was for, if it said; a 429 then cools the backend for that
+    /// deployment only.
+    pub(crate) deployment: Option<&'a Deployment>,
+}
+
+/// What [`BackendHealth::cool_deployment`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cooled {
+    /// No cooldown for the deployment was running: one starts.
+    Started,
+    /// The one running ends later now.
+    Lengthened,
+    /// The one running ends as late or later already.
+    Kept,
+}
+
 /// One backend's counters, shared by every clone of the `Balance`.
 #[derive(Debug)]
 pub(crate) struct BackendHealth {
@@ -219,6 +304,10 @@ pub(crate) struct BackendHealth {
     attempts: AtomicU64,
     throttled: AtomicU64,
     failed: AtomicU64,
+    /// Attempts that were retries (see [`BackendSnapshot::retries`]).
+    retries: AtomicU64,
+    /// Cooldowns entered, indexed by `REASON_* - 1` (see [`CooldownCounts`]).
+    cooldowns: [AtomicU64; REASONS],
     /// The deployments it offers (`None`: every one).
     deployments: Option<Box<[Arc<str>]>>,
     /// Whether `deployment_cooldowns` may hold an entry: read first, so a pick of a backend
@@ -235,6 +324,8 @@ const REASON_FAILED: u8 = 2;
 const REASON_TIMEOUT: u8 = 3;
 const REASON_CONNECT: u8 = 4;
 const REASON_CREDENTIAL: u8 = 5;
+/// How many reasons there are (`REASON_NONE` aside).
+const REASONS: usize = 5;
 
 fn reason_code(outcome: &Outcome) -> u8 {
     match outcome {
@@ -264,7 +355,8 @@ fn millis(duration: Duration) -> u64 {
 
 impl BackendHealth {
     /// Takes over the state of `previous` (the same backend in a pool being replaced): its
-    /// cooldowns (moved from `previous`'s clock onto `clock`), counts and reasons. A trial in
+    /// cooldowns (moved from `previous`'s clock onto `clock`), counts (of attempts, throttles,
+    /// failures, retries and cooldowns by reason: they go on growing) and reasons. A trial in
     /// flight there is owed again here.
     pub(crate) fn carry_over_from(&self, previous: &BackendHealth, from: &Clock, clock: &Clock) {
         let moved = |until: u64| -> u64 {
@@ -298,6 +390,10 @@ impl BackendHealth {
         copy64(&self.attempts, &previous.attempts);
         copy64(&self.throttled, &previous.throttled);
         copy64(&self.failed, &previous.failed);
+        copy64(&self.retries, &previous.retries);
+        for (to, from) in self.cooldowns.iter().zip(&previous.cooldowns) {
+            copy64(to, from);
+        }
         let cooling: Vec<(Arc<str>, u64)> = previous
             .deployment_cooldowns
             .lock()
@@ -331,6 +427,8 @@ impl BackendHealth {
             attempts: AtomicU64::new(0),
             throttled: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            cooldowns: Default::default(),
             deployments,
             has_deployment_cooldowns: AtomicBool::new(false),
             deployment_cooldowns: Mutex::new(Vec::new()),
@@ -394,23 +492,39 @@ impl BackendHealth {
     }
 
     /// Cools it down for `deployment` until `until` (never shortening a cooldown); whether that
-    /// started or lengthened one.
-    fn cool_deployment(&self, deployment: &Arc<str>, until: u64) -> bool {
+    /// started one (none was running at `now`), lengthened one, or left it as it was.
+    fn cool_deployment(&self, deployment: &Arc<str>, now: u64, until: u64) -> Cooled {
         let mut cooldowns = self
             .deployment_cooldowns
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         self.has_deployment_cooldowns.store(true, Ordering::Relaxed);
         match cooldowns.iter_mut().find(|(d, _)| **d == **deployment) {
-            Some((_, current)) if *current >= until => false,
+            Some((_, current)) if *current >= until => Cooled::Kept,
             Some((_, current)) => {
+                // An entry whose time has passed (not removed yet) is a cooldown that ended.
+                let cooled = if *current > now {
+                    Cooled::Lengthened
+                } else {
+                    Cooled::Started
+                };
                 *current = until;
-                true
+                cooled
             }
             None => {
                 cooldowns.push((deployment.clone(), until));
-                true
+                Cooled::Started
             }
+        }
+    }
+
+    /// Counts a cooldown that starts, for `reason` (one of the `REASON_*`).
+    fn count_cooldown(&self, reason: u8) {
+        if let Some(count) = usize::from(reason)
+            .checked_sub(1)
+            .and_then(|i| self.cooldowns.get(i))
+        {
+            count.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -482,19 +596,21 @@ impl BackendHealth {
         }
     }
 
-    /// Learns from one attempt's outcome; the clock is read only to start a cooldown. `trial`:
-    /// the attempt was this backend's trial, whose outcome re-admits it or cools it again.
-    /// `deployment`: the deployment the request was for, if it said; a 429 then cools the
-    /// backend for that deployment only.
+    /// Learns from one attempt's outcome; the clock is read only to start a cooldown. See
+    /// [`Attempt`] for what the attempt was.
     pub(crate) fn observe(
         &self,
         index: usize,
         outcome: &Outcome,
         policy: &HealthPolicy,
         clock: &Clock,
-        trial: bool,
-        deployment: Option<&Deployment>,
+        attempt: Attempt<'_>,
     ) {
+        let Attempt {
+            trial,
+            retry,
+            deployment,
+        } = attempt;
         if matches!(outcome, Outcome::CredentialUnavailable { .. }) {
             // The backend never saw the request: nothing learnt, and a trial is still owed.
             if trial {
@@ -503,6 +619,9 @@ impl BackendHealth {
             return;
         }
         self.attempts.fetch_add(1, Ordering::Relaxed);
+        if retry {
+            self.retries.fetch_add(1, Ordering::Relaxed);
+        }
         if let (Outcome::Throttled { retry_after }, Some(deployment)) = (outcome, deployment) {
             self.observe_deployment_throttled(
                 index,
@@ -582,6 +701,10 @@ impl BackendHealth {
             return;
         }
         let reason = reason_code(outcome);
+        if !was_cooling {
+            // It took requests until now (available, or on trial): a cooldown starts.
+            self.count_cooldown(reason);
+        }
         let previous_reason = self.cooling_reason.swap(reason, Ordering::Relaxed);
         if reason == REASON_CREDENTIAL {
             // One warning per cooldown: not again for the other 401s and 403s in flight.
@@ -639,10 +762,13 @@ impl BackendHealth {
         let cooldown = retry_after
             .unwrap_or(policy.default_throttle_cooldown)
             .min(policy.max_cooldown);
-        let until = clock
-            .now()
-            .saturating_add(u64::try_from(cooldown.as_nanos()).unwrap_or(u64::MAX));
-        if self.cool_deployment(deployment.name(), until) {
+        let now = clock.now();
+        let until = now.saturating_add(u64::try_from(cooldown.as_nanos()).unwrap_or(u64::MAX));
+        let cooled = self.cool_deployment(deployment.name(), now, until);
+        if cooled == Cooled::Started {
+            self.count_cooldown(REASON_THROTTLED);
+        }
+        if cooled != Cooled::Kept {
             tracing::warn!(
                 backend = %self.name,
                 index,
@@ -675,6 +801,18 @@ impl BackendHealth {
             attempts: self.attempts.load(Ordering::Relaxed),
             throttled: self.throttled.load(Ordering::Relaxed),
             failed: self.failed.load(Ordering::Relaxed),
+            retries: self.retries.load(Ordering::Relaxed),
+            cooldowns: {
+                let count =
+                    |reason: u8| self.cooldowns[usize::from(reason - 1)].load(Ordering::Relaxed);
+                CooldownCounts {
+                    throttled: count(REASON_THROTTLED),
+                    failed: count(REASON_FAILED),
+                    timeout: count(REASON_TIMEOUT),
+                    connect: count(REASON_CONNECT),
+                    credential: count(REASON_CREDENTIAL),
+                }
+            },
             state,
             cooling_reason: match state {
                 BackendState::Available => None,

@@ -97,7 +97,10 @@
 //!   401 is left to the token refresh (see [`HealthPolicy`]).
 //! - [`Balance::snapshot`] reports each backend's priority, weight, [`BackendState`], why it
 //!   cools (`throttled`, `failed`, `timeout`, `connect`, `credential`), the time left, its
-//!   failed trials, the deployments it offers and those it cools down for (with the time left).
+//!   failed trials, the deployments it offers and those it cools down for (with the time left),
+//!   and counters that only grow: attempts, throttles, failures, retries (attempts that carried
+//!   a non-empty [`TriedBackends`]) and cooldowns entered by reason ([`CooldownCounts`]); relaxed
+//!   atomics, updated where each event happens, cheap to read at scrape time.
 //! - [`Classify`] decides each outcome; give the retry policy the same classifier.
 //! - Each call drives a clone of its backend with tower's [`Oneshot`](tower::util::Oneshot):
 //!   a backend's readiness is awaited with the caller's own task, so limits inside a backend's
@@ -125,7 +128,9 @@ pub use crate::classify::{AzureOpenAiClassifier, Classify, Failure, Outcome};
 pub use crate::error::{AllCoolingDown, BackendError, NoBackends, UnknownDeployment};
 pub use crate::extensions::{Deployment, ServedBy, TriedBackends};
 pub use crate::future::ResponseFuture;
-pub use crate::health::{BackendSnapshot, BackendState, HealthPolicy, TRIAL_RETRY_AFTER};
+pub use crate::health::{
+    BackendSnapshot, BackendState, CooldownCounts, HealthPolicy, TRIAL_RETRY_AFTER,
+};
 
 use crate::health::{BackendHealth, Clock, LazyNow};
 use crate::tier::Tier;
@@ -564,13 +569,12 @@ where
         let classifier = self.classifier.clone();
         // A reference count, not an allocation, and only for a request that names one.
         let deployment = request.extensions().get::<Deployment>().cloned();
-        match self.pick(
-            request.extensions().get::<TriedBackends>(),
-            deployment.as_ref(),
-        ) {
+        let tried = request.extensions().get::<TriedBackends>();
+        let retry = tried.is_some_and(|tried| !tried.is_empty());
+        match self.pick(tried, deployment.as_ref()) {
             Ok((index, trial)) => {
                 let oneshot = self.inner.services[index].clone().oneshot(request);
-                ResponseFuture::called(oneshot, index, trial, deployment, shared, classifier)
+                ResponseFuture::called(oneshot, index, trial, retry, deployment, shared, classifier)
             }
             Err(error) => ResponseFuture::refused(error, shared, classifier),
         }

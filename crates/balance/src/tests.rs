@@ -7,7 +7,7 @@ use http::{Request, Response, StatusCode};
 use tower::{BoxError, Service, ServiceExt, service_fn};
 
 use super::*;
-use crate::health::Admission;
+use crate::health::{Admission, Attempt};
 
 /// A backend answering with the status stored in `status` (shared so a test can change it).
 fn backend(
@@ -760,8 +760,7 @@ fn one_of_many_threads_claims_the_trial() {
             &Outcome::Failed(Failure::Connect),
             &policy,
             &clock,
-            false,
-            None,
+            Attempt::default(),
         );
         let barrier = std::sync::Barrier::new(8);
         let trials = std::thread::scope(|scope| {
@@ -1454,6 +1453,11 @@ fn a_deployment_is_a_cheap_named_extension() {
 async fn a_pool_that_replaces_another_carries_over_the_backends_that_stayed() {
     let s = statuses(2);
     let old = balance_of(&s);
+    // A retry (b1 tried already) goes to b0.
+    let mut retry = Request::new(());
+    retry.extensions_mut().insert(tried_one(1));
+    assert_eq!(served_by(&old, retry).await.unwrap(), "b0");
+    assert_eq!(served_by(&old, Request::new(())).await.unwrap(), "b1");
     s[0].store(429, Ordering::Relaxed);
     old.clone().oneshot(Request::new(())).await.unwrap();
     s[0].store(200, Ordering::Relaxed);
@@ -1467,8 +1471,15 @@ async fn a_pool_that_replaces_another_carries_over_the_backends_that_stayed() {
     assert_eq!(snapshot[0].cooling_down_for, Some(Duration::from_secs(15)));
     assert_eq!(snapshot[0].throttled, 1);
     assert_eq!(snapshot[0].cooling_reason, Some("throttled"));
+    // The counters go on from where they were (they are exported as counters).
+    assert_eq!(snapshot[0].attempts, 2);
+    assert_eq!(snapshot[0].retries, 1);
+    assert_eq!(snapshot[0].cooldowns.throttled, 1);
+    assert_eq!(snapshot[0].cooldowns.total(), 1);
     assert_eq!(snapshot[1].state, BackendState::Available);
     assert_eq!(snapshot[1].attempts, 0);
+    assert_eq!(snapshot[1].retries, 0);
+    assert_eq!(snapshot[1].cooldowns, CooldownCounts::default());
     for _ in 0..3 {
         assert_eq!(served_by(&new, Request::new(())).await.unwrap(), "b2");
     }
@@ -1478,4 +1489,161 @@ async fn a_pool_that_replaces_another_carries_over_the_backends_that_stayed() {
         names.push(served_by(&new, Request::new(())).await.unwrap());
     }
     assert!(names.contains(&"b0".to_owned()), "its trial: {names:?}");
+}
+
+// Counters for metrics: retries and cooldowns by reason.
+
+/// A `TriedBackends` holding backend `index`.
+fn tried_one(index: usize) -> TriedBackends {
+    let mut tried = TriedBackends::new();
+    tried.insert(index);
+    tried
+}
+
+#[tokio::test]
+async fn an_attempt_that_carries_tried_backends_counts_as_a_retry() {
+    let (_f, balance) = fakes(2, HealthPolicy::new(), None);
+    let retries = |b: &Balance<FakeService>| {
+        b.snapshot()
+            .iter()
+            .map(|b| (b.attempts, b.retries))
+            .collect::<Vec<_>>()
+    };
+    // A first attempt: no extension, or an empty one (no backend recorded yet).
+    served_by_fake(&balance).await.unwrap();
+    let mut request = Request::new(());
+    request.extensions_mut().insert(TriedBackends::new());
+    assert_eq!(served_by_fake_with(&balance, request).await, "b1");
+    assert_eq!(retries(&balance), [(1, 0), (1, 0)]);
+
+    // Retries of a request b0 failed go to b1, and count there.
+    for _ in 0..3 {
+        let mut request = Request::new(());
+        request.extensions_mut().insert(tried_one(0));
+        assert_eq!(served_by_fake_with(&balance, request).await, "b1");
+    }
+    assert_eq!(retries(&balance), [(1, 0), (4, 3)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_cooldown_is_counted_by_its_reason() {
+    // Behind a 5 s attempt timeout: b0 throttles, b1 fails (500), b2 hangs, b3 refuses
+    // connections, b4 refuses our credential (403).
+    let (f, balance) = fakes(5, HealthPolicy::new(), Some(Duration::from_secs(5)));
+    f[0].set(Mode::Throttle(20));
+    f[1].set(Mode::Status(500));
+    f[2].set(Mode::Hang);
+    f[3].set(Mode::Connect);
+    f[4].set(Mode::Status(403));
+    // One round cools b0, b2, b3 and b4; b1 takes the next two requests (its third 500 in a
+    // row cools it); then nothing takes a request.
+    for _ in 0..7 {
+        let _ = balance.clone().oneshot(Request::new(())).await;
+    }
+    assert_eq!(calls(&f), [1, 3, 1, 1, 1]);
+    let counts = |b: &Balance<FakeService>| {
+        b.snapshot()
+            .iter()
+            .map(|b| {
+                let c = b.cooldowns;
+                [c.throttled, c.failed, c.timeout, c.connect, c.credential]
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        counts(&balance),
+        [
+            [1, 0, 0, 0, 0],
+            [0, 1, 0, 0, 0],
+            [0, 0, 1, 0, 0],
+            [0, 0, 0, 1, 0],
+            [0, 0, 0, 0, 1],
+        ]
+    );
+    let snapshot = balance.snapshot();
+    assert_eq!(
+        snapshot[3].cooldowns.by_reason(),
+        [
+            ("throttled", 0),
+            ("failed", 0),
+            ("timeout", 0),
+            ("connect", 1),
+            ("credential", 0),
+        ]
+    );
+    // The names are those of `cooling_reason`.
+    for b in &snapshot {
+        let (reason, _) = b
+            .cooldowns
+            .by_reason()
+            .into_iter()
+            .find(|&(_, n)| n == 1)
+            .unwrap();
+        assert_eq!(b.cooling_reason, Some(reason));
+    }
+
+    // b3's failed trial is a cooldown of its own.
+    tokio::time::advance(HealthPolicy::new().failure_cooldown).await;
+    while f[3].calls() < 2 {
+        let _ = balance.clone().oneshot(Request::new(())).await;
+    }
+    assert_eq!(balance.snapshot()[3].cooldowns.connect, 2);
+    assert_eq!(balance.snapshot()[3].failed_trials, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cooldown_lengthened_by_an_answer_in_flight_is_counted_once() {
+    let (f, balance) = fakes(2, HealthPolicy::new(), None);
+    f[0].set(Mode::Held(429));
+    // b0, b1, b0: two requests held by b0.
+    let tasks = burst(&balance, 3).await;
+    assert_eq!(calls(&f), [2, 1]);
+    f[0].release.add_permits(1);
+    settle().await;
+    assert_eq!(balance.snapshot()[0].state, BackendState::Cooling);
+    // The second 429 comes a second later: it lengthens the cooldown, starts none.
+    tokio::time::advance(Duration::from_secs(1)).await;
+    f[0].release.add_permits(1);
+    settle().await;
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    let snapshot = &balance.snapshot()[0];
+    assert_eq!(snapshot.cooling_down_for, Some(Duration::from_secs(20)));
+    assert_eq!(snapshot.throttled, 2);
+    assert_eq!(snapshot.cooldowns.throttled, 1);
+    assert_eq!(snapshot.cooldowns.total(), 1);
+
+    // Once it is over (the backend on trial), a 429 starts a new one.
+    tokio::time::advance(Duration::from_secs(20)).await;
+    f[0].set(Mode::Status(429));
+    while f[0].calls() < 3 {
+        served_by_fake(&balance).await.unwrap();
+    }
+    assert_eq!(balance.snapshot()[0].cooldowns.throttled, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_429_for_a_deployment_counts_as_a_throttled_cooldown() {
+    let (fakes, balance) = deployed([None, None]);
+    fakes[1].set("gpt", Mode::Throttle(20));
+    until_b_answers(&balance, "gpt").await;
+    let b = &balance.snapshot()[1];
+    assert_eq!(b.state, BackendState::Available);
+    assert_eq!(b.deployment_cooldowns.len(), 1);
+    assert_eq!(b.cooldowns.throttled, 1);
+    assert_eq!(b.cooldowns.total(), 1);
+    // Requests for another deployment, answered: nothing more.
+    for _ in 0..4 {
+        serve(&balance, "tiny").await.unwrap();
+    }
+    assert_eq!(balance.snapshot()[1].cooldowns.throttled, 1);
+
+    // Over (its entry not removed yet): the next 429 for gpt starts another one.
+    tokio::time::advance(Duration::from_secs(20)).await;
+    until_b_answers(&balance, "gpt").await;
+    let b = &balance.snapshot()[1];
+    assert_eq!(b.cooldowns.throttled, 2);
+    assert_eq!(b.throttled, 2);
+    assert_eq!(balance.snapshot()[0].cooldowns, CooldownCounts::default());
 }
