@@ -21,6 +21,9 @@
 //! future is dropped (`usage: None, complete: false`). The body never fails because of what it
 //! reads: unreadable usage is `None`.
 //!
+//! [`TokenLimit`] reads usage the same way to hold each [`Caller`] to its tokens and requests per
+//! minute, refusing a request over its limit before any instance is contacted (see [`limit`]).
+//!
 //! # Example
 //!
 //! ```
@@ -97,12 +100,16 @@ mod body;
 mod caller;
 pub mod future;
 mod layer;
+pub mod limit;
 mod scan;
 mod usage;
 
 pub use body::UsageBody;
 pub use caller::{Caller, CallerLimits};
 pub use layer::UsageLayer;
+pub use limit::{
+    Admission, LimitExceeded, LimitKind, TokenLimit, TokenLimitLayer, TokenLimiter, estimate_tokens,
+};
 pub use usage::Usage;
 
 use future::ResponseFuture;
