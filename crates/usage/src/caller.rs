@@ -62,7 +62,7 @@ impl Caller {
     }
 
     /// Its name, shared.
-    pub fn name_arc(&self) -> &Arc<str> {
+    pub fn shared_name(&self) -> &Arc<str> {
         &self.name
     }
 

@@ -62,7 +62,7 @@ impl TokenLimiter {
         }
         let now = Instant::now();
         let mut table = self.lock();
-        let entry = table.entry(caller.name_arc(), now);
+        let entry = table.entry(caller.shared_name(), now);
         Bucket::follow(&mut entry.tokens, limits.tokens_per_minute, now);
         Bucket::follow(&mut entry.requests, limits.requests_per_minute, now);
 
@@ -89,7 +89,7 @@ impl TokenLimiter {
                 )
             };
             return Err(LimitExceeded::new(
-                caller.name_arc().clone(),
+                caller.shared_name().clone(),
                 kind,
                 per_minute.unwrap_or_default(),
                 wait,
@@ -103,7 +103,7 @@ impl TokenLimiter {
             bucket.take(tokens, now);
             Reservation {
                 limiter: self.clone(),
-                caller: caller.name_arc().clone(),
+                caller: caller.shared_name().clone(),
                 per_minute: bucket.per_minute,
                 reserved: tokens,
             }
