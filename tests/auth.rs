@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use aoai_tower::auth::AzureAuthLayer;
 use aoai_tower::{Gateway, RequireClientKeyLayer};
+use aoai_usage::Caller;
 use axum::Router;
 use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
 use azure_core::error::ErrorKind;
@@ -236,6 +237,16 @@ async fn client_keys_are_required_and_never_forwarded() {
     }
     let debug = format!("{:?}", RequireClientKeyLayer::new(["k1-secret"]));
     assert!(!debug.contains("k1-secret"), "{debug}");
+    // Named clients show their names, never their keys.
+    let named = RequireClientKeyLayer::new(["k1-secret"])
+        .client(Caller::new("search-team"), "k2-secret")
+        .clients([(Caller::new("batch"), "k3-secret")]);
+    let debug = format!("{named:?}");
+    assert!(!debug.contains("secret"), "{debug}");
+    assert!(
+        debug.contains("search-team") && debug.contains("batch"),
+        "{debug}"
+    );
 }
 
 /// A writer that appends to a shared buffer, for capturing tracing output.

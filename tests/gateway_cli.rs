@@ -343,6 +343,164 @@ async fn an_unset_client_keys_variable_is_refused_naming_it() {
     assert!(line.contains("AOAI_TOWER_TEST_UNSET_KEYS"), "{line}");
 }
 
+/// A `[[clients]]` table named `name` whose key is in `var`, then `extra` lines.
+fn client_table(name: &str, var: &str, extra: &str) -> String {
+    format!("[[clients]]\nname = \"{name}\"\nkey_env = \"{var}\"\n{extra}")
+}
+
+/// Malformed `[[clients]]` tables are refused with one line naming the file's line, the client
+/// and the problem, and never a key.
+#[tokio::test]
+async fn malformed_client_tables_are_refused_naming_the_problem_never_the_key() {
+    const KEY_A: &str = "named-client-key-a-5c81e2";
+    const KEY_B: &str = "named-client-key-b-0d47f9";
+    const VAR_A: &str = "AOAI_TOWER_TEST_CLIENT_KEY_A";
+    const VAR_B: &str = "AOAI_TOWER_TEST_CLIENT_KEY_B";
+    const UNSET: &str = "AOAI_TOWER_TEST_CLIENT_KEY_UNSET";
+    const EMPTY: &str = "AOAI_TOWER_TEST_CLIENT_KEY_EMPTY";
+    let env = [(VAR_A, KEY_A), (VAR_B, KEY_B), (EMPTY, " ")];
+    let backend = "[[backends]]\nname = \"a\"\nurl = \"http://127.0.0.1:9\"\n\n";
+    let a = client_table("team-a", VAR_A, "");
+    // (what, the file after its backend, what the line must say)
+    let cases: Vec<(&str, String, Vec<String>)> = vec![
+        (
+            "missing name",
+            format!("{a}\n[[clients]]\nkey_env = \"{VAR_B}\"\n"),
+            vec!["name".into(), "missing".into()],
+        ),
+        (
+            "empty name",
+            client_table(" ", VAR_A, ""),
+            vec!["line 6".into(), "name".into(), "empty".into()],
+        ),
+        (
+            "duplicate name",
+            format!("{a}\n{}", client_table("team-a", VAR_B, "")),
+            vec!["line 10".into(), "\"team-a\"".into(), "twice".into()],
+        ),
+        (
+            "missing key_env",
+            format!("{a}\n[[clients]]\nname = \"team-b\"\n"),
+            vec!["key_env".into(), "missing".into()],
+        ),
+        (
+            "key_env unset",
+            format!("{a}\n{}", client_table("team-b", UNSET, "")),
+            vec![
+                "line 11".into(),
+                "\"team-b\"".into(),
+                UNSET.into(),
+                "not set".into(),
+            ],
+        ),
+        (
+            "key_env empty",
+            client_table("team-b", EMPTY, ""),
+            vec!["\"team-b\"".into(), EMPTY.into(), "empty".into()],
+        ),
+        (
+            "tokens_per_minute = 0",
+            client_table(
+                "team-a",
+                VAR_A,
+                "requests_per_minute = 60\ntokens_per_minute = 0\n",
+            ),
+            vec![
+                "line 9".into(),
+                "\"team-a\"".into(),
+                "tokens_per_minute".into(),
+                "at least 1".into(),
+            ],
+        ),
+        (
+            "requests_per_minute = 0",
+            client_table("team-a", VAR_A, "requests_per_minute = 0\n"),
+            vec!["\"team-a\"".into(), "requests_per_minute".into()],
+        ),
+        (
+            "negative limit",
+            client_table("team-a", VAR_A, "tokens_per_minute = -5\n"),
+            vec![
+                "line 8".into(),
+                "tokens_per_minute".into(),
+                "at least 1".into(),
+            ],
+        ),
+        (
+            "unknown field",
+            client_table("team-a", VAR_A, "tokens_per_minutes = 10\n"),
+            vec!["line 8".into(), "tokens_per_minutes".into()],
+        ),
+        (
+            "a key shared by two clients",
+            format!("{a}\n{}", client_table("team-b", VAR_A, "")),
+            vec!["\"team-a\"".into(), "\"team-b\"".into(), "same key".into()],
+        ),
+    ];
+    for (what, clients, expected) in cases {
+        let config = TempFile::with("clients.toml", &format!("{backend}{clients}"));
+        let line = refused(&["--config", config.path()], &env).await;
+        assert!(line.contains(config.path()), "{what}: {line}");
+        for expected in &expected {
+            assert!(
+                line.contains(expected.as_str()),
+                "{what}: {expected:?} in {line}"
+            );
+        }
+        assert!(
+            !line.contains(KEY_A) && !line.contains(KEY_B),
+            "{what}: a key leaked: {line}"
+        );
+    }
+}
+
+/// Well-formed `[[clients]]` tables (with `--client-keys-env` beside them) start the gateway,
+/// which prints no key.
+#[tokio::test]
+async fn client_tables_are_read_and_no_key_is_printed() {
+    const KEY_A: &str = "named-client-key-a-3b9f60";
+    const KEY_B: &str = "named-client-key-b-e2c417";
+    const UNNAMED: &str = "unnamed-client-key-88a1d3";
+    let sims = sims(1).await;
+    let addr = free_addr();
+    let base = format!("http://{addr}");
+    let config = TempFile::with(
+        "clients.toml",
+        &format!(
+            "listen = \"{addr}\"\nclient_keys_env = \"AOAI_TOWER_TEST_UNNAMED_KEYS\"\n\n\
+             [[backends]]\nname = \"a\"\nurl = \"{}\"\n\n{}\n{}",
+            sims[0].url(),
+            client_table(
+                "team-a",
+                "AOAI_TOWER_TEST_KEY_A",
+                "tokens_per_minute = 50000\nrequests_per_minute = 300\n"
+            ),
+            client_table("team-b", "AOAI_TOWER_TEST_KEY_B", ""),
+        ),
+    );
+    let mut gateway = Gateway::spawn(
+        &["--config", config.path()],
+        &[
+            ("AOAI_TOWER_TEST_KEY_A", KEY_A),
+            ("AOAI_TOWER_TEST_KEY_B", KEY_B),
+            ("AOAI_TOWER_TEST_UNNAMED_KEYS", UNNAMED),
+        ],
+    );
+    gateway.ready(&base, Some(UNNAMED)).await;
+    let response = client()
+        .post(format!("{base}{CHAT}"))
+        .header("api-key", UNNAMED)
+        .json(&chat_body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let output = format!("{}{}", gateway.stdout(), gateway.stderr());
+    for key in [KEY_A, KEY_B, UNNAMED] {
+        assert!(!output.contains(key), "a key was printed: {output}");
+    }
+}
+
 #[tokio::test]
 async fn help_exits_zero() {
     let mut gateway = Gateway::spawn(&["--help"], &[]);

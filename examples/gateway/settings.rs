@@ -1,11 +1,14 @@
 //! The gateway's settings: command-line flags, optionally on top of a TOML file.
 
+use std::fmt;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use aoai_usage::{Caller, CallerLimits};
 use clap::Parser;
 use serde::Deserialize;
+use toml::Spanned;
 
 use crate::serve::Timeouts;
 
@@ -108,6 +111,24 @@ struct File {
     ca_file: Option<PathBuf>,
     #[serde(default)]
     backends: Vec<FileBackend>,
+    #[serde(default)]
+    clients: Vec<FileClient>,
+}
+
+/// A `[[clients]]` table: a client key with a name and, optionally, per-minute limits. Spans
+/// for errors that name the line.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileClient {
+    /// As logs and metrics show it; unique.
+    name: Spanned<String>,
+    /// The environment variable holding its key.
+    key_env: Spanned<String>,
+    /// At least 1; absent: no limit. (Signed, so that a negative number gets the same error
+    /// as 0, naming the field.)
+    tokens_per_minute: Option<Spanned<i64>>,
+    /// At least 1; absent: no limit.
+    requests_per_minute: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -192,13 +213,19 @@ impl Backend {
     }
 }
 
-/// Everything the gateway needs, validated.
-#[derive(Debug)]
+/// Everything the gateway needs, validated. Its `Debug` shows the clients' names, never their
+/// keys.
 pub(crate) struct Settings {
     pub(crate) listen: SocketAddr,
     pub(crate) backends: Vec<Backend>,
     pub(crate) auth: Option<AuthMode>,
+    /// The variable of `--client-keys-env` (or the file's `client_keys_env`): unnamed keys,
+    /// without limits, read by `main`.
     pub(crate) client_keys_env: Option<String>,
+    /// The named clients of the file's `[[clients]]` tables, in the file's order: each
+    /// `Caller` (its name and limits) with its key, read from its `key_env` variable (trimmed,
+    /// not empty; no two clients share one), for `RequireClientKeyLayer::clients`.
+    pub(crate) clients: Vec<(Caller, String)>,
     /// The settings below are `None` when neither the flags nor the file give them: the
     /// `Gateway` builder's own defaults apply.
     pub(crate) max_attempts: Option<usize>,
@@ -220,18 +247,20 @@ pub(crate) struct Settings {
 impl Settings {
     /// Reads the flags, and the file they name, into settings; the error is one line.
     pub(crate) fn from_flags(flags: Flags) -> Result<Self, String> {
-        let file = match &flags.config {
+        let (file, clients) = match &flags.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
-                toml::from_str::<File>(&text).map_err(|e| {
+                let mut file = toml::from_str::<File>(&text).map_err(|e| {
                     let line = e.span().map_or(String::new(), |span| {
-                        format!("line {}: ", text[..span.start].lines().count().max(1))
+                        format!("line {}: ", line_of(&text, span.start))
                     });
                     format!("invalid config {}: {line}{}", path.display(), e.message())
-                })?
+                })?;
+                let clients = clients_from(std::mem::take(&mut file.clients), path, &text)?;
+                (file, clients)
             }
-            None => File::default(),
+            None => (File::default(), Vec::new()),
         };
         let mut backends = Vec::new();
         for backend in &file.backends {
@@ -306,6 +335,7 @@ impl Settings {
             backends,
             auth: auth.map(AuthMode::parse).transpose()?,
             client_keys_env: flags.client_keys_env.or(file.client_keys_env),
+            clients,
             max_attempts,
             body_limit: flags.body_limit.or(file.body_limit),
             attempt_timeout: flags
@@ -327,6 +357,149 @@ impl Settings {
             config: flags.config,
         })
     }
+}
+
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Written out (not derived) for `clients`: their names, never their keys.
+        let Self {
+            listen,
+            backends,
+            auth,
+            client_keys_env,
+            clients,
+            max_attempts,
+            body_limit,
+            attempt_timeout,
+            cooldown_cap,
+            token_wait,
+            served_by_header,
+            timeouts,
+            workers,
+            ca_file,
+            config,
+        } = self;
+        let clients: Vec<(&str, CallerLimits)> = clients
+            .iter()
+            .map(|(caller, _key)| (caller.name(), caller.limits()))
+            .collect();
+        f.debug_struct("Settings")
+            .field("listen", listen)
+            .field("backends", backends)
+            .field("auth", auth)
+            .field("client_keys_env", client_keys_env)
+            .field("clients", &clients)
+            .field("max_attempts", max_attempts)
+            .field("body_limit", body_limit)
+            .field("attempt_timeout", attempt_timeout)
+            .field("cooldown_cap", cooldown_cap)
+            .field("token_wait", token_wait)
+            .field("served_by_header", served_by_header)
+            .field("timeouts", timeouts)
+            .field("workers", workers)
+            .field("ca_file", ca_file)
+            .field("config", config)
+            .finish()
+    }
+}
+
+/// The 1-based line of byte `offset` in `text`.
+fn line_of(text: &str, offset: usize) -> usize {
+    text.get(..offset)
+        .map_or(1, |before| before.matches('\n').count() + 1)
+}
+
+/// The `[[clients]]` of the file at `path` (whose text is `text`), validated, each with its key
+/// read from its `key_env`. Errors name the file, the line and the client, never a key.
+fn clients_from(
+    tables: Vec<FileClient>,
+    path: &Path,
+    text: &str,
+) -> Result<Vec<(Caller, String)>, String> {
+    let mut clients: Vec<(Caller, String, String)> = Vec::with_capacity(tables.len());
+    for table in tables {
+        let at = |offset: usize| {
+            format!(
+                "invalid config {}: line {}: ",
+                path.display(),
+                line_of(text, offset)
+            )
+        };
+        let name = table.name.get_ref();
+        let line = at(table.name.span().start);
+        if name.trim().is_empty() {
+            return Err(format!("{line}a client's name must not be empty"));
+        }
+        if name.chars().any(char::is_control) {
+            return Err(format!(
+                "{line}client {name:?}: the name holds a control character"
+            ));
+        }
+        if clients.iter().any(|(known, _, _)| known.name() == name) {
+            return Err(format!(
+                "{line}client {name:?} is defined twice: names must be unique"
+            ));
+        }
+        let limit = |what: &str, value: &Option<Spanned<i64>>| match value {
+            None => Ok(None),
+            Some(value) => u64::try_from(*value.get_ref())
+                .ok()
+                .filter(|&n| n >= 1)
+                .map(Some)
+                .ok_or_else(|| {
+                    format!(
+                        "{}client {name:?}: {what} must be at least 1 (leave it out for no limit)",
+                        at(value.span().start)
+                    )
+                }),
+        };
+        let limits = CallerLimits {
+            tokens_per_minute: limit("tokens_per_minute", &table.tokens_per_minute)?,
+            requests_per_minute: limit("requests_per_minute", &table.requests_per_minute)?,
+        };
+        let var = table.key_env.get_ref();
+        let line = at(table.key_env.span().start);
+        if var.trim().is_empty() {
+            return Err(format!(
+                "{line}client {name:?}: key_env must name an environment variable"
+            ));
+        }
+        // The key is never part of an error: only the client and the variable are named.
+        let key = match std::env::var(var) {
+            Ok(key) if !key.trim().is_empty() => key.trim().to_owned(),
+            Ok(_) => {
+                return Err(format!(
+                    "{line}client {name:?}: environment variable {var} (key_env) is empty"
+                ));
+            }
+            Err(std::env::VarError::NotPresent) => {
+                return Err(format!(
+                    "{line}client {name:?}: environment variable {var} (key_env) is not set"
+                ));
+            }
+            Err(std::env::VarError::NotUnicode(_)) => {
+                return Err(format!(
+                    "{line}client {name:?}: environment variable {var} (key_env) is not valid UTF-8"
+                ));
+            }
+        };
+        if let Some((other, _, other_var)) = clients.iter().find(|(_, known, _)| *known == key) {
+            return Err(format!(
+                "{line}clients {:?} and {name:?} have the same key (from {other_var} and {var}): \
+                 each client needs its own",
+                other.name()
+            ));
+        }
+        clients.push((
+            Caller::new(name.as_str()).with_limits(limits),
+            key,
+            var.clone(),
+        ));
+    }
+    Ok(clients
+        .into_iter()
+        .map(|(caller, key, _var)| (caller, key))
+        .collect())
 }
 
 /// A backend's `what` (priority or weight): at least 1, default 1.
