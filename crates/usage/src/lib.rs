@@ -99,6 +99,7 @@ use tower::Service;
 mod body;
 mod caller;
 pub mod future;
+mod include;
 mod layer;
 pub mod limit;
 mod scan;
@@ -106,6 +107,7 @@ mod usage;
 
 pub use body::UsageBody;
 pub use caller::{Caller, CallerLimits};
+pub use include::{STRIP_HOLD_LIMIT, StripUsage, ask_for_usage};
 pub use layer::UsageLayer;
 pub use limit::{
     Admission, LimitExceeded, LimitKind, TokenLimit, TokenLimitLayer, TokenLimiter, estimate_tokens,
