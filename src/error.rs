@@ -11,6 +11,7 @@ use aoai_balance::{
 };
 use aoai_rebase::InvalidPath;
 use aoai_retry::{BodyReadError, BodyTooLarge, DeadlineElapsed};
+use aoai_usage::LimitExceeded;
 use axum::body::Body;
 use http::{HeaderValue, Response, StatusCode, header};
 use tower_http::timeout::TimeoutError;
@@ -24,6 +25,7 @@ use tower_http::timeout::TimeoutError;
 /// | [`BodyReadError`], a refused request path | 400 |
 /// | [`BodyReadError`] of a body that stopped arriving (tower-http's [`TimeoutError`], or an [`io::Error`] of kind `TimedOut`) | 408 |
 /// | [`AllCoolingDown`] | 429, with `Retry-After` and `retry-after-ms` |
+/// | [`LimitExceeded`] (a caller over its tokens or requests per minute) | 429, with `Retry-After` and `retry-after-ms`: when it may go on |
 /// | [`TokenUnavailable`] | 503, with `Retry-After` and `retry-after-ms`: when a fresh token fetch is due |
 /// | [`NoBackends`] | 503 |
 /// | [`UnknownDeployment`] (no instance serves the deployment asked for) | 404 `DeploymentNotFound` |
@@ -44,6 +46,8 @@ pub(crate) fn error_response_with(
     let mut response = azure_error(status, code, message);
     if let Some(cooling) = find::<AllCoolingDown>(error) {
         aoai_retry::set_retry_after(&mut response, cooling.retry_after());
+    } else if let Some(exceeded) = find::<LimitExceeded>(error) {
+        aoai_retry::set_retry_after(&mut response, exceeded.retry_after());
     } else if let Some(unavailable) = find::<TokenUnavailable>(error) {
         aoai_retry::set_retry_after(&mut response, unavailable.retry_after());
     }
@@ -73,7 +77,7 @@ fn classify(error: &(dyn StdError + 'static)) -> (StatusCode, &'static str) {
         } else {
             (StatusCode::BAD_REQUEST, "invalid_request_body")
         }
-    } else if find::<AllCoolingDown>(error).is_some() {
+    } else if find::<AllCoolingDown>(error).is_some() || find::<LimitExceeded>(error).is_some() {
         (StatusCode::TOO_MANY_REQUESTS, "429")
     } else if find::<TokenUnavailable>(error).is_some() {
         (StatusCode::SERVICE_UNAVAILABLE, "token_unavailable")

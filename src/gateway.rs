@@ -14,12 +14,12 @@ use aoai_balance::{BackendError, BackendSpec, Balance, BalanceHealth, HealthPoli
 use aoai_rebase::{InvalidBaseUrl, Rebase, RebaseLayer};
 use aoai_retry::{ReplayBody, RetryNextBackendLayer, RetryNextBackendService};
 use aoai_upstream::UpstreamClient;
+use aoai_usage::{Caller, StripUsage, TokenLimiter, UsageBody};
 use axum::body::Body;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use hyper::upgrade::OnUpgrade;
 use pin_project_lite::pin_project;
-use tokio::time::Instant;
 use tower::timeout::Timeout;
 use tower::util::Either;
 use tower::{Layer, Service};
@@ -27,7 +27,10 @@ use tower::{Layer, Service};
 use crate::BoxError;
 use crate::classify::GatewayClassifier;
 use crate::deployment::{DeploymentLayer, MapDeployment, SetDeployment};
-use crate::error::{azure_error, error_response_with, find, message};
+use crate::error::{azure_error, error_response, error_response_with, find, message};
+use crate::include_usage::{IncludeUsage, UsageAdded};
+use crate::metrics::GatewayMetrics;
+use crate::record::RequestRecord;
 use crate::upgrade;
 
 /// The client a [`Gateway`] reaches the instances with unless given its own: hyper's, with
@@ -40,7 +43,7 @@ pub type DefaultClient = UpstreamClient<ReplayBody>;
 type BackendStack<C> = MapDeployment<Either<AzureAuth<Attempt<C>>, Attempt<C>>>;
 type Attempt<C> = Timeout<Rebase<C>>;
 type Stack<C> = RetryNextBackendService<
-    SetDeployment<Balance<BackendStack<C>, GatewayClassifier>>,
+    IncludeUsage<SetDeployment<Balance<BackendStack<C>, GatewayClassifier>>>,
     GatewayClassifier,
 >;
 type StackFuture<B, C> = <Stack<C> as Service<Request<B>>>::Future;
@@ -74,6 +77,8 @@ pub struct Gateway<C = DefaultClient> {
     served_by_values: Option<Arc<[HeaderValue]>>,
     /// Whether a backend has no `AzureAuth` (which removes the caller's credentials itself).
     unauthenticated_backend: bool,
+    metrics: Option<GatewayMetrics>,
+    limiter: Option<TokenLimiter>,
 }
 
 impl Gateway {
@@ -97,6 +102,8 @@ impl<C: Clone> Clone for Gateway<C> {
             health: self.health.clone(),
             served_by_values: self.served_by_values.clone(),
             unauthenticated_backend: self.unauthenticated_backend,
+            metrics: self.metrics.clone(),
+            limiter: self.limiter.clone(),
         }
     }
 }
@@ -119,7 +126,7 @@ where
     C: Service<Request<ReplayBody>, Response = Response<RB>> + Clone + Send + 'static,
     C::Error: Into<BoxError>,
     RB: http_body::Body<Data = Bytes> + Send + 'static,
-    RB::Error: Into<BoxError>,
+    RB::Error: Into<BoxError> + Send,
 {
     type Response = Response<Body>;
     type Error = Infallible;
@@ -132,11 +139,18 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> GatewayFuture<B, C> {
-        // What the request's log line needs is kept only when that line is on.
-        let log = tracing::enabled!(tracing::Level::INFO).then(|| RequestLog {
-            method: request.method().clone(),
-            path: request.uri().path().into(),
-            started: Instant::now(),
+        let caller = request.extensions().get::<Caller>();
+        // A record (log line, metrics, the caller's token limit) only when something reads it.
+        let mut record = (self.metrics.is_some()
+            || tracing::enabled!(tracing::Level::INFO)
+            || self.limiter.is_some() && caller.is_some())
+        .then(|| {
+            RequestRecord::new(
+                request.method(),
+                request.uri().path(),
+                caller.map(|caller| caller.shared_name().clone()),
+                self.metrics.clone(),
+            )
         });
         if !upgrade::has_valid_host(&request) {
             let response = azure_error(
@@ -144,14 +158,25 @@ where
                 "invalid_host",
                 "an HTTP/1.1 request needs exactly one valid Host header",
             );
-            return GatewayFuture {
-                state: State::Refused {
-                    response: Some(response),
-                },
-                served_by_values: None,
-                log,
-                upgrade: None,
-            };
+            return GatewayFuture::refused(response, record);
+        }
+        if let (Some(limiter), Some(caller)) = (&self.limiter, caller) {
+            let body_length = request
+                .headers()
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|value| value.to_str().ok()?.parse().ok())
+                .unwrap_or_else(|| request.body().size_hint().lower());
+            match limiter.admit(caller, aoai_usage::estimate_tokens(body_length)) {
+                Ok(admission) => {
+                    if let Some(record) = &mut record {
+                        record.set_admission(admission);
+                    }
+                }
+                Err(exceeded) => {
+                    let response = error_response(&exceeded);
+                    return GatewayFuture::refused(response, record);
+                }
+            }
         }
         // Taken before the extensions go: the caller's side of an upgrade, if it asks for one.
         let upgrade =
@@ -175,7 +200,7 @@ where
                 inner: self.stack.call(request),
             },
             served_by_values: self.served_by_values.clone(),
-            log,
+            record,
             upgrade,
         }
     }
@@ -192,8 +217,25 @@ pin_project! {
         #[pin]
         state: State<B, C>,
         served_by_values: Option<Arc<[HeaderValue]>>,
-        log: Option<RequestLog>,
+        record: Option<RequestRecord>,
         upgrade: Option<OnUpgrade>,
+    }
+}
+
+impl<B, C> GatewayFuture<B, C>
+where
+    Stack<C>: Service<Request<B>>,
+{
+    /// Answers `response` without contacting an instance.
+    fn refused(response: Response<Body>, record: Option<RequestRecord>) -> Self {
+        Self {
+            state: State::Refused {
+                response: Some(response),
+            },
+            served_by_values: None,
+            record,
+            upgrade: None,
+        }
     }
 }
 
@@ -213,24 +255,14 @@ pin_project! {
     }
 }
 
-/// What one request's log line reports besides the answer.
-#[derive(Debug)]
-struct RequestLog {
-    method: http::Method,
-    path: Box<str>,
-    started: Instant,
-}
-
 impl<B, C> fmt::Debug for GatewayFuture<B, C>
 where
     Stack<C>: Service<Request<B>>,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut debug = f.debug_struct("GatewayFuture");
-        if let Some(log) = &self.log {
-            debug.field("method", &log.method).field("path", &log.path);
-        }
-        debug.finish_non_exhaustive()
+        f.debug_struct("GatewayFuture")
+            .field("record", &self.record)
+            .finish_non_exhaustive()
     }
 }
 
@@ -238,53 +270,75 @@ impl<B, C, RB> Future for GatewayFuture<B, C>
 where
     Stack<C>: Service<Request<B>, Response = Response<RB>, Error = BoxError>,
     RB: http_body::Body<Data = Bytes> + Send + 'static,
-    RB::Error: Into<BoxError>,
+    RB::Error: Into<BoxError> + Send,
 {
     type Output = Result<Response<Body>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let mut response = match this.state.project() {
-            StateProj::Refused { response } => response
-                .take()
-                .expect("GatewayFuture polled after completion"),
-            StateProj::Forwarding { inner } => match ready!(inner.poll(cx)) {
-                Ok(mut response) => {
-                    if let Some(caller) = this.upgrade.take() {
-                        upgrade::bridge_if_switched(caller, &mut response);
-                    }
-                    response.map(Body::new)
-                }
-                Err(error) => {
-                    let served_by = find::<BackendError>(&*error).map(|e| e.served_by().clone());
-                    let message = message(&*error);
-                    tracing::warn!(error = %message, "request failed");
-                    let mut response = error_response_with(&*error, &message);
-                    if let Some(served_by) = served_by {
-                        response.extensions_mut().insert(served_by);
-                    }
-                    response
-                }
-            },
+        let response = match this.state.project() {
+            StateProj::Refused { response } => {
+                let response = response
+                    .take()
+                    .expect("GatewayFuture polled after completion");
+                return Poll::Ready(Ok(answer(response, this.record.take())));
+            }
+            StateProj::Forwarding { inner } => ready!(inner.poll(cx)),
         };
-        let served_by = response.extensions().get::<ServedBy>();
-        if let (Some(values), Some(index)) = (this.served_by_values, served_by.map(ServedBy::index))
-        {
-            response
-                .headers_mut()
-                .insert(X_SERVED_BY, values[index].clone());
-        }
-        if let Some(log) = this.log {
-            tracing::info!(
-                method = %log.method,
-                path = &*log.path,
-                backend = response.extensions().get::<ServedBy>().map_or("-", ServedBy::name),
-                status = response.status().as_u16(),
-                latency_ms = log.started.elapsed().as_secs_f64() * 1000.0,
-                "request"
-            );
-        }
+        let response = match response {
+            Ok(mut response) => {
+                if let Some(caller) = this.upgrade.take() {
+                    upgrade::bridge_if_switched(caller, &mut response);
+                }
+                mark_served_by(&mut response, this.served_by_values.as_deref());
+                answer(response, this.record.take())
+            }
+            Err(error) => {
+                let served_by = find::<BackendError>(&*error).map(|e| e.served_by().clone());
+                let message = message(&*error);
+                tracing::warn!(error = %message, "request failed");
+                let mut response = error_response_with(&*error, &message);
+                if let Some(served_by) = served_by {
+                    response.extensions_mut().insert(served_by);
+                }
+                mark_served_by(&mut response, this.served_by_values.as_deref());
+                answer(response, this.record.take())
+            }
+        };
         Poll::Ready(Ok(response))
+    }
+}
+
+/// `x-served-by: NAME` for the backend that answered, if any.
+fn mark_served_by<B>(response: &mut Response<B>, values: Option<&[HeaderValue]>) {
+    let index = response.extensions().get::<ServedBy>().map(ServedBy::index);
+    if let (Some(values), Some(index)) = (values, index) {
+        response
+            .headers_mut()
+            .insert(X_SERVED_BY, values[index].clone());
+    }
+}
+
+/// The response the caller gets: its usage read on the way to `record` (if any), and what
+/// the gateway added to a stream's answer ([`UsageAdded`]) removed again.
+fn answer<RB>(response: Response<RB>, record: Option<RequestRecord>) -> Response<Body>
+where
+    RB: http_body::Body<Data = Bytes> + Send + 'static,
+    RB::Error: Into<BoxError> + Send,
+{
+    let strip = response.extensions().get::<UsageAdded>().is_some()
+        && response
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|value| value.as_bytes().starts_with(b"text/event-stream"));
+    match (record, strip) {
+        (None, false) => response.map(Body::new),
+        (None, true) => response.map(|body| Body::new(StripUsage::new(body))),
+        (Some(record), false) => {
+            UsageBody::wrap(response, record, aoai_usage::DEFAULT_PARSE_LIMIT).map(Body::new)
+        }
+        (Some(record), true) => UsageBody::wrap(response, record, aoai_usage::DEFAULT_PARSE_LIMIT)
+            .map(|body| Body::new(StripUsage::new(body))),
     }
 }
 
@@ -300,6 +354,9 @@ pub struct GatewayBuilder<C = DefaultClient> {
     deadline: Duration,
     health: HealthPolicy,
     served_by_header: bool,
+    include_usage: bool,
+    metrics: Option<GatewayMetrics>,
+    limiter: Option<TokenLimiter>,
 }
 
 /// One instance of a [`Gateway`]: its name, its endpoint, and how it takes part (for
@@ -391,6 +448,9 @@ impl GatewayBuilder {
             deadline: Duration::from_secs(900),
             health: HealthPolicy::new(),
             served_by_header: true,
+            include_usage: false,
+            metrics: None,
+            limiter: None,
         }
     }
 }
@@ -412,6 +472,9 @@ impl<C> GatewayBuilder<C> {
             deadline: self.deadline,
             health: self.health,
             served_by_header: self.served_by_header,
+            include_usage: self.include_usage,
+            metrics: self.metrics,
+            limiter: self.limiter,
         }
     }
 
@@ -494,6 +557,30 @@ impl<C> GatewayBuilder<C> {
         self
     }
 
+    /// Whether streamed chat completions are asked for their usage when the caller did not
+    /// ([`IncludeUsageLayer`]), so every stream's tokens are counted; the caller still gets
+    /// exactly the stream it asked for (the added usage chunk and `"usage":null` members are
+    /// removed). Default: off.
+    pub fn include_usage(mut self, on: bool) -> Self {
+        self.include_usage = on;
+        self
+    }
+
+    /// Records every request in `metrics` (see [`GatewayMetrics`] for what is recorded).
+    pub fn metrics(mut self, metrics: GatewayMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Holds each request that carries a [`Caller`] extension (set by
+    /// [`RequireClientKeyLayer`](crate::RequireClientKeyLayer) for named clients, or by your
+    /// own auth) to its limits: over them, the caller gets 429 with `Retry-After` and no
+    /// instance is contacted. Its tokens are charged when the answer ends.
+    pub fn token_limiter(mut self, limiter: TokenLimiter) -> Self {
+        self.limiter = Some(limiter);
+        self
+    }
+
     /// Builds the gateway.
     ///
     /// # Errors
@@ -552,7 +639,10 @@ impl<C> GatewayBuilder<C> {
         }
         let balance = Balance::with_backends(stacks, self.health, classifier);
         let health = balance.health();
-        let balance = DeploymentLayer.layer(balance);
+        let balance = IncludeUsage::new(DeploymentLayer.layer(balance), self.include_usage);
+        if let Some(metrics) = &self.metrics {
+            metrics.watch(health.clone());
+        }
         let retry = RetryNextBackendLayer::new(health.clone())
             .classifier(classifier)
             .max_attempts(self.max_attempts)
@@ -564,6 +654,8 @@ impl<C> GatewayBuilder<C> {
             health,
             served_by_values: self.served_by_header.then(|| served_by_values.into()),
             unauthenticated_backend,
+            metrics: self.metrics,
+            limiter: self.limiter,
         })
     }
 }

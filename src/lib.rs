@@ -41,6 +41,7 @@
 //!                         `x-served-by`, one log line
 //!   RetryNextBackend      read the body once (limit -> 413), retry on the next backend,
 //!                         overall deadline
+//!     IncludeUsageLayer   streamed chat completions asked for their usage (if configured)
 //!     DeploymentLayer     names the request's deployment (path, or a v1 body's `model`)
 //!     Balance             tiers, weighted round-robin, skip tried and cooling backends
 //!                         (per deployment for a 429), one trial after a cooldown
@@ -62,6 +63,9 @@ mod client_key;
 mod deployment;
 mod error;
 mod gateway;
+mod include_usage;
+mod metrics;
+mod record;
 mod upgrade;
 
 pub use aoai_auth as auth;
@@ -69,6 +73,7 @@ pub use aoai_balance as balance;
 pub use aoai_rebase as rebase;
 pub use aoai_retry as retry;
 pub use aoai_upstream as upstream;
+pub use aoai_usage as usage;
 
 pub use crate::classify::GatewayClassifier;
 pub use crate::client_key::{RequireClientKey, RequireClientKeyLayer};
@@ -77,6 +82,8 @@ pub use crate::error::{azure_error, error_response};
 pub use crate::gateway::{
     Backend, DefaultClient, Gateway, GatewayBuilder, GatewayError, GatewayFuture,
 };
+pub use crate::include_usage::{IncludeUsage, IncludeUsageFuture, IncludeUsageLayer, UsageAdded};
+pub use crate::metrics::GatewayMetrics;
 pub use tower::BoxError;
 
 /// The README's examples, compiled as doctests so the README stays true.

@@ -1303,8 +1303,10 @@ async fn a_caller_leaving_mid_stream_closes_the_backend_stream_and_the_gateway_s
         .await
         .expect("the backend answered")
         .expect("the backend task reports its request");
+    // The gateway asked for the stream's usage on the caller's behalf.
     assert!(
-        find(&received, body.as_bytes()).is_some(),
+        find(&received, b"Stream to me").is_some()
+            && find(&received, br#""include_usage":true"#).is_some(),
         "the backend got {:?}",
         String::from_utf8_lossy(&received)
     );

@@ -20,11 +20,14 @@ use std::sync::Arc;
 use aoai_tower::auth::AzureAuthLayer;
 use aoai_tower::balance::BackendState;
 use aoai_tower::upstream::UpstreamClient;
-use aoai_tower::{Gateway, RequireClientKeyLayer};
+use aoai_tower::usage::TokenLimiter;
+use aoai_tower::{Gateway, GatewayMetrics, RequireClientKeyLayer};
+use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use azure_core::credentials::TokenCredential;
 use clap::Parser;
+use prometheus_client::registry::Registry;
 use serde_json::json;
 
 use crate::reload::Reloadable;
@@ -79,7 +82,7 @@ async fn run(mut settings: Settings) -> Result<(), String> {
             emulators.push(sim);
         }
     }
-    let client_keys = match &settings.client_keys_env {
+    let unnamed = match &settings.client_keys_env {
         Some(var) => {
             let keys = std::env::var(var).map_err(|_| {
                 format!("environment variable {var} (--client-keys-env) is not set")
@@ -90,16 +93,31 @@ async fn run(mut settings: Settings) -> Result<(), String> {
             }
             Some(layer)
         }
+        None => None,
+    };
+    let client_keys = match unnamed {
+        Some(layer) => Some(layer.clients(settings.clients.iter().cloned())),
+        None if !settings.clients.is_empty() => Some(RequireClientKeyLayer::with_clients(
+            settings.clients.iter().cloned(),
+        )),
         None if settings.listen.ip().is_loopback() => None,
         None => {
             return Err(format!(
-                "refusing to listen on {} without client keys: set --client-keys-env",
+                "refusing to listen on {} without client keys: set --client-keys-env or \
+                 [[clients]]",
                 settings.listen
             ));
         }
     };
 
-    let gateway = Reloadable::new(build_gateway(&settings)?);
+    // Kept across reloads: the counters, and what each caller has used this minute.
+    let mut registry = Registry::default();
+    let kept = Kept {
+        metrics: GatewayMetrics::new(&mut registry),
+        limiter: TokenLimiter::new(),
+    };
+    let registry = Arc::new(registry);
+    let gateway = Reloadable::new(build_gateway(&settings, &kept)?);
     if settings.config.is_some() {
         // The file is read again on SIGHUP; the backends the emulators stand for are kept.
         let backends = settings.backends.clone();
@@ -109,7 +127,7 @@ async fn run(mut settings: Settings) -> Result<(), String> {
             if settings.backends.is_empty() {
                 settings.backends = backends.clone();
             }
-            build_gateway(&settings)
+            build_gateway(&settings, &kept)
         }));
     }
     let admin = gateway.clone();
@@ -121,6 +139,7 @@ async fn run(mut settings: Settings) -> Result<(), String> {
                 async move { Json(backends_json(&health)) }
             }),
         )
+        .route("/metrics", get(move || metrics_text(registry.clone())))
         .nest_service("/openai", gateway);
     if let Some(keys) = client_keys {
         app = app.layer(keys);
@@ -152,7 +171,14 @@ async fn run(mut settings: Settings) -> Result<(), String> {
     Ok(())
 }
 
-fn build_gateway(settings: &Settings) -> Result<Gateway, String> {
+/// What every gateway built from the settings shares, the first and each one a reload builds.
+#[derive(Clone)]
+struct Kept {
+    metrics: GatewayMetrics,
+    limiter: TokenLimiter,
+}
+
+fn build_gateway(settings: &Settings, kept: &Kept) -> Result<Gateway, String> {
     let all_loopback = settings.backends.iter().all(|b| is_loopback_url(&b.url));
     let mode = settings.auth.clone().unwrap_or(if all_loopback {
         AuthMode::None
@@ -185,7 +211,10 @@ fn build_gateway(settings: &Settings) -> Result<Gateway, String> {
     }
     let mut builder = Gateway::builder()
         .client(client.build())
-        .served_by_header(settings.served_by_header);
+        .served_by_header(settings.served_by_header)
+        .include_usage(settings.include_usage)
+        .metrics(kept.metrics.clone())
+        .token_limiter(kept.limiter.clone());
     if let Some(attempts) = settings.max_attempts {
         builder = builder.max_attempts(attempts);
     }
@@ -320,6 +349,22 @@ fn backends_json(health: &aoai_tower::balance::BalanceHealth) -> serde_json::Val
         })
         .collect();
     json!({ "backends": backends })
+}
+
+/// `GET /metrics`: the registry in the OpenMetrics text format, which Prometheus scrapes.
+async fn metrics_text(registry: Arc<Registry>) -> impl IntoResponse {
+    let mut text = String::new();
+    match prometheus_client::encoding::text::encode(&mut text, &registry) {
+        Ok(()) => (
+            [(
+                http::header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(_) => http::StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
 }
 
 async fn shutdown_signal() {

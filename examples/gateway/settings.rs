@@ -69,6 +69,10 @@ pub(crate) struct Flags {
     /// Do not add `x-served-by: NAME` to responses.
     #[arg(long)]
     no_served_by_header: bool,
+    /// Do not ask streamed chat completions for their usage when the caller did not (their
+    /// tokens then go uncounted).
+    #[arg(long)]
+    no_include_usage: bool,
     /// Seconds a caller's HTTP/1.1 connection may wait for a whole request head, from its
     /// opening and after each answer; then it is closed (hyper's header read timeout)
     /// [default: 60].
@@ -104,6 +108,7 @@ struct File {
     cooldown_cap_secs: Option<u64>,
     token_wait_secs: Option<u64>,
     served_by_header: Option<bool>,
+    include_usage: Option<bool>,
     head_timeout_secs: Option<u64>,
     body_timeout_secs: Option<u64>,
     send_timeout_secs: Option<u64>,
@@ -234,6 +239,9 @@ pub(crate) struct Settings {
     pub(crate) cooldown_cap: Option<Duration>,
     pub(crate) token_wait: Option<Duration>,
     pub(crate) served_by_header: bool,
+    /// Whether streamed chat completions are asked for their usage (the caller still gets the
+    /// stream it asked for).
+    pub(crate) include_usage: bool,
     /// How long a caller's connection may wait on its caller.
     pub(crate) timeouts: Timeouts,
     /// Worker threads; `None`: one per core.
@@ -351,6 +359,7 @@ impl Settings {
                 .or(file.token_wait_secs)
                 .map(Duration::from_secs),
             served_by_header: !flags.no_served_by_header && file.served_by_header.unwrap_or(true),
+            include_usage: !flags.no_include_usage && file.include_usage.unwrap_or(true),
             timeouts,
             workers,
             ca_file: flags.ca_file.or(file.ca_file),
@@ -374,6 +383,7 @@ impl fmt::Debug for Settings {
             cooldown_cap,
             token_wait,
             served_by_header,
+            include_usage,
             timeouts,
             workers,
             ca_file,
@@ -395,6 +405,7 @@ impl fmt::Debug for Settings {
             .field("cooldown_cap", cooldown_cap)
             .field("token_wait", token_wait)
             .field("served_by_header", served_by_header)
+            .field("include_usage", include_usage)
             .field("timeouts", timeouts)
             .field("workers", workers)
             .field("ca_file", ca_file)

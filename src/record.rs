@@ -1,0 +1,164 @@
+//! [`RequestRecord`]: what the gateway learns about one request, reported when its answer ends.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use aoai_balance::{Deployment, ServedBy};
+use aoai_usage::{Admission, UsageCallback, UsageReport};
+use http::{Method, Response, header};
+
+use crate::metrics::{Finished, GatewayMetrics};
+
+/// One request's log line, metrics and token-limit charge, completed by its answer: the head
+/// (status, instance, deployment) when it arrives, the usage when its body ends (or fails, or
+/// the caller goes away).
+#[derive(Debug)]
+pub(crate) struct RequestRecord {
+    started: Instant,
+    /// What the log line shows; `None` while the line is off.
+    log: Option<(Method, Box<str>)>,
+    operation: Option<&'static str>,
+    caller: Option<Arc<str>>,
+    metrics: Option<GatewayMetrics>,
+    admission: Option<Admission>,
+    status: u16,
+    instance: Option<Arc<str>>,
+    deployment: Option<Arc<str>>,
+    stream: bool,
+}
+
+impl RequestRecord {
+    pub(crate) fn new(
+        method: &Method,
+        path: &str,
+        caller: Option<Arc<str>>,
+        metrics: Option<GatewayMetrics>,
+    ) -> Self {
+        Self {
+            started: Instant::now(),
+            log: tracing::enabled!(tracing::Level::INFO).then(|| (method.clone(), path.into())),
+            operation: operation(method, path),
+            caller,
+            metrics,
+            admission: None,
+            status: 0,
+            instance: None,
+            deployment: None,
+            stream: false,
+        }
+    }
+
+    /// The caller's token-limit admission, settled with the answer's usage.
+    pub(crate) fn set_admission(&mut self, admission: Admission) {
+        self.admission = Some(admission);
+    }
+}
+
+impl UsageCallback for RequestRecord {
+    fn on_response<B>(&mut self, response: &Response<B>) {
+        self.status = response.status().as_u16();
+        self.instance = response
+            .extensions()
+            .get::<ServedBy>()
+            .map(|served_by| served_by.shared_name().clone());
+        self.deployment = response
+            .extensions()
+            .get::<Deployment>()
+            .map(|deployment| deployment.name().clone());
+        self.stream = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|value| value.as_bytes().starts_with(b"text/event-stream"));
+        if self.stream
+            && let Some(metrics) = &self.metrics
+        {
+            metrics.stream_started();
+        }
+    }
+
+    fn on_report(self, report: UsageReport) {
+        if let Some(admission) = self.admission {
+            admission.settle(report.usage.as_ref());
+        }
+        let duration = self.started.elapsed();
+        let time_to_first_token = report
+            .first_data_at
+            .filter(|_| self.stream)
+            .map(|at| at.saturating_duration_since(self.started));
+        if let Some((method, path)) = &self.log {
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+            tracing::info!(
+                method = %method,
+                path = &**path,
+                caller = self.caller.as_deref().unwrap_or("-"),
+                backend = self.instance.as_deref().unwrap_or("-"),
+                deployment = self.deployment.as_deref().unwrap_or("-"),
+                status = self.status,
+                prompt_tokens = report.usage.map(|u| u.input_tokens),
+                completion_tokens = report.usage.map(|u| u.output_tokens),
+                latency_ms = ms(duration),
+                first_token_ms = time_to_first_token.map(ms),
+                complete = report.complete,
+                "request"
+            );
+        }
+        if let Some(metrics) = self.metrics {
+            if self.stream {
+                metrics.stream_ended();
+            }
+            metrics.record(Finished {
+                operation: self.operation,
+                caller: self.caller,
+                instance: self.instance,
+                deployment: self.deployment,
+                response_model: report.model.map(Arc::from),
+                status: self.status,
+                usage: report.usage,
+                duration,
+                time_to_first_token,
+            });
+        }
+    }
+}
+
+/// `gen_ai.operation.name` of a request below the mount point, for the operations that
+/// report token usage.
+fn operation(method: &Method, path: &str) -> Option<&'static str> {
+    if method != Method::POST {
+        return None;
+    }
+    if path.ends_with("/chat/completions") || path.ends_with("/responses") {
+        Some("chat")
+    } else if path.ends_with("/completions") {
+        Some("text_completion")
+    } else if path.ends_with("/embeddings") {
+        Some("embeddings")
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operations_follow_the_genai_conventions() {
+        let post = Method::POST;
+        assert_eq!(
+            operation(&post, "/deployments/gpt-4o/chat/completions"),
+            Some("chat")
+        );
+        assert_eq!(operation(&post, "/v1/responses"), Some("chat"));
+        assert_eq!(
+            operation(&post, "/deployments/davinci/completions"),
+            Some("text_completion")
+        );
+        assert_eq!(
+            operation(&post, "/deployments/ada/embeddings"),
+            Some("embeddings")
+        );
+        assert_eq!(operation(&post, "/v1/files"), None);
+        assert_eq!(operation(&Method::GET, "/v1/responses"), None);
+    }
+}
