@@ -240,7 +240,7 @@ impl SseScan {
     fn dispatch(&mut self) {
         if !mem::take(&mut self.event_overflow)
             && self.data != b"[DONE]"
-            && contains(&self.data, b"\"usage\"")
+            && has_usage_object(&self.data)
             && let Some(read) = read_document(&self.data)
         {
             self.read = Some(read);
@@ -259,10 +259,21 @@ impl SseScan {
     }
 }
 
-/// Whether `needle` occurs in `haystack`. Events are small and the needle short; a plain
-/// sliding comparison keeps this crate free of a search dependency.
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
+/// Whether `data` has a `"usage"` whose value is an object: only such events are parsed, not
+/// the chunks that carry `"usage":null` (every chunk but the last once `include_usage` is on).
+/// Searched from the end, where chat chunks carry it.
+fn has_usage_object(data: &[u8]) -> bool {
+    const KEY: &[u8] = b"\"usage\"";
+    let mut end = data.len();
+    while let Some(at) = data[..end].windows(KEY.len()).rposition(|w| w == KEY) {
+        if let Some(value) = data[at + KEY.len()..].trim_ascii_start().strip_prefix(b":")
+            && value.trim_ascii_start().starts_with(b"{")
+        {
+            return true;
+        }
+        end = at + KEY.len() - 1;
+    }
+    false
 }
 
 #[cfg(test)]
@@ -326,6 +337,23 @@ mod tests {
         scan.feed(&[b'x'; 100]);
         scan.feed(b"\n\ndata: {\"usage\":{\"total_tokens\":9}}\n\n");
         assert_eq!(scan.finish().map(|(u, _)| u.total_tokens), Some(9));
+    }
+
+    #[test]
+    fn only_events_with_a_usage_object_are_parsed() {
+        assert!(has_usage_object(
+            br#"{"choices":[],"usage":{"total_tokens":3}}"#
+        ));
+        assert!(has_usage_object(
+            br#"{"usage" : {"total_tokens":3},"x":"\"usage\":null"}"#
+        ));
+        assert!(!has_usage_object(
+            br#"{"choices":[{"delta":{}}],"usage":null}"#
+        ));
+        assert!(!has_usage_object(
+            br#"{"type":"response.created","response":{"usage":null}}"#
+        ));
+        assert!(!has_usage_object(b"\"usage\""));
     }
 
     #[test]
