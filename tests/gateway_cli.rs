@@ -501,6 +501,93 @@ async fn client_tables_are_read_and_no_key_is_printed() {
     }
 }
 
+/// Named clients through the example: one over its tokens per minute gets Azure's 429 and no
+/// instance hears of it, another goes on; `/metrics` and the log lines name them, and nothing
+/// shows a key.
+#[tokio::test]
+async fn named_clients_are_limited_counted_and_logged_by_name_never_by_key() {
+    const KEY_A: &str = "metered-client-key-a-71c0d2";
+    const KEY_B: &str = "metered-client-key-b-9e35aa";
+    // 900 tokens per answer: most of team-a's minute in one.
+    let sims = aoai_sim::start(aoai_sim::SimConfig::new("a").reply_tokens(900)).await;
+    let addr = free_addr();
+    let base = format!("http://{addr}");
+    let config = TempFile::with(
+        "metered.toml",
+        &format!(
+            "listen = \"{addr}\"\n\n[[backends]]\nname = \"a\"\nurl = \"{}\"\n\n{}\n{}",
+            sims.url(),
+            client_table(
+                "team-a",
+                "AOAI_TOWER_TEST_METERED_A",
+                "tokens_per_minute = 1000\n"
+            ),
+            client_table("team-b", "AOAI_TOWER_TEST_METERED_B", ""),
+        ),
+    );
+    let mut gateway = Gateway::spawn(
+        &["--config", config.path()],
+        &[
+            ("AOAI_TOWER_TEST_METERED_A", KEY_A),
+            ("AOAI_TOWER_TEST_METERED_B", KEY_B),
+        ],
+    );
+    gateway.ready(&base, Some(KEY_A)).await;
+    let client = client();
+    let send = |key: &'static str, body: Value| {
+        let request = client
+            .post(format!("{base}{CHAT}"))
+            .header("api-key", key)
+            .json(&body);
+        async move { request.send().await.unwrap() }
+    };
+
+    let first = send(KEY_A, chat_body()).await;
+    assert_eq!(first.status(), 200);
+    let used = first.json::<Value>().await.unwrap()["usage"]["total_tokens"]
+        .as_u64()
+        .unwrap();
+    let big = serde_json::json!({
+        "messages": [{ "role": "user", "content": "x".repeat(4 * (1000 - used as usize) + 400) }]
+    });
+    let before = sims.request_count();
+    let refused = send(KEY_A, big).await;
+    assert_eq!(refused.status(), 429);
+    assert!(refused.headers().contains_key("retry-after"));
+    assert!(refused.headers().contains_key("retry-after-ms"));
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "429", "{body}");
+    assert_eq!(sims.request_count(), before, "no instance is contacted");
+    assert_eq!(send(KEY_B, chat_body()).await.status(), 200);
+
+    let metrics = client
+        .get(format!("{base}/metrics"))
+        .header("api-key", KEY_B)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        r#"aoai_gateway_requests_total{instance="a",deployment="gpt-4o",caller="team-a",status="200"} 1"#,
+        r#"instance="",deployment="",caller="team-a",status="429"} 1"#,
+        r#"caller="team-b",status="200"} 1"#,
+        r#"gen_ai_client_token_usage_sum{gen_ai_operation_name="chat""#,
+        r#"aoai_gateway_attempts_total{instance="a"} 2"#,
+    ] {
+        assert!(metrics.contains(line), "no {line} in {metrics}");
+    }
+    let output = format!("{}{}{metrics}", gateway.stdout(), gateway.stderr());
+    assert!(
+        output.contains("team-a") && output.contains("prompt_tokens"),
+        "{output}"
+    );
+    for key in [KEY_A, KEY_B] {
+        assert!(!output.contains(key), "a key was shown: {output}");
+    }
+}
+
 #[tokio::test]
 async fn help_exits_zero() {
     let mut gateway = Gateway::spawn(&["--help"], &[]);

@@ -8,14 +8,15 @@
 //!   copied up to a bound ([`DEFAULT_PARSE_LIMIT`], set with [`UsageLayer::parse_up_to`]) and
 //!   their `usage` parsed at the end; longer answers are not parsed.
 //! - `text/event-stream` answers are split into events as chunks arrive (an event may span
-//!   chunks; only the incomplete tail is kept), and each event whose data holds `"usage"` is
-//!   parsed: the last chunk of a chat stream asked for with `stream_options.include_usage`, the
+//!   chunks; only the incomplete tail is kept), and each event whose data holds a `"usage"`
+//!   object (not `null`) is parsed: the last chunk of a chat stream asked for with `stream_options.include_usage`, the
 //!   Responses API's `response.completed` event. `[DONE]` is skipped.
 //! - Anything else, and encoded bodies (`Content-Encoding: gzip`, ...), pass unread.
 //!
 //! Each request gets a callback, made from the request by a [`MakeUsageCallback`] (any
-//! `FnMut(&Request<B>) -> impl FnOnce(UsageReport)`), so it can capture whatever identifies the
-//! caller or the deployment. It is called exactly once with a [`UsageReport`]: when the body ends,
+//! `FnMut(&Request<B>) -> impl FnOnce(UsageReport)`, or a [`UsageCallback`] of your own that
+//! also sees the answer's head), so it can capture whatever identifies the caller or the
+//! deployment. It is called exactly once with a [`UsageReport`]: when the body ends,
 //! or when it fails or is dropped before its end (the caller abandoned the stream:
 //! `complete: false`, with the usage seen so far), or when the inner service fails or the response
 //! future is dropped (`usage: None, complete: false`). The body never fails because of what it
@@ -76,9 +77,13 @@
 //!
 //! The callback is a plain closure made per request rather than a shared `Arc<dyn Fn>`: it is
 //! generic (no boxing, no dynamic call), it carries per-request facts without a lookup, and
-//! `FnOnce` makes "exactly once" a property of the type. Streams of chat completions report usage
-//! only when the request asks for it (`stream_options.include_usage`); this crate reads what the
-//! answer carries and does not change the request.
+//! `FnOnce` makes "exactly once" a property of the type.
+//!
+//! Streams of chat completions report usage only when the request asks for it
+//! (`stream_options.include_usage`). The layers read what the answer carries and never change
+//! the request; a gateway that wants every stream counted asks for the usage itself with
+//! [`ask_for_usage`] and gives the caller back the stream it asked for with [`StripUsage`]
+//! (the `aoai-tower` gateway does both).
 
 #![warn(
     missing_docs,
