@@ -606,7 +606,7 @@ fn closes_at_end(json: &[u8]) -> bool {
 /// Where the first `\n` or `\r` is. Every byte of a stream goes through here: a block is tested
 /// without an early exit (vector compares), which makes it 3 times faster than a plain
 /// `position` on chat chunks.
-fn find_line_end(bytes: &[u8]) -> Option<usize> {
+pub(crate) fn find_line_end(bytes: &[u8]) -> Option<usize> {
     let is_end = |b: u8| b == b'\n' || b == b'\r';
     let mut start = 0;
     for block in bytes.chunks_exact(BLOCK) {

@@ -7,6 +7,7 @@ use http::HeaderMap;
 use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
 
 use crate::Usage;
+use crate::include::find_line_end;
 use crate::usage::read_document;
 
 /// A usage and the model named beside it.
@@ -166,7 +167,7 @@ impl SseScan {
             chunk = &chunk[1..];
         }
         // Lines end in `\r\n`, `\n` or `\r` (the SSE grammar).
-        while let Some(end) = chunk.iter().position(|&b| b == b'\n' || b == b'\r') {
+        while let Some(end) = find_line_end(chunk) {
             let ended_in_cr = chunk[end] == b'\r';
             let line = &chunk[..end];
             chunk = &chunk[end + 1..];
