@@ -65,8 +65,12 @@ type StackFuture<B, C> = <Stack<C> as Service<Request<B>>>::Future;
 ///   bytes relayed both ways until either side closes.
 /// - Every response from a backend, and every error naming one, carries `x-served-by: NAME`
 ///   (unless turned off); every error of the stack becomes an Azure-shaped response
-///   ([`error_response`](crate::error_response)); one tracing event per request logs the
-///   backend, the status and the latency.
+///   ([`error_response`](crate::error_response)).
+/// - Each answer's token usage is read as it passes; when it ends (or the caller leaves), one
+///   tracing event logs the caller's name, the backend, the deployment, the status, the tokens,
+///   the latency and a stream's time to first token, and the metrics
+///   ([`GatewayBuilder::metrics`]) and the caller's token limit
+///   ([`GatewayBuilder::token_limiter`]) are charged.
 ///
 /// `C` is the client that reaches the instances: [`DefaultClient`] unless the builder was given
 /// another ([`GatewayBuilder::client`]). Cheap to clone: clones share the backends, their health
@@ -558,7 +562,7 @@ impl<C> GatewayBuilder<C> {
     }
 
     /// Whether streamed chat completions are asked for their usage when the caller did not
-    /// ([`IncludeUsageLayer`]), so every stream's tokens are counted; the caller still gets
+    /// ([`IncludeUsageLayer`](crate::IncludeUsageLayer)), so every stream's tokens are counted; the caller still gets
     /// exactly the stream it asked for (the added usage chunk and `"usage":null` members are
     /// removed). Default: off.
     pub fn include_usage(mut self, on: bool) -> Self {

@@ -36,9 +36,10 @@
 //! # The stack, outer to inner
 //!
 //! ```text
-//! Gateway                 Host check (HTTP/1.1), the caller's credentials removed, upgrades
-//!                         (WebSocket) bridged, errors -> Azure-shaped responses,
-//!                         `x-served-by`, one log line
+//! Gateway                 Host check (HTTP/1.1), the caller's token limit, the caller's
+//!                         credentials removed, upgrades (WebSocket) bridged, errors ->
+//!                         Azure-shaped responses, `x-served-by`; usage read as the answer
+//!                         passes, then one log line and the metrics
 //!   RetryNextBackend      read the body once (limit -> 413), retry on the next backend,
 //!                         overall deadline
 //!     IncludeUsageLayer   streamed chat completions asked for their usage (if configured)
