@@ -44,6 +44,15 @@ pub enum Outcome {
         /// not tried yet may help.
         retry_elsewhere: bool,
     },
+    /// The backend does not hold what the request names (a response, a file, a thread created
+    /// on another instance): another backend may. Says nothing about its health. Not
+    /// [`is_retryable`](Outcome::is_retryable) but
+    /// [`is_retryable_elsewhere`](Outcome::is_retryable_elsewhere): a retry policy asks the
+    /// backends not tried yet; when none holds it, the caller sees this answer.
+    /// [`AzureOpenAiClassifier`] never gives it (a 404 alone does not say the object is
+    /// elsewhere); a classifier that knows the request looks for its object does, as the
+    /// `aoai-tower` gateway's.
+    NotHere,
 }
 
 impl Outcome {
@@ -61,14 +70,15 @@ impl Outcome {
     }
 
     /// Whether a retry on a backend not tried yet may give a different answer: every
-    /// [`is_retryable`](Outcome::is_retryable) outcome, and [`Outcome::Forbidden`], which the
-    /// backend that gave it would give again, not another backend.
+    /// [`is_retryable`](Outcome::is_retryable) outcome, [`Outcome::Forbidden`] and
+    /// [`Outcome::NotHere`], which the backend that gave them would give again, not another
+    /// backend.
     pub fn is_retryable_elsewhere(&self) -> bool {
-        self.is_retryable() || matches!(self, Outcome::Forbidden)
+        self.is_retryable() || matches!(self, Outcome::Forbidden | Outcome::NotHere)
     }
 
     /// A short name for logs: `success`, `throttled`, `connect`, `timeout`, `status`, `error`,
-    /// `unauthorized`, `forbidden`, `final` or `credential`.
+    /// `unauthorized`, `forbidden`, `final`, `credential` or `not_here`.
     pub fn reason(&self) -> &'static str {
         match self {
             Outcome::Success => "success",
@@ -81,6 +91,7 @@ impl Outcome {
             Outcome::Forbidden => "forbidden",
             Outcome::Final => "final",
             Outcome::CredentialUnavailable { .. } => "credential",
+            Outcome::NotHere => "not_here",
         }
     }
 }

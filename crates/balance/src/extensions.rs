@@ -156,3 +156,32 @@ impl From<Arc<str>> for Deployment {
         Self(name)
     }
 }
+
+/// The backend a request must go to, by name: a request extension set by a layer above
+/// [`Balance`](crate::Balance) for a request about an object that lives on one instance (a
+/// stored response, a file, a thread).
+///
+/// [`Balance`](crate::Balance) sends such a request to that backend whatever its health (the
+/// object is nowhere else; its own answer, a 429 say, is the caller's to see) and whether or not
+/// it was tried. A name no backend has (the pool changed) is ignored: the request is picked as
+/// any other.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct PinnedTo(Arc<str>);
+
+impl PinnedTo {
+    /// Pins to the backend named `name`.
+    pub fn new(name: impl Into<Arc<str>>) -> Self {
+        Self(name.into())
+    }
+
+    /// The backend's name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for PinnedTo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PinnedTo({:?})", &*self.0)
+    }
+}

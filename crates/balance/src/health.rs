@@ -334,7 +334,10 @@ fn reason_code(outcome: &Outcome) -> u8 {
         Outcome::Failed(Failure::Connect) => REASON_CONNECT,
         Outcome::Failed(_) => REASON_FAILED,
         Outcome::Unauthorized | Outcome::Forbidden => REASON_CREDENTIAL,
-        Outcome::Success | Outcome::Final | Outcome::CredentialUnavailable { .. } => REASON_NONE,
+        Outcome::Success
+        | Outcome::Final
+        | Outcome::NotHere
+        | Outcome::CredentialUnavailable { .. } => REASON_NONE,
     }
 }
 
@@ -645,7 +648,7 @@ impl BackendHealth {
                 // The second 401 in a row: a refreshed token was refused too.
                 policy.credential_cooldown
             }
-            Outcome::Success | Outcome::Final | Outcome::Unauthorized => {
+            Outcome::Success | Outcome::Final | Outcome::NotHere | Outcome::Unauthorized => {
                 if !matches!(outcome, Outcome::Unauthorized) {
                     self.consecutive_unauthorized.store(0, Ordering::Relaxed);
                 }

@@ -70,6 +70,8 @@
 //!   and cools for that deployment. A backend with no deployment cooling down costs a pick one
 //!   more atomic read; names are compared exactly. Requests without a `Deployment` ignore
 //!   per-deployment cooldowns and offered deployments.
+//! - A request carrying a [`PinnedTo`] extension goes to that backend, whatever its health (an
+//!   object such as a stored response lives there and nowhere else).
 //! - A request carrying a [`TriedBackends`] extension goes to an untried backend that takes it
 //!   while one exists, tiers in priority order (an untried one of tier 2 before a tried one of
 //!   tier 1); else, in the best tier that has a backend that takes it, round-robin on after the
@@ -126,7 +128,7 @@ use tower::{BoxError, Service, ServiceExt};
 
 pub use crate::classify::{AzureOpenAiClassifier, Classify, Failure, Outcome};
 pub use crate::error::{AllCoolingDown, BackendError, NoBackends, UnknownDeployment};
-pub use crate::extensions::{Deployment, ServedBy, TriedBackends};
+pub use crate::extensions::{Deployment, PinnedTo, ServedBy, TriedBackends};
 pub use crate::future::ResponseFuture;
 pub use crate::health::{
     BackendSnapshot, BackendState, CooldownCounts, HealthPolicy, TRIAL_RETRY_AFTER,
@@ -571,7 +573,14 @@ where
         let deployment = request.extensions().get::<Deployment>().cloned();
         let tried = request.extensions().get::<TriedBackends>();
         let retry = tried.is_some_and(|tried| !tried.is_empty());
-        match self.pick(tried, deployment.as_ref()) {
+        let pinned = request.extensions().get::<PinnedTo>().and_then(|pin| {
+            let found = shared
+                .backends
+                .iter()
+                .position(|b| *b.name == *pin.as_str());
+            found.map(|index| (index, false))
+        });
+        match pinned.map_or_else(|| self.pick(tried, deployment.as_ref()), Ok) {
             Ok((index, trial)) => {
                 let oneshot = self.inner.services[index].clone().oneshot(request);
                 ResponseFuture::called(oneshot, index, trial, retry, deployment, shared, classifier)

@@ -1647,3 +1647,36 @@ async fn a_429_for_a_deployment_counts_as_a_throttled_cooldown() {
     assert_eq!(b.throttled, 2);
     assert_eq!(balance.snapshot()[0].cooldowns, CooldownCounts::default());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_pinned_request_goes_to_its_backend_whatever_its_health_and_an_unknown_pin_is_ignored() {
+    let s = statuses(3);
+    let balance = balance_of(&s);
+    let pinned = |name: &str| {
+        let mut request = Request::new(());
+        request.extensions_mut().insert(PinnedTo::new(name));
+        request
+    };
+    for _ in 0..4 {
+        assert_eq!(served_by(&balance, pinned("b1")).await.unwrap(), "b1");
+    }
+    // b1 cools down after a 429; what lives there is still asked for there.
+    s[1].store(429, Ordering::Relaxed);
+    let throttled = balance.clone().oneshot(pinned("b1")).await.unwrap();
+    assert_eq!(throttled.status(), StatusCode::TOO_MANY_REQUESTS);
+    s[1].store(200, Ordering::Relaxed);
+    assert!(balance.snapshot()[1].cooling_down_for.is_some());
+    assert_eq!(served_by(&balance, pinned("b1")).await.unwrap(), "b1");
+    // Even when it was tried already.
+    let mut request = pinned("b1");
+    let mut tried = TriedBackends::new();
+    tried.insert(1);
+    request.extensions_mut().insert(tried);
+    assert_eq!(served_by(&balance, request).await.unwrap(), "b1");
+    // A backend that is not in the pool: the request is picked as any other, skipping b1.
+    let mut names = Vec::new();
+    for _ in 0..4 {
+        names.push(served_by(&balance, pinned("gone")).await.unwrap());
+    }
+    assert!(!names.contains(&"b1".to_owned()), "{names:?}");
+}

@@ -107,7 +107,6 @@ impl<C> RetryNextBackend<C> {
         request: &mut Request<ReplayBody>,
         result: &mut Result<Response<RB>, BoxError>,
     ) -> Option<Backoff> {
-        self.attempts += 1;
         let served_by = match result {
             Ok(response) => response.extensions().get::<ServedBy>().cloned(),
             Err(error) => error
@@ -137,6 +136,20 @@ impl<C> RetryNextBackend<C> {
         if let Some(served_by) = &served_by {
             tried.insert(served_by.index());
         }
+        if matches!(outcome, Outcome::NotHere) {
+            // Asking where an object lives: the backends not asked yet, one after another, at
+            // once. Not an attempt of the request's own (no backoff, not counted against the
+            // attempts or the retry budget): it was answered, just not here.
+            let untried = self
+                .settings
+                .health
+                .has_untried_available(tried, deployment);
+            if untried {
+                tracing::debug!(backend, "not here; asking the next backend");
+            }
+            return untried.then(|| Backoff::new(None));
+        }
+        self.attempts += 1;
         if let Some(recovery) = self.settings.health.soonest_recovery(deployment) {
             if let Ok(response) = result
                 && matches!(outcome, Outcome::Throttled { .. })

@@ -184,10 +184,11 @@ where
                 self.scan.so_far()
             };
             self.scan = Scan::Skip;
-            let (usage, model) = read.map_or((None, None), |(usage, model)| (Some(usage), model));
+            let read = read.unwrap_or_default();
             callback.on_report(UsageReport {
-                usage,
-                model,
+                usage: read.usage,
+                model: read.model,
+                id: read.id,
                 complete,
                 first_data_at: self.first_data_at,
             });

@@ -134,6 +134,10 @@ pub struct UsageReport {
     /// The `model` named next to that usage (`response.model` in a Responses API event): the
     /// model that answered, as the instance reports it.
     pub model: Option<Box<str>>,
+    /// The `id` of the answer's object (`chatcmpl-…`, `resp_…`, `file-…`, `batch_…`): of a
+    /// JSON answer, or of the stream event that carried the usage (a Responses API stream's
+    /// `response.completed`).
+    pub id: Option<Box<str>>,
     /// Whether the body reached its end. `false` when it failed, or was dropped first (the caller
     /// went away mid-stream): `usage` is then what was seen up to there.
     pub complete: bool,

@@ -8,10 +8,7 @@ use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
 
 use crate::Usage;
 use crate::include::find_line_end;
-use crate::usage::read_document;
-
-/// A usage and the model named beside it.
-pub(crate) type Read = (Usage, Option<Box<str>>);
+use crate::usage::{Document, read_document};
 
 /// What a body is read as, chosen from its response's headers.
 #[derive(Debug)]
@@ -78,7 +75,7 @@ impl Scan {
     }
 
     /// The usage once the body has ended, or (`complete == false`) as far as it was read.
-    pub(crate) fn finish(&mut self) -> Option<Read> {
+    pub(crate) fn finish(&mut self) -> Option<Document> {
         match self {
             Self::Skip => None,
             Self::Json(json) => json.finish(),
@@ -88,7 +85,7 @@ impl Scan {
 
     /// The usage seen so far of a body that did not reach its end. A JSON answer is parsed as far
     /// as it came, which succeeds only if it was whole; a stream counts the events it completed.
-    pub(crate) fn so_far(&mut self) -> Option<Read> {
+    pub(crate) fn so_far(&mut self) -> Option<Document> {
         match self {
             Self::Skip => None,
             Self::Json(json) => json.finish(),
@@ -119,7 +116,7 @@ impl JsonScan {
         self.buf.extend_from_slice(bytes);
     }
 
-    fn finish(&mut self) -> Option<Read> {
+    fn finish(&mut self) -> Option<Document> {
         if self.overflow {
             return None;
         }
@@ -143,7 +140,7 @@ pub(crate) struct SseScan {
     event_overflow: bool,
     limit: usize,
     /// The last usage an event carried.
-    read: Option<Read>,
+    read: Option<Document>,
 }
 
 impl SseScan {
@@ -243,13 +240,14 @@ impl SseScan {
             && self.data != b"[DONE]"
             && has_usage_object(&self.data)
             && let Some(read) = read_document(&self.data)
+            && read.usage.is_some()
         {
             self.read = Some(read);
         }
         self.data.clear();
     }
 
-    fn finish(&mut self) -> Option<Read> {
+    fn finish(&mut self) -> Option<Document> {
         // A stream that ends without the blank line after its last event still counts that event.
         if !self.line.is_empty() && !self.line_overflow {
             let line = mem::take(&mut self.line);
@@ -286,7 +284,7 @@ mod tests {
         for chunk in chunks {
             scan.feed(chunk);
         }
-        scan.finish().map(|(usage, _)| usage)
+        scan.finish().and_then(|read| read.usage)
     }
 
     const USAGE: &[u8] =
@@ -337,7 +335,10 @@ mod tests {
         scan.feed(b"data: ");
         scan.feed(&[b'x'; 100]);
         scan.feed(b"\n\ndata: {\"usage\":{\"total_tokens\":9}}\n\n");
-        assert_eq!(scan.finish().map(|(u, _)| u.total_tokens), Some(9));
+        assert_eq!(
+            scan.finish().and_then(|r| r.usage).map(|u| u.total_tokens),
+            Some(9)
+        );
     }
 
     #[test]
@@ -365,7 +366,7 @@ mod tests {
             overflow: false,
         };
         scan.feed(USAGE);
-        assert_eq!(scan.finish(), None);
+        assert!(scan.finish().is_none());
     }
 
     #[test]

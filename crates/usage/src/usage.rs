@@ -48,22 +48,36 @@ impl Usage {
     /// assert_eq!(Usage::from_json(b"not json"), None);
     /// ```
     pub fn from_json(json: &[u8]) -> Option<Self> {
-        read_document(json).map(|(usage, _)| usage)
+        read_document(json)?.usage
     }
 }
 
-/// The usage in one JSON document, and the `model` beside it.
-pub(crate) fn read_document(json: &[u8]) -> Option<(Usage, Option<Box<str>>)> {
+/// What one JSON document says of its answer: its usage, and the `model` and `id` beside it.
+#[derive(Debug, Default)]
+pub(crate) struct Document {
+    pub(crate) usage: Option<Usage>,
+    pub(crate) model: Option<Box<str>>,
+    pub(crate) id: Option<Box<str>>,
+}
+
+/// Reads `json`, a whole answer or one stream event (whose Responses API object is under
+/// `response`); `None` when it is not a JSON object.
+pub(crate) fn read_document(json: &[u8]) -> Option<Document> {
     // Typed: serde skips every other field (the answer's text included) without allocating for
-    // it; only the model's name is copied.
+    // it; only the model's name and the id are copied.
     let envelope: Envelope = serde_json::from_slice(json).ok()?;
-    match envelope.usage {
-        Some(usage) => Some((usage.into_usage()?, envelope.model)),
-        None => {
-            let response = envelope.response?;
-            Some((response.usage?.into_usage()?, response.model))
-        }
-    }
+    Some(match envelope.response {
+        Some(response) if envelope.usage.is_none() => Document {
+            usage: response.usage.and_then(RawUsage::into_usage),
+            model: response.model,
+            id: response.id,
+        },
+        _ => Document {
+            usage: envelope.usage.and_then(RawUsage::into_usage),
+            model: envelope.model,
+            id: envelope.id,
+        },
+    })
 }
 
 #[derive(Deserialize)]
@@ -72,6 +86,8 @@ struct Envelope {
     usage: Option<RawUsage>,
     #[serde(default)]
     model: Option<Box<str>>,
+    #[serde(default)]
+    id: Option<Box<str>>,
     /// The Responses API's stream events carry the response, usage inside, under `response`.
     #[serde(default)]
     response: Option<ResponseObject>,
@@ -83,6 +99,8 @@ struct ResponseObject {
     usage: Option<RawUsage>,
     #[serde(default)]
     model: Option<Box<str>>,
+    #[serde(default)]
+    id: Option<Box<str>>,
 }
 
 #[derive(Deserialize)]
@@ -193,10 +211,23 @@ mod tests {
         let chat = br#"{"model":"gpt-4o-2024-11-20","usage":{"total_tokens":1}}"#;
         let event = br#"{"type":"response.completed","response":{"model":"o4-mini","usage":{"total_tokens":1}}}"#;
         assert_eq!(
-            read_document(chat).unwrap().1.as_deref(),
+            read_document(chat).unwrap().model.as_deref(),
             Some("gpt-4o-2024-11-20")
         );
-        assert_eq!(read_document(event).unwrap().1.as_deref(), Some("o4-mini"));
+        assert_eq!(
+            read_document(event).unwrap().model.as_deref(),
+            Some("o4-mini")
+        );
+    }
+
+    #[test]
+    fn the_answers_id_with_or_without_usage() {
+        let file = br#"{"id":"file-abc","object":"file","bytes":12}"#;
+        let event = br#"{"type":"response.completed","response":{"id":"resp_1","usage":{"total_tokens":1}}}"#;
+        let read = read_document(file).unwrap();
+        assert_eq!((read.id.as_deref(), read.usage), (Some("file-abc"), None));
+        assert_eq!(read_document(event).unwrap().id.as_deref(), Some("resp_1"));
+        assert!(read_document(b"[1]").is_none());
     }
 
     #[test]

@@ -82,10 +82,12 @@ where
 fn one_report(reports: &Reports) -> UsageReport {
     let reports = reports.lock().unwrap();
     assert_eq!(reports.len(), 1, "the callback is called exactly once");
-    // When the first data passed is checked by its own test; the model only where it is named.
+    // When the first data passed is checked by its own test; the model and id only where they
+    // are named.
     UsageReport {
         first_data_at: None,
         model: None,
+        id: None,
         ..reports[0].clone()
     }
 }
