@@ -6,7 +6,6 @@ use std::mem;
 use http::HeaderMap;
 use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
 
-use crate::Usage;
 use crate::include::find_line_end;
 use crate::usage::{Document, read_document};
 
@@ -278,6 +277,7 @@ fn has_usage_object(data: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Usage;
 
     fn sse(chunks: &[&[u8]]) -> Option<Usage> {
         let mut scan = SseScan::new(1 << 20);
