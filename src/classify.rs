@@ -7,6 +7,7 @@ use aoai_balance::{AzureOpenAiClassifier, Classify, Outcome};
 use http::{HeaderMap, StatusCode};
 
 use crate::error::find;
+use crate::pinning::{MayHaveActed, MayHaveActedAnswer, NotHere};
 
 /// Azure OpenAI's rules ([`AzureOpenAiClassifier`]), and one of its own: a token that could not
 /// be had ([`TokenUnavailable`]) never counts against a backend's health, and is retried only
@@ -42,16 +43,30 @@ impl Classify for GatewayClassifier {
     /// A 401 that no token refresh can mend (an api-key the instance refused, marked by
     /// `AzureAuth`) is [`Outcome::Forbidden`]: the instance is out of rotation at once, and the
     /// request goes on to another.
+    ///
+    /// An answer [`PinLayer`](crate::PinLayer) marked is [`Outcome::NotHere`] (the instance
+    /// does not hold the object the request names: ask the next) or [`Outcome::Final`] (a
+    /// request creating an object failed where the instance may have acted: never repeated).
     fn classify_answer<B>(&self, response: &http::Response<B>) -> Outcome {
+        let extensions = response.extensions();
         if response.status() == StatusCode::UNAUTHORIZED
-            && response.extensions().get::<CredentialRejected>().is_some()
+            && extensions.get::<CredentialRejected>().is_some()
         {
             return Outcome::Forbidden;
+        }
+        if extensions.get::<NotHere>().is_some() {
+            return Outcome::NotHere;
+        }
+        if extensions.get::<MayHaveActedAnswer>().is_some() {
+            return Outcome::Final;
         }
         self.classify_response(response.status(), response.headers())
     }
 
     fn classify_error(&self, error: &(dyn StdError + 'static)) -> Outcome {
+        if find::<MayHaveActed>(error).is_some() {
+            return Outcome::Final;
+        }
         match find::<TokenUnavailable>(error) {
             Some(_) => Outcome::CredentialUnavailable {
                 retry_elsewhere: self.several_credentials,

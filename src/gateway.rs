@@ -30,6 +30,8 @@ use crate::deployment::{DeploymentLayer, MapDeployment, SetDeployment};
 use crate::error::{azure_error, error_response, error_response_with, find, message};
 use crate::include_usage::{IncludeUsage, UsageAdded};
 use crate::metrics::GatewayMetrics;
+use crate::pinning::{ObjectMap, PinLayer, PinToObject, learns_id};
+use crate::realtime::{Realtime, Sessions};
 use crate::record::RequestRecord;
 use crate::upgrade;
 
@@ -43,7 +45,7 @@ pub type DefaultClient = UpstreamClient<ReplayBody>;
 type BackendStack<C> = MapDeployment<Either<AzureAuth<Attempt<C>>, Attempt<C>>>;
 type Attempt<C> = Timeout<Rebase<C>>;
 type Stack<C> = RetryNextBackendService<
-    IncludeUsage<SetDeployment<Balance<BackendStack<C>, GatewayClassifier>>>,
+    IncludeUsage<PinToObject<SetDeployment<Balance<BackendStack<C>, GatewayClassifier>>>>,
     GatewayClassifier,
 >;
 type StackFuture<B, C> = <Stack<C> as Service<Request<B>>>::Future;
@@ -61,8 +63,13 @@ type StackFuture<B, C> = <Stack<C> as Service<Request<B>>>::Future;
 ///   removed before any backend sees the request, and so are its extensions (nothing inside
 ///   reads them).
 /// - An upgrade (a WebSocket handshake, such as the Realtime API's) goes to one backend like any
-///   request; when it answers `101 Switching Protocols`, the two connections are joined and the
-///   bytes relayed both ways until either side closes.
+///   request (without `Sec-WebSocket-Extensions`: see [`Sessions`]); when it answers
+///   `101 Switching Protocols`, the two connections are joined. A WebSocket session's messages
+///   (text, binary, ping, pong, close with its code and reason) are relayed both ways as they
+///   come until both sides are closed, with no request deadline: only the idle limit and the
+///   lifetime, if set ([`GatewayBuilder::session_idle_limit`],
+///   [`GatewayBuilder::session_lifetime`]), and [`Sessions::close_all`] end one, with code 1001.
+///   Another protocol's bytes are relayed until either side closes.
 /// - Every response from a backend, and every error naming one, carries `x-served-by: NAME`
 ///   (unless turned off); every error of the stack becomes an Azure-shaped response
 ///   ([`error_response`](crate::error_response)).
@@ -81,8 +88,11 @@ pub struct Gateway<C = DefaultClient> {
     served_by_values: Option<Arc<[HeaderValue]>>,
     /// Whether a backend has no `AzureAuth` (which removes the caller's credentials itself).
     unauthenticated_backend: bool,
+    /// Where its Realtime sessions are counted, and their limits.
+    realtime: Realtime,
     metrics: Option<GatewayMetrics>,
     limiter: Option<TokenLimiter>,
+    objects: ObjectMap,
 }
 
 impl Gateway {
@@ -97,6 +107,11 @@ impl<C> Gateway<C> {
     pub fn health(&self) -> &BalanceHealth {
         &self.health
     }
+
+    /// Its Realtime (WebSocket) sessions: how many are open, and closing them at shutdown.
+    pub fn sessions(&self) -> &Sessions {
+        &self.realtime.sessions
+    }
 }
 
 impl<C: Clone> Clone for Gateway<C> {
@@ -106,8 +121,10 @@ impl<C: Clone> Clone for Gateway<C> {
             health: self.health.clone(),
             served_by_values: self.served_by_values.clone(),
             unauthenticated_backend: self.unauthenticated_backend,
+            realtime: self.realtime.clone(),
             metrics: self.metrics.clone(),
             limiter: self.limiter.clone(),
+            objects: self.objects.clone(),
         }
     }
 }
@@ -144,18 +161,24 @@ where
 
     fn call(&mut self, mut request: Request<B>) -> GatewayFuture<B, C> {
         let caller = request.extensions().get::<Caller>();
-        // A record (log line, metrics, the caller's token limit) only when something reads it.
+        let learns = learns_id(request.method(), request.uri().path());
+        // A record (log line, metrics, the caller's token limit, the id of an object created)
+        // only when something reads it.
         let mut record = (self.metrics.is_some()
             || tracing::enabled!(tracing::Level::INFO)
-            || self.limiter.is_some() && caller.is_some())
-        .then(|| {
-            RequestRecord::new(
-                request.method(),
-                request.uri().path(),
-                caller.map(|caller| caller.shared_name().clone()),
-                self.metrics.clone(),
-            )
-        });
+            || self.limiter.is_some() && caller.is_some()
+            || learns)
+            .then(|| {
+                RequestRecord::new(
+                    request.method(),
+                    request.uri().path(),
+                    caller.map(|caller| caller.shared_name().clone()),
+                    self.metrics.clone(),
+                )
+            });
+        if learns && let Some(record) = &mut record {
+            record.learn_into(self.objects.clone());
+        }
         if !upgrade::has_valid_host(&request) {
             let response = azure_error(
                 StatusCode::BAD_REQUEST,
@@ -192,6 +215,9 @@ where
             headers.remove(http::header::AUTHORIZATION);
             headers.remove("api-key");
         }
+        if upgrade.is_some() {
+            upgrade::prepare_request(headers);
+        }
         // Browsers cannot set headers on a WebSocket handshake, so SDKs put the key in the query.
         if let Some(uri) = upgrade::without_api_key_in_query(request.uri()) {
             *request.uri_mut() = uri;
@@ -205,7 +231,7 @@ where
             },
             served_by_values: self.served_by_values.clone(),
             record,
-            upgrade,
+            upgrade: upgrade.map(|caller| (caller, self.realtime.clone())),
         }
     }
 }
@@ -222,7 +248,8 @@ pin_project! {
         state: State<B, C>,
         served_by_values: Option<Arc<[HeaderValue]>>,
         record: Option<RequestRecord>,
-        upgrade: Option<OnUpgrade>,
+        // The caller's side of an upgrade, and where a WebSocket session is counted.
+        upgrade: Option<(OnUpgrade, Realtime)>,
     }
 }
 
@@ -291,8 +318,8 @@ where
         };
         let response = match response {
             Ok(mut response) => {
-                if let Some(caller) = this.upgrade.take() {
-                    upgrade::bridge_if_switched(caller, &mut response);
+                if let Some((caller, realtime)) = this.upgrade.take() {
+                    upgrade::bridge_if_switched(caller, &mut response, &realtime);
                 }
                 mark_served_by(&mut response, this.served_by_values.as_deref());
                 answer(response, this.record.take())
@@ -359,8 +386,10 @@ pub struct GatewayBuilder<C = DefaultClient> {
     health: HealthPolicy,
     served_by_header: bool,
     include_usage: bool,
+    realtime: Realtime,
     metrics: Option<GatewayMetrics>,
     limiter: Option<TokenLimiter>,
+    objects: ObjectMap,
 }
 
 /// One instance of a [`Gateway`]: its name, its endpoint, and how it takes part (for
@@ -453,8 +482,10 @@ impl GatewayBuilder {
             health: HealthPolicy::new(),
             served_by_header: true,
             include_usage: false,
+            realtime: Realtime::default(),
             metrics: None,
             limiter: None,
+            objects: ObjectMap::new(),
         }
     }
 }
@@ -477,8 +508,10 @@ impl<C> GatewayBuilder<C> {
             health: self.health,
             served_by_header: self.served_by_header,
             include_usage: self.include_usage,
+            realtime: self.realtime,
             metrics: self.metrics,
             limiter: self.limiter,
+            objects: self.objects,
         }
     }
 
@@ -570,6 +603,29 @@ impl<C> GatewayBuilder<C> {
         self
     }
 
+    /// Closes a Realtime (WebSocket) session that has gone `limit` without a frame either way:
+    /// both sides get code 1001 (going away) and the reason `idle for N s`. Default: none.
+    pub fn session_idle_limit(mut self, limit: Duration) -> Self {
+        self.realtime.idle_limit = Some(limit);
+        self
+    }
+
+    /// Closes a Realtime (WebSocket) session `lifetime` after it started, busy or not: both
+    /// sides get code 1001 and the reason `session lifetime of N s reached`. Default: none
+    /// (Azure ends its Realtime sessions after 30 minutes itself).
+    pub fn session_lifetime(mut self, lifetime: Duration) -> Self {
+        self.realtime.lifetime = Some(lifetime);
+        self
+    }
+
+    /// Counts the Realtime sessions in `sessions`, and lets [`Sessions::close_all`] close them:
+    /// give each gateway a reload builds the handle of the first. Default: a handle of its own
+    /// ([`Gateway::sessions`]).
+    pub fn sessions(mut self, sessions: Sessions) -> Self {
+        self.realtime.sessions = sessions;
+        self
+    }
+
     /// Records every request in `metrics` (see [`GatewayMetrics`] for what is recorded).
     pub fn metrics(mut self, metrics: GatewayMetrics) -> Self {
         self.metrics = Some(metrics);
@@ -582,6 +638,15 @@ impl<C> GatewayBuilder<C> {
     /// instance is contacted. Its tokens are charged when the answer ends.
     pub fn token_limiter(mut self, limiter: TokenLimiter) -> Self {
         self.limiter = Some(limiter);
+        self
+    }
+
+    /// Where objects (stored responses, files, batches, threads, ...) were seen to live, shared
+    /// with other gateways built with a clone (the one a reload builds). Default: a map of its
+    /// own. A request naming an object goes to the instance that holds it: known from this map,
+    /// or found by asking the instances in turn; see [`PinLayer`](crate::PinLayer).
+    pub fn objects(mut self, objects: ObjectMap) -> Self {
+        self.objects = objects;
         self
     }
 
@@ -643,7 +708,10 @@ impl<C> GatewayBuilder<C> {
         }
         let balance = Balance::with_backends(stacks, self.health, classifier);
         let health = balance.health();
-        let balance = IncludeUsage::new(DeploymentLayer.layer(balance), self.include_usage);
+        let balance = IncludeUsage::new(
+            PinLayer::new(self.objects.clone()).layer(DeploymentLayer.layer(balance)),
+            self.include_usage,
+        );
         if let Some(metrics) = &self.metrics {
             metrics.watch(health.clone());
         }
@@ -658,8 +726,10 @@ impl<C> GatewayBuilder<C> {
             health,
             served_by_values: self.served_by_header.then(|| served_by_values.into()),
             unauthenticated_backend,
+            realtime: self.realtime,
             metrics: self.metrics,
             limiter: self.limiter,
+            objects: self.objects,
         })
     }
 }

@@ -37,12 +37,16 @@
 //!
 //! ```text
 //! Gateway                 Host check (HTTP/1.1), the caller's token limit, the caller's
-//!                         credentials removed, upgrades (WebSocket) bridged, errors ->
+//!                         credentials removed, upgrades bridged (WebSocket: message by
+//!                         message, Realtime sessions counted and limited), errors ->
 //!                         Azure-shaped responses, `x-served-by`; usage read as the answer
 //!                         passes, then one log line and the metrics
 //!   RetryNextBackend      read the body once (limit -> 413), retry on the next backend,
 //!                         overall deadline
 //!     IncludeUsageLayer   streamed chat completions asked for their usage (if configured)
+//!     PinLayer            a request naming an object (a stored response, a file) to the
+//!                         instance holding it, or asking each; creations never repeated
+//!                         where the instance may have acted
 //!     DeploymentLayer     names the request's deployment (path, or a v1 body's `model`)
 //!     Balance             tiers, weighted round-robin, skip tried and cooling backends
 //!                         (per deployment for a 429), one trial after a cooldown
@@ -66,6 +70,8 @@ mod error;
 mod gateway;
 mod include_usage;
 mod metrics;
+mod pinning;
+mod realtime;
 mod record;
 mod upgrade;
 
@@ -85,6 +91,8 @@ pub use crate::gateway::{
 };
 pub use crate::include_usage::{IncludeUsage, IncludeUsageFuture, IncludeUsageLayer, UsageAdded};
 pub use crate::metrics::GatewayMetrics;
+pub use crate::pinning::{MayHaveActed, NotHere, ObjectMap, PinFuture, PinLayer, PinToObject};
+pub use crate::realtime::Sessions;
 pub use tower::BoxError;
 
 /// The README's examples, compiled as doctests so the README stays true.

@@ -8,6 +8,7 @@ use aoai_usage::{Admission, UsageCallback, UsageReport};
 use http::{Method, Response, header};
 
 use crate::metrics::{Finished, GatewayMetrics};
+use crate::pinning::ObjectMap;
 
 /// One request's log line, metrics and token-limit charge, completed by its answer: the head
 /// (status, instance, deployment) when it arrives, the usage when its body ends (or fails, or
@@ -21,6 +22,8 @@ pub(crate) struct RequestRecord {
     caller: Option<Arc<str>>,
     metrics: Option<GatewayMetrics>,
     admission: Option<Admission>,
+    /// Where the id of the object the answer creates is learnt.
+    objects: Option<ObjectMap>,
     status: u16,
     instance: Option<Arc<str>>,
     deployment: Option<Arc<str>>,
@@ -41,11 +44,17 @@ impl RequestRecord {
             caller,
             metrics,
             admission: None,
+            objects: None,
             status: 0,
             instance: None,
             deployment: None,
             stream: false,
         }
+    }
+
+    /// Teaches `objects` where the object the answer creates lives.
+    pub(crate) fn learn_into(&mut self, objects: ObjectMap) {
+        self.objects = Some(objects);
     }
 
     /// The caller's token-limit admission, settled with the answer's usage.
@@ -79,6 +88,12 @@ impl UsageCallback for RequestRecord {
     fn on_report(self, report: UsageReport) {
         if let Some(admission) = self.admission {
             admission.settle(report.usage.as_ref());
+        }
+        if let (Some(objects), Some(id), Some(instance)) =
+            (&self.objects, &report.id, &self.instance)
+            && (200..300).contains(&self.status)
+        {
+            objects.learn(id, instance);
         }
         let duration = self.started.elapsed();
         let time_to_first_token = report
