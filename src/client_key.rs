@@ -1,5 +1,6 @@
 //! [`RequireClientKeyLayer`]: refuse callers without a configured client key.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -8,16 +9,24 @@ use std::task::{Context, Poll};
 
 use aoai_usage::Caller;
 use axum::body::Body;
-use http::{HeaderMap, Request, Response, StatusCode, header};
+use http::{Request, Response, StatusCode, header};
 use pin_project_lite::pin_project;
 use subtle::{Choice, ConditionallySelectable, ConstantTimeEq};
 use tower::{Layer, Service};
 
 use crate::error::azure_error;
+use crate::upgrade;
 
 /// Refuses callers that do not present one of the configured client keys, as `api-key: KEY` or
 /// `Authorization: Bearer KEY` (what the OpenAI and Azure SDKs send), with a 401 in Azure's
 /// error shape. Keys are compared in constant time; they never appear in `Debug` output.
+///
+/// An upgrade request (a WebSocket handshake: `Connection: upgrade` and an `Upgrade` field) may
+/// present its key as an `api-key` query parameter instead (`?api-key=KEY`, percent-encoded),
+/// because a browser cannot set headers on a WebSocket handshake; Azure takes it the same way.
+/// No other request may: a key in a URL is written wherever URLs are (proxies' and load
+/// balancers' access logs, browser history), so callers that can send a header should. The
+/// [`Gateway`](crate::Gateway) removes the parameter before any instance sees the handshake.
 ///
 /// A key may be unnamed ([`new`](Self::new)) or belong to a named client
 /// ([`with_clients`](Self::with_clients), [`client`](Self::client)): a request that presents a
@@ -140,17 +149,11 @@ impl RequireClientKeyLayer {
         self.keys.iter().filter_map(|key| key.caller.as_ref())
     }
 
-    /// Whether the request's headers present an accepted key: `None` if not, else the
-    /// [`Caller`] the key names, if any.
-    fn check(&self, headers: &HeaderMap) -> Option<Option<&Caller>> {
-        let presented = headers
-            .get("api-key")
-            .map(|value| value.as_bytes())
-            .or_else(|| {
-                headers
-                    .get(header::AUTHORIZATION)
-                    .and_then(|value| value.as_bytes().strip_prefix(b"Bearer "))
-            })?;
+    /// Whether the request presents an accepted key: `None` if not, else the [`Caller`] the
+    /// key names, if any.
+    fn check<B>(&self, request: &Request<B>) -> Option<Option<&Caller>> {
+        let presented = presented_key(request)?;
+        let presented = presented.as_ref();
         // Compare against every key, without stopping at a match; which one matched is
         // selected without a branch, and looked up once all were compared.
         let mut matched = Choice::from(0);
@@ -167,6 +170,32 @@ impl RequireClientKeyLayer {
                 .and_then(|key| key.caller.as_ref())
         })
     }
+}
+
+/// The key a request presents: its `api-key` header, else its `Authorization: Bearer` token,
+/// else, for an upgrade request only, its `api-key` query parameter (the name in any letter
+/// case, as the gateway removes it).
+fn presented_key<B>(request: &Request<B>) -> Option<Cow<'_, [u8]>> {
+    let headers = request.headers();
+    if let Some(key) = headers.get("api-key") {
+        return Some(Cow::Borrowed(key.as_bytes()));
+    }
+    if let Some(token) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.as_bytes().strip_prefix(b"Bearer "))
+    {
+        return Some(Cow::Borrowed(token));
+    }
+    if !upgrade::is_requested(headers) {
+        return None;
+    }
+    let query = request.uri().query()?;
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(name, _)| name.eq_ignore_ascii_case("api-key"))
+        .map(|(_, key)| match key {
+            Cow::Borrowed(key) => Cow::Borrowed(key.as_bytes()),
+            Cow::Owned(key) => Cow::Owned(key.into_bytes()),
+        })
 }
 
 impl fmt::Debug for RequireClientKeyLayer {
@@ -228,7 +257,7 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        if let Some(caller) = self.keys.check(request.headers()) {
+        if let Some(caller) = self.keys.check(&request) {
             if let Some(caller) = caller {
                 let caller = caller.clone();
                 request.extensions_mut().insert(caller);
@@ -403,6 +432,74 @@ mod tests {
         ]);
         let (_, caller) = send(&layer, Some(("api-key", "shared"))).await;
         assert_eq!(caller.as_ref().map(Caller::name), Some("second"));
+    }
+
+    #[tokio::test]
+    async fn a_key_in_the_query_is_taken_from_an_upgrade_request_only() {
+        let layer = RequireClientKeyLayer::new(["unnamed"]).client(Caller::new("web"), "web-key");
+        let status = |uri: &str, upgrade: bool| {
+            let mut request = Request::builder().uri(uri);
+            if upgrade {
+                request = request
+                    .header(header::CONNECTION, "Upgrade")
+                    .header(header::UPGRADE, "websocket");
+            }
+            let request = request.body(()).unwrap();
+            let inner = service_fn(|request: Request<()>| async move {
+                let mut response = Response::new(Body::empty());
+                if let Some(caller) = request.extensions().get::<Caller>() {
+                    response.extensions_mut().insert(caller.clone());
+                }
+                Ok::<_, Infallible>(response)
+            });
+            let service = layer.layer(inner);
+            async move {
+                let response = service.oneshot(request).await.unwrap();
+                let caller = response
+                    .extensions()
+                    .get::<Caller>()
+                    .map(|c| c.name().to_owned());
+                (response.status(), caller)
+            }
+        };
+        let realtime = "/openai/realtime?api-version=2025-04-01-preview&deployment=rt";
+        assert_eq!(
+            status(&format!("{realtime}&api-key=web-key"), true).await,
+            (StatusCode::OK, Some("web".to_owned()))
+        );
+        assert_eq!(
+            status(&format!("/x?API-Key=unnamed&deployment=rt"), true).await,
+            (StatusCode::OK, None)
+        );
+        // Percent-encoded, as `URLSearchParams` writes it.
+        let layer_with_plus = RequireClientKeyLayer::new(["a+b/c="]);
+        let request = Request::builder()
+            .uri("/x?api-key=a%2Bb%2Fc%3D")
+            .header(header::CONNECTION, "upgrade")
+            .header(header::UPGRADE, "websocket")
+            .body(())
+            .unwrap();
+        let inner = service_fn(|_: Request<()>| async {
+            Ok::<_, Infallible>(Response::new(Body::empty()))
+        });
+        let response = layer_with_plus.layer(inner).oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        for refused in [
+            format!("{realtime}&api-key=web-ke"),
+            format!("{realtime}&api-keys=web-key"),
+            realtime.to_owned(),
+        ] {
+            assert_eq!(
+                status(&refused, true).await.0,
+                StatusCode::UNAUTHORIZED,
+                "{refused}"
+            );
+        }
+        // Not an upgrade: a key in the URL is not taken.
+        assert_eq!(
+            status(&format!("{realtime}&api-key=web-key"), false).await,
+            (StatusCode::UNAUTHORIZED, None)
+        );
     }
 
     #[test]

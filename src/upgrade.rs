@@ -1,12 +1,15 @@
 //! What hyper leaves to the application: the `Host` check, the caller's key in a query (which
 //! WebSocket clients use) removed, and joining the two sides of an upgrade (a WebSocket
-//! handshake answered `101 Switching Protocols`).
+//! handshake answered `101 Switching Protocols`): message by message for a WebSocket
+//! ([`crate::realtime`]), byte by byte for any other protocol.
 
-use http::header::{CONNECTION, HOST, UPGRADE};
+use http::header::{CONNECTION, HOST, SEC_WEBSOCKET_EXTENSIONS, UPGRADE};
 use http::uri::Authority;
 use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+
+use crate::realtime::Realtime;
 
 /// Whether `request` has the `Host` RFC 9112 requires of HTTP/1.1: exactly one, an authority
 /// (`host[:port]`, no user info). Other versions carry theirs elsewhere (HTTP/2's
@@ -61,13 +64,39 @@ pub(crate) fn is_requested(headers: &HeaderMap) -> bool {
             .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
 }
 
+/// Readies an upgrade request for the instance: no `Sec-WebSocket-Extensions`. The relay reads
+/// and writes each message (it must, to close a session with a code of its own), and
+/// tungstenite reads no extension: were the caller and the instance to agree on one
+/// (`permessage-deflate`, which browsers offer), their frames would be compressed with it and
+/// the relay could not read them. Without the offer, the session is uncompressed end to end.
+pub(crate) fn prepare_request(headers: &mut HeaderMap) {
+    headers.remove(SEC_WEBSOCKET_EXTENSIONS);
+}
+
+/// Whether a `101` switched to WebSocket (its `Upgrade` field says `websocket`).
+fn is_websocket(headers: &HeaderMap) -> bool {
+    headers
+        .get(UPGRADE)
+        .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"websocket"))
+}
+
 /// When the backend switched protocols, joins its connection to the caller's once both are
-/// handed over, and relays bytes both ways until either side closes (in a task of its own).
-pub(crate) fn bridge_if_switched<B>(caller: OnUpgrade, response: &mut Response<B>) {
+/// handed over, in a task of its own: a WebSocket is relayed message by message (counted in
+/// `realtime`'s sessions, with its limits); another protocol byte by byte until either side
+/// closes.
+pub(crate) fn bridge_if_switched<B>(
+    caller: OnUpgrade,
+    response: &mut Response<B>,
+    realtime: &Realtime,
+) {
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         return;
     }
-    let backend = hyper::upgrade::on(response);
+    let backend = hyper::upgrade::on(&mut *response);
+    if is_websocket(response.headers()) {
+        realtime.relay(caller, backend);
+        return;
+    }
     tokio::spawn(async move {
         let (caller, backend) = match tokio::try_join!(caller, backend) {
             Ok(both) => both,
