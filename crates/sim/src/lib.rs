@@ -49,6 +49,34 @@
 //! The reply says who answered: `"Hello from <name> ..."`, one token per SSE content chunk,
 //! paced by [`SimConfig::time_to_first_token`] and [`SimConfig::chunk_delay`].
 //!
+//! # Realtime
+//!
+//! `GET /openai/realtime?api-version=...&deployment=...` and `GET /openai/v1/realtime?model=...`
+//! upgrade to a WebSocket that speaks the Realtime events (JSON text frames, each with `type` and
+//! `event_id`). The handshake is recorded, takes queued faults and is checked for credentials
+//! like any request; an `api-key` query parameter is accepted too, as from a browser.
+//!
+//! - `session.created` on connect (the session's `model` is the deployment asked for);
+//!   `session.update` answers `session.updated` with the fields sent merged in.
+//! - `conversation.item.create` (`.delete`, `.truncate`) answers `conversation.item.created`
+//!   (`.deleted`, `.truncated`); `input_audio_buffer.append` keeps the audio,
+//!   `input_audio_buffer.commit` answers `input_audio_buffer.committed` and the user item. There
+//!   is no voice activity detection: nothing happens until the client commits.
+//! - `response.create` answers `response.created`, `response.output_item.added`,
+//!   `conversation.item.created`, `response.content_part.added`, one `response.text.delta` per
+//!   reply token (with audio in the modalities, the default: `response.audio_transcript.delta`
+//!   and `response.audio.delta`, 1 ms of silence), then `response.text.done` (or
+//!   `response.audio.done` and `response.audio_transcript.done`),
+//!   `response.content_part.done`, `response.output_item.done` and `response.done` with `usage`.
+//!   Paced and held like SSE chunks; `response.cancel` ends it with a cancelled `response.done`.
+//! - Unknown or malformed events get an `error` event; the session goes on.
+//! - Binary frames come back unchanged, pings get pongs, and a close frame is echoed with its
+//!   code and reason.
+//! - Emulator only: `{"type":"sim.close","code":4001,"reason":"..."}` makes the instance close
+//!   the session with that code and reason.
+//!
+//! [`SimHandle::realtime_sessions`] counts the sessions open on the instance.
+//!
 //! # Scripting
 //!
 //! - [`SimHandle::push_fault`] queues a [`Fault`] (throttle, 5xx, content filter, delay, hang,
@@ -62,6 +90,7 @@
 mod config;
 mod fault;
 mod ids;
+mod realtime;
 mod server;
 mod service;
 mod shapes;

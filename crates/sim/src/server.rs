@@ -138,6 +138,11 @@ impl SimHandle {
         self.state.request_count()
     }
 
+    /// How many Realtime sessions are open; see [`SimState::realtime_sessions`].
+    pub fn realtime_sessions(&self) -> usize {
+        self.state.realtime_sessions()
+    }
+
     /// Forget the recorded requests and drop the queued faults.
     pub fn clear(&self) {
         self.state.clear();
@@ -154,8 +159,11 @@ impl SimHandle {
     }
 
     /// Stop serving: close the listener and drop every open connection (hanging and streaming
-    /// requests end too), then return. Stops the instance for every clone of the handle.
+    /// requests and Realtime sessions end too), then return. Stops the instance for every clone
+    /// of the handle.
     pub async fn shutdown(self) {
+        // Upgraded connections left hyper's connection tasks: end them through the state.
+        self.state.realtime().end_all();
         // Err only when the server task is gone already.
         let _ = self.server.stop.send(true);
         let task = self

@@ -21,12 +21,12 @@ use serde_json::{Map, Value};
 
 use crate::shapes::{self, ChoiceFilter, Delta};
 use crate::state::Exceeded;
-use crate::{Fault, RecordedRequest, SimState, ids};
+use crate::{Fault, RecordedRequest, SimState, ids, realtime};
 
 /// The emulator as an [`axum::Router`] over `state`, to serve an instance from your own app
 /// (or your own listener). Keep a clone of `state` to drive it.
 ///
-/// Routes (all `POST`):
+/// Routes (`POST` unless noted):
 ///
 /// | path | answer |
 /// | --- | --- |
@@ -35,6 +35,7 @@ use crate::{Fault, RecordedRequest, SimState, ids};
 /// | `/openai/deployments/{deployment}/embeddings` | embedding list (`float` or `base64`) |
 /// | `/openai/v1/chat/completions`, `/openai/v1/completions`, `/openai/v1/embeddings` | the same, `model` in the body |
 /// | `/openai/responses`, `/openai/v1/responses` | Responses API object, or its SSE events with `"stream": true` |
+/// | `GET /openai/realtime?deployment=...`, `GET /openai/v1/realtime?model=...` | Realtime API WebSocket (see the [crate docs](crate#realtime)) |
 ///
 /// Anything else gets Azure's 404 `{"error":{"code":"404","message":"Resource not found"}}`.
 /// Request bodies have no size limit. Every answer carries `apim-request-id`, `x-request-id`,
@@ -66,6 +67,8 @@ pub fn router(state: SimState) -> Router {
         .route("/openai/v1/embeddings", post(embeddings))
         .route("/openai/responses", post(responses))
         .route("/openai/v1/responses", post(responses))
+        .route(realtime::PATH, axum::routing::get(realtime::realtime))
+        .route(realtime::V1_PATH, axum::routing::get(realtime::realtime))
         .fallback(not_found)
         .method_not_allowed_fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), front))
@@ -153,6 +156,9 @@ async fn front(State(state): State<SimState>, request: Request, next: Next) -> R
 /// The answer without a fault: Azure's 401 for missing credentials, else the route's.
 async fn normal(state: &SimState, request: Request, next: Next) -> Response {
     match unauthorized(state, request.headers()) {
+        // Browsers cannot set headers on a WebSocket handshake: Realtime takes the key in the
+        // query too.
+        Some(_) if realtime::key_in_query(state, request.uri()) => next.run(request).await,
         Some(denied) => denied,
         None => next.run(request).await,
     }
@@ -392,17 +398,17 @@ fn text_len(value: &Value) -> usize {
 }
 
 /// The reply's tokens and whether `max_tokens` cut it short.
-struct Reply {
-    tokens: Vec<String>,
-    truncated: bool,
+pub(crate) struct Reply {
+    pub(crate) tokens: Vec<String>,
+    pub(crate) truncated: bool,
 }
 
 impl Reply {
-    fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         self.tokens.concat()
     }
 
-    fn len(&self) -> u64 {
+    pub(crate) fn len(&self) -> u64 {
         self.tokens.len() as u64
     }
 
@@ -411,7 +417,7 @@ impl Reply {
     }
 }
 
-fn reply(state: &SimState, max_tokens: Option<u64>) -> Reply {
+pub(crate) fn reply(state: &SimState, max_tokens: Option<u64>) -> Reply {
     const FILLER: [&str; 8] = [
         " lorem",
         " ipsum",

@@ -11,6 +11,7 @@ use http::{HeaderMap, Method};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+use crate::realtime::Sessions;
 use crate::{Fault, SimConfig};
 
 /// One request as the emulator received it, before any fault or credential check.
@@ -57,6 +58,7 @@ struct Inner {
     received: AtomicUsize,
     records: Mutex<Vec<RecordedRequest>>,
     faults: Mutex<VecDeque<Fault>>,
+    realtime: Sessions,
     held: AtomicBool,
     released: Semaphore,
     window: Mutex<Window>,
@@ -91,6 +93,7 @@ impl SimState {
                 received: AtomicUsize::new(0),
                 records: Mutex::new(Vec::new()),
                 faults: Mutex::new(VecDeque::new()),
+                realtime: Sessions::default(),
                 held: AtomicBool::new(false),
                 released: Semaphore::new(0),
                 window: Mutex::new(Window {
@@ -131,6 +134,17 @@ impl SimState {
     /// How many requests were received so far (counted even when recording is off).
     pub fn request_count(&self) -> usize {
         self.inner.received.load(Ordering::SeqCst)
+    }
+
+    /// How many Realtime sessions (WebSockets on `/openai/realtime` and `/openai/v1/realtime`)
+    /// are open: counted from the upgrade until either side sends its close frame or the
+    /// connection ends, so a proxy test can assert the instance side was closed.
+    pub fn realtime_sessions(&self) -> usize {
+        self.inner.realtime.open()
+    }
+
+    pub(crate) fn realtime(&self) -> &Sessions {
+        &self.inner.realtime
     }
 
     /// Forget the recorded requests (and their count) and drop the queued faults.
