@@ -33,7 +33,8 @@
 //! # What it emulates
 //!
 //! Each instance ([`start`], or [`router`] inside your own app) answers the chat completions,
-//! legacy completions, embeddings and Responses operations, on the deployment routes
+//! legacy completions, embeddings and Responses operations (and holds the objects below), on
+//! the deployment routes
 //! (`/openai/deployments/{deployment}/...?api-version=...`) and the v1 routes (`/openai/v1/...`),
 //! with the documents, headers and errors the real service sends:
 //!
@@ -48,6 +49,27 @@
 //!
 //! The reply says who answered: `"Hello from <name> ..."`, one token per SSE content chunk,
 //! paced by [`SimConfig::time_to_first_token`] and [`SimConfig::chunk_delay`].
+//!
+//! # Objects
+//!
+//! Each instance holds its own objects, in memory, and no other instance knows them: a
+//! follow-up sent to the wrong instance fails there as it would on another Azure resource.
+//!
+//! - Responses are stored unless `"store": false`: `GET` and `DELETE /responses/{id}`,
+//!   `GET /responses/{id}/input_items`, `POST /responses/{id}/cancel`. A request with a
+//!   `previous_response_id` this instance holds continues that chain: the answer names it and
+//!   its reply says the turn, `"Hello from <name> (turn 3) ..."`; one it does not hold gets
+//!   Azure's 400 `previous_response_not_found`.
+//! - Files (`POST /files`, `multipart/form-data` with `purpose` and `file`; `GET`, `DELETE`,
+//!   `/content`, the list) and batches over them (`POST /batches` needs the input file on the
+//!   same instance; the first read after creation finds the batch `completed` with an output
+//!   file of chat completions).
+//! - Assistants threads, their messages and runs (a run completes at once and adds the reply).
+//! - Unknown ids get the instance's 404, in the shape Azure uses for that kind of object.
+//!
+//! [`SimState::object_count`] says how many objects of an [`ObjectKind`] requests created, so a
+//! test can check that a retried request left exactly one behind. Each kind keeps at most
+//! 10,000 objects and 256 MiB, dropping the oldest first.
 //!
 //! # Realtime
 //!
@@ -90,6 +112,7 @@
 mod config;
 mod fault;
 mod ids;
+mod objects;
 mod realtime;
 mod server;
 mod service;
@@ -98,6 +121,7 @@ mod state;
 
 pub use config::SimConfig;
 pub use fault::Fault;
+pub use objects::ObjectKind;
 pub use server::{SimHandle, start};
 pub use service::router;
 pub use state::{RecordedRequest, SimState};

@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::{Fault, RecordedRequest, SimConfig, SimState, router};
+use crate::{Fault, ObjectKind, RecordedRequest, SimConfig, SimState, router};
 
 /// Start an emulated instance on `127.0.0.1`, on a free port, served by a background task of the
 /// current tokio runtime.
@@ -136,6 +136,11 @@ impl SimHandle {
     /// How many requests were received so far.
     pub fn request_count(&self) -> usize {
         self.state.request_count()
+    }
+
+    /// How many objects of `kind` requests created; see [`SimState::object_count`].
+    pub fn object_count(&self, kind: ObjectKind) -> usize {
+        self.state.object_count(kind)
     }
 
     /// How many Realtime sessions are open; see [`SimState::realtime_sessions`].

@@ -19,6 +19,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use crate::objects::{self, Previous};
 use crate::shapes::{self, ChoiceFilter, Delta};
 use crate::state::Exceeded;
 use crate::{Fault, RecordedRequest, SimState, ids, realtime};
@@ -34,8 +35,28 @@ use crate::{Fault, RecordedRequest, SimState, ids, realtime};
 /// | `/openai/deployments/{deployment}/completions` | legacy text completion, streaming too |
 /// | `/openai/deployments/{deployment}/embeddings` | embedding list (`float` or `base64`) |
 /// | `/openai/v1/chat/completions`, `/openai/v1/completions`, `/openai/v1/embeddings` | the same, `model` in the body |
-/// | `/openai/responses`, `/openai/v1/responses` | Responses API object, or its SSE events with `"stream": true` |
+/// | `/openai/responses`, `/openai/v1/responses` | Responses API object, or its SSE events with `"stream": true`; stored unless `"store": false`, continuing `previous_response_id` |
 /// | `GET /openai/realtime?deployment=...`, `GET /openai/v1/realtime?model=...` | Realtime API WebSocket (see the [crate docs](crate#realtime)) |
+///
+/// And the objects each instance holds, under `/openai` and `/openai/v1` alike:
+///
+/// | path | answer |
+/// | --- | --- |
+/// | `GET`, `DELETE /responses/{id}`; `GET /responses/{id}/input_items`; `/responses/{id}/cancel` | the stored response; `{"id":...,"object":"response","deleted":true}`; the list of its input items (earlier turns' included); the response |
+/// | `/files` (`multipart/form-data`: `purpose`, `file`); `GET /files` | file object `file-...`; the list |
+/// | `GET`, `DELETE /files/{id}`; `GET /files/{id}/content` | file object; `{"id":...,"object":"file","deleted":true}`; the bytes |
+/// | `/batches` (`input_file_id` on this instance, `endpoint`, `completion_window`); `GET /batches` | batch `batch_...`, `validating`; the list |
+/// | `GET /batches/{id}`; `/batches/{id}/cancel` | the batch, `completed` with an `output_file_id` from the first read on; the batch, `cancelling` |
+/// | `/threads`; `GET`, `DELETE /threads/{id}` | thread `thread_...`; the thread; `{"id":...,"object":"thread.deleted","deleted":true}` |
+/// | `/threads/{id}/messages`; `GET /threads/{id}/messages` | message `msg_...`; the list |
+/// | `/threads/{id}/runs`; `GET /threads/{id}/runs/{run_id}` | run `run_...`, `completed`, its reply added to the thread; the run |
+///
+/// An id this instance does not hold gets its 404: for responses and threads OpenAI's
+/// `{"error":{"message":"Response with id '...' not found.","type":"invalid_request_error",
+/// "param":null,"code":null}}` (`No thread found with id '...'.`, `No run found with id
+/// '...'.`), for files and batches Azure's `{"error":{"code":"notFound","message":"File with id
+/// '...' not found."}}`. An unknown `previous_response_id` gets a 400, `"code":
+/// "previous_response_not_found"`.
 ///
 /// Anything else gets Azure's 404 `{"error":{"code":"404","message":"Resource not found"}}`.
 /// Request bodies have no size limit. Every answer carries `apim-request-id`, `x-request-id`,
@@ -67,6 +88,7 @@ pub fn router(state: SimState) -> Router {
         .route("/openai/v1/embeddings", post(embeddings))
         .route("/openai/responses", post(responses))
         .route("/openai/v1/responses", post(responses))
+        .merge(objects::routes())
         .route(realtime::PATH, axum::routing::get(realtime::realtime))
         .route(realtime::V1_PATH, axum::routing::get(realtime::realtime))
         .fallback(not_found)
@@ -482,7 +504,7 @@ async fn chat(
 }
 
 /// A whole `chat.completion` document.
-fn chat_completion(state: &SimState, prompt_tokens: u64, reply: &Reply) -> Bytes {
+pub(crate) fn chat_completion(state: &SimState, prompt_tokens: u64, reply: &Reply) -> Bytes {
     let content = reply.text();
     to_json(&shapes::ChatCompletion {
         choices: [shapes::ChatChoice {
@@ -738,20 +760,49 @@ async fn responses(
     body: Bytes,
 ) -> Result<Response, Refused> {
     let call = Call::parse(&body, &["max_output_tokens"], &["input", "instructions"])?;
+    // An unknown previous response is refused before the quota is charged.
+    let previous = match objects::previous_response(&state, &call.json) {
+        Ok(previous) => previous,
+        Err(refused) => return Ok(refused.into_response()),
+    };
     call.charge(&state, "Responses_Create", query.as_deref())?;
-    let reply = reply(&state, call.max_tokens);
+    let mut reply = reply(&state, call.max_tokens);
+    if let Some(previous) = &previous {
+        // Say the turn, so a test sees the chain was followed: "Hello from eastus (turn 3)".
+        let at = reply.tokens.len().min(3) - 1;
+        reply.tokens[at].push_str(&format!(" (turn {})", previous.turn));
+    }
     let text = reply.text();
     let ids = ResponseIds {
         id: ids::id("resp_", 48),
         message: ids::id("msg_", 48),
         created_at: ids::unix_now(),
     };
-    let done = response_object(&state, &ids, &call, &reply, &text);
+    let store = call.json.get("store").and_then(Value::as_bool) != Some(false);
+    let previous_id = previous.as_ref().map(|p| p.id.clone());
+    let mut done = response_object(&state, &ids, &call, &reply, &text);
+    done.previous_response_id = previous_id.as_deref();
+    done.store = store;
+    if store {
+        keep_response(&state, &ids, &call, &done, previous);
+    }
     if call.stream {
         return Ok(responses_stream(&state, &ids, &reply, done));
     }
     tokio::time::sleep(generation_time(&state, reply.len())).await;
     Ok(json(StatusCode::OK, &done))
+}
+
+/// Store the response with its input items, after those of the chain it continues.
+fn keep_response(
+    state: &SimState,
+    ids: &ResponseIds,
+    call: &Call,
+    done: &shapes::Response<'_>,
+    previous: Option<Previous>,
+) {
+    let output = vec![(ids.message.clone(), to_json(&done.output[0]))];
+    objects::store_response(state, &ids.id, to_json(done), previous, &call.json, output);
 }
 
 struct ResponseIds {
@@ -809,7 +860,7 @@ fn response_object<'a>(
         model: &state.config().model,
         output: vec![output_message(ids, status, vec![output_text(text)])],
         parallel_tool_calls: true,
-        previous_response_id: (),
+        previous_response_id: None,
         reasoning: shapes::Reasoning {
             effort: (),
             summary: (),
@@ -995,10 +1046,10 @@ fn sse_data(value: &impl Serialize) -> BytesMut {
 
 // ---- errors and helpers ----
 
-const APPLICATION_JSON: &str = "application/json";
+pub(crate) const APPLICATION_JSON: &str = "application/json";
 const EVENT_STREAM: &str = "text/event-stream; charset=utf-8";
 
-fn to_json(value: &impl Serialize) -> Bytes {
+pub(crate) fn to_json(value: &impl Serialize) -> Bytes {
     // Serializing these plain structs (no maps with non-string keys, no failing impls) cannot
     // fail.
     serde_json::to_vec(value)
@@ -1006,11 +1057,11 @@ fn to_json(value: &impl Serialize) -> Bytes {
         .unwrap_or_default()
 }
 
-fn json(status: StatusCode, value: &impl Serialize) -> Response {
+pub(crate) fn json(status: StatusCode, value: &impl Serialize) -> Response {
     (status, [(CONTENT_TYPE, APPLICATION_JSON)], to_json(value)).into_response()
 }
 
-fn azure_error(status: StatusCode, code: &str, message: &str) -> Response {
+pub(crate) fn azure_error(status: StatusCode, code: &str, message: &str) -> Response {
     json(
         status,
         &shapes::ErrorBody {

@@ -306,7 +306,7 @@ pub(crate) struct Response<'a> {
     pub(crate) model: &'a str,
     pub(crate) output: Vec<OutputMessage<'a>>,
     pub(crate) parallel_tool_calls: bool,
-    pub(crate) previous_response_id: (),
+    pub(crate) previous_response_id: Option<&'a str>,
     pub(crate) reasoning: Reasoning,
     pub(crate) store: bool,
     pub(crate) temperature: f32,

@@ -11,6 +11,7 @@ use http::{HeaderMap, Method};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+use crate::objects::{ObjectKind, Objects};
 use crate::realtime::Sessions;
 use crate::{Fault, SimConfig};
 
@@ -62,6 +63,7 @@ struct Inner {
     held: AtomicBool,
     released: Semaphore,
     window: Mutex<Window>,
+    objects: Mutex<Objects>,
 }
 
 /// Tokens and requests accepted in the current fixed 60 s window.
@@ -101,6 +103,7 @@ impl SimState {
                     tokens: 0,
                     requests: 0,
                 }),
+                objects: Mutex::new(Objects::default()),
             }),
         }
     }
@@ -166,6 +169,20 @@ impl SimState {
     /// waits is kept for the next one.
     pub fn release_chunk(&self) {
         self.inner.released.add_permits(1);
+    }
+
+    /// How many objects of `kind` requests created on this instance: stored responses, uploaded
+    /// files, batches, threads, messages and runs. Deleted objects still count; objects the
+    /// instance makes itself (a batch's output file, a run's reply message) do not.
+    ///
+    /// A proxy that retries a creating request must leave exactly one object behind.
+    pub fn object_count(&self, kind: ObjectKind) -> usize {
+        self.objects().created(kind)
+    }
+
+    /// The objects this instance holds (see [`crate::objects`]).
+    pub(crate) fn objects(&self) -> MutexGuard<'_, Objects> {
+        lock(&self.inner.objects)
     }
 
     /// Count a request, and keep it when recording is on.
