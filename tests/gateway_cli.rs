@@ -1946,3 +1946,83 @@ async fn priority_and_weight_flags_set_a_backends_tier_and_share() {
     let line = refused(&["--backend", &a, "--priority", "a=0"], &[]).await;
     assert!(line.contains("priority"), "{line}");
 }
+
+/// A WebSocket instance that echoes every data frame; returns its URL.
+async fn websocket_echo_instance() -> String {
+    use futures_util::{SinkExt, StreamExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut session) = tokio_tungstenite::accept_async(socket).await else {
+                    return;
+                };
+                while let Some(Ok(message)) = session.next().await {
+                    if (message.is_text() || message.is_binary())
+                        && session.send(message).await.is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    url
+}
+
+/// A Realtime session through the example: the admin route counts it while it is open; on
+/// SIGTERM it goes on for the grace period (`--shutdown-grace 1`), then the caller's session is
+/// closed with 1001 and the process exits.
+#[tokio::test]
+async fn sigterm_closes_a_realtime_session_with_1001_after_the_grace_period() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let instance = websocket_echo_instance().await;
+    let (mut gateway, _, base) =
+        Gateway::over_urls(&[format!("rt={instance}")], &["--shutdown-grace", "1"]);
+    assert_eq!(gateway.ready(&base, None).await["realtime_sessions"], 0);
+
+    let url = format!(
+        "{}/openai/realtime?api-version=2025-04-01-preview&deployment=gpt-4o-realtime",
+        base.replace("http://", "ws://")
+    );
+    let (mut session, response) =
+        tokio::time::timeout(BOUND, tokio_tungstenite::connect_async(url))
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(response.status(), 101);
+    let echo = async |session: &mut tokio_tungstenite::WebSocketStream<_>, text: &str| {
+        session.send(Message::text(text)).await.unwrap();
+        let echoed = tokio::time::timeout(BOUND, session.next()).await.unwrap();
+        assert_eq!(echoed.unwrap().unwrap(), Message::text(text));
+    };
+    echo(&mut session, "hello").await;
+    let admin = gateway.ready(&base, None).await;
+    assert_eq!(admin["realtime_sessions"], 1, "{admin}");
+
+    let terminated = Command::new("kill")
+        .args(["-TERM", &gateway.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(terminated.success());
+    let signalled = Instant::now();
+    // Within the grace period the session goes on.
+    echo(&mut session, "still here").await;
+    let mut close = None;
+    while let Some(Ok(message)) = tokio::time::timeout(BOUND, session.next()).await.unwrap() {
+        if let Message::Close(frame) = message {
+            close = frame.map(|f| (u16::from(f.code), f.reason.to_string()));
+        }
+    }
+    assert_eq!(close, Some((1001, "gateway shutting down".to_owned())));
+    assert!(
+        signalled.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        signalled.elapsed()
+    );
+    let status = gateway.exit().await;
+    assert!(status.success(), "{status}; stderr: {}", gateway.stderr());
+}

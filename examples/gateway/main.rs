@@ -9,7 +9,8 @@
 //! ```
 //!
 //! Callers use the gateway as if it were one Azure OpenAI endpoint: `/openai/...` maps 1:1 onto
-//! each backend's `/openai/...`. `GET /admin/backends` shows each backend's health as JSON.
+//! each backend's `/openai/...`. `GET /admin/backends` shows each backend's health, and the
+//! Realtime sessions open, as JSON.
 
 mod reload;
 mod serve;
@@ -21,7 +22,7 @@ use aoai_tower::auth::AzureAuthLayer;
 use aoai_tower::balance::BackendState;
 use aoai_tower::upstream::UpstreamClient;
 use aoai_tower::usage::TokenLimiter;
-use aoai_tower::{Gateway, GatewayMetrics, RequireClientKeyLayer};
+use aoai_tower::{Gateway, GatewayMetrics, RequireClientKeyLayer, Sessions};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
@@ -115,7 +116,9 @@ async fn run(mut settings: Settings) -> Result<(), String> {
     let kept = Kept {
         metrics: GatewayMetrics::new(&mut registry),
         limiter: TokenLimiter::new(),
+        sessions: Sessions::new(),
     };
+    let sessions = kept.sessions.clone();
     let registry = Arc::new(registry);
     let gateway = Reloadable::new(build_gateway(&settings, &kept)?);
     if settings.config.is_some() {
@@ -135,8 +138,11 @@ async fn run(mut settings: Settings) -> Result<(), String> {
         .route(
             "/admin/backends",
             get(move || {
-                let health = admin.current().health().clone();
-                async move { Json(backends_json(&health)) }
+                let gateway = admin.current();
+                let mut json = backends_json(gateway.health());
+                // Those of every gateway a reload replaced, too: they share one handle.
+                json["realtime_sessions"] = gateway.sessions().count().into();
+                async move { Json(json) }
             }),
         )
         .route("/metrics", get(move || metrics_text(registry.clone())))
@@ -162,8 +168,18 @@ async fn run(mut settings: Settings) -> Result<(), String> {
              -H 'content-type: application/json' -d '{{\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'"
         );
     }
-    // On SIGTERM or Ctrl-C: stop accepting, let requests in flight finish.
-    serve::serve(listener, app, settings.timeouts, shutdown_signal()).await;
+    // On SIGTERM or Ctrl-C: stop accepting, let requests in flight finish, and Realtime
+    // sessions for up to the grace period.
+    let grace = settings.sessions.shutdown_grace;
+    serve::serve(
+        listener,
+        app,
+        settings.timeouts,
+        shutdown_signal(),
+        &sessions,
+        grace,
+    )
+    .await;
     for sim in emulators {
         sim.shutdown().await;
     }
@@ -176,6 +192,9 @@ async fn run(mut settings: Settings) -> Result<(), String> {
 struct Kept {
     metrics: GatewayMetrics,
     limiter: TokenLimiter,
+    /// The Realtime sessions, so that those still on a replaced gateway are counted and closed
+    /// at shutdown.
+    sessions: Sessions,
 }
 
 fn build_gateway(settings: &Settings, kept: &Kept) -> Result<Gateway, String> {
@@ -214,7 +233,14 @@ fn build_gateway(settings: &Settings, kept: &Kept) -> Result<Gateway, String> {
         .served_by_header(settings.served_by_header)
         .include_usage(settings.include_usage)
         .metrics(kept.metrics.clone())
-        .token_limiter(kept.limiter.clone());
+        .token_limiter(kept.limiter.clone())
+        .sessions(kept.sessions.clone());
+    if let Some(limit) = settings.sessions.idle_limit {
+        builder = builder.session_idle_limit(limit);
+    }
+    if let Some(lifetime) = settings.sessions.lifetime {
+        builder = builder.session_lifetime(lifetime);
+    }
     if let Some(attempts) = settings.max_attempts {
         builder = builder.max_attempts(attempts);
     }

@@ -1,10 +1,12 @@
 //! Serving callers with hyper-util's auto server (HTTP/1.1 and h2c on one port), graceful
-//! shutdown, and the caller-side limits: hyper's header read timeout, tower-http's request body
-//! timeout, and a write timeout on the socket (tokio-io-timeout).
+//! shutdown (Realtime sessions included), and the caller-side limits: hyper's header read
+//! timeout, tower-http's request body timeout, and a write timeout on the socket
+//! (tokio-io-timeout).
 
 use std::future::Future;
 use std::time::Duration;
 
+use aoai_tower::Sessions;
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -30,12 +32,15 @@ pub(crate) struct Timeouts {
 }
 
 /// Serves `app` on `listener` until `shutdown` completes, then stops accepting and waits for the
-/// requests in flight (streams included) to finish.
+/// requests in flight (streams included) to finish, and meanwhile for the Realtime `sessions`
+/// to end, for up to `grace`: those still open then are closed with 1001.
 pub(crate) async fn serve(
     listener: TcpListener,
     app: Router,
     timeouts: Timeouts,
     shutdown: impl Future<Output = ()>,
+    sessions: &Sessions,
+    grace: Duration,
 ) {
     let app = ServiceBuilder::new()
         .layer(RequestBodyTimeoutLayer::new(timeouts.body))
@@ -83,7 +88,23 @@ pub(crate) async fn serve(
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    // hyper's graceful shutdown lets a connection go once it is upgraded: it does not wait for
+    // the sessions, which would be cut without a close frame when the runtime stops.
+    let open = sessions.count();
+    if open > 0 {
+        tracing::info!(
+            sessions = open,
+            ?grace,
+            "waiting for Realtime sessions to end"
+        );
+    }
+    let ((), closed) = tokio::join!(graceful.shutdown(), sessions.close_all(grace));
+    if closed > 0 {
+        tracing::info!(
+            sessions = closed,
+            "closed Realtime sessions still open after the grace period"
+        );
+    }
 }
 
 /// The auto server reads a caller's first bytes, to tell HTTP/1.1 from HTTP/2, before hyper's

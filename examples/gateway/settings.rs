@@ -15,6 +15,16 @@ use crate::serve::Timeouts;
 /// The caller-side timeouts' default, each: a minute, as nginx's.
 const DEFAULT_CALLER_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long a Realtime session may go without a frame either way, by default: 5 minutes, long
+/// enough for a person to think or type between turns.
+const DEFAULT_SESSION_IDLE_LIMIT: Duration = Duration::from_secs(300);
+/// How long a Realtime session may last, by default: Azure ends its sessions after 30 minutes
+/// (its documented maximum) itself, with its own events; the gateway ends, a minute later, only
+/// those it did not.
+const DEFAULT_SESSION_LIFETIME: Duration = Duration::from_secs(31 * 60);
+/// How long the Realtime sessions open at shutdown may go on, by default.
+const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
 /// Command-line flags. Every flag overrides the same setting from `--config`.
 #[derive(Debug, Parser)]
 #[command(
@@ -86,6 +96,18 @@ pub(crate) struct Flags {
     /// socket); then the connection is closed and the backend's stream dropped [default: 60].
     #[arg(long, value_name = "SECS")]
     send_timeout: Option<u64>,
+    /// Seconds a Realtime (WebSocket) session may go without a frame either way; then both
+    /// sides are closed with 1001. 0: no limit [default: 300].
+    #[arg(long, value_name = "SECS")]
+    session_idle_limit: Option<u64>,
+    /// Seconds a Realtime session may last; then both sides are closed with 1001. 0: no limit
+    /// [default: 1860, a minute past Azure's own 30-minute limit].
+    #[arg(long, value_name = "SECS")]
+    session_lifetime: Option<u64>,
+    /// Seconds the Realtime sessions still open at shutdown (SIGTERM, Ctrl-C) may go on; then
+    /// both sides of each are closed with 1001 [default: 30].
+    #[arg(long, value_name = "SECS")]
+    shutdown_grace: Option<u64>,
     /// Worker threads of the runtime [default: one per core].
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
@@ -112,6 +134,9 @@ struct File {
     head_timeout_secs: Option<u64>,
     body_timeout_secs: Option<u64>,
     send_timeout_secs: Option<u64>,
+    session_idle_limit_secs: Option<u64>,
+    session_lifetime_secs: Option<u64>,
+    shutdown_grace_secs: Option<u64>,
     workers: Option<usize>,
     ca_file: Option<PathBuf>,
     #[serde(default)]
@@ -188,6 +213,26 @@ impl AuthMode {
     }
 }
 
+/// The Realtime (WebSocket) sessions' settings.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SessionSettings {
+    /// How long a session may go without a frame either way; `None`: no limit.
+    pub(crate) idle_limit: Option<Duration>,
+    /// How long a session may last; `None`: no limit.
+    pub(crate) lifetime: Option<Duration>,
+    /// How long the sessions open at shutdown may go on before they are closed.
+    pub(crate) shutdown_grace: Duration,
+}
+
+/// A session limit of `secs` seconds, 0 for none, or `default` when none is given.
+fn session_limit(secs: Option<u64>, default: Duration) -> Option<Duration> {
+    match secs {
+        Some(0) => None,
+        Some(secs) => Some(Duration::from_secs(secs)),
+        None => Some(default),
+    }
+}
+
 /// One backend: a name and its endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Backend {
@@ -244,6 +289,8 @@ pub(crate) struct Settings {
     pub(crate) include_usage: bool,
     /// How long a caller's connection may wait on its caller.
     pub(crate) timeouts: Timeouts,
+    /// The Realtime sessions' limits, and their grace period at shutdown.
+    pub(crate) sessions: SessionSettings,
     /// Worker threads; `None`: one per core.
     pub(crate) workers: Option<usize>,
     /// CA certificates to trust besides the platform's.
@@ -331,6 +378,20 @@ impl Settings {
                 DEFAULT_CALLER_TIMEOUT,
             )?,
         };
+        let sessions = SessionSettings {
+            idle_limit: session_limit(
+                flags.session_idle_limit.or(file.session_idle_limit_secs),
+                DEFAULT_SESSION_IDLE_LIMIT,
+            ),
+            lifetime: session_limit(
+                flags.session_lifetime.or(file.session_lifetime_secs),
+                DEFAULT_SESSION_LIFETIME,
+            ),
+            shutdown_grace: flags
+                .shutdown_grace
+                .or(file.shutdown_grace_secs)
+                .map_or(DEFAULT_SHUTDOWN_GRACE, Duration::from_secs),
+        };
         let workers = flags.workers.or(file.workers);
         if workers == Some(0) {
             return Err("workers must be at least 1".to_owned());
@@ -361,6 +422,7 @@ impl Settings {
             served_by_header: !flags.no_served_by_header && file.served_by_header.unwrap_or(true),
             include_usage: !flags.no_include_usage && file.include_usage.unwrap_or(true),
             timeouts,
+            sessions,
             workers,
             ca_file: flags.ca_file.or(file.ca_file),
             config: flags.config,
@@ -385,6 +447,7 @@ impl fmt::Debug for Settings {
             served_by_header,
             include_usage,
             timeouts,
+            sessions,
             workers,
             ca_file,
             config,
@@ -407,6 +470,7 @@ impl fmt::Debug for Settings {
             .field("served_by_header", served_by_header)
             .field("include_usage", include_usage)
             .field("timeouts", timeouts)
+            .field("sessions", sessions)
             .field("workers", workers)
             .field("ca_file", ca_file)
             .field("config", config)
