@@ -555,3 +555,104 @@ async fn a_handshake_refused_before_its_101_is_tried_on_the_next_instance() {
             .is_none()
     );
 }
+
+/// The next text frame of `session`, parsed as a Realtime event.
+async fn next_event(session: &mut Session) -> serde_json::Value {
+    match next(session).await {
+        Message::Text(text) => serde_json::from_str(text.as_str()).unwrap(),
+        other => panic!("expected an event, got {other:?}"),
+    }
+}
+
+/// A text conversation with the emulator's Realtime endpoint through the gateway: the first
+/// instance throttles the handshake, so the second takes it, with the gateway's key and
+/// neither of the caller's; the session speaks Azure's events both ways; the instance's close
+/// code reaches the caller, and both count the session out.
+#[tokio::test]
+async fn a_text_conversation_with_the_emulator_through_the_gateway() {
+    let sims = support::sims_with(2, |config| config.expect_api_key("the-gateways-key")).await;
+    sims[0].push_fault(aoai_sim::Fault::Throttle {
+        retry_after_secs: Some(10),
+        retry_after_ms: None,
+    });
+    let auth = AzureAuthLayer::from_api_key("the-gateways-key").unwrap();
+    let gateway = Gateway::builder()
+        .backend_with_auth("a", sims[0].url(), auth.clone())
+        .backend_with_auth("b", sims[1].url(), auth)
+        .build()
+        .unwrap();
+    let base = serve_gateway(gateway.clone()).await;
+    let url = format!(
+        "{}{REALTIME}&api-key=the-callers-query-key",
+        base.replace("http://", "ws://")
+    );
+    let mut request = url.into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("api-key", "the-callers-header-key".parse().unwrap());
+    let (mut session, response) = connect_with(request).await;
+    assert_eq!(response.headers()["x-served-by"], "b");
+
+    let created = next_event(&mut session).await;
+    assert_eq!(created["type"], "session.created", "{created}");
+    assert_eq!(created["session"]["model"], "gpt-4o-realtime");
+    let user_text = serde_json::json!({
+        "type": "conversation.item.create",
+        "item": {
+            "type": "message",
+            "role": "user",
+            "content": [{ "type": "input_text", "text": "Say hello" }],
+        },
+    });
+    session
+        .send(Message::text(user_text.to_string()))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_event(&mut session).await["type"],
+        "conversation.item.created"
+    );
+    let create =
+        serde_json::json!({ "type": "response.create", "response": { "modalities": ["text"] } });
+    session
+        .send(Message::text(create.to_string()))
+        .await
+        .unwrap();
+    let mut text = String::new();
+    loop {
+        let event = next_event(&mut session).await;
+        match event["type"].as_str().unwrap() {
+            "response.text.delta" => text.push_str(event["delta"].as_str().unwrap()),
+            "response.done" => {
+                assert_eq!(event["response"]["status"], "completed", "{event}");
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert!(text.starts_with("Hello from b"), "{text}");
+    assert_eq!(sims[1].realtime_sessions(), 1);
+    assert_eq!(gateway.sessions().count(), 1);
+
+    let close = serde_json::json!({ "type": "sim.close", "code": 4001, "reason": "that is all" });
+    session
+        .send(Message::text(close.to_string()))
+        .await
+        .unwrap();
+    assert_eq!(
+        close_received(&mut session).await,
+        Some((4001, "that is all".to_owned()))
+    );
+    eventually("both count the session out", || {
+        sims[1].realtime_sessions() == 0 && gateway.sessions().count() == 0
+    })
+    .await;
+
+    let handshakes: Vec<_> = sims.iter().flat_map(|sim| sim.requests()).collect();
+    assert_eq!(handshakes.len(), 2, "one refused, one taken");
+    for handshake in &handshakes {
+        assert_eq!(handshake.header("api-key"), Some("the-gateways-key"));
+        let everything = format!("{:?} {:?}", handshake.query, handshake.headers);
+        assert!(!everything.contains("the-callers"), "{everything}");
+    }
+}
