@@ -15,6 +15,9 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
+#[cfg(feature = "otlp")]
+mod otel;
+
 /// `gen_ai.provider.name` for every instance: Azure OpenAI.
 const PROVIDER: &str = "azure.ai.openai";
 
@@ -55,9 +58,14 @@ const FIRST_TOKEN_BUCKETS: [f64; 16] = [
 /// embeddings (`embeddings`); `aoai_gateway_requests_total` counts every request.
 /// `gen_ai_request_model` is the deployment the caller asked for; a caller is its name (or
 /// empty), never its key.
+///
+/// With the `otlp` feature, [`with_meter`](Self::with_meter) records the same requests into
+/// OpenTelemetry instruments as well, for an OTLP exporter.
 #[derive(Clone)]
 pub struct GatewayMetrics {
     inner: Arc<Instruments>,
+    #[cfg(feature = "otlp")]
+    otel: Option<Arc<otel::Instruments>>,
 }
 
 struct Instruments {
@@ -168,7 +176,45 @@ impl GatewayMetrics {
         registry.register_collector(Box::new(instruments.health.clone()));
         Self {
             inner: Arc::new(instruments),
+            #[cfg(feature = "otlp")]
+            otel: None,
         }
+    }
+
+    /// Records into OpenTelemetry instruments created from `meter` as well as into the
+    /// Prometheus registry: give it the meter of an `SdkMeterProvider` whose reader exports
+    /// over OTLP. Call it before handing out clones (they keep what they were) and before the
+    /// gateway serves (`aoai_gateway.streams_in_flight` counts from zero).
+    ///
+    /// The instruments carry OpenTelemetry's own names, units and attribute keys; the
+    /// Prometheus names above are their translation:
+    ///
+    /// | instrument | kind | unit | attributes |
+    /// | --- | --- | --- | --- |
+    /// | `gen_ai.client.token.usage` | histogram | `{token}` | `gen_ai.operation.name`, `gen_ai.provider.name`, `gen_ai.token.type`, `gen_ai.request.model`, `gen_ai.response.model` |
+    /// | `gen_ai.client.operation.duration` | histogram | `s` | `gen_ai.operation.name`, `gen_ai.provider.name`, `gen_ai.request.model`, `gen_ai.response.model`, `error.type` |
+    /// | `gen_ai.server.time_to_first_token` | histogram (streams) | `s` | as the duration, without `error.type` |
+    /// | `aoai_gateway.requests` | counter | `{request}` | `aoai.instance`, `aoai.deployment`, `aoai.caller`, `http.response.status_code` |
+    /// | `aoai_gateway.tokens` | counter | `{token}` | `aoai.instance`, `aoai.deployment`, `aoai.caller`, `gen_ai.token.type` |
+    /// | `aoai_gateway.streams_in_flight` | up-down counter | `{stream}` | |
+    ///
+    /// The histograms advise the bucket boundaries of the GenAI conventions, as the Prometheus
+    /// ones use. An attribute whose Prometheus label would be empty is left out; `error.type`
+    /// is the status code, as a string. The per-backend counters read from the balancer's
+    /// health (`aoai_gateway_attempts_total`, `_retries_total`, `_cooldowns_total`,
+    /// `_backend_available`) stay Prometheus-only.
+    #[cfg(feature = "otlp")]
+    pub fn with_meter(mut self, meter: &opentelemetry::metrics::Meter) -> Self {
+        self.otel = Some(Arc::new(otel::Instruments::new(meter)));
+        self
+    }
+
+    /// The Prometheus families, then the OpenTelemetry instruments if there are some.
+    fn sinks(&self) -> impl Iterator<Item = &dyn Sink> {
+        let sinks = std::iter::once(&*self.inner as &dyn Sink);
+        #[cfg(feature = "otlp")]
+        let sinks = sinks.chain(self.otel.as_deref().map(|otel| otel as &dyn Sink));
+        sinks
     }
 
     /// Reports the backends of `health` from now on (a gateway built with these metrics does
@@ -183,87 +229,118 @@ impl GatewayMetrics {
     }
 
     pub(crate) fn stream_started(&self) {
-        self.inner.streams_in_flight.inc();
+        self.sinks().for_each(|sink| sink.streams_in_flight(1));
     }
 
     pub(crate) fn stream_ended(&self) {
-        self.inner.streams_in_flight.dec();
+        self.sinks().for_each(|sink| sink.streams_in_flight(-1));
     }
 
     /// Records one finished request.
     pub(crate) fn record(&self, finished: Finished) {
-        let metrics = &self.inner;
-        metrics
-            .requests
-            .get_or_create(&RequestLabels {
-                instance: finished.instance.clone(),
-                deployment: finished.deployment.clone(),
-                caller: finished.caller.clone(),
-                status: finished.status,
-            })
-            .inc();
-        if let Some(usage) = finished.usage {
-            for (token_type, count) in [
-                ("input", usage.input_tokens),
-                ("output", usage.output_tokens),
-            ] {
-                metrics
-                    .tokens
-                    .get_or_create(&TokenLabels {
-                        instance: finished.instance.clone(),
-                        deployment: finished.deployment.clone(),
-                        caller: finished.caller.clone(),
-                        gen_ai_token_type: token_type,
-                    })
-                    .inc_by(count);
-            }
-        }
-        let Some(operation) = finished.operation else {
-            return;
+        self.sinks().for_each(|sink| record(sink, &finished));
+    }
+}
+
+/// What one finished request adds to a sink: the label sets are built here, for both.
+fn record(sink: &dyn Sink, finished: &Finished) {
+    sink.request(&RequestLabels {
+        instance: finished.instance.clone(),
+        deployment: finished.deployment.clone(),
+        caller: finished.caller.clone(),
+        status: finished.status,
+    });
+    let tokens = finished.usage.map(|usage| {
+        [
+            ("input", usage.input_tokens),
+            ("output", usage.output_tokens),
+        ]
+    });
+    for (token_type, count) in tokens.into_iter().flatten() {
+        let labels = TokenLabels {
+            instance: finished.instance.clone(),
+            deployment: finished.deployment.clone(),
+            caller: finished.caller.clone(),
+            gen_ai_token_type: token_type,
         };
-        if let Some(usage) = finished.usage {
-            for (token_type, count) in [
-                ("input", usage.input_tokens),
-                ("output", usage.output_tokens),
-            ] {
-                metrics
-                    .token_usage
-                    .get_or_create(&TokenUsageLabels {
-                        gen_ai_operation_name: operation,
-                        gen_ai_provider_name: PROVIDER,
-                        gen_ai_token_type: token_type,
-                        gen_ai_request_model: finished.deployment.clone(),
-                        gen_ai_response_model: finished.response_model.clone(),
-                    })
-                    .observe(count as f64);
-            }
-        }
-        let mut labels = OperationLabels {
+        sink.tokens(&labels, count);
+    }
+    let Some(operation) = finished.operation else {
+        return;
+    };
+    for (token_type, count) in tokens.into_iter().flatten() {
+        let labels = TokenUsageLabels {
             gen_ai_operation_name: operation,
             gen_ai_provider_name: PROVIDER,
-            gen_ai_request_model: finished.deployment,
-            gen_ai_response_model: finished.response_model,
-            error_type: (finished.status >= 400).then_some(finished.status),
+            gen_ai_token_type: token_type,
+            gen_ai_request_model: finished.deployment.clone(),
+            gen_ai_response_model: finished.response_model.clone(),
         };
-        metrics
-            .operation_duration
-            .get_or_create(&labels)
-            .observe(finished.duration.as_secs_f64());
-        if let Some(first) = finished.time_to_first_token {
-            labels.error_type = None;
-            metrics
-                .time_to_first_token
-                .get_or_create(&labels)
-                .observe(first.as_secs_f64());
-        }
+        sink.token_usage(&labels, count);
+    }
+    let mut labels = OperationLabels {
+        gen_ai_operation_name: operation,
+        gen_ai_provider_name: PROVIDER,
+        gen_ai_request_model: finished.deployment.clone(),
+        gen_ai_response_model: finished.response_model.clone(),
+        error_type: (finished.status >= 400).then_some(finished.status),
+    };
+    sink.operation_duration(&labels, finished.duration.as_secs_f64());
+    if let Some(first) = finished.time_to_first_token {
+        labels.error_type = None;
+        sink.time_to_first_token(&labels, first.as_secs_f64());
+    }
+}
+
+/// Where [`record`] puts what a request showed: the Prometheus families, and the
+/// OpenTelemetry instruments of [`GatewayMetrics::with_meter`], each spelling the labels its
+/// own way.
+trait Sink {
+    fn request(&self, labels: &RequestLabels);
+    fn tokens(&self, labels: &TokenLabels, count: u64);
+    fn token_usage(&self, labels: &TokenUsageLabels, count: u64);
+    fn operation_duration(&self, labels: &OperationLabels, seconds: f64);
+    fn time_to_first_token(&self, labels: &OperationLabels, seconds: f64);
+    fn streams_in_flight(&self, delta: i64);
+}
+
+impl Sink for Instruments {
+    fn request(&self, labels: &RequestLabels) {
+        self.requests.get_or_create(labels).inc();
+    }
+
+    fn tokens(&self, labels: &TokenLabels, count: u64) {
+        self.tokens.get_or_create(labels).inc_by(count);
+    }
+
+    fn token_usage(&self, labels: &TokenUsageLabels, count: u64) {
+        self.token_usage.get_or_create(labels).observe(count as f64);
+    }
+
+    fn operation_duration(&self, labels: &OperationLabels, seconds: f64) {
+        self.operation_duration
+            .get_or_create(labels)
+            .observe(seconds);
+    }
+
+    fn time_to_first_token(&self, labels: &OperationLabels, seconds: f64) {
+        self.time_to_first_token
+            .get_or_create(labels)
+            .observe(seconds);
+    }
+
+    fn streams_in_flight(&self, delta: i64) {
+        self.streams_in_flight.inc_by(delta);
     }
 }
 
 impl fmt::Debug for GatewayMetrics {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("GatewayMetrics")
-            .field("streams_in_flight", &self.inner.streams_in_flight.get())
-            .finish_non_exhaustive()
+        let mut f = f.debug_struct("GatewayMetrics");
+        f.field("streams_in_flight", &self.inner.streams_in_flight.get());
+        #[cfg(feature = "otlp")]
+        f.field("otel", &self.otel.is_some());
+        f.finish_non_exhaustive()
     }
 }
 

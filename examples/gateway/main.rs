@@ -12,6 +12,8 @@
 //! each backend's `/openai/...`. `GET /admin/backends` shows each backend's health, and the
 //! Realtime sessions open, as JSON.
 
+#[cfg(feature = "otlp")]
+mod otlp;
 mod reload;
 mod serve;
 mod settings;
@@ -113,8 +115,20 @@ async fn run(mut settings: Settings) -> Result<(), String> {
 
     // Kept across reloads: the counters, and what each caller has used this minute.
     let mut registry = Registry::default();
+    let metrics = GatewayMetrics::new(&mut registry);
+    // Pushed over OTLP as well when asked (read at start, as the listen address).
+    #[cfg(feature = "otlp")]
+    let (metrics, meter_provider) = match &settings.otlp {
+        Some(otlp) => {
+            let provider = otlp::meter_provider(otlp)?;
+            let meter = opentelemetry::metrics::MeterProvider::meter(&provider, "aoai-tower");
+            tracing::info!(endpoint = %otlp.endpoint, interval = ?otlp.interval, "exporting metrics over OTLP");
+            (metrics.with_meter(&meter), Some(provider))
+        }
+        None => (metrics, None),
+    };
     let kept = Kept {
-        metrics: GatewayMetrics::new(&mut registry),
+        metrics,
         limiter: TokenLimiter::new(),
         sessions: Sessions::new(),
     };
@@ -180,6 +194,10 @@ async fn run(mut settings: Settings) -> Result<(), String> {
         grace,
     )
     .await;
+    #[cfg(feature = "otlp")]
+    if let Some(provider) = meter_provider {
+        otlp::shutdown(provider).await;
+    }
     for sim in emulators {
         sim.shutdown().await;
     }

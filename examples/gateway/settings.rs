@@ -115,6 +115,15 @@ pub(crate) struct Flags {
     /// private CA or a TLS-inspecting proxy.
     #[arg(long, value_name = "PATH")]
     ca_file: Option<PathBuf>,
+    /// Push the metrics over OTLP (HTTP/protobuf, plain http) to this URL as well, e.g. a
+    /// local collector's http://127.0.0.1:4318/v1/metrics.
+    #[cfg(feature = "otlp")]
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
+    /// Seconds between OTLP exports [default: 60].
+    #[cfg(feature = "otlp")]
+    #[arg(long, value_name = "SECS")]
+    otlp_interval: Option<u64>,
 }
 
 /// The settings file; every field is optional.
@@ -139,6 +148,9 @@ struct File {
     shutdown_grace_secs: Option<u64>,
     workers: Option<usize>,
     ca_file: Option<PathBuf>,
+    /// Read without the `otlp` feature too, to say that it needs the feature.
+    otlp_endpoint: Option<String>,
+    otlp_interval_secs: Option<u64>,
     #[serde(default)]
     backends: Vec<FileBackend>,
     #[serde(default)]
@@ -297,6 +309,18 @@ pub(crate) struct Settings {
     pub(crate) ca_file: Option<PathBuf>,
     /// The configuration file, read again on `SIGHUP`.
     pub(crate) config: Option<PathBuf>,
+    /// Where to push the metrics over OTLP, and how often.
+    #[cfg(feature = "otlp")]
+    pub(crate) otlp: Option<Otlp>,
+}
+
+/// The OTLP exporter's settings.
+#[cfg(feature = "otlp")]
+#[derive(Debug, Clone)]
+pub(crate) struct Otlp {
+    /// An http URL, used as it is (the collector's `/v1/metrics` included).
+    pub(crate) endpoint: String,
+    pub(crate) interval: Duration,
 }
 
 impl Settings {
@@ -396,6 +420,19 @@ impl Settings {
         if workers == Some(0) {
             return Err("workers must be at least 1".to_owned());
         }
+        #[cfg(feature = "otlp")]
+        let otlp = otlp_from(
+            flags.otlp_endpoint.or(file.otlp_endpoint),
+            flags.otlp_interval.or(file.otlp_interval_secs),
+        )?;
+        #[cfg(not(feature = "otlp"))]
+        if file.otlp_endpoint.is_some() || file.otlp_interval_secs.is_some() {
+            return Err(
+                "otlp_endpoint and otlp_interval_secs need a gateway built with \
+                        `--features otlp`"
+                    .to_owned(),
+            );
+        }
         Ok(Self {
             listen: flags
                 .listen
@@ -426,6 +463,8 @@ impl Settings {
             workers,
             ca_file: flags.ca_file.or(file.ca_file),
             config: flags.config,
+            #[cfg(feature = "otlp")]
+            otlp,
         })
     }
 }
@@ -451,13 +490,15 @@ impl fmt::Debug for Settings {
             workers,
             ca_file,
             config,
+            #[cfg(feature = "otlp")]
+            otlp,
         } = self;
         let clients: Vec<(&str, CallerLimits)> = clients
             .iter()
             .map(|(caller, _key)| (caller.name(), caller.limits()))
             .collect();
-        f.debug_struct("Settings")
-            .field("listen", listen)
+        let mut f = f.debug_struct("Settings");
+        f.field("listen", listen)
             .field("backends", backends)
             .field("auth", auth)
             .field("client_keys_env", client_keys_env)
@@ -473,8 +514,10 @@ impl fmt::Debug for Settings {
             .field("sessions", sessions)
             .field("workers", workers)
             .field("ca_file", ca_file)
-            .field("config", config)
-            .finish()
+            .field("config", config);
+        #[cfg(feature = "otlp")]
+        f.field("otlp", otlp);
+        f.finish()
     }
 }
 
@@ -575,6 +618,33 @@ fn clients_from(
         .into_iter()
         .map(|(caller, key, _var)| (caller, key))
         .collect())
+}
+
+/// The OTLP settings: none without an endpoint; an interval needs one.
+#[cfg(feature = "otlp")]
+fn otlp_from(endpoint: Option<String>, interval: Option<u64>) -> Result<Option<Otlp>, String> {
+    let Some(endpoint) = endpoint else {
+        return match interval {
+            Some(_) => Err("the OTLP interval needs an OTLP endpoint".to_owned()),
+            None => Ok(None),
+        };
+    };
+    let url = url::Url::parse(&endpoint)
+        .map_err(|e| format!("invalid OTLP endpoint {endpoint:?}: {e}"))?;
+    if url.scheme() != "http" {
+        // The exporter's client is hyper's plain `HttpConnector`: a collector on this host or
+        // a sidecar, which forwards over TLS if need be.
+        return Err(format!(
+            "invalid OTLP endpoint {endpoint:?}: the exporter speaks plain http (a local \
+             collector's http://127.0.0.1:4318/v1/metrics)"
+        ));
+    }
+    let interval = match interval {
+        Some(0) => return Err("the OTLP interval must be at least 1 second".to_owned()),
+        Some(secs) => Duration::from_secs(secs),
+        None => Duration::from_secs(60),
+    };
+    Ok(Some(Otlp { endpoint, interval }))
 }
 
 /// A backend's `what` (priority or weight): at least 1, default 1.
