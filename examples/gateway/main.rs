@@ -24,7 +24,7 @@ use aoai_tower::auth::AzureAuthLayer;
 use aoai_tower::balance::BackendState;
 use aoai_tower::upstream::UpstreamClient;
 use aoai_tower::usage::TokenLimiter;
-use aoai_tower::{Gateway, GatewayMetrics, RequireClientKeyLayer, Sessions};
+use aoai_tower::{Gateway, GatewayMetrics, ObjectMap, RequireClientKeyLayer, Sessions};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
@@ -131,6 +131,7 @@ async fn run(mut settings: Settings) -> Result<(), String> {
         metrics,
         limiter: TokenLimiter::new(),
         sessions: Sessions::new(),
+        objects: ObjectMap::new(),
     };
     let sessions = kept.sessions.clone();
     let registry = Arc::new(registry);
@@ -213,6 +214,8 @@ struct Kept {
     /// The Realtime sessions, so that those still on a replaced gateway are counted and closed
     /// at shutdown.
     sessions: Sessions,
+    /// Where objects (stored responses, files, ...) were seen to live.
+    objects: ObjectMap,
 }
 
 fn build_gateway(settings: &Settings, kept: &Kept) -> Result<Gateway, String> {
@@ -252,6 +255,7 @@ fn build_gateway(settings: &Settings, kept: &Kept) -> Result<Gateway, String> {
         .include_usage(settings.include_usage)
         .metrics(kept.metrics.clone())
         .token_limiter(kept.limiter.clone())
+        .objects(kept.objects.clone())
         .sessions(kept.sessions.clone());
     if let Some(limit) = settings.sessions.idle_limit {
         builder = builder.session_idle_limit(limit);
