@@ -163,18 +163,22 @@ fn last_segment(path: &str) -> Option<&str> {
 /// `/threads/{id}/runs`, ...) and its JSON body (`previous_response_id`, `file_id`, ...).
 fn object_refs(path: &str, body: &[u8]) -> Vec<Box<str>> {
     let mut refs = Vec::new();
+    let mut in_collection = false;
     let mut segments = path.split('/').filter(|s| !s.is_empty());
     while let Some(segment) = segments.next() {
-        if COLLECTIONS.iter().any(|&(name, _)| name == segment)
-            && let Some(id) = segments.next()
-        {
-            refs.push(id.into());
-            break;
+        if COLLECTIONS.iter().any(|&(name, _)| name == segment) {
+            in_collection = true;
+            if let Some(id) = segments.next() {
+                refs.push(id.into());
+                break;
+            }
         }
     }
-    // Only a body that can name one is parsed.
+    // Only a body that can name one is parsed: of a request to one of the collections (not a
+    // chat completion, whose `tool_call_id`s would match), holding a field that names one.
     let names_one = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
-    if !body.is_empty()
+    if in_collection
+        && !body.is_empty()
         && (names_one(b"_id") || names_one(b"\"conversation\""))
         && let Ok(json) = serde_json::from_slice::<Value>(body)
     {
