@@ -29,13 +29,16 @@ const CLOSING_TIMEOUT: Duration = Duration::from_secs(5);
 /// this is also what one session can make the gateway hold per direction.
 const MAX_MESSAGE: usize = 64 << 20;
 
-/// What each side's WebSocket buffers: 16 KiB to read into (tungstenite allocates it at once,
-/// 128 KiB by default: 256 KiB per idle session), and writes gathered up to 16 KiB between
-/// flushes (the relay flushes whenever the other side has nothing more for now). A larger
-/// message grows the read buffer for as long as it takes.
+/// What each side's WebSocket buffers: 8 KiB to read into, and writes gathered up to 16 KiB
+/// between flushes (the relay flushes whenever the other side has nothing more for now). A
+/// larger message grows the read buffer for as long as it takes. tungstenite allocates and
+/// fills the read buffer at once, 128 KiB by default: 256 KiB per idle session. Measured
+/// (`benches/realtime.rs`, docs/performance.md): 4 KiB, 8 KiB and 16 KiB hold 15, 23 and
+/// 38 KiB per idle session, and pass 32 KiB frames at about 0.40, 0.55 and 0.55 of a direct
+/// connection's rate.
 fn websocket_config() -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(16 << 10)
+        .read_buffer_size(8 << 10)
         .write_buffer_size(16 << 10)
         .max_message_size(Some(MAX_MESSAGE))
         .max_frame_size(Some(MAX_MESSAGE))
