@@ -60,7 +60,8 @@ type StackFuture<B, C> = <Stack<C> as Service<Request<B>>>::Future;
 /// - An HTTP/1.1 request without exactly one valid `Host` is answered 400 (hyper leaves this
 ///   check to the application), and no backend is contacted.
 /// - The caller's `Authorization` and `api-key` headers, and an `api-key` query parameter, are
-///   removed before any backend sees the request, and so are its extensions (nothing inside
+///   removed before any backend sees the request (and from a WebSocket handshake an
+///   `openai-insecure-api-key.KEY` subprotocol), and so are its extensions (nothing inside
 ///   reads them).
 /// - An upgrade (a WebSocket handshake, such as the Realtime API's) goes to one backend like any
 ///   request (without `Sec-WebSocket-Extensions`: see [`Sessions`]); when it answers

@@ -3,9 +3,9 @@
 //! handshake answered `101 Switching Protocols`): message by message for a WebSocket
 //! ([`crate::realtime`]), byte by byte for any other protocol.
 
-use http::header::{CONNECTION, HOST, SEC_WEBSOCKET_EXTENSIONS, UPGRADE};
+use http::header::{CONNECTION, HOST, SEC_WEBSOCKET_EXTENSIONS, SEC_WEBSOCKET_PROTOCOL, UPGRADE};
 use http::uri::Authority;
-use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
@@ -64,13 +64,42 @@ pub(crate) fn is_requested(headers: &HeaderMap) -> bool {
             .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
 }
 
-/// Readies an upgrade request for the instance: no `Sec-WebSocket-Extensions`. The relay reads
-/// and writes each message (it must, to close a session with a code of its own), and
-/// tungstenite reads no extension: were the caller and the instance to agree on one
-/// (`permessage-deflate`, which browsers offer), their frames would be compressed with it and
-/// the relay could not read them. Without the offer, the session is uncompressed end to end.
+/// The subprotocol in which OpenAI's browser clients send the caller's key
+/// (`openai-insecure-api-key.KEY`), as a browser cannot set headers on a handshake.
+const KEY_SUBPROTOCOL: &str = "openai-insecure-api-key.";
+
+/// Readies an upgrade request for the instance:
+///
+/// - No `Sec-WebSocket-Extensions`. The relay reads and writes each message (it must, to close
+///   a session with a code of its own), and tungstenite reads no extension: were the caller and
+///   the instance to agree on one (`permessage-deflate`, which browsers offer), their frames
+///   would be compressed with it and the relay could not read them. Without the offer, the
+///   session is uncompressed end to end.
+/// - No `openai-insecure-api-key.KEY` among the offered subprotocols (`Sec-WebSocket-Protocol`):
+///   that is the caller's key, which no instance may see; the others (`realtime`) stay, and the
+///   instance picks among them.
 pub(crate) fn prepare_request(headers: &mut HeaderMap) {
     headers.remove(SEC_WEBSOCKET_EXTENSIONS);
+    let offered = headers.get_all(SEC_WEBSOCKET_PROTOCOL);
+    let has_key = offered
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+        .any(|token| token.trim_ascii().starts_with(KEY_SUBPROTOCOL.as_bytes()));
+    if !has_key {
+        return;
+    }
+    let kept: Vec<&str> = offered
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .filter(|token| !token.is_empty() && !token.starts_with(KEY_SUBPROTOCOL))
+        .collect();
+    let kept = HeaderValue::from_str(&kept.join(", ")).ok();
+    headers.remove(SEC_WEBSOCKET_PROTOCOL);
+    if let Some(kept) = kept.filter(|value| !value.is_empty()) {
+        headers.insert(SEC_WEBSOCKET_PROTOCOL, kept);
+    }
 }
 
 /// Whether a `101` switched to WebSocket (its `Upgrade` field says `websocket`).
@@ -152,6 +181,51 @@ mod tests {
         assert_eq!(strip("/x?API-KEY=a&api%2Dkey=b").as_deref(), Some("/x"));
         assert_eq!(strip("/x?api-version=1&api-keys=kept"), None);
         assert_eq!(strip("/x"), None);
+    }
+
+    #[test]
+    fn the_instance_is_offered_no_extension_and_no_key_subprotocol() {
+        let prepared = |pairs: &[(&'static str, &'static str)]| {
+            let mut headers = HeaderMap::new();
+            for (name, value) in pairs {
+                headers.append(*name, value.parse().unwrap());
+            }
+            prepare_request(&mut headers);
+            headers
+        };
+        let headers = prepared(&[
+            (
+                "sec-websocket-extensions",
+                "permessage-deflate; client_max_window_bits",
+            ),
+            (
+                "sec-websocket-protocol",
+                "realtime, openai-insecure-api-key.sk-caller, openai-beta.realtime-v1",
+            ),
+        ]);
+        assert!(headers.get(SEC_WEBSOCKET_EXTENSIONS).is_none());
+        assert_eq!(
+            headers[SEC_WEBSOCKET_PROTOCOL],
+            "realtime, openai-beta.realtime-v1"
+        );
+        let headers = prepared(&[
+            (
+                "sec-websocket-protocol",
+                "openai-insecure-api-key.sk-caller",
+            ),
+            ("sec-websocket-protocol", "realtime"),
+        ]);
+        assert_eq!(
+            headers
+                .get_all(SEC_WEBSOCKET_PROTOCOL)
+                .iter()
+                .collect::<Vec<_>>(),
+            ["realtime"]
+        );
+        let headers = prepared(&[("sec-websocket-protocol", "openai-insecure-api-key.sk")]);
+        assert!(headers.get(SEC_WEBSOCKET_PROTOCOL).is_none());
+        let headers = prepared(&[("sec-websocket-protocol", "realtime, chat")]);
+        assert_eq!(headers[SEC_WEBSOCKET_PROTOCOL], "realtime, chat");
     }
 
     #[test]

@@ -52,11 +52,18 @@ async fn echo_instance() -> (String, Arc<Mutex<Seen>>) {
             tokio::spawn(async move {
                 // tungstenite's callback type: its error is a whole HTTP response.
                 #[allow(clippy::result_large_err)]
-                let record = |request: &Request, response: Response| {
+                let record = |request: &Request, mut response: Response| {
                     seen.lock()
                         .unwrap()
                         .handshakes
                         .push((request.uri().clone(), request.headers().clone()));
+                    // The Realtime API's subprotocol, when offered.
+                    let offered = request.headers().get("sec-websocket-protocol");
+                    if offered.is_some_and(|p| p.to_str().unwrap().contains("realtime")) {
+                        response
+                            .headers_mut()
+                            .insert("sec-websocket-protocol", "realtime".parse().unwrap());
+                    }
                     Ok(response)
                 };
                 let Ok(mut session) = tokio_tungstenite::accept_hdr_async(socket, record).await
@@ -377,8 +384,16 @@ async fn the_instance_gets_the_gateways_key_never_the_callers_nor_extensions() {
             .parse()
             .unwrap(),
     );
+    // Where OpenAI's browser clients put the key.
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        "realtime, openai-insecure-api-key.the-callers-protocol-key"
+            .parse()
+            .unwrap(),
+    );
     let (mut session, response) = connect_with(request).await;
     assert!(response.headers().get("sec-websocket-extensions").is_none());
+    assert_eq!(response.headers()["sec-websocket-protocol"], "realtime");
     session.send(Message::text("hello")).await.unwrap();
     assert_eq!(next(&mut session).await, Message::text("hello"));
 
@@ -386,6 +401,7 @@ async fn the_instance_gets_the_gateways_key_never_the_callers_nor_extensions() {
     let (uri, headers) = &seen.handshakes[0];
     assert_eq!(headers["api-key"], "the-gateways-key");
     assert!(headers.get("sec-websocket-extensions").is_none());
+    assert_eq!(headers["sec-websocket-protocol"], "realtime");
     assert_eq!(
         uri.query(),
         Some("api-version=2025-04-01-preview&deployment=gpt-4o-realtime")
