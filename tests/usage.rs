@@ -44,6 +44,18 @@ async fn gateway_with_metrics(sims: &[aoai_sim::SimHandle], include_usage: bool)
     serve(app).await
 }
 
+/// POSTs `body` as JSON to `url`; the answer's text.
+async fn post_text(client: &reqwest::Client, url: impl reqwest::IntoUrl, body: &Value) -> String {
+    let response = client.post(url).json(body).send().await.unwrap();
+    response.text().await.unwrap()
+}
+
+/// POSTs `body` as JSON to `url`; the answer, parsed.
+async fn post_json(client: &reqwest::Client, url: impl reqwest::IntoUrl, body: &Value) -> Value {
+    let response = client.post(url).json(body).send().await.unwrap();
+    response.json().await.unwrap()
+}
+
 /// `(input, output)` tokens of a usage object, in either API's names.
 fn tokens(usage: &Value) -> (u64, u64) {
     let count = |a: &str, b: &str| usage[a].as_u64().or(usage[b].as_u64()).unwrap();
@@ -87,15 +99,12 @@ async fn the_token_counters_equal_the_usage_the_instances_reported() {
     };
 
     // A chat completion: its usage is in the answer.
-    let answer: Value = client
-        .post(format!("{base}{CHAT}"))
-        .json(&json!({ "messages": [{ "role": "user", "content": "Hello there" }] }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let answer: Value = post_json(
+        &client,
+        format!("{base}{CHAT}"),
+        &json!({ "messages": [{ "role": "user", "content": "Hello there" }] }),
+    )
+    .await;
     add(tokens(&answer["usage"]));
 
     // A streamed chat completion that asks for its usage: the last chunk carries it.
@@ -104,81 +113,51 @@ async fn the_token_counters_equal_the_usage_the_instances_reported() {
         "stream": true,
         "stream_options": { "include_usage": true },
     });
-    let stream = client
-        .post(format!("{base}{CHAT}"))
-        .json(&asked)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let stream = post_text(&client, format!("{base}{CHAT}"), &asked).await;
     let last: Value = serde_json::from_str(events(&stream).iter().rev().nth(1).unwrap()).unwrap();
     add(tokens(&last["usage"]));
 
     // One that does not ask: the caller sees no usage; the instance reports the same usage it
     // reports when asked directly.
     let not_asked = json!({ "messages": [{ "role": "user", "content": "Go on" }], "stream": true });
-    let stream = client
-        .post(format!("{base}{CHAT}"))
-        .json(&not_asked)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let stream = post_text(&client, format!("{base}{CHAT}"), &not_asked).await;
     assert!(!stream.contains("\"usage\""), "{stream}");
     let mut direct_asked = not_asked.clone();
     direct_asked["stream_options"] = json!({ "include_usage": true });
-    let direct_stream = client
-        .post(format!(
-            "{direct}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
-        ))
-        .json(&direct_asked)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let direct_stream = post_text(
+        &client,
+        format!("{direct}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"),
+        &direct_asked,
+    )
+    .await;
     let last: Value =
         serde_json::from_str(events(&direct_stream).iter().rev().nth(1).unwrap()).unwrap();
     add(tokens(&last["usage"]));
 
     // Embeddings: prompt tokens only.
-    let answer: Value = client
-        .post(format!("{base}{EMBEDDINGS}"))
-        .json(&json!({ "input": ["one", "two words"] }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let answer: Value = post_json(
+        &client,
+        format!("{base}{EMBEDDINGS}"),
+        &json!({ "input": ["one", "two words"] }),
+    )
+    .await;
     let usage = &answer["usage"];
     add((usage["prompt_tokens"].as_u64().unwrap(), 0));
 
     // The Responses API, whole and streamed (`response.completed` carries the usage).
-    let answer: Value = client
-        .post(format!("{base}{RESPONSES}"))
-        .json(&json!({ "model": "gpt-4o", "input": "Hi" }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let answer: Value = post_json(
+        &client,
+        format!("{base}{RESPONSES}"),
+        &json!({ "model": "gpt-4o", "input": "Hi" }),
+    )
+    .await;
     add(tokens(&answer["usage"]));
-    let stream = client
-        .post(format!("{base}{RESPONSES}"))
-        .json(&json!({ "model": "gpt-4o", "input": "Hi again", "stream": true }))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let stream = post_text(
+        &client,
+        format!("{base}{RESPONSES}"),
+        &json!({ "model": "gpt-4o", "input": "Hi again", "stream": true }),
+    )
+    .await;
     let completed = events(&stream)
         .into_iter()
         .map(|data| serde_json::from_str::<Value>(data).unwrap())
@@ -284,52 +263,20 @@ async fn the_caller_gets_exactly_the_stream_it_asked_for() {
     let client = client();
     let body = json!({ "messages": [{ "role": "user", "content": "Hello" }], "stream": true });
 
-    let through = client
-        .post(format!("{base}{CHAT}"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let through = post_text(&client, format!("{base}{CHAT}"), &body).await;
     // The instance was asked for the usage...
     let sent: Value = serde_json::from_slice(&sims[0].requests()[0].body).unwrap();
     assert_eq!(sent["stream_options"]["include_usage"], true);
     // ... and the caller's stream is byte for byte what the instance sends without it.
-    let without = client
-        .post(&direct)
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let without = post_text(&client, &direct, &body).await;
     assert!(through.contains("[DONE]") && through.contains("prompt_filter_results"));
     assert_eq!(normalized(&through), normalized(&without));
 
     // A caller that asked for the usage keeps it, as the instance sends it.
     let mut asked = body.clone();
     asked["stream_options"] = json!({ "include_usage": true });
-    let through = client
-        .post(format!("{base}{CHAT}"))
-        .json(&asked)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let with = client
-        .post(&direct)
-        .json(&asked)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let through = post_text(&client, format!("{base}{CHAT}"), &asked).await;
+    let with = post_text(&client, &direct, &asked).await;
     assert!(through.contains("\"usage\":{"));
     assert_eq!(normalized(&through), normalized(&with));
 }
