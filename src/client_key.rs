@@ -468,7 +468,7 @@ mod tests {
             (StatusCode::OK, Some("web".to_owned()))
         );
         assert_eq!(
-            status(&format!("/x?API-Key=unnamed&deployment=rt"), true).await,
+            status("/x?API-Key=unnamed&deployment=rt", true).await,
             (StatusCode::OK, None)
         );
         // Percent-encoded, as `URLSearchParams` writes it.

@@ -15,7 +15,7 @@ mod wire;
 
 use std::fs::File;
 use std::net::{Ipv4Addr, TcpListener};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -25,25 +25,6 @@ use serde_json::Value;
 use support::{BOUND, CHAT, chat, chat_body, client, served_by, sims};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wire::{Answer, RawClient, find};
-
-/// The example binary, found from this test binary (`target/<profile>/deps/gateway_cli-*`).
-fn gateway_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("the test binary is in target/<profile>/deps");
-    let binary = profile_dir
-        .join("examples")
-        .join(format!("gateway{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        binary.is_file(),
-        "{} is missing: run `cargo build --example gateway` (cargo test and cargo nextest run \
-         build it with the other targets)",
-        binary.display()
-    );
-    binary
-}
 
 /// A unique path in the temporary directory for this process.
 fn temp_path(what: &str) -> PathBuf {
@@ -89,15 +70,18 @@ impl Gateway {
     fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
         let stdout = TempFile::with("stdout", "");
         let stderr = TempFile::with("stderr", "");
-        let child = Command::new(gateway_binary())
-            .args(args)
-            .env_remove("RUST_LOG")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(File::create(&stdout.0).unwrap())
-            .stderr(File::create(&stderr.0).unwrap())
-            .spawn()
-            .unwrap();
+        let child = Command::new(support::gateway_binary(
+            "cargo build --example gateway` (cargo test and cargo nextest run build it with the \
+             other targets)",
+        ))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(File::create(&stdout.0).unwrap())
+        .stderr(File::create(&stderr.0).unwrap())
+        .spawn()
+        .unwrap();
         Self {
             child,
             stdout,

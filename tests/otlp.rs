@@ -24,24 +24,6 @@ use tokio::sync::mpsc;
 /// The caller's key: it must never reach the collector; its name does.
 const KEY: &str = "otlp-test-key-4f1c9e";
 
-/// The example binary, beside this test's `deps/` directory.
-fn gateway_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("the test binary is in target/<profile>/deps");
-    let binary = profile_dir
-        .join("examples")
-        .join(format!("gateway{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        binary.is_file(),
-        "{} is missing: run `cargo test --features otlp --example gateway --test otlp`",
-        binary.display()
-    );
-    binary
-}
-
 /// A collector on loopback: each body posted to `/v1/metrics`, with its content type, is sent
 /// on the channel. Returns the endpoint URL.
 async fn collector() -> (String, mpsc::UnboundedReceiver<(String, Bytes)>) {
@@ -101,16 +83,18 @@ async fn gateway_after_one_chat(
         listener.local_addr().unwrap().to_string()
     };
     let backend = format!("{}={}", sim.name(), sim.url());
-    let child = Command::new(gateway_binary())
-        .args(["--listen", &addr, "--backend", &backend])
-        .args(["--config", config.to_str().unwrap()])
-        .args(flags)
-        .env("AOAI_OTLP_TEST_KEY", KEY)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = Command::new(support::gateway_binary(
+        "cargo test --features otlp --example gateway --test otlp",
+    ))
+    .args(["--listen", &addr, "--backend", &backend])
+    .args(["--config", config.to_str().unwrap()])
+    .args(flags)
+    .env("AOAI_OTLP_TEST_KEY", KEY)
+    .env_remove("RUST_LOG")
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .spawn()
+    .unwrap();
     let mut gateway = Gateway(child);
     let client = client();
     let deadline = tokio::time::Instant::now() + BOUND;

@@ -4,6 +4,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use aoai_sim::{SimConfig, SimHandle};
@@ -97,4 +98,23 @@ pub fn assert_azure_error(body: &str, code: &str) -> Value {
         "not Azure-shaped: {body}"
     );
     value
+}
+
+/// The gateway example's binary, found from the test binary (`target/<profile>/deps/...`);
+/// `build` says how to build it when it is missing.
+pub fn gateway_binary(build: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test binary is in target/<profile>/deps");
+    let binary = profile_dir
+        .join("examples")
+        .join(format!("gateway{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        binary.is_file(),
+        "{} is missing: run `{build}`",
+        binary.display()
+    );
+    binary
 }
