@@ -11,8 +11,9 @@ use serde::Deserialize;
 use tower::{Layer, Service};
 
 /// Sets the [`Deployment`] request extension `Balance` reads for per-deployment health and
-/// for the instances that offer a deployment: the `{name}` of `/deployments/{name}/...`, or the
-/// body's `model` on `/v1/...` routes (paths below the gateway's mount point). A request that
+/// for the instances that offer a deployment: the `{name}` of `/deployments/{name}/...`, the
+/// body's `model` on `/v1/...` routes, or a Realtime handshake's `?deployment=` (`?model=` on
+/// `/v1/realtime`) (paths below the gateway's mount point). A request that
 /// names none (`/models`, a file upload) gets no extension: any instance takes it.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DeploymentLayer;
@@ -45,7 +46,7 @@ where
 
     fn call(&mut self, mut request: Request<ReplayBody>) -> S::Future {
         if request.extensions().get::<Deployment>().is_none()
-            && let Some(deployment) = deployment_of(request.uri().path(), request.body())
+            && let Some(deployment) = deployment_of(request.uri(), request.body())
         {
             request.extensions_mut().insert(Deployment::new(deployment));
         }
@@ -54,8 +55,9 @@ where
 }
 
 /// One instance's names for the deployments callers ask for (`gpt-4o` here is `gpt4o-ptu`
-/// there): rewrites the `{name}` of `/deployments/{name}/...` and a v1 body's `model`, for a
-/// request whose [`Deployment`] it renames. [`Gateway`](crate::Gateway) puts one in each
+/// there): rewrites the `{name}` of `/deployments/{name}/...`, a v1 body's `model` and a
+/// Realtime handshake's `?deployment=`/`?model=`, for a request whose [`Deployment`] it
+/// renames. [`Gateway`](crate::Gateway) puts one in each
 /// backend's stack ([`Backend::deployments`](crate::Backend::deployments)).
 #[derive(Debug, Clone)]
 pub struct MapDeployment<S> {
@@ -100,7 +102,27 @@ where
 fn rename(request: &mut Request<ReplayBody>, own: &str) {
     let uri = request.uri();
     let path = uri.path();
-    if let Some(at) = path.find("/deployments/") {
+    if path.ends_with("/realtime") {
+        let query = uri.query().unwrap_or_default();
+        let renamed: String = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(
+                form_urlencoded::parse(query.as_bytes()).map(|(name, value)| {
+                    let value = match &*name {
+                        REALTIME_DEPLOYMENT | REALTIME_MODEL => own.into(),
+                        _ => value,
+                    };
+                    (name, value)
+                }),
+            )
+            .finish();
+        if let Ok(path_and_query) = format!("{path}?{renamed}").parse() {
+            let mut parts = uri.clone().into_parts();
+            parts.path_and_query = Some(path_and_query);
+            if let Ok(uri) = http::Uri::from_parts(parts) {
+                *request.uri_mut() = uri;
+            }
+        }
+    } else if let Some(at) = path.find("/deployments/") {
         let start = at + "/deployments/".len();
         let end = path[start..].find('/').map_or(path.len(), |i| start + i);
         let mut renamed = format!("{}{own}{}", &path[..start], &path[end..]);
@@ -130,9 +152,22 @@ fn rename(request: &mut Request<ReplayBody>, own: &str) {
     }
 }
 
+/// Where a Realtime handshake names its deployment: `?deployment=` on Azure's route,
+/// `?model=` on the v1 route.
+const REALTIME_DEPLOYMENT: &str = "deployment";
+const REALTIME_MODEL: &str = "model";
+
 /// The deployment a request below the mount point names, if any.
-fn deployment_of(path: &str, body: &ReplayBody) -> Option<Arc<str>> {
-    let path = path.trim_start_matches("/openai");
+fn deployment_of(uri: &http::Uri, body: &ReplayBody) -> Option<Arc<str>> {
+    let path = uri.path().trim_start_matches("/openai");
+    if path.ends_with("/realtime") {
+        let query = uri.query().unwrap_or_default();
+        return form_urlencoded::parse(query.as_bytes())
+            .find(|(name, value)| {
+                (name == REALTIME_DEPLOYMENT || name == REALTIME_MODEL) && !value.is_empty()
+            })
+            .map(|(_, value)| Arc::from(&*value));
+    }
     if let Some(rest) = path.strip_prefix("/deployments/") {
         let name = rest.split('/').next().unwrap_or_default();
         return (!name.is_empty()).then(|| name.into());
@@ -164,7 +199,7 @@ mod tests {
     #[test]
     fn the_deployment_is_read_from_the_path_or_a_v1_body() {
         let none = ReplayBody::default();
-        let of = deployment_of;
+        let of = |path: &str, body: &ReplayBody| deployment_of(&path.parse().unwrap(), body);
         assert_eq!(
             of("/deployments/gpt-4o/chat/completions", &none).as_deref(),
             Some("gpt-4o")
@@ -185,5 +220,31 @@ mod tests {
         assert_eq!(of("/v1/files", &none), None);
         assert_eq!(of("/models", &none), None);
         assert_eq!(of("/deployments//chat", &none), None);
+        assert_eq!(
+            of(
+                "/realtime?api-version=2025-04-01-preview&deployment=rt",
+                &none
+            )
+            .as_deref(),
+            Some("rt")
+        );
+        assert_eq!(
+            of("/v1/realtime?model=gpt-realtime", &none).as_deref(),
+            Some("gpt-realtime")
+        );
+        assert_eq!(of("/realtime?api-version=1", &none), None);
+    }
+
+    #[test]
+    fn a_realtime_handshake_is_renamed_in_its_query() {
+        let mut request = Request::builder()
+            .uri("/openai/realtime?api-version=2025-04-01-preview&deployment=rt&x=1")
+            .body(ReplayBody::default())
+            .unwrap();
+        rename(&mut request, "rt-eastus");
+        assert_eq!(
+            request.uri().to_string(),
+            "/openai/realtime?api-version=2025-04-01-preview&deployment=rt-eastus&x=1"
+        );
     }
 }
