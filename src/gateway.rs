@@ -455,7 +455,8 @@ impl Backend {
 
     /// The deployments it serves, each as `(the caller's name, its own name)`: a request for
     /// another deployment never goes there, and a request for one of these is renamed (in the
-    /// path, or a v1 body's `model`). Default: every deployment, under the caller's names.
+    /// path, a v1 body's `model`, or a Realtime handshake's query). Default: every deployment,
+    /// under the caller's names.
     pub fn deployments<I, A, B>(mut self, deployments: I) -> Self
     where
         I: IntoIterator<Item = (A, B)>,
