@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
-use aoai_balance::{AzureOpenAiClassifier, Classify, Failure, Outcome, PinnedTo, ServedBy};
+use aoai_balance::{
+    AzureOpenAiClassifier, Classify, Failure, Outcome, PinnedTo, SeekObject, ServedBy,
+};
 use aoai_retry::ReplayBody;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -221,7 +223,8 @@ fn collect_refs(value: &Value, refs: &mut Vec<Box<str>>) {
 /// Sends a request that names an object to the backend that holds it ([`PinnedTo`]), when the
 /// [`ObjectMap`] knows it; else lets the request be picked as any other, and marks an answer
 /// saying the object is not there (a 404, or a 400 saying "not found") [`NotHere`] so the
-/// retry policy asks the next backend. The backend that answers learns the object.
+/// retry policy asks the next backend, cooling ones too ([`SeekObject`]). The backend that
+/// answers learns the object.
 ///
 /// A request that creates an object ([`creates_object`]) that fails where the instance may
 /// have acted (a timeout, a connection broken after sending, a 5xx other than 503) is marked
@@ -313,7 +316,12 @@ where
                 request.extensions_mut().insert(PinnedTo::new(backend));
                 Vec::new()
             }
-            None => refs,
+            None => {
+                if !refs.is_empty() {
+                    request.extensions_mut().insert(SeekObject);
+                }
+                refs
+            }
         };
         PinFuture {
             state: PinState::Calling {

@@ -264,3 +264,47 @@ async fn a_creation_refused_with_429_or_503_is_made_once_elsewhere() {
         assert_eq!(count(&sims, ObjectKind::File), [0, 1], "{fault:?}");
     }
 }
+
+#[tokio::test]
+async fn an_object_on_a_cooling_instance_is_still_asked_for_there() {
+    let sims = sims(2).await;
+    let before = serve_gateway(builder_over(&sims).build().unwrap()).await;
+    let first = post(
+        &before,
+        RESPONSES,
+        &json!({ "model": "gpt-4o", "input": "Hi" }),
+    )
+    .await;
+    let home_name = served_by(&first);
+    let id = first.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let home = sims.iter().find(|sim| sim.name() == home_name).unwrap();
+
+    // A new gateway, whose first requests cool the home instance down for gpt-4o (a 429 asking
+    // for a minute), the other instance answering them.
+    let gateway = builder_over(&sims).build().unwrap();
+    let health = gateway.health().clone();
+    let after = serve_gateway(gateway).await;
+    home.push_fault(Fault::throttle(60));
+    while health
+        .snapshot()
+        .iter()
+        .all(|backend| backend.deployment_cooldowns.is_empty())
+    {
+        let fresh = post(
+            &after,
+            RESPONSES,
+            &json!({ "model": "gpt-4o", "input": "Hi" }),
+        )
+        .await;
+        assert_eq!(fresh.status(), 200);
+    }
+
+    // The follow-up: the other instance does not have it; the cooling one, asked next, does.
+    let body = json!({ "model": "gpt-4o", "input": "Go on", "previous_response_id": id });
+    let answer = post(&after, RESPONSES, &body).await;
+    assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap());
+    assert_eq!(served_by(&answer), home_name);
+}

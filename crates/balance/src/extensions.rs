@@ -185,3 +185,11 @@ impl fmt::Debug for PinnedTo {
         write!(f, "PinnedTo({:?})", &*self.0)
     }
 }
+
+/// A request extension: the request looks for an object that one backend holds (a stored
+/// response, a file) and no layer above knows which. Once every backend that takes traffic was
+/// tried, [`Balance`](crate::Balance) sends it to one not tried yet whatever its health: the
+/// object may be on a backend cooling down, whose own answer (a 429, say) is truer than another
+/// backend's "not found".
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SeekObject;

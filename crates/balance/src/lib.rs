@@ -72,6 +72,8 @@
 //!   per-deployment cooldowns and offered deployments.
 //! - A request carrying a [`PinnedTo`] extension goes to that backend, whatever its health (an
 //!   object such as a stored response lives there and nowhere else).
+//! - A request carrying [`SeekObject`] (it looks for an object one backend holds) goes, once
+//!   every backend that takes traffic was tried, to one not tried yet whatever its health.
 //! - A request carrying a [`TriedBackends`] extension goes to an untried backend that takes it
 //!   while one exists, tiers in priority order (an untried one of tier 2 before a tried one of
 //!   tier 1); else, in the best tier that has a backend that takes it, round-robin on after the
@@ -128,7 +130,7 @@ use tower::{BoxError, Service, ServiceExt};
 
 pub use crate::classify::{AzureOpenAiClassifier, Classify, Failure, Outcome};
 pub use crate::error::{AllCoolingDown, BackendError, NoBackends, UnknownDeployment};
-pub use crate::extensions::{Deployment, PinnedTo, ServedBy, TriedBackends};
+pub use crate::extensions::{Deployment, PinnedTo, SeekObject, ServedBy, TriedBackends};
 pub use crate::future::ResponseFuture;
 pub use crate::health::{
     BackendSnapshot, BackendState, CooldownCounts, HealthPolicy, TRIAL_RETRY_AFTER,
@@ -452,6 +454,19 @@ impl BalanceHealth {
         self.has_untried_available_for(tried, None)
     }
 
+    /// Whether a backend that is not in `tried` and offers `deployment` (any, when `None`)
+    /// exists, whatever its health: one a request looking for its object may still ask
+    /// ([`SeekObject`]).
+    pub fn has_untried_for(&self, tried: &TriedBackends, deployment: Option<&Deployment>) -> bool {
+        self.shared
+            .backends
+            .iter()
+            .enumerate()
+            .any(|(index, backend)| {
+                !tried.contains(index) && deployment.is_none_or(|d| backend.offers(d.as_str()))
+            })
+    }
+
     /// As [`has_untried_available`](Self::has_untried_available), for a request for
     /// `deployment` (the request's [`Deployment`] extension, if any): only backends that offer
     /// it and do not cool down for it count. The pick judges the same way.
@@ -580,7 +595,26 @@ where
                 .position(|b| *b.name == *pin.as_str());
             found.map(|index| (index, false))
         });
-        match pinned.map_or_else(|| self.pick(tried, deployment.as_ref()), Ok) {
+        let seeking = || {
+            let tried = tried?;
+            if request.extensions().get::<SeekObject>().is_none()
+                || self
+                    .health()
+                    .has_untried_available_for(tried, deployment.as_ref())
+            {
+                return None;
+            }
+            let offers =
+                |b: &BackendHealth| deployment.as_ref().is_none_or(|d| b.offers(d.as_str()));
+            let found = shared
+                .backends
+                .iter()
+                .enumerate()
+                .position(|(index, backend)| !tried.contains(index) && offers(backend));
+            found.map(|index| (index, false))
+        };
+        let chosen = pinned.or_else(seeking);
+        match chosen.map_or_else(|| self.pick(tried, deployment.as_ref()), Ok) {
             Ok((index, trial)) => {
                 let oneshot = self.inner.services[index].clone().oneshot(request);
                 ResponseFuture::called(oneshot, index, trial, retry, deployment, shared, classifier)

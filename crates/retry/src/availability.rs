@@ -18,6 +18,14 @@ pub trait BackendAvailability: fmt::Debug + Send + Sync + 'static {
     fn has_untried_available(&self, tried: &TriedBackends, deployment: Option<&Deployment>)
     -> bool;
 
+    /// Whether a backend not in `tried` that offers `deployment` exists, whatever its health:
+    /// one a request looking for its object may still ask (an
+    /// [`Outcome::NotHere`](aoai_balance::Outcome::NotHere) answer). Default: the same as
+    /// [`has_untried_available`](Self::has_untried_available).
+    fn has_untried(&self, tried: &TriedBackends, deployment: Option<&Deployment>) -> bool {
+        self.has_untried_available(tried, deployment)
+    }
+
     /// How long until a backend takes traffic for `deployment` (any, when `None`) again;
     /// `None` when one does now.
     fn soonest_recovery(&self, deployment: Option<&Deployment>) -> Option<Duration>;
@@ -30,6 +38,10 @@ impl BackendAvailability for BalanceHealth {
         deployment: Option<&Deployment>,
     ) -> bool {
         self.has_untried_available_for(tried, deployment)
+    }
+
+    fn has_untried(&self, tried: &TriedBackends, deployment: Option<&Deployment>) -> bool {
+        self.has_untried_for(tried, deployment)
     }
 
     fn soonest_recovery(&self, deployment: Option<&Deployment>) -> Option<Duration> {

@@ -140,10 +140,7 @@ impl<C> RetryNextBackend<C> {
             // Asking where an object lives: the backends not asked yet, one after another, at
             // once. Not an attempt of the request's own (no backoff, not counted against the
             // attempts or the retry budget): it was answered, just not here.
-            let untried = self
-                .settings
-                .health
-                .has_untried_available(tried, deployment);
+            let untried = self.settings.health.has_untried(tried, deployment);
             if untried {
                 tracing::debug!(backend, "not here; asking the next backend");
             }
