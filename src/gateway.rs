@@ -715,7 +715,7 @@ impl<C> GatewayBuilder<C> {
             self.include_usage,
         );
         if let Some(metrics) = &self.metrics {
-            metrics.watch(health.clone());
+            metrics.watch(health.clone(), self.realtime.sessions.clone());
         }
         let retry = RetryNextBackendLayer::new(health.clone())
             .classifier(classifier)

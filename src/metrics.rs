@@ -15,6 +15,8 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::realtime::Sessions;
+
 #[cfg(feature = "otlp")]
 mod otel;
 
@@ -51,6 +53,7 @@ const FIRST_TOKEN_BUCKETS: [f64; 16] = [
 /// | `aoai_gateway_retries_total` | counter | `instance`: attempts that retried a request another instance failed |
 /// | `aoai_gateway_cooldowns_total` | counter | `instance`, `reason` (`throttled`, `failed`, `timeout`, `connect`, `credential`) |
 /// | `aoai_gateway_backend_available` | gauge | `instance`: 1 while it takes traffic |
+/// | `aoai_gateway_realtime_sessions` | gauge | Realtime (WebSocket) sessions being relayed |
 ///
 /// The GenAI names are OpenTelemetry's (`gen_ai.client.token.usage`, ...) translated as its
 /// Prometheus exporter does: dots to underscores, the unit as a suffix. The `gen_ai_*` metrics
@@ -219,13 +222,13 @@ impl GatewayMetrics {
 
     /// Reports the backends of `health` from now on (a gateway built with these metrics does
     /// this; a rebuilt one, after a reload, replaces its predecessor's).
-    pub(crate) fn watch(&self, health: BalanceHealth) {
+    pub(crate) fn watch(&self, health: BalanceHealth, sessions: Sessions) {
         *self
             .inner
             .health
             .health
             .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(health);
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some((health, sessions));
     }
 
     pub(crate) fn stream_started(&self) {
@@ -347,7 +350,7 @@ impl fmt::Debug for GatewayMetrics {
 /// The backends' counters, read from their health at each scrape.
 #[derive(Debug, Default)]
 struct HealthCollector {
-    health: RwLock<Option<BalanceHealth>>,
+    health: RwLock<Option<(BalanceHealth, Sessions)>>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -363,12 +366,12 @@ struct CooldownLabels {
 
 impl Collector for HealthCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), fmt::Error> {
-        let snapshots = match &*self
+        let (snapshots, sessions) = match &*self
             .health
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
         {
-            Some(health) => health.snapshot(),
+            Some((health, sessions)) => (health.snapshot(), sessions.count()),
             None => return Ok(()),
         };
         let counter = |encoder: &mut DescriptorEncoder<'_>,
@@ -430,6 +433,13 @@ impl Collector for HealthCollector {
             let up = i64::from(backend.cooling_down_for.is_none());
             ConstGauge::new(up).encode(metric.encode_family(&labels)?)?;
         }
+        let sessions = ConstGauge::new(i64::try_from(sessions).unwrap_or(i64::MAX));
+        sessions.encode(encoder.encode_descriptor(
+            "aoai_gateway_realtime_sessions",
+            "Realtime (WebSocket) sessions being relayed",
+            None,
+            sessions.metric_type(),
+        )?)?;
         Ok(())
     }
 }

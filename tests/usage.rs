@@ -224,6 +224,10 @@ async fn the_token_counters_equal_the_usage_the_instances_reported() {
         "{metrics}"
     );
     assert_eq!(sum(&metrics, "aoai_gateway_streams_in_flight", &[]), 0.0);
+    assert!(
+        metrics.contains("aoai_gateway_realtime_sessions 0"),
+        "{metrics}"
+    );
     assert_eq!(sum(&metrics, "aoai_gateway_attempts_total", &[]), 6.0);
 }
 
