@@ -31,7 +31,7 @@ use crate::error::{azure_error, error_response, error_response_with, find, messa
 use crate::include_usage::{IncludeUsage, UsageAdded};
 use crate::metrics::GatewayMetrics;
 use crate::pinning::{ObjectMap, PinLayer, PinToObject, learns_id};
-use crate::realtime::{Realtime, Sessions};
+use crate::realtime::{Realtime, SessionMeter, Sessions};
 use crate::record::RequestRecord;
 use crate::upgrade;
 
@@ -206,9 +206,16 @@ where
                 }
             }
         }
-        // Taken before the extensions go: the caller's side of an upgrade, if it asks for one.
-        let upgrade =
-            upgrade::is_requested(request.headers()).then(|| hyper::upgrade::on(&mut request));
+        // Taken before the extensions go: the caller's side of an upgrade, if it asks for one,
+        // and who the session's responses are charged to.
+        let upgrade = upgrade::is_requested(request.headers()).then(|| {
+            let meter = SessionMeter::new(
+                request.extensions().get::<Caller>().cloned(),
+                self.limiter.clone(),
+                self.metrics.clone(),
+            );
+            (hyper::upgrade::on(&mut request), meter)
+        });
         let headers = request.headers_mut();
         // The caller's credentials are never forwarded: `AzureAuth` removes them for the
         // backends it authenticates, and the gateway for any other.
@@ -232,7 +239,7 @@ where
             },
             served_by_values: self.served_by_values.clone(),
             record,
-            upgrade: upgrade.map(|caller| (caller, self.realtime.clone())),
+            upgrade: upgrade.map(|(caller, meter)| (caller, self.realtime.clone(), meter)),
         }
     }
 }
@@ -249,8 +256,9 @@ pin_project! {
         state: State<B, C>,
         served_by_values: Option<Arc<[HeaderValue]>>,
         record: Option<RequestRecord>,
-        // The caller's side of an upgrade, and where a WebSocket session is counted.
-        upgrade: Option<(OnUpgrade, Realtime)>,
+        // The caller's side of an upgrade, where a WebSocket session is counted, and what
+        // meters its responses' usage.
+        upgrade: Option<(OnUpgrade, Realtime, SessionMeter)>,
     }
 }
 
@@ -319,8 +327,8 @@ where
         };
         let response = match response {
             Ok(mut response) => {
-                if let Some((caller, realtime)) = this.upgrade.take() {
-                    upgrade::bridge_if_switched(caller, &mut response, &realtime);
+                if let Some((caller, realtime, meter)) = this.upgrade.take() {
+                    upgrade::bridge_if_switched(caller, &mut response, &realtime, meter);
                 }
                 mark_served_by(&mut response, this.served_by_values.as_deref());
                 answer(response, this.record.take())

@@ -243,6 +243,31 @@ impl GatewayMetrics {
     pub(crate) fn record(&self, finished: Finished) {
         self.sinks().for_each(|sink| record(sink, &finished));
     }
+
+    /// Records the tokens one response of a Realtime session used (its `response.done`):
+    /// `aoai_gateway_tokens_total`, and `gen_ai_client_token_usage` as a `chat` operation.
+    pub(crate) fn record_tokens(
+        &self,
+        caller: Option<Arc<str>>,
+        instance: Option<Arc<str>>,
+        deployment: Option<Arc<str>>,
+        usage: &Usage,
+    ) {
+        let finished = Finished {
+            operation: Some("chat"),
+            caller,
+            instance,
+            deployment,
+            response_model: None,
+            status: 0,
+            usage: Some(*usage),
+            duration: Duration::ZERO,
+            time_to_first_token: None,
+        };
+        for sink in self.sinks() {
+            record_usage(sink, &finished);
+        }
+    }
 }
 
 /// What one finished request adds to a sink: the label sets are built here, for both.
@@ -253,6 +278,26 @@ fn record(sink: &dyn Sink, finished: &Finished) {
         caller: finished.caller.clone(),
         status: finished.status,
     });
+    let Some(operation) = record_usage(sink, finished) else {
+        return;
+    };
+    let mut labels = OperationLabels {
+        gen_ai_operation_name: operation,
+        gen_ai_provider_name: PROVIDER,
+        gen_ai_request_model: finished.deployment.clone(),
+        gen_ai_response_model: finished.response_model.clone(),
+        error_type: (finished.status >= 400).then_some(finished.status),
+    };
+    sink.operation_duration(&labels, finished.duration.as_secs_f64());
+    if let Some(first) = finished.time_to_first_token {
+        labels.error_type = None;
+        sink.time_to_first_token(&labels, first.as_secs_f64());
+    }
+}
+
+/// The tokens of `finished`, by caller and instance and, for a GenAI operation, in
+/// `gen_ai_client_token_usage`; its operation, if it is one.
+fn record_usage(sink: &dyn Sink, finished: &Finished) -> Option<&'static str> {
     let tokens = finished.usage.map(|usage| {
         [
             ("input", usage.input_tokens),
@@ -268,9 +313,7 @@ fn record(sink: &dyn Sink, finished: &Finished) {
         };
         sink.tokens(&labels, count);
     }
-    let Some(operation) = finished.operation else {
-        return;
-    };
+    let operation = finished.operation?;
     for (token_type, count) in tokens.into_iter().flatten() {
         let labels = TokenUsageLabels {
             gen_ai_operation_name: operation,
@@ -281,18 +324,7 @@ fn record(sink: &dyn Sink, finished: &Finished) {
         };
         sink.token_usage(&labels, count);
     }
-    let mut labels = OperationLabels {
-        gen_ai_operation_name: operation,
-        gen_ai_provider_name: PROVIDER,
-        gen_ai_request_model: finished.deployment.clone(),
-        gen_ai_response_model: finished.response_model.clone(),
-        error_type: (finished.status >= 400).then_some(finished.status),
-    };
-    sink.operation_duration(&labels, finished.duration.as_secs_f64());
-    if let Some(first) = finished.time_to_first_token {
-        labels.error_type = None;
-        sink.time_to_first_token(&labels, first.as_secs_f64());
-    }
+    Some(operation)
 }
 
 /// Where [`record`] puts what a request showed: the Prometheus families, and the

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use aoai_usage::{Caller, TokenLimiter, Usage};
 use futures_util::{Sink, Stream};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
@@ -18,6 +19,8 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+use crate::metrics::GatewayMetrics;
 
 /// How long the closing handshakes may take once a side has closed (or the gateway closes
 /// both): past it, both connections are dropped.
@@ -177,17 +180,93 @@ pub(crate) struct Realtime {
 impl Realtime {
     /// Relays the WebSocket session the instance switched to, once both connections are handed
     /// over, in a task of its own; counted in [`Sessions`] from now until it ends.
-    pub(crate) fn relay(&self, caller: OnUpgrade, backend: OnUpgrade) {
+    pub(crate) fn relay(&self, caller: OnUpgrade, backend: OnUpgrade, meter: SessionMeter) {
         let guard = self.sessions.open();
         let shutdown = self.sessions.shared.closing.subscribe();
         let limits = (self.idle_limit, self.lifetime);
         tokio::spawn(async move {
             let _counted = guard;
             match tokio::try_join!(caller, backend) {
-                Ok((caller, backend)) => relay(caller, backend, limits, shutdown).await,
+                Ok((caller, backend)) => relay(caller, backend, limits, shutdown, meter).await,
                 Err(error) => tracing::warn!(%error, "upgrade failed"),
             }
         });
+    }
+}
+
+/// What a session's responses used, read from the instance's `response.done` events as they
+/// pass: each charged to the caller's token limit and recorded in the metrics at once, and the
+/// whole in one log line when the session ends.
+#[derive(Debug)]
+pub(crate) struct SessionMeter {
+    caller: Option<Caller>,
+    limiter: Option<TokenLimiter>,
+    metrics: Option<GatewayMetrics>,
+    pub(crate) instance: Option<Arc<str>>,
+    pub(crate) deployment: Option<Arc<str>>,
+    responses: u64,
+    input_tokens: u64,
+    output_tokens: u64,
+}
+
+impl SessionMeter {
+    /// Charges `caller`'s responses to `limiter` and records them in `metrics`; the instance and
+    /// the deployment are set once the instance has switched protocols.
+    pub(crate) fn new(
+        caller: Option<Caller>,
+        limiter: Option<TokenLimiter>,
+        metrics: Option<GatewayMetrics>,
+    ) -> Self {
+        Self {
+            caller,
+            limiter,
+            metrics,
+            instance: None,
+            deployment: None,
+            responses: 0,
+            input_tokens: 0,
+            output_tokens: 0,
+        }
+    }
+
+    /// Reads a text message from the instance: a `response.done` event's usage is counted.
+    fn observe(&mut self, text: &str) {
+        if !text.contains("\"response.done\"") {
+            return;
+        }
+        let Some(usage) = Usage::from_json(text.as_bytes()) else {
+            return;
+        };
+        self.responses += 1;
+        self.input_tokens += usage.input_tokens;
+        self.output_tokens += usage.output_tokens;
+        if let (Some(limiter), Some(caller)) = (&self.limiter, &self.caller) {
+            limiter.charge(caller, usage.total_tokens);
+        }
+        if let Some(metrics) = &self.metrics {
+            metrics.record_tokens(
+                self.caller
+                    .as_ref()
+                    .map(|caller| caller.shared_name().clone()),
+                self.instance.clone(),
+                self.deployment.clone(),
+                &usage,
+            );
+        }
+    }
+
+    /// The session's log line.
+    fn log(&self, started: Instant) {
+        tracing::info!(
+            caller = self.caller.as_ref().map_or("-", Caller::name),
+            backend = self.instance.as_deref().unwrap_or("-"),
+            deployment = self.deployment.as_deref().unwrap_or("-"),
+            responses = self.responses,
+            prompt_tokens = self.input_tokens,
+            completion_tokens = self.output_tokens,
+            duration_s = started.elapsed().as_secs_f64(),
+            "realtime session"
+        );
     }
 }
 
@@ -202,6 +281,7 @@ async fn relay(
     backend: Upgraded,
     (idle_limit, lifetime): (Option<Duration>, Option<Duration>),
     mut shutdown: watch::Receiver<bool>,
+    meter: SessionMeter,
 ) {
     let config = Some(websocket_config());
     let caller = WebSocketStream::from_raw_socket(TokioIo::new(caller), Role::Server, config).await;
@@ -226,6 +306,7 @@ async fn relay(
         last_frame: started,
         closing: false,
         told_closing: false,
+        meter,
     };
     let lifetime_ends = lifetime.map(|lifetime| started + lifetime);
     // Set once a side closes (or the gateway closes both): the closing handshakes end by then.
@@ -265,6 +346,7 @@ async fn relay(
             }
         }
     }
+    relay.meter.log(started);
 }
 
 /// Sleeps until `at`; forever without one.
@@ -340,6 +422,8 @@ struct Relay {
     closing: bool,
     /// `Progress::Closing` was returned.
     told_closing: bool,
+    /// What the instance's responses used.
+    meter: SessionMeter,
 }
 
 /// How far a relay got.
@@ -360,6 +444,7 @@ impl Relay {
             &mut self.backend,
             &mut self.last_frame,
             &mut self.closing,
+            None,
         );
         let down = forward(
             cx,
@@ -367,6 +452,7 @@ impl Relay {
             &mut self.caller,
             &mut self.last_frame,
             &mut self.closing,
+            Some(&mut self.meter),
         );
         if up.is_ready() && down.is_ready() {
             return Poll::Ready(Progress::Done);
@@ -396,7 +482,8 @@ impl Relay {
     }
 }
 
-/// Sends `from`'s messages to `to` until `from` has nothing more for now, then flushes `to`.
+/// Sends `from`'s messages to `to` until `from` has nothing more for now, then flushes `to`;
+/// `meter` reads the text messages on the way (the instance's, for their usage).
 /// Ready once `from` has ended and all of it was passed on (or `to` broke).
 fn forward(
     cx: &mut Context<'_>,
@@ -404,6 +491,7 @@ fn forward(
     to: &mut Side,
     last_frame: &mut Instant,
     closing: &mut bool,
+    mut meter: Option<&mut SessionMeter>,
 ) -> Poll<()> {
     loop {
         if let Some(message) = to.outgoing.take()
@@ -432,6 +520,9 @@ fn forward(
                 if message.is_close() {
                     from.sent_close = true;
                     *closing = true;
+                }
+                if let (Some(meter), Message::Text(text)) = (meter.as_deref_mut(), &message) {
+                    meter.observe(text);
                 }
                 to.outgoing = Some(message);
             }

@@ -9,7 +9,9 @@ use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
-use crate::realtime::Realtime;
+use aoai_balance::{Deployment, ServedBy};
+
+use crate::realtime::{Realtime, SessionMeter};
 
 /// Whether `request` has the `Host` RFC 9112 requires of HTTP/1.1: exactly one, an authority
 /// (`host[:port]`, no user info). Other versions carry theirs elsewhere (HTTP/2's
@@ -117,13 +119,21 @@ pub(crate) fn bridge_if_switched<B>(
     caller: OnUpgrade,
     response: &mut Response<B>,
     realtime: &Realtime,
+    mut meter: SessionMeter,
 ) {
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         return;
     }
     let backend = hyper::upgrade::on(&mut *response);
     if is_websocket(response.headers()) {
-        realtime.relay(caller, backend);
+        let extensions = response.extensions();
+        meter.instance = extensions
+            .get::<ServedBy>()
+            .map(|served_by| served_by.shared_name().clone());
+        meter.deployment = extensions
+            .get::<Deployment>()
+            .map(|deployment| deployment.name().clone());
+        realtime.relay(caller, backend, meter);
         return;
     }
     tokio::spawn(async move {

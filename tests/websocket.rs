@@ -672,3 +672,66 @@ async fn a_text_conversation_with_the_emulator_through_the_gateway() {
         assert!(!everything.contains("the-callers"), "{everything}");
     }
 }
+
+/// A Realtime session's responses are counted as their `response.done` events pass: in the
+/// metrics, by caller, and against the caller's tokens per minute, so that a caller that spent
+/// its minute in a session is refused its next request.
+#[tokio::test]
+async fn a_sessions_usage_is_counted_and_charged_to_its_caller() {
+    use aoai_tower::GatewayMetrics;
+    use aoai_tower::usage::{Caller, CallerLimits, TokenLimiter};
+
+    let sims = support::sims_with(1, |config| config.reply_tokens(40)).await;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let gateway = support::builder_over(&sims)
+        .metrics(GatewayMetrics::new(&mut registry))
+        .token_limiter(TokenLimiter::new())
+        .build()
+        .unwrap();
+    // The app's own auth names the caller: 30 tokens a minute.
+    let app = Router::new()
+        .nest_service("/openai", gateway)
+        .layer(axum::middleware::map_request(
+            |mut request: axum::extract::Request| async move {
+                let limits = CallerLimits {
+                    tokens_per_minute: Some(30),
+                    requests_per_minute: None,
+                };
+                request
+                    .extensions_mut()
+                    .insert(Caller::new("voice-team").with_limits(limits));
+                request
+            },
+        ));
+    let base = serve(app).await;
+    let (mut session, _) = connect(&base).await;
+    assert_eq!(next_event(&mut session).await["type"], "session.created");
+    let create =
+        serde_json::json!({ "type": "response.create", "response": { "modalities": ["text"] } });
+    session
+        .send(Message::text(create.to_string()))
+        .await
+        .unwrap();
+    let usage = loop {
+        let event = next_event(&mut session).await;
+        if event["type"] == "response.done" {
+            break event["response"]["usage"].clone();
+        }
+    };
+    let output = usage["output_tokens"].as_u64().unwrap();
+    assert!(output >= 40, "{usage}");
+
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let line = format!(
+        r#"aoai_gateway_tokens_total{{instance="a",deployment="gpt-4o-realtime",caller="voice-team",gen_ai_token_type="output"}} {output}"#
+    );
+    assert!(text.contains(&line), "no {line} in {text}");
+
+    // The minute is spent: the next request of this caller is refused, no instance asked.
+    let before = sims[0].request_count();
+    let refused = support::chat(&support::client(), &base).await;
+    assert_eq!(refused.status(), 429);
+    assert_eq!(sims[0].request_count(), before);
+    session.close(None).await.unwrap();
+}

@@ -381,3 +381,20 @@ async fn the_error_names_the_caller_and_nothing_else_about_it() {
     assert!(!debug.contains("secret"), "{debug}");
     assert!(!refused.to_string().contains("secret"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn tokens_charged_outside_an_answer_count_against_the_minute() {
+    let limiter = TokenLimiter::new();
+    let team = caller("realtime-team", Some(1_000), None);
+    // A Realtime session's responses, as each reports its usage.
+    limiter.charge(&team, 600);
+    limiter.charge(&team, 300);
+    let refused = limiter.admit(&team, 150).unwrap_err();
+    assert_eq!(refused.retry_after(), Duration::from_secs(3));
+    tokio::time::advance(Duration::from_secs(3)).await;
+    drop(limiter.admit(&team, 150).unwrap());
+    // No limit, no charge: nothing remembered.
+    let free = caller("free", None, None);
+    limiter.charge(&free, 1_000_000);
+    drop(limiter.admit(&free, 1_000_000).unwrap());
+}

@@ -111,9 +111,19 @@ impl TokenLimiter {
         Ok(Admission { reservation })
     }
 
+    /// Charges `caller` `tokens` used outside a request's answer, as they are reported: a
+    /// Realtime session's responses, say (each `response.done` carries its usage). A caller
+    /// without a tokens-per-minute limit is not charged. Its next requests wait out what this
+    /// takes past the bucket's empty.
+    pub fn charge(&self, caller: &Caller, tokens: u64) {
+        if let Some(per_minute) = caller.limits().tokens_per_minute {
+            self.adjust(caller.shared_name(), per_minute, 0, tokens);
+        }
+    }
+
     /// Charges `caller` what an answer used beyond what its admission reserved, or gives back
     /// what it reserved too much.
-    fn charge(&self, caller: &Arc<str>, per_minute: u64, reserved: u64, used: u64) {
+    fn adjust(&self, caller: &Arc<str>, per_minute: u64, reserved: u64, used: u64) {
         if used == reserved {
             return;
         }
@@ -184,7 +194,7 @@ impl Admission {
     /// or given back. With `None` the estimate stands.
     pub fn settle(self, usage: Option<&Usage>) {
         if let (Some(reservation), Some(usage)) = (self.reservation, usage) {
-            reservation.limiter.charge(
+            reservation.limiter.adjust(
                 &reservation.caller,
                 reservation.per_minute,
                 reservation.reserved,
