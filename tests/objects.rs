@@ -53,6 +53,25 @@ fn count(sims: &[SimHandle], kind: ObjectKind) -> Vec<usize> {
     sims.iter().map(|sim| sim.object_count(kind)).collect()
 }
 
+/// A response stored through a gateway over `sims` that is gone after: the instance that holds
+/// it, and its id.
+async fn stored_response(sims: &[SimHandle]) -> (String, String) {
+    let before = serve_gateway(builder_over(sims).build().unwrap()).await;
+    let first = post(
+        &before,
+        RESPONSES,
+        &json!({ "model": "gpt-4o", "input": "Hi" }),
+    )
+    .await;
+    assert_eq!(first.status(), 200);
+    let home = served_by(&first);
+    let id = first.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    (home, id)
+}
+
 #[tokio::test]
 async fn a_responses_conversation_stays_on_the_instance_of_its_first_turn() {
     let sims = sims(2).await;
@@ -93,18 +112,7 @@ async fn a_responses_conversation_stays_on_the_instance_of_its_first_turn() {
 #[tokio::test]
 async fn after_a_restart_the_gateway_finds_the_instance_by_asking_without_harm_to_the_others() {
     let sims = sims(2).await;
-    let before = serve_gateway(builder_over(&sims).build().unwrap()).await;
-    let first = post(
-        &before,
-        RESPONSES,
-        &json!({ "model": "gpt-4o", "input": "Hi" }),
-    )
-    .await;
-    let home = served_by(&first);
-    let id = first.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (home, id) = stored_response(&sims).await;
 
     // A new gateway (a restart, or another replica) knows nothing of it. Several follow-ups,
     // so that round-robin sends at least one to the other instance first.
@@ -268,18 +276,7 @@ async fn a_creation_refused_with_429_or_503_is_made_once_elsewhere() {
 #[tokio::test]
 async fn an_object_on_a_cooling_instance_is_still_asked_for_there() {
     let sims = sims(2).await;
-    let before = serve_gateway(builder_over(&sims).build().unwrap()).await;
-    let first = post(
-        &before,
-        RESPONSES,
-        &json!({ "model": "gpt-4o", "input": "Hi" }),
-    )
-    .await;
-    let home_name = served_by(&first);
-    let id = first.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (home_name, id) = stored_response(&sims).await;
     let home = sims.iter().find(|sim| sim.name() == home_name).unwrap();
 
     // A new gateway, whose first requests cool the home instance down for gpt-4o (a 429 asking
