@@ -29,8 +29,7 @@
 //! `target/release/examples/gateway`.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use aoai_tower::Gateway;
@@ -41,6 +40,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+#[path = "support/process.rs"]
+mod process;
+
+use process::{gateway_binary, load_average, machine, open_fds, proc_status_kib, spawn_gateway};
 
 /// Frames per timed round, and their size: small ones (the relay's cost per message), and
 /// frames the size of a Realtime audio event (base64 audio in JSON: 32 KiB is about 680 ms of
@@ -63,6 +67,7 @@ const SETTLE: Duration = Duration::from_secs(1);
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest the whole bench may take.
 const RUN_TIMEOUT: Duration = Duration::from_secs(300);
+/// Longest build of a missing gateway binary.
 const BUILD_TIMEOUT: Duration = Duration::from_secs(1800);
 /// A gateway binary to measure instead of `target/release/examples/gateway`.
 const GATEWAY_ENV: &str = "AOAI_REALTIME_GATEWAY";
@@ -72,7 +77,8 @@ type Error = String;
 type Session = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 fn main() {
-    let gateway = gateway_binary().unwrap_or_else(|e| panic!("{e}"));
+    let gateway =
+        gateway_binary("realtime", GATEWAY_ENV, BUILD_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     let result = runtime.block_on(async { timeout(RUN_TIMEOUT, run(&gateway)).await });
     match result {
@@ -235,131 +241,6 @@ async fn measure_frames_per_second(instance: SocketAddr) -> Result<Vec<Throughpu
 // ---------------------------------------------------------------------------------------------
 // 2. Idle sessions.
 
-/// A child process, killed and reaped when dropped (also while unwinding from a panic).
-struct ChildGuard(Child);
-
-impl ChildGuard {
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-
-    fn check_alive(&mut self) -> Result<(), Error> {
-        match self.0.try_wait() {
-            Ok(None) => Ok(()),
-            Ok(Some(status)) => Err(format!("the gateway exited: {status}")),
-            Err(e) => Err(format!("cannot check the gateway: {e}")),
-        }
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// The gateway to measure: `$AOAI_REALTIME_GATEWAY`, else `target/release/examples/gateway`
-/// (next to this bench's `target/release/deps/`), built with cargo when missing.
-fn gateway_binary() -> Result<PathBuf, Error> {
-    if let Some(path) = std::env::var_os(GATEWAY_ENV) {
-        let path = PathBuf::from(path);
-        if !path.is_file() {
-            return Err(format!("{GATEWAY_ENV}={} is not a file", path.display()));
-        }
-        return Ok(path);
-    }
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find the bench binary: {e}"))?;
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .ok_or("the bench binary is not in target/<profile>/deps")?;
-    let path = profile_dir
-        .join("examples")
-        .join(format!("gateway{}", std::env::consts::EXE_SUFFIX));
-    if path.exists() {
-        return Ok(path);
-    }
-    let missing = || {
-        format!(
-            "{} is missing: run `cargo build --release --example gateway` first",
-            path.display()
-        )
-    };
-    eprintln!("realtime bench: building the gateway: cargo build --release --example gateway");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut build = Command::new(cargo)
-        .args(["build", "--release", "--example", "gateway"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stdin(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("cannot run cargo ({e}); {}", missing()))?;
-    let deadline = Instant::now() + BUILD_TIMEOUT;
-    loop {
-        match build.try_wait() {
-            Ok(Some(status)) if status.success() && path.exists() => return Ok(path),
-            Ok(Some(_)) | Err(_) => return Err(missing()),
-            Ok(None) if Instant::now() > deadline => {
-                let _ = build.kill();
-                let _ = build.wait();
-                return Err(missing());
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(200)),
-        }
-    }
-}
-
-/// Starts the gateway example in front of `instance` and waits until it accepts connections.
-async fn spawn_gateway(
-    binary: &Path,
-    instance: SocketAddr,
-) -> Result<(ChildGuard, SocketAddr), Error> {
-    let listen = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| format!("cannot find a free port: {e}"))?;
-    let child = Command::new(binary)
-        .arg("--listen")
-        .arg(listen.to_string())
-        .arg("--backend")
-        .arg(format!("bench=http://{instance}"))
-        .args(["--auth", "none"])
-        // One info line per handshake would only cost the gateway time and memory here.
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
-    let mut gateway = ChildGuard(child);
-    let deadline = Instant::now() + STEP_TIMEOUT;
-    loop {
-        gateway.check_alive()?;
-        if TcpStream::connect(listen).await.is_ok() {
-            return Ok((gateway, listen));
-        }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "the gateway did not listen on {listen} within {STEP_TIMEOUT:?}"
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// A `Field: N kB` line of `/proc/PID/status`, in KiB.
-fn proc_status_kib(pid: u32, field: &str) -> Result<u64, Error> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .map_err(|e| format!("cannot read /proc/{pid}/status: {e}"))?;
-    text.lines()
-        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or_else(|| format!("no {field} in /proc/{pid}/status"))
-}
-
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
-}
-
 /// Opens `count` sessions through `addr`, [`OPENING_CONCURRENCY`] at a time; each sends one
 /// frame and reads its echo before it is returned.
 async fn open_sessions(addr: SocketAddr, count: usize) -> Result<Vec<Session>, Error> {
@@ -424,27 +305,6 @@ async fn measure_idle_sessions(binary: &Path, instance: SocketAddr) -> Result<Id
 
 // ---------------------------------------------------------------------------------------------
 // The report.
-
-fn machine() -> String {
-    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find_map(|l| l.strip_prefix("model name")?.split_once(':'))
-                .map(|(_, model)| model.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_owned());
-    format!("nproc {cpus}, {model}")
-}
-
-/// The 1-minute load average: other work on the machine slows both routes down.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
-        .unwrap_or_else(|| "unknown".to_owned())
-}
 
 fn print_report(load_at_start: &str, throughput: &[Throughput], idle: &IdleReport) {
     println!();

@@ -34,10 +34,10 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
@@ -54,6 +54,14 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{MissedTickBehavior, timeout};
+
+#[path = "support/process.rs"]
+mod process;
+
+use process::{
+    ChildGuard, gateway_binary, load_average, machine, open_fds, proc_kib, proc_status_kib,
+    spawn_gateway,
+};
 
 /// Set in the environment of the re-executed bench binary that serves the idle streams.
 const BACKEND_ENV: &str = "AOAI_STREAM_BACKEND";
@@ -104,7 +112,8 @@ fn main() {
         idle_backend_main();
         return;
     }
-    let gateway = gateway_binary().unwrap_or_else(|e| panic!("{e}"));
+    let gateway =
+        gateway_binary("streaming", GATEWAY_ENV, BUILD_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     let result = runtime.block_on(async { timeout(RUN_TIMEOUT, run(&gateway)).await });
     match result {
@@ -129,169 +138,6 @@ async fn run(gateway: &Path) -> Result<(), Error> {
 // ---------------------------------------------------------------------------------------------
 // Child processes.
 
-/// A child process, killed and reaped when dropped (also while unwinding from a panic).
-struct ChildGuard {
-    name: &'static str,
-    child: Child,
-}
-
-impl ChildGuard {
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// An error if the child has exited.
-    fn check_alive(&mut self) -> Result<(), Error> {
-        match self.child.try_wait() {
-            Ok(None) => Ok(()),
-            Ok(Some(status)) => Err(format!("the {} process exited: {status}", self.name)),
-            Err(e) => Err(format!("cannot check the {} process: {e}", self.name)),
-        }
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The gateway to measure: `$AOAI_STREAM_GATEWAY`, else `target/release/examples/gateway`
-/// (next to this bench's `target/release/deps/`), built with cargo when missing.
-fn gateway_binary() -> Result<PathBuf, Error> {
-    if let Some(path) = std::env::var_os(GATEWAY_ENV) {
-        let path = PathBuf::from(path);
-        if !path.is_file() {
-            return Err(format!("{GATEWAY_ENV}={} is not a file", path.display()));
-        }
-        return Ok(path);
-    }
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find the bench binary: {e}"))?;
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .ok_or("the bench binary is not in target/<profile>/deps")?;
-    let path = profile_dir
-        .join("examples")
-        .join(format!("gateway{}", std::env::consts::EXE_SUFFIX));
-    let missing = || {
-        format!(
-            "{} is missing: run `cargo build --release --example gateway` first",
-            path.display()
-        )
-    };
-    if path.exists() {
-        if let Some(source) = newer_source(&path) {
-            eprintln!(
-                "warning: {} is older than {}: run `cargo build --release --example gateway` \
-                 to measure the current sources",
-                path.display(),
-                source.display()
-            );
-        }
-        return Ok(path);
-    }
-    eprintln!("streaming bench: building the gateway: cargo build --release --example gateway");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut build = Command::new(cargo)
-        .args(["build", "--release", "--example", "gateway"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stdin(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("cannot run cargo ({e}); {}", missing()))?;
-    let deadline = Instant::now() + BUILD_TIMEOUT;
-    loop {
-        match build.try_wait() {
-            Ok(Some(status)) if status.success() && path.exists() => return Ok(path),
-            Ok(Some(_)) | Err(_) => return Err(missing()),
-            Ok(None) if Instant::now() > deadline => {
-                let _ = build.kill();
-                let _ = build.wait();
-                return Err(missing());
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(200)),
-        }
-    }
-}
-
-/// A source file of the gateway modified after `binary` was built, if any.
-fn newer_source(binary: &Path) -> Option<PathBuf> {
-    fn walk(dir: &Path, built: SystemTime, found: &mut Option<PathBuf>) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                if path.file_name().is_some_and(|n| n != "target") {
-                    walk(&path, built, found);
-                }
-            } else if path
-                .extension()
-                .is_some_and(|e| e == "rs" || e == "toml" || e == "lock")
-                && entry
-                    .metadata()
-                    .and_then(|m| m.modified())
-                    .is_ok_and(|m| m > built)
-            {
-                *found = Some(path);
-            }
-        }
-    }
-    let built = std::fs::metadata(binary).and_then(|m| m.modified()).ok()?;
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut found = None;
-    let mut dirs = vec![root.join("src"), root.join("examples/gateway")];
-    if let Ok(crates) = std::fs::read_dir(root.join("crates")) {
-        dirs.extend(crates.flatten().map(|c| c.path().join("src")));
-    }
-    for dir in dirs {
-        walk(&dir, built, &mut found);
-    }
-    found
-}
-
-/// Starts the gateway in front of one backend and waits until it accepts connections.
-async fn spawn_gateway(
-    binary: &Path,
-    backend: SocketAddr,
-) -> Result<(ChildGuard, SocketAddr), Error> {
-    let listen = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| format!("cannot find a free port: {e}"))?;
-    let child = Command::new(binary)
-        .arg("--listen")
-        .arg(listen.to_string())
-        .arg("--backend")
-        .arg(format!("bench=http://{backend}"))
-        .args(["--auth", "none"])
-        // One info line per request would only cost the gateway time and memory here.
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
-    let mut gateway = ChildGuard {
-        name: "gateway",
-        child,
-    };
-    let deadline = Instant::now() + STEP_TIMEOUT;
-    loop {
-        gateway.check_alive()?;
-        if TcpStream::connect(listen).await.is_ok() {
-            return Ok((gateway, listen));
-        }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "the gateway did not listen on {listen} within {STEP_TIMEOUT:?}"
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Re-executes this binary as the idle-stream backend and reads the port it listens on.
 fn spawn_idle_backend() -> Result<(ChildGuard, SocketAddr), Error> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find the bench binary: {e}"))?;
@@ -303,10 +149,7 @@ fn spawn_idle_backend() -> Result<(ChildGuard, SocketAddr), Error> {
         .stderr(Stdio::inherit())
         .spawn()
         .map_err(|e| format!("cannot start the backend process: {e}"))?;
-    let mut backend = ChildGuard {
-        name: "backend",
-        child,
-    };
+    let mut backend = ChildGuard::new("backend", child);
     let stdout = backend.child.stdout.take().ok_or("no backend stdout")?;
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -811,25 +654,6 @@ impl IdleReport {
     }
 }
 
-/// A field of `/proc/PID/status`, in KiB (`VmRSS`, `VmHWM`).
-fn proc_status_kib(pid: u32, field: &str) -> Result<u64, Error> {
-    proc_kib(pid, "status", field)
-}
-
-/// A `Field: N kB` line of `/proc/PID/FILE`, in KiB.
-fn proc_kib(pid: u32, file: &str, field: &str) -> Result<u64, Error> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}"))
-        .map_err(|e| format!("cannot read /proc/{pid}/{file}: {e}"))?;
-    text.lines()
-        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or_else(|| format!("no {field} in /proc/{pid}/{file}"))
-}
-
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
-}
-
 /// The soft limit on open files of this process, which the gateway and the backend inherit;
 /// `None` when unlimited or unknown.
 fn fd_limit() -> Option<usize> {
@@ -1003,27 +827,6 @@ fn micros(d: Duration) -> String {
 fn signed_micros(later: Duration, earlier: Duration) -> String {
     let diff = later.as_secs_f64() - earlier.as_secs_f64();
     format!("{:+.1} µs", diff * 1e6)
-}
-
-fn machine() -> String {
-    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find_map(|l| l.strip_prefix("model name")?.split_once(':'))
-                .map(|(_, model)| model.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_owned());
-    format!("nproc {cpus}, {model}")
-}
-
-/// The 1-minute load average: other work on the machine shows up in the tail latencies.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
-        .unwrap_or_else(|| "unknown".to_owned())
 }
 
 fn verdict(met: bool) -> &'static str {
