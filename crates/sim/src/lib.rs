@@ -91,6 +91,13 @@
 //!   `response.audio.done` and `response.audio_transcript.done`),
 //!   `response.content_part.done`, `response.output_item.done` and `response.done` with `usage`.
 //!   Paced and held like SSE chunks; `response.cancel` ends it with a cancelled `response.done`.
+//! - Those are the preview names, on `/openai/realtime`. `/openai/v1/realtime` speaks GA:
+//!   `response.output_text.delta`/`.done`, `response.output_audio.delta`/`.done`,
+//!   `response.output_audio_transcript.delta`/`.done`, `conversation.item.added` then
+//!   `conversation.item.done` for `conversation.item.created`, assistant content `output_text`
+//!   or `output_audio`; its session has `type: "realtime"`, `output_modalities` and
+//!   `audio.input`/`audio.output` (`format`, `voice`), and `session.update` takes that shape
+//!   (the preview fields get `unknown_parameter`).
 //! - Unknown or malformed events get an `error` event; the session goes on.
 //! - Binary frames come back unchanged, pings get pongs, and a close frame is echoed with its
 //!   code and reason.

@@ -1,6 +1,7 @@
 //! The Realtime API: `GET /openai/realtime?api-version=...&deployment=...` (preview) and
 //! `GET /openai/v1/realtime?model=...` (GA), upgraded to a WebSocket that answers the client's
-//! events with the server events of Azure's Realtime API.
+//! events with the server events of Azure's Realtime API. The path chooses the [`Dialect`]: the
+//! preview path speaks the preview (beta) events and session, the GA path the GA ones.
 //!
 //! The handshake goes through the `front` middleware like any request: it is recorded, takes
 //! the next queued fault, and gets Azure's 401 without credentials (here an `api-key` query
@@ -50,6 +51,111 @@ const CLIENT_EVENTS: &str = "'session.update', 'input_audio_buffer.append', \
      'input_audio_buffer.commit', 'input_audio_buffer.clear', 'conversation.item.create', \
      'conversation.item.truncate', 'conversation.item.delete', 'response.create', and \
      'response.cancel'";
+
+// ---- the dialects ----
+
+/// Which version of the Realtime protocol a session speaks, chosen by the path it was opened on.
+/// One code path serves both: the dialect names the events and shapes the session, the
+/// response and the items.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dialect {
+    /// `/openai/realtime?api-version=...`: the preview (beta) protocol.
+    Preview,
+    /// `/openai/v1/realtime`: the GA protocol (`gpt-realtime`), the same as OpenAI's GA
+    /// Realtime API.
+    Ga,
+}
+
+/// The server events the GA protocol renamed, from their preview names.
+///
+/// Sources: Microsoft Learn, "Migration from Preview to GA version of Realtime API"
+/// (learn.microsoft.com/azure/foundry/openai/how-to/realtime-audio-preview-api-migration-guide)
+/// for the three `.delta` renames, the new `conversation.item.added` and `conversation.item.done`
+/// events, the `output_text`/`output_audio` content types of assistant messages and
+/// `session.type`; the GA types of openai-python (`src/openai/types/realtime/`, which the guide
+/// names as the reference SDK) for `response.output_text.done`,
+/// `response.output_audio_transcript.done`, the GA session (`audio.input`/`audio.output`,
+/// `output_modalities`, `max_output_tokens`) and the GA response object. `response.audio.done`
+/// becomes `response.output_audio.done` like its `.delta`, as GA clients expect it.
+const GA_NAMES: [(&str, &str); 7] = [
+    ("conversation.item.created", "conversation.item.added"),
+    ("response.text.delta", "response.output_text.delta"),
+    ("response.text.done", "response.output_text.done"),
+    ("response.audio.delta", "response.output_audio.delta"),
+    ("response.audio.done", "response.output_audio.done"),
+    (
+        "response.audio_transcript.delta",
+        "response.output_audio_transcript.delta",
+    ),
+    (
+        "response.audio_transcript.done",
+        "response.output_audio_transcript.done",
+    ),
+];
+
+/// The preview session fields the GA session moved or dropped (`voice`, the formats, the
+/// transcription, noise reduction, turn detection and speed went under `audio.input` or
+/// `audio.output`; `modalities` is `output_modalities`, `max_response_output_tokens` is
+/// `max_output_tokens`; `temperature` is gone). GA answers them with `unknown_parameter`.
+const PREVIEW_SESSION_FIELDS: [&str; 10] = [
+    "modalities",
+    "voice",
+    "input_audio_format",
+    "output_audio_format",
+    "input_audio_transcription",
+    "input_audio_noise_reduction",
+    "turn_detection",
+    "temperature",
+    "max_response_output_tokens",
+    "speed",
+];
+
+/// The preview `response.create` options the GA one has not (it has `output_modalities`,
+/// `audio.output.voice` and `audio.output.format`).
+const PREVIEW_RESPONSE_FIELDS: [&str; 5] = [
+    "modalities",
+    "voice",
+    "output_audio_format",
+    "temperature",
+    "max_response_output_tokens",
+];
+
+impl Dialect {
+    /// The dialect of a Realtime path: GA on [`V1_PATH`], else preview.
+    fn of(path: &str) -> Self {
+        if path == V1_PATH {
+            Self::Ga
+        } else {
+            Self::Preview
+        }
+    }
+
+    /// This dialect's name for the server event named `preview` in the preview protocol.
+    fn name(self, preview: &'static str) -> &'static str {
+        match self {
+            Self::Preview => preview,
+            Self::Ga => GA_NAMES
+                .iter()
+                .find(|(from, _)| *from == preview)
+                .map_or(preview, |(_, to)| to),
+        }
+    }
+
+    /// The content type of an assistant message's text or audio (`kind` is `text` or `audio`).
+    /// The parts of `response.content_part.*` keep `text` and `audio` in both dialects.
+    fn output_content(self, kind: &'static str) -> &'static str {
+        match (self, kind) {
+            (Self::Ga, "text") => "output_text",
+            (Self::Ga, "audio") => "output_audio",
+            _ => kind,
+        }
+    }
+}
+
+/// pcm16 at 24 kHz, in the GA session's shape.
+fn pcm_format() -> Value {
+    json!({"type": "audio/pcm", "rate": 24000})
+}
 
 // ---- the instance's sessions ----
 
@@ -128,9 +234,11 @@ pub(crate) fn key_in_query(state: &SimState, uri: &Uri) -> bool {
 /// `GET` on a Realtime path: 400 without a deployment, else the upgrade.
 pub(crate) async fn realtime(
     State(state): State<SimState>,
+    uri: Uri,
     RawQuery(query): RawQuery,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    let dialect = Dialect::of(uri.path());
     let query = query.as_deref();
     let Some(model) = query_param(query, "deployment")
         .or_else(|| query_param(query, "model"))
@@ -146,7 +254,7 @@ pub(crate) async fn realtime(
         // Browsers offer the `realtime` subprotocol; take it when offered.
         Ok(upgrade) => upgrade
             .protocols(["realtime"])
-            .on_upgrade(move |socket| run(state, socket, model)),
+            .on_upgrade(move |socket| run(state, socket, model, dialect)),
         Err(rejection) => json_error(
             rejection.status(),
             "websocket_upgrade_required",
@@ -205,10 +313,10 @@ fn percent_decode(text: &str) -> String {
 // ---- the session ----
 
 /// Serve one session until either side closes it or the instance shuts down.
-async fn run(state: SimState, mut socket: WebSocket, model: String) {
+async fn run(state: SimState, mut socket: WebSocket, model: String, dialect: Dialect) {
     let mut counted = Counted::new(&state);
     let mut stop = state.realtime().stop.subscribe();
-    let mut session = Session::new(state, &model);
+    let mut session = Session::new(state, &model, dialect);
     let mut active: Option<Active> = None;
     if send(&mut socket, &session.created()).await.is_err() {
         return;
@@ -305,9 +413,11 @@ struct Item {
     audio_bytes: usize,
 }
 
-/// What one session remembers: the session object, the conversation and the audio buffer.
+/// What one session remembers: its dialect, the session object, the conversation and the audio
+/// buffer.
 struct Session {
     state: SimState,
+    dialect: Dialect,
     session: Map<String, Value>,
     conversation_id: String,
     items: Vec<Item>,
@@ -334,6 +444,15 @@ impl Problem {
         Self {
             code: "invalid_value",
             message,
+            param: Some(param.to_owned()),
+        }
+    }
+
+    /// A field the dialect does not know (GA, for the preview fields it renamed).
+    fn unknown(param: &str) -> Self {
+        Self {
+            code: "unknown_parameter",
+            message: format!("Unknown parameter: '{param}'."),
             param: Some(param.to_owned()),
         }
     }
@@ -385,37 +504,94 @@ fn content_chars(item: &Map<String, Value>) -> usize {
         .sum()
 }
 
+/// Whether `modalities` is an array of `text` and `audio`; in GA, exactly one of them (GA
+/// answers with audio and its transcript, or with text, never both).
+fn valid_modalities(dialect: Dialect, modalities: &Value) -> bool {
+    modalities.as_array().is_some_and(|modalities| {
+        modalities.iter().all(|m| m == "text" || m == "audio")
+            && (dialect == Dialect::Preview || modalities.len() == 1)
+    })
+}
+
+/// `output_modalities`, when `fields` (the `session` of a GA `session.update`, or the `response`
+/// of a GA `response.create`, named `parent`) has it, must be `["text"]` or `["audio"]`.
+fn check_ga_modalities(fields: &Map<String, Value>, parent: &str) -> Result<(), Problem> {
+    match fields.get("output_modalities") {
+        Some(modalities) if !valid_modalities(Dialect::Ga, modalities) => Err(Problem::invalid(
+            &format!("{parent}.output_modalities"),
+            "Invalid 'output_modalities': expected ['text'] or ['audio'].".to_owned(),
+        )),
+        _ => Ok(()),
+    }
+}
+
 impl Session {
-    fn new(state: SimState, model: &str) -> Self {
-        let session = json!({
-            "id": ids::id("sess_", 21),
-            "object": "realtime.session",
-            "model": model,
-            "expires_at": ids::unix_now() + 30 * 60,
-            "modalities": ["text", "audio"],
-            "instructions": DEFAULT_INSTRUCTIONS,
-            "voice": "alloy",
-            "input_audio_format": "pcm16",
-            "output_audio_format": "pcm16",
-            "input_audio_transcription": null,
-            "turn_detection": {
-                "type": "server_vad",
-                "threshold": 0.5,
-                "prefix_padding_ms": 300,
-                "silence_duration_ms": 200,
-                "create_response": true,
-                "interrupt_response": true,
-            },
-            "tools": [],
-            "tool_choice": "auto",
-            "temperature": 0.8,
-            "max_response_output_tokens": "inf",
+    fn new(state: SimState, model: &str, dialect: Dialect) -> Self {
+        let turn_detection = json!({
+            "type": "server_vad",
+            "threshold": 0.5,
+            "prefix_padding_ms": 300,
+            "silence_duration_ms": 200,
+            "create_response": true,
+            "interrupt_response": true,
         });
+        let session = match dialect {
+            Dialect::Preview => json!({
+                "id": ids::id("sess_", 21),
+                "object": "realtime.session",
+                "model": model,
+                "expires_at": ids::unix_now() + 30 * 60,
+                "modalities": ["text", "audio"],
+                "instructions": DEFAULT_INSTRUCTIONS,
+                "voice": "alloy",
+                "input_audio_format": "pcm16",
+                "output_audio_format": "pcm16",
+                "input_audio_transcription": null,
+                "turn_detection": turn_detection,
+                "tools": [],
+                "tool_choice": "auto",
+                "temperature": 0.8,
+                "max_response_output_tokens": "inf",
+            }),
+            // GA's session (openai-python's `RealtimeSessionCreateResponse`): `type`, the audio
+            // settings under `audio.input` and `audio.output`, and `output_modalities`, which
+            // defaults to `["audio"]` (audio and its transcript).
+            Dialect::Ga => json!({
+                "type": "realtime",
+                "id": ids::id("sess_", 21),
+                "object": "realtime.session",
+                "model": model,
+                "expires_at": ids::unix_now() + 30 * 60,
+                "output_modalities": ["audio"],
+                "instructions": DEFAULT_INSTRUCTIONS,
+                "audio": {
+                    "input": {
+                        "format": pcm_format(),
+                        "transcription": null,
+                        "noise_reduction": null,
+                        "turn_detection": merged(&turn_detection, json!({"idle_timeout_ms": null})),
+                    },
+                    "output": {
+                        "format": pcm_format(),
+                        "voice": "alloy",
+                        "speed": 1.0,
+                    },
+                },
+                "tools": [],
+                "tool_choice": "auto",
+                "max_output_tokens": "inf",
+                "tracing": null,
+                "truncation": "auto",
+                "prompt": null,
+                "include": null,
+            }),
+        };
         let Value::Object(session) = session else {
             unreachable!("a JSON object literal")
         };
         Self {
             state,
+            dialect,
             session,
             conversation_id: ids::id("conv_", 21),
             items: Vec::new(),
@@ -479,11 +655,23 @@ impl Session {
     }
 
     /// `session.update`: merge the fields sent into the session (its `id`, `object` and
-    /// `expires_at` stay). The GA name `output_modalities` sets `modalities` too.
+    /// `expires_at` stay), as the dialect shapes them.
     fn update(&mut self, event: &Map<String, Value>) -> Result<Vec<Value>, Problem> {
         let Some(Value::Object(update)) = event.get("session") else {
             return Err(Problem::missing("session"));
         };
+        match self.dialect {
+            Dialect::Preview => self.update_preview(update)?,
+            Dialect::Ga => self.update_ga(update)?,
+        }
+        Ok(vec![self::event(
+            "session.updated",
+            json!({"session": self.session}),
+        )])
+    }
+
+    /// A preview `session.update`. The GA name `output_modalities` sets `modalities` too.
+    fn update_preview(&mut self, update: &Map<String, Value>) -> Result<(), Problem> {
         for key in ["modalities", "output_modalities"] {
             let valid = update.get(key).is_none_or(|modalities| {
                 modalities.as_array().is_some_and(|modalities| {
@@ -508,10 +696,103 @@ impl Session {
             self.session
                 .insert("modalities".to_owned(), modalities.clone());
         }
-        Ok(vec![self::event(
-            "session.updated",
-            json!({"session": self.session}),
-        )])
+        Ok(())
+    }
+
+    /// A GA `session.update`: `type` is required (`realtime`: the emulator has no transcription
+    /// sessions), the preview fields GA moved are unknown, and `audio.input` and `audio.output`
+    /// are merged field by field.
+    fn update_ga(&mut self, update: &Map<String, Value>) -> Result<(), Problem> {
+        match update.get("type") {
+            None => return Err(Problem::missing("session.type")),
+            Some(kind) if kind == "realtime" => {}
+            Some(kind) => {
+                let kind = kind
+                    .as_str()
+                    .map_or_else(|| kind.to_string(), str::to_owned);
+                return Err(Problem::invalid(
+                    "session.type",
+                    format!("Invalid value: '{kind}'. Supported values are: 'realtime'."),
+                ));
+            }
+        }
+        if let Some(field) = PREVIEW_SESSION_FIELDS
+            .iter()
+            .find(|field| update.contains_key(**field))
+        {
+            return Err(Problem::unknown(&format!("session.{field}")));
+        }
+        check_ga_modalities(update, "session")?;
+        let audio = match update.get("audio") {
+            None => None,
+            Some(Value::Object(audio)) => {
+                for (direction, fields) in audio {
+                    if !matches!(direction.as_str(), "input" | "output") {
+                        return Err(Problem::unknown(&format!("session.audio.{direction}")));
+                    }
+                    if !fields.is_object() {
+                        return Err(Problem::invalid(
+                            &format!("session.audio.{direction}"),
+                            format!("Invalid 'audio.{direction}': expected an object."),
+                        ));
+                    }
+                }
+                Some(audio)
+            }
+            Some(_) => {
+                return Err(Problem::invalid(
+                    "session.audio",
+                    "Invalid 'audio': expected an object.".to_owned(),
+                ));
+            }
+        };
+        for (key, value) in update {
+            if !matches!(
+                key.as_str(),
+                "id" | "object" | "expires_at" | "type" | "audio"
+            ) {
+                self.session.insert(key.clone(), value.clone());
+            }
+        }
+        // The session's `audio` is always an object: a GA update only ever merges into it.
+        if let Some(audio) = audio
+            && let Some(Value::Object(current)) = self.session.get_mut("audio")
+        {
+            for (direction, fields) in audio {
+                match (current.get_mut(direction), fields) {
+                    (Some(Value::Object(current)), Value::Object(fields)) => {
+                        current.extend(fields.clone());
+                    }
+                    _ => {
+                        current.insert(direction.clone(), fields.clone());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The events that say an item joined the conversation: preview's
+    /// `conversation.item.created`; GA's `conversation.item.added`, then
+    /// `conversation.item.done` (the item is complete).
+    fn item_added(&self, previous: Option<String>, item: &Value) -> Vec<Value> {
+        let body = json!({"previous_item_id": previous, "item": item});
+        let added = event(self.dialect.name("conversation.item.created"), body.clone());
+        match self.dialect {
+            Dialect::Preview => vec![added],
+            Dialect::Ga => vec![added, event("conversation.item.done", body)],
+        }
+    }
+
+    /// A `response.create` option, else the session's setting, under `audio.output` (GA).
+    fn audio_output(&self, options: &Map<String, Value>, key: &str) -> Value {
+        let pointer = format!("/output/{key}");
+        [options.get("audio"), self.session.get("audio")]
+            .into_iter()
+            .flatten()
+            .find_map(|audio| audio.pointer(&pointer))
+            .cloned()
+            .unwrap_or(Value::Null)
     }
 
     /// Where an item goes: after `previous_item_id` (`"root"`: first), else last.
@@ -568,10 +849,7 @@ impl Session {
                 audio_bytes: 0,
             },
         );
-        Ok(vec![self::event(
-            "conversation.item.created",
-            json!({"previous_item_id": previous, "item": item}),
-        )])
+        Ok(self.item_added(previous, &Value::Object(item)))
     }
 
     fn item_index(&self, event: &Map<String, Value>, code: &'static str) -> Result<usize, Problem> {
@@ -654,16 +932,13 @@ impl Session {
             "role": "user",
             "content": [{"type": "input_audio", "transcript": null}],
         });
-        Ok(vec![
-            event(
-                "input_audio_buffer.committed",
-                json!({"previous_item_id": previous, "item_id": id}),
-            ),
-            event(
-                "conversation.item.created",
-                json!({"previous_item_id": previous, "item": item}),
-            ),
-        ])
+        let committed = event(
+            "input_audio_buffer.committed",
+            json!({"previous_item_id": previous, "item_id": id}),
+        );
+        let mut events = vec![committed];
+        events.extend(self.item_added(previous, &item));
+        Ok(events)
     }
 
     /// A `response.create` option, else the session's setting.
@@ -703,19 +978,38 @@ impl Session {
                 ));
             }
         };
-        let modalities = match self.setting(&options, &["modalities", "output_modalities"]) {
-            Value::Null => json!(["text", "audio"]),
-            modalities => modalities,
+        let dialect = self.dialect;
+        let (modalities, max_tokens) = match dialect {
+            Dialect::Preview => (
+                self.setting(&options, &["modalities", "output_modalities"]),
+                self.setting(
+                    &options,
+                    &["max_output_tokens", "max_response_output_tokens"],
+                ),
+            ),
+            Dialect::Ga => {
+                if let Some(field) = PREVIEW_RESPONSE_FIELDS
+                    .iter()
+                    .find(|field| options.contains_key(**field))
+                {
+                    return Err(Problem::unknown(&format!("response.{field}")));
+                }
+                check_ga_modalities(&options, "response")?;
+                (
+                    self.setting(&options, &["output_modalities"]),
+                    self.setting(&options, &["max_output_tokens"]),
+                )
+            }
+        };
+        let modalities = match (modalities, dialect) {
+            (Value::Null, Dialect::Preview) => json!(["text", "audio"]),
+            (Value::Null, Dialect::Ga) => json!(["audio"]),
+            (modalities, _) => modalities,
         };
         let audio = modalities
             .as_array()
             .is_some_and(|modalities| modalities.iter().any(|m| m == "audio"));
-        let max_tokens = self
-            .setting(
-                &options,
-                &["max_output_tokens", "max_response_output_tokens"],
-            )
-            .as_u64();
+        let max_tokens = max_tokens.as_u64();
         let reply = reply(&self.state, max_tokens);
         let text = reply.text();
 
@@ -752,8 +1046,25 @@ impl Session {
             text_chars: text.chars().count(),
             audio_bytes: 0,
         });
+        // The response's settings: preview's flat fields, or GA's `output_modalities` and
+        // `audio.output` (openai-python's GA `RealtimeResponse`, which has no `temperature`).
+        let settings = match dialect {
+            Dialect::Preview => json!({
+                "modalities": modalities,
+                "voice": self.setting(&options, &["voice"]),
+                "output_audio_format": self.setting(&options, &["output_audio_format"]),
+                "temperature": self.setting(&options, &["temperature"]),
+            }),
+            Dialect::Ga => json!({
+                "output_modalities": modalities,
+                "audio": {"output": {
+                    "format": self.audio_output(&options, "format"),
+                    "voice": self.audio_output(&options, "voice"),
+                }},
+            }),
+        };
         let response = |status: &str, details: Value, output: Value, usage: Value| {
-            json!({
+            let response = json!({
                 "object": "realtime.response",
                 "id": response_id,
                 "status": status,
@@ -761,13 +1072,10 @@ impl Session {
                 "output": output,
                 "usage": usage,
                 "conversation_id": self.conversation_id,
-                "modalities": modalities,
-                "voice": self.setting(&options, &["voice"]),
-                "output_audio_format": self.setting(&options, &["output_audio_format"]),
-                "temperature": self.setting(&options, &["temperature"]),
                 "max_output_tokens": max_tokens.map_or_else(|| "inf".into(), Value::from),
                 "metadata": options.get("metadata").cloned().unwrap_or(Value::Null),
-            })
+            });
+            merged(&response, settings.clone())
         };
         let item = |status: &str, content: Value| {
             json!({
@@ -779,17 +1087,16 @@ impl Session {
                 "content": content,
             })
         };
-        let (empty_part, part) = if audio {
-            (
-                json!({"type": "audio", "transcript": ""}),
-                json!({"type": "audio", "transcript": text}),
-            )
+        // The content part of `response.content_part.*` is `text` or `audio` in both dialects;
+        // the assistant message's content is `output_text` or `output_audio` in GA.
+        let (kind, field) = if audio {
+            ("audio", "transcript")
         } else {
-            (
-                json!({"type": "text", "text": ""}),
-                json!({"type": "text", "text": text}),
-            )
+            ("text", "text")
         };
+        let empty_part = json!({"type": kind, field: ""});
+        let part = json!({"type": kind, field: text});
+        let content = json!({"type": dialect.output_content(kind), field: text});
         let at_part = json!({
             "response_id": response_id,
             "item_id": item_id,
@@ -805,17 +1112,19 @@ impl Session {
             ("completed", Value::Null)
         };
 
+        // Every event of the response, named in the session's dialect.
+        let named = |kind: &'static str, body: Value| self::event(dialect.name(kind), body);
         let mut events = vec![
             (
                 Pace::Now,
-                self::event(
+                named(
                     "response.created",
                     json!({"response": response("in_progress", Value::Null, json!([]), Value::Null)}),
                 ),
             ),
             (
                 Pace::FirstToken,
-                self::event(
+                named(
                     "response.output_item.added",
                     json!({
                         "response_id": response_id,
@@ -826,14 +1135,14 @@ impl Session {
             ),
             (
                 Pace::Now,
-                self::event(
+                named(
                     "conversation.item.created",
                     json!({"previous_item_id": previous, "item": item("in_progress", json!([]))}),
                 ),
             ),
             (
                 Pace::Now,
-                self::event(
+                named(
                     "response.content_part.added",
                     merged(&at_part, json!({"part": empty_part})),
                 ),
@@ -843,21 +1152,18 @@ impl Session {
             let pace = if i == 0 { Pace::Now } else { Pace::NextToken };
             let delta = merged(&at_part, json!({"delta": token}));
             if audio {
-                events.push((pace, self::event("response.audio_transcript.delta", delta)));
+                events.push((pace, named("response.audio_transcript.delta", delta)));
                 let audio = merged(&at_part, json!({"delta": SILENCE}));
-                events.push((Pace::Now, self::event("response.audio.delta", audio)));
+                events.push((Pace::Now, named("response.audio.delta", audio)));
             } else {
-                events.push((pace, self::event("response.text.delta", delta)));
+                events.push((pace, named("response.text.delta", delta)));
             }
         }
         if audio {
+            events.push((Pace::Now, named("response.audio.done", at_part.clone())));
             events.push((
                 Pace::Now,
-                self::event("response.audio.done", at_part.clone()),
-            ));
-            events.push((
-                Pace::Now,
-                self::event(
+                named(
                     "response.audio_transcript.done",
                     merged(&at_part, json!({"transcript": text})),
                 ),
@@ -865,7 +1171,7 @@ impl Session {
         } else {
             events.push((
                 Pace::Now,
-                self::event(
+                named(
                     "response.text.done",
                     merged(&at_part, json!({"text": text})),
                 ),
@@ -873,22 +1179,31 @@ impl Session {
         }
         events.push((
             Pace::Now,
-            self::event(
+            named(
                 "response.content_part.done",
                 merged(&at_part, json!({"part": part})),
             ),
         ));
-        let done_item = item(status, json!([part]));
+        let done_item = item(status, json!([content]));
         events.push((
             Pace::Now,
-            self::event(
+            named(
                 "response.output_item.done",
                 json!({"response_id": response_id, "output_index": 0, "item": done_item}),
             ),
         ));
+        if dialect == Dialect::Ga {
+            events.push((
+                Pace::Now,
+                named(
+                    "conversation.item.done",
+                    json!({"previous_item_id": previous, "item": done_item}),
+                ),
+            ));
+        }
         events.push((
             Pace::Now,
-            self::event(
+            named(
                 "response.done",
                 json!({"response": response(
                     status,
@@ -1009,6 +1324,19 @@ mod tests {
         assert_eq!(query_param(query, "model"), None);
         assert_eq!(percent_decode("100%"), "100%");
         assert_eq!(percent_decode("%zz%41"), "%zzA");
+    }
+
+    #[test]
+    fn the_dialects_name_the_events() {
+        assert_eq!(Dialect::of(PATH), Dialect::Preview);
+        assert_eq!(Dialect::of(V1_PATH), Dialect::Ga);
+        for (preview, ga) in GA_NAMES {
+            assert_eq!(Dialect::Preview.name(preview), preview);
+            assert_eq!(Dialect::Ga.name(preview), ga);
+        }
+        assert_eq!(Dialect::Ga.name("response.done"), "response.done");
+        assert_eq!(Dialect::Ga.output_content("text"), "output_text");
+        assert_eq!(Dialect::Preview.output_content("audio"), "audio");
     }
 
     #[test]

@@ -292,7 +292,7 @@ async fn an_audio_response() {
 #[tokio::test]
 async fn session_update_merges() {
     let sim = aoai_sim::start(SimConfig::new("eastus")).await;
-    let (mut socket, created) = connect(&sim, GA).await;
+    let (mut socket, created) = connect(&sim, PREVIEW).await;
     send(
         &mut socket,
         json!({"type": "session.update", "session": {
@@ -308,7 +308,7 @@ async fn session_update_merges() {
     assert_eq!(session["instructions"], "Be brief.");
     assert_eq!(session["voice"], "verse");
     assert_eq!(session["id"], created["session"]["id"]);
-    assert_eq!(session["model"], "gpt-realtime");
+    assert_eq!(session["model"], "gpt-4o-realtime-preview");
     assert_eq!(session["input_audio_format"], "pcm16");
 
     // The session's modalities now apply: a text response.
@@ -316,7 +316,7 @@ async fn session_update_merges() {
     let events = response_events(&mut socket).await;
     assert!(types(&events).contains(&"response.text.delta"));
 
-    // The GA name works too.
+    // The preview path takes the GA name too.
     send(
         &mut socket,
         json!({"type": "session.update", "session": {"type": "realtime", "output_modalities": ["audio"]}}),
@@ -598,4 +598,292 @@ async fn shutdown_ends_the_sessions() {
         .expect("the end in time");
     assert!(end.as_ref().is_none_or(Result::is_err), "{end:?}");
     until_sessions(&sim, 0).await;
+}
+
+// ---- the GA path: the GA events and session ----
+
+/// The GA audio format: pcm16 at 24 kHz.
+fn pcm() -> Value {
+    json!({"type": "audio/pcm", "rate": 24000})
+}
+
+#[tokio::test]
+async fn ga_session_created_has_the_ga_shape() {
+    let sim = aoai_sim::start(SimConfig::new("eastus")).await;
+    let (_socket, created) = connect(&sim, GA).await;
+    let session = &created["session"];
+    assert_eq!(session["type"], "realtime");
+    assert_eq!(session["object"], "realtime.session");
+    assert!(session["id"].as_str().unwrap().starts_with("sess_"));
+    assert_eq!(session["model"], "gpt-realtime");
+    assert_eq!(session["output_modalities"], json!(["audio"]));
+    assert_eq!(session["audio"]["input"]["format"], pcm());
+    assert_eq!(session["audio"]["output"]["format"], pcm());
+    assert_eq!(session["audio"]["output"]["voice"], "alloy");
+    assert_eq!(
+        session["audio"]["input"]["turn_detection"]["type"],
+        "server_vad"
+    );
+    assert_eq!(session["max_output_tokens"], "inf");
+    assert!(session["instructions"].is_string());
+    // None of the preview fields.
+    for field in [
+        "modalities",
+        "voice",
+        "input_audio_format",
+        "output_audio_format",
+        "turn_detection",
+        "temperature",
+        "max_response_output_tokens",
+    ] {
+        assert!(session.get(field).is_none(), "{field} in {session}");
+    }
+}
+
+#[tokio::test]
+async fn ga_text_response() {
+    let sim = aoai_sim::start(SimConfig::new("eastus")).await;
+    let (mut socket, _) = connect(&sim, GA).await;
+
+    // A client's item is added, then done.
+    send(&mut socket, user_text("Say hello")).await;
+    let added = next_event(&mut socket).await;
+    assert_eq!(added["type"], "conversation.item.added");
+    assert_eq!(added["previous_item_id"], Value::Null);
+    assert_eq!(added["item"]["object"], "realtime.item");
+    assert_eq!(added["item"]["content"][0]["type"], "input_text");
+    let user_item = added["item"]["id"].as_str().unwrap().to_owned();
+    let done = next_event(&mut socket).await;
+    assert_eq!(done["type"], "conversation.item.done");
+    assert_eq!(done["item"]["id"], user_item.as_str());
+
+    send(
+        &mut socket,
+        json!({"type": "response.create", "response": {"output_modalities": ["text"]}}),
+    )
+    .await;
+    let events = response_events(&mut socket).await;
+    assert_eq!(
+        types(&events),
+        [
+            "response.created",
+            "response.output_item.added",
+            "conversation.item.added",
+            "response.content_part.added",
+            "response.output_text.delta",
+            "response.output_text.delta",
+            "response.output_text.delta",
+            "response.output_text.delta",
+            "response.output_text.delta",
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "conversation.item.done",
+            "response.done",
+        ]
+    );
+    assert_eq!(
+        deltas(&events, "response.output_text.delta"),
+        "Hello from eastus lorem ipsum"
+    );
+    assert_eq!(events[9]["text"], "Hello from eastus lorem ipsum");
+    assert_eq!(events[2]["previous_item_id"], user_item.as_str());
+    assert_eq!(events[2]["item"]["status"], "in_progress");
+    assert_eq!(events[10]["part"]["type"], "text");
+    // The assistant message's content is `output_text`, in every event that carries it.
+    for event in [&events[11], &events[12]] {
+        let content = &event["item"]["content"][0];
+        assert_eq!(content["type"], "output_text", "{event}");
+        assert_eq!(content["text"], "Hello from eastus lorem ipsum");
+    }
+    assert_eq!(events[12]["item"]["status"], "completed");
+    assert_eq!(events[12]["previous_item_id"], user_item.as_str());
+
+    let response = &events[13]["response"];
+    assert_eq!(response["object"], "realtime.response");
+    assert_eq!(response["status"], "completed");
+    assert_eq!(response["id"], events[0]["response"]["id"]);
+    assert_eq!(response["output_modalities"], json!(["text"]));
+    assert!(response.get("modalities").is_none(), "{response}");
+    assert_eq!(response["output"][0]["content"][0]["type"], "output_text");
+    let usage = &response["usage"];
+    assert_eq!(usage["output_tokens"], 5);
+    assert_eq!(usage["output_token_details"]["text_tokens"], 5);
+    assert_eq!(usage["output_token_details"]["audio_tokens"], 0);
+    assert!(usage["input_tokens"].as_u64().unwrap() > 0);
+    assert_eq!(
+        usage["total_tokens"].as_u64(),
+        Some(usage["input_tokens"].as_u64().unwrap() + 5)
+    );
+}
+
+#[tokio::test]
+async fn ga_audio_response() {
+    let sim = aoai_sim::start(SimConfig::new("westus").reply_tokens(3)).await;
+    let (mut socket, _) = connect(&sim, GA).await;
+    // The session's default, `["audio"]`: audio and its transcript.
+    send(&mut socket, json!({"type": "response.create"})).await;
+    let events = response_events(&mut socket).await;
+    assert_eq!(
+        types(&events),
+        [
+            "response.created",
+            "response.output_item.added",
+            "conversation.item.added",
+            "response.content_part.added",
+            "response.output_audio_transcript.delta",
+            "response.output_audio.delta",
+            "response.output_audio_transcript.delta",
+            "response.output_audio.delta",
+            "response.output_audio_transcript.delta",
+            "response.output_audio.delta",
+            "response.output_audio.done",
+            "response.output_audio_transcript.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "conversation.item.done",
+            "response.done",
+        ]
+    );
+    assert_eq!(
+        deltas(&events, "response.output_audio_transcript.delta"),
+        "Hello from westus"
+    );
+    for audio in events
+        .iter()
+        .filter(|e| e["type"] == "response.output_audio.delta")
+    {
+        let delta = audio["delta"].as_str().unwrap();
+        assert!(!delta.is_empty() && delta.chars().all(|c| c == 'A' || c == '='));
+    }
+    assert_eq!(events[11]["transcript"], "Hello from westus");
+    assert_eq!(events[12]["part"]["type"], "audio");
+    assert_eq!(events[12]["part"]["transcript"], "Hello from westus");
+    let content = &events[13]["item"]["content"][0];
+    assert_eq!(content["type"], "output_audio");
+    assert_eq!(content["transcript"], "Hello from westus");
+
+    let response = &events[15]["response"];
+    assert_eq!(response["output_modalities"], json!(["audio"]));
+    assert_eq!(response["audio"]["output"]["voice"], "alloy");
+    assert_eq!(response["audio"]["output"]["format"], pcm());
+    let usage = &response["usage"];
+    assert_eq!(usage["output_token_details"]["audio_tokens"], 3);
+    assert_eq!(usage["output_token_details"]["text_tokens"], 3);
+    assert_eq!(usage["output_tokens"], 6);
+}
+
+#[tokio::test]
+async fn ga_session_update_takes_the_ga_shape() {
+    let sim = aoai_sim::start(SimConfig::new("eastus")).await;
+    let (mut socket, created) = connect(&sim, GA).await;
+    send(
+        &mut socket,
+        json!({"type": "session.update", "session": {
+            "type": "realtime",
+            "instructions": "Be brief.",
+            "output_modalities": ["text"],
+            "audio": {"output": {"voice": "marin"}},
+        }}),
+    )
+    .await;
+    let updated = next_event(&mut socket).await;
+    assert_eq!(updated["type"], "session.updated", "{updated}");
+    let session = &updated["session"];
+    assert_eq!(session["type"], "realtime");
+    assert_eq!(session["id"], created["session"]["id"]);
+    assert_eq!(session["instructions"], "Be brief.");
+    assert_eq!(session["output_modalities"], json!(["text"]));
+    assert!(session.get("modalities").is_none(), "{session}");
+    // `audio.output` is merged: the voice changes, the format stays.
+    assert_eq!(session["audio"]["output"]["voice"], "marin");
+    assert_eq!(session["audio"]["output"]["format"], pcm());
+    assert_eq!(session["audio"]["input"]["format"], pcm());
+
+    // The session's modalities now apply: a text response.
+    send(&mut socket, json!({"type": "response.create"})).await;
+    let events = response_events(&mut socket).await;
+    assert!(types(&events).contains(&"response.output_text.delta"));
+    let response = &events.last().unwrap()["response"];
+    assert_eq!(response["output_modalities"], json!(["text"]));
+    assert_eq!(response["audio"]["output"]["voice"], "marin");
+
+    // The preview shape is refused, field by field; the session goes on.
+    send(
+        &mut socket,
+        json!({"type": "session.update", "session": {"type": "realtime", "modalities": ["text"]}}),
+    )
+    .await;
+    let error = next_event(&mut socket).await;
+    assert_eq!(error["type"], "error");
+    assert_eq!(error["error"]["code"], "unknown_parameter");
+    assert_eq!(error["error"]["param"], "session.modalities");
+    send(
+        &mut socket,
+        json!({"type": "session.update", "session": {"output_modalities": ["audio"]}}),
+    )
+    .await;
+    let error = next_event(&mut socket).await;
+    assert_eq!(error["error"]["code"], "missing_required_parameter");
+    assert_eq!(error["error"]["param"], "session.type");
+    send(
+        &mut socket,
+        json!({"type": "session.update", "session": {
+            "type": "realtime",
+            "output_modalities": ["text", "audio"],
+        }}),
+    )
+    .await;
+    let error = next_event(&mut socket).await;
+    assert_eq!(error["error"]["code"], "invalid_value");
+    assert_eq!(error["error"]["param"], "session.output_modalities");
+    send(
+        &mut socket,
+        json!({"type": "response.create", "response": {"modalities": ["text"]}}),
+    )
+    .await;
+    let error = next_event(&mut socket).await;
+    assert_eq!(error["error"]["code"], "unknown_parameter");
+    assert_eq!(error["error"]["param"], "response.modalities");
+
+    // Back to audio, the GA way; a response's own `output_modalities` wins over the session's.
+    send(
+        &mut socket,
+        json!({"type": "session.update", "session": {"type": "realtime", "output_modalities": ["audio"]}}),
+    )
+    .await;
+    let updated = next_event(&mut socket).await;
+    assert_eq!(updated["session"]["output_modalities"], json!(["audio"]));
+    assert_eq!(updated["session"]["instructions"], "Be brief.");
+    send(&mut socket, json!({"type": "response.create"})).await;
+    let events = response_events(&mut socket).await;
+    assert!(types(&events).contains(&"response.output_audio.delta"));
+    send(
+        &mut socket,
+        json!({"type": "response.create", "response": {"output_modalities": ["text"]}}),
+    )
+    .await;
+    let events = response_events(&mut socket).await;
+    assert!(types(&events).contains(&"response.output_text.delta"));
+}
+
+#[tokio::test]
+async fn ga_audio_buffer_commit_adds_the_item() {
+    let sim = aoai_sim::start(SimConfig::new("eastus")).await;
+    let (mut socket, _) = connect(&sim, GA).await;
+    send(
+        &mut socket,
+        json!({"type": "input_audio_buffer.append", "audio": "AAAA".repeat(1600)}),
+    )
+    .await;
+    send(&mut socket, json!({"type": "input_audio_buffer.commit"})).await;
+    let committed = next_event(&mut socket).await;
+    assert_eq!(committed["type"], "input_audio_buffer.committed");
+    let added = next_event(&mut socket).await;
+    assert_eq!(added["type"], "conversation.item.added");
+    assert_eq!(added["item"]["id"], committed["item_id"]);
+    assert_eq!(added["item"]["content"][0]["type"], "input_audio");
+    let done = next_event(&mut socket).await;
+    assert_eq!(done["type"], "conversation.item.done");
+    assert_eq!(done["item"]["id"], committed["item_id"]);
 }
