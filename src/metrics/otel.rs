@@ -92,14 +92,9 @@ impl Sink for Instruments {
             KeyValue::new("gen_ai.provider.name", labels.gen_ai_provider_name),
             KeyValue::new("gen_ai.token.type", labels.gen_ai_token_type),
         ];
-        optional(
+        models(
             &mut attributes,
-            "gen_ai.request.model",
             &labels.gen_ai_request_model,
-        );
-        optional(
-            &mut attributes,
-            "gen_ai.response.model",
             &labels.gen_ai_response_model,
         );
         self.token_usage.record(count, &attributes);
@@ -120,19 +115,20 @@ impl Sink for Instruments {
     }
 }
 
+/// `gen_ai.request.model` and `gen_ai.response.model`, those that are known.
+fn models(attributes: &mut Vec<KeyValue>, request: &Option<Arc<str>>, response: &Option<Arc<str>>) {
+    optional(attributes, "gen_ai.request.model", request);
+    optional(attributes, "gen_ai.response.model", response);
+}
+
 fn operation_attributes(labels: &OperationLabels) -> Vec<KeyValue> {
     let mut attributes = vec![
         KeyValue::new("gen_ai.operation.name", labels.gen_ai_operation_name),
         KeyValue::new("gen_ai.provider.name", labels.gen_ai_provider_name),
     ];
-    optional(
+    models(
         &mut attributes,
-        "gen_ai.request.model",
         &labels.gen_ai_request_model,
-    );
-    optional(
-        &mut attributes,
-        "gen_ai.response.model",
         &labels.gen_ai_response_model,
     );
     if let Some(status) = labels.error_type {
