@@ -19,13 +19,13 @@ use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{RawQuery, State};
 use axum::response::{IntoResponse, Response};
-use futures_util::stream::{self, BoxStream, StreamExt};
+use futures_util::stream::{BoxStream, StreamExt};
 use http::header::CONTENT_TYPE;
 use http::{StatusCode, Uri};
 use serde_json::{Map, Value, json};
 use tokio::sync::watch;
 
-use crate::service::reply;
+use crate::service::{Pace, paced, reply};
 use crate::{SimState, ids};
 
 /// The preview path; the deployment is the `deployment` query parameter.
@@ -1222,7 +1222,7 @@ impl Session {
 
         *active = Some(Active {
             id: response_id.clone(),
-            events: paced(self.state.clone(), events),
+            events: paced(&self.state, events),
             cancelled,
         });
         Ok(Vec::new())
@@ -1268,45 +1268,6 @@ fn close_frame(event: &Map<String, Value>) -> Result<CloseFrame, Problem> {
         code,
         reason: reason.into(),
     })
-}
-
-// ---- pacing ----
-
-/// When a response event may go out, as for SSE.
-#[derive(Debug, Clone, Copy)]
-enum Pace {
-    /// At once.
-    Now,
-    /// After the time to first token.
-    FirstToken,
-    /// After the chunk delay, and a release while chunks are held.
-    NextToken,
-}
-
-fn paced(state: SimState, events: Vec<(Pace, Value)>) -> BoxStream<'static, Value> {
-    stream::iter(events)
-        .then(move |(pace, event)| {
-            let state = state.clone();
-            async move {
-                let config = state.config();
-                match pace {
-                    Pace::Now => {}
-                    Pace::FirstToken => pause(config.time_to_first_token).await,
-                    Pace::NextToken => {
-                        pause(config.chunk_delay).await;
-                        state.gate().await;
-                    }
-                }
-                event
-            }
-        })
-        .boxed()
-}
-
-async fn pause(delay: Duration) {
-    if !delay.is_zero() {
-        tokio::time::sleep(delay).await;
-    }
 }
 
 #[cfg(test)]

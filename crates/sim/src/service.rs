@@ -13,7 +13,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use bytes::{Bytes, BytesMut};
-use futures_util::{StreamExt, stream};
+use futures_util::stream::{self, BoxStream, StreamExt};
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use serde::Serialize;
@@ -997,9 +997,9 @@ fn responses_stream(
 
 // ---- streaming ----
 
-/// When an SSE event may go out.
+/// When a streamed event may go out: an SSE event, or a Realtime response event.
 #[derive(Debug, Clone, Copy)]
-enum Pace {
+pub(crate) enum Pace {
     /// At once.
     Now,
     /// After the time to first token.
@@ -1008,26 +1008,36 @@ enum Pace {
     NextToken,
 }
 
+/// `events` in order, each once its pace allows.
+pub(crate) fn paced<T: Send + 'static>(
+    state: &SimState,
+    events: Vec<(Pace, T)>,
+) -> BoxStream<'static, T> {
+    let state = state.clone();
+    stream::iter(events)
+        .then(move |(pace, event)| {
+            let state = state.clone();
+            async move {
+                let config = state.config();
+                match pace {
+                    Pace::Now => {}
+                    Pace::FirstToken => pause(config.time_to_first_token).await,
+                    Pace::NextToken => {
+                        pause(config.chunk_delay).await;
+                        state.gate().await;
+                    }
+                }
+                event
+            }
+        })
+        .boxed()
+}
+
 /// A `text/event-stream` answer that sends `events` at their pace. The events are already
 /// serialized; the stream only waits between them.
 fn sse(state: &SimState, events: Vec<(Pace, BytesMut)>) -> Response {
-    let state = state.clone();
-    let paced = stream::iter(events).then(move |(pace, bytes)| {
-        let state = state.clone();
-        async move {
-            let config = state.config();
-            match pace {
-                Pace::Now => {}
-                Pace::FirstToken => pause(config.time_to_first_token).await,
-                Pace::NextToken => {
-                    pause(config.chunk_delay).await;
-                    state.gate().await;
-                }
-            }
-            Ok::<_, Infallible>(bytes.freeze())
-        }
-    });
-    ([(CONTENT_TYPE, EVENT_STREAM)], Body::from_stream(paced)).into_response()
+    let body = paced(state, events).map(|bytes| Ok::<_, Infallible>(bytes.freeze()));
+    ([(CONTENT_TYPE, EVENT_STREAM)], Body::from_stream(body)).into_response()
 }
 
 async fn pause(delay: Duration) {

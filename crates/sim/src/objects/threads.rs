@@ -10,7 +10,7 @@ use http::StatusCode;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use super::{ObjectKind, OpenAiError, Page, deleted, openai_error};
+use super::{ObjectKind, OpenAiError, Page, Store, deleted, openai_error};
 use crate::service::{json, reply, to_json};
 use crate::{SimState, ids};
 
@@ -92,6 +92,18 @@ struct RunUsage {
 /// The 404 for a thread this instance does not hold:
 /// `{"error":{"message":"No thread found with id 'thread_...'.",
 /// "type":"invalid_request_error","param":null,"code":null}}`.
+impl Store<Thread> {
+    /// The thread `id`, or the 404 for it.
+    fn thread(&self, id: &str) -> Result<&Thread, OpenAiError> {
+        self.get(id).ok_or_else(|| thread_not_found(id))
+    }
+
+    /// The thread `id` to change, or the 404 for it.
+    fn thread_mut(&mut self, id: &str) -> Result<&mut Thread, OpenAiError> {
+        self.get_mut(id).ok_or_else(|| thread_not_found(id))
+    }
+}
+
 fn thread_not_found(id: &str) -> OpenAiError {
     openai_error(
         StatusCode::NOT_FOUND,
@@ -245,10 +257,7 @@ pub(super) async fn get(
     Path(id): Path<String>,
 ) -> Result<Response, OpenAiError> {
     let objects = state.objects();
-    let thread = objects
-        .threads
-        .get(&id)
-        .ok_or_else(|| thread_not_found(&id))?;
+    let thread = objects.threads.thread(&id)?;
     Ok(json(StatusCode::OK, &thread.object))
 }
 
@@ -270,10 +279,7 @@ pub(super) async fn create_message(
 ) -> Result<Response, OpenAiError> {
     let request = body_object(&body)?;
     let mut objects = state.objects();
-    let thread = objects
-        .threads
-        .get_mut(&id)
-        .ok_or_else(|| thread_not_found(&id))?;
+    let thread = objects.threads.thread_mut(&id)?;
     let message = requested_message(&id, &request)?;
     let answer = json(StatusCode::OK, &message);
     push_bounded(&mut thread.messages, message);
@@ -289,10 +295,7 @@ pub(super) async fn messages(
 ) -> Result<Response, OpenAiError> {
     let items = {
         let objects = state.objects();
-        let thread = objects
-            .threads
-            .get(&id)
-            .ok_or_else(|| thread_not_found(&id))?;
+        let thread = objects.threads.thread(&id)?;
         thread
             .messages
             .iter()
@@ -311,10 +314,7 @@ pub(super) async fn create_run(
 ) -> Result<Response, OpenAiError> {
     let request = body_object(&body)?;
     let mut objects = state.objects();
-    let thread = objects
-        .threads
-        .get_mut(&id)
-        .ok_or_else(|| thread_not_found(&id))?;
+    let thread = objects.threads.thread_mut(&id)?;
     let assistant_id = request
         .get("assistant_id")
         .and_then(Value::as_str)
@@ -391,10 +391,7 @@ pub(super) async fn run(
     Path((id, run_id)): Path<(String, String)>,
 ) -> Result<Response, OpenAiError> {
     let objects = state.objects();
-    let thread = objects
-        .threads
-        .get(&id)
-        .ok_or_else(|| thread_not_found(&id))?;
+    let thread = objects.threads.thread(&id)?;
     let run = thread
         .runs
         .iter()
