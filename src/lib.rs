@@ -99,3 +99,8 @@ pub use tower::BoxError;
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
+
+/// The examples of docs/composing.md, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/composing.md")]
+pub struct ComposingDoctests;
