@@ -178,10 +178,9 @@ fn object_refs(path: &str, body: &[u8]) -> Vec<Box<str>> {
     }
     // Only a body that can name one is parsed: of a request to one of the collections (not a
     // chat completion, whose `tool_call_id`s would match), holding a field that names one.
-    let names_one = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
     if in_collection
         && !body.is_empty()
-        && (names_one(b"_id") || names_one(b"\"conversation\""))
+        && (contains(body, b"_id") || contains(body, b"\"conversation\""))
         && let Ok(json) = serde_json::from_slice::<Value>(body)
     {
         collect_refs(&json, &mut refs);
