@@ -142,19 +142,22 @@ const REFERENCES: [&str; 9] = [
 /// (a file, a batch, an assistant, a thread, a message, a run, a vector store, a fine-tuning
 /// job, an upload): retried only when the first instance certainly did not act.
 pub(crate) fn creates_object(method: &Method, path: &str) -> bool {
-    method == Method::POST
-        && last_segment(path)
-            .is_some_and(|last| COLLECTIONS.iter().any(|&(name, once)| once && name == last))
+    method == Method::POST && last_segment(path).is_some_and(creates_once)
 }
 
 /// Whether a request to `path` with `method` creates an object whose id the gateway learns from
 /// the answer: those of [`creates_object`], and stored responses.
 pub(crate) fn learns_id(method: &Method, path: &str) -> bool {
     method == Method::POST
-        && last_segment(path).is_some_and(|last| {
-            matches!(last, "responses" | "conversations")
-                || COLLECTIONS.iter().any(|&(name, once)| once && name == last)
-        })
+        && last_segment(path)
+            .is_some_and(|last| matches!(last, "responses" | "conversations") || creates_once(last))
+}
+
+/// Whether a `POST` to the collection `name` creates an object that must not be created twice.
+fn creates_once(name: &str) -> bool {
+    COLLECTIONS
+        .iter()
+        .any(|&(collection, once)| once && collection == name)
 }
 
 fn last_segment(path: &str) -> Option<&str> {
