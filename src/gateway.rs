@@ -32,7 +32,7 @@ use crate::include_usage::{IncludeUsage, UsageAdded};
 use crate::metrics::GatewayMetrics;
 use crate::pinning::{ObjectMap, PinLayer, PinToObject, learns_id};
 use crate::realtime::{Realtime, SessionMeter, Sessions};
-use crate::record::RequestRecord;
+use crate::record::{RequestRecord, is_event_stream};
 use crate::upgrade;
 
 /// The client a [`Gateway`] reaches the instances with unless given its own: hyper's, with
@@ -366,11 +366,8 @@ where
     RB: http_body::Body<Data = Bytes> + Send + 'static,
     RB::Error: Into<BoxError> + Send,
 {
-    let strip = response.extensions().get::<UsageAdded>().is_some()
-        && response
-            .headers()
-            .get(http::header::CONTENT_TYPE)
-            .is_some_and(|value| value.as_bytes().starts_with(b"text/event-stream"));
+    let strip =
+        response.extensions().get::<UsageAdded>().is_some() && is_event_stream(response.headers());
     match (record, strip) {
         (None, false) => response.map(Body::new),
         (None, true) => response.map(|body| Body::new(StripUsage::new(body))),

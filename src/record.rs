@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use aoai_balance::{Deployment, ServedBy};
 use aoai_usage::{Admission, UsageCallback, UsageReport};
-use http::{Method, Response, header};
+use http::{HeaderMap, Method, Response, header};
 
 use crate::metrics::{Finished, GatewayMetrics};
 use crate::pinning::ObjectMap;
@@ -74,10 +74,7 @@ impl UsageCallback for RequestRecord {
             .extensions()
             .get::<Deployment>()
             .map(|deployment| deployment.name().clone());
-        self.stream = response
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .is_some_and(|value| value.as_bytes().starts_with(b"text/event-stream"));
+        self.stream = is_event_stream(response.headers());
         if self.stream
             && let Some(metrics) = &self.metrics
         {
@@ -134,6 +131,13 @@ impl UsageCallback for RequestRecord {
             });
         }
     }
+}
+
+/// Whether an answer is a server-sent event stream (`Content-Type: text/event-stream`).
+pub(crate) fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(b"text/event-stream"))
 }
 
 /// `gen_ai.operation.name` of a request below the mount point, for the operations that
