@@ -165,18 +165,18 @@ where
         let learns = learns_id(request.method(), request.uri().path());
         // A record (log line, metrics, the caller's token limit, the id of an object created)
         // only when something reads it.
-        let mut record = (self.metrics.is_some()
-            || tracing::enabled!(tracing::Level::INFO)
-            || self.limiter.is_some() && caller.is_some()
-            || learns)
-            .then(|| {
-                RequestRecord::new(
-                    request.method(),
-                    request.uri().path(),
-                    caller.map(|caller| caller.shared_name().clone()),
-                    self.metrics.clone(),
-                )
-            });
+        let log = RequestRecord::logging();
+        let mut record =
+            (self.metrics.is_some() || log || self.limiter.is_some() && caller.is_some() || learns)
+                .then(|| {
+                    RequestRecord::new(
+                        request.method(),
+                        request.uri().path(),
+                        log,
+                        caller.map(|caller| caller.shared_name().clone()),
+                        self.metrics.clone(),
+                    )
+                });
         if learns && let Some(record) = &mut record {
             record.learn_into(self.objects.clone());
         }

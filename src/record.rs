@@ -31,15 +31,22 @@ pub(crate) struct RequestRecord {
 }
 
 impl RequestRecord {
+    /// Whether the log line is on: asked once per request, before deciding whether a record
+    /// is needed at all, and passed to [`new`](Self::new).
+    pub(crate) fn logging() -> bool {
+        tracing::enabled!(tracing::Level::INFO)
+    }
+
     pub(crate) fn new(
         method: &Method,
         path: &str,
+        log: bool,
         caller: Option<Arc<str>>,
         metrics: Option<GatewayMetrics>,
     ) -> Self {
         Self {
             started: Instant::now(),
-            log: tracing::enabled!(tracing::Level::INFO).then(|| (method.clone(), path.into())),
+            log: log.then(|| (method.clone(), path.into())),
             operation: operation(method, path),
             caller,
             metrics,
