@@ -445,6 +445,11 @@ impl BackendHealth {
             .is_none_or(|offered| offered.iter().any(|d| **d == *deployment))
     }
 
+    /// Whether it offers `deployment`; any backend offers a request that names none.
+    pub(crate) fn serves(&self, deployment: Option<&Deployment>) -> bool {
+        deployment.is_none_or(|d| self.offers(d.as_str()))
+    }
+
     /// Whether a request for `deployment` may go to it, as far as the deployment goes: any
     /// request without one; else if it offers the deployment and does not cool down for it.
     /// Reads one atomic (and no clock) when it cools down for no deployment.

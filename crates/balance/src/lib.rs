@@ -458,13 +458,7 @@ impl BalanceHealth {
     /// exists, whatever its health: one a request looking for its object may still ask
     /// ([`SeekObject`]).
     pub fn has_untried_for(&self, tried: &TriedBackends, deployment: Option<&Deployment>) -> bool {
-        self.shared
-            .backends
-            .iter()
-            .enumerate()
-            .any(|(index, backend)| {
-                !tried.contains(index) && deployment.is_none_or(|d| backend.offers(d.as_str()))
-            })
+        self.shared.first_untried(tried, deployment).is_some()
     }
 
     /// As [`has_untried_available`](Self::has_untried_available), for a request for
@@ -475,16 +469,7 @@ impl BalanceHealth {
         tried: &TriedBackends,
         deployment: Option<&Deployment>,
     ) -> bool {
-        let now = self.shared.clock.now();
-        self.shared
-            .backends
-            .iter()
-            .enumerate()
-            .any(|(index, backend)| {
-                !tried.contains(index)
-                    && backend.takes_deployment(deployment, || now)
-                    && backend.is_available(|| now)
-            })
+        self.shared.has_untried_available(tried, deployment)
     }
 
     /// How long until a backend takes a request again; `None` when one does now (available, or
@@ -518,13 +503,38 @@ impl BalanceHealth {
 }
 
 impl Shared {
+    /// See [`BalanceHealth::has_untried_available_for`].
+    fn has_untried_available(
+        &self,
+        tried: &TriedBackends,
+        deployment: Option<&Deployment>,
+    ) -> bool {
+        let now = self.clock.now();
+        self.backends.iter().enumerate().any(|(index, backend)| {
+            !tried.contains(index)
+                && backend.takes_deployment(deployment, || now)
+                && backend.is_available(|| now)
+        })
+    }
+
+    /// The first backend not in `tried` that offers `deployment` (any, when `None`), whatever
+    /// its health.
+    fn first_untried(
+        &self,
+        tried: &TriedBackends,
+        deployment: Option<&Deployment>,
+    ) -> Option<usize> {
+        (0..self.backends.len())
+            .find(|&index| !tried.contains(index) && self.backends[index].serves(deployment))
+    }
+
     /// How long after `now` the first backend that takes no request (for `deployment`, among
     /// those that offer it) takes one again; `None` when one takes a request at `now`.
     fn soonest_recovery(&self, now: u64, deployment: Option<&Deployment>) -> Option<Duration> {
         let soonest = self
             .backends
             .iter()
-            .filter(|backend| deployment.is_none_or(|d| backend.offers(d.as_str())))
+            .filter(|backend| backend.serves(deployment))
             .map(|backend| backend.recovery_for(deployment, now))
             .min()?;
         (!soonest.is_zero()).then_some(soonest)
@@ -598,19 +608,11 @@ where
         let seeking = || {
             let tried = tried?;
             if request.extensions().get::<SeekObject>().is_none()
-                || self
-                    .health()
-                    .has_untried_available_for(tried, deployment.as_ref())
+                || shared.has_untried_available(tried, deployment.as_ref())
             {
                 return None;
             }
-            let offers =
-                |b: &BackendHealth| deployment.as_ref().is_none_or(|d| b.offers(d.as_str()));
-            let found = shared
-                .backends
-                .iter()
-                .enumerate()
-                .position(|(index, backend)| !tried.contains(index) && offers(backend));
+            let found = shared.first_untried(tried, deployment.as_ref());
             found.map(|index| (index, false))
         };
         let chosen = pinned.or_else(seeking);
