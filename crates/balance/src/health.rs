@@ -90,6 +90,13 @@ impl HealthPolicy {
             .saturating_mul(2u32.saturating_pow(failed_trials.min(31)))
             .min(self.max_cooldown)
     }
+
+    /// The cooldown after a 429 that asked for `retry_after` (or for nothing).
+    fn throttle_cooldown(&self, retry_after: Option<Duration>) -> Duration {
+        retry_after
+            .unwrap_or(self.default_throttle_cooldown)
+            .min(self.max_cooldown)
+    }
 }
 
 impl Default for HealthPolicy {
@@ -672,9 +679,7 @@ impl BackendHealth {
             }
             Outcome::Throttled { retry_after } => {
                 self.throttled.fetch_add(1, Ordering::Relaxed);
-                retry_after
-                    .unwrap_or(policy.default_throttle_cooldown)
-                    .min(policy.max_cooldown)
+                policy.throttle_cooldown(retry_after)
             }
             Outcome::Failed(failure) => {
                 self.failed.fetch_add(1, Ordering::Relaxed);
@@ -767,9 +772,7 @@ impl BackendHealth {
                 "backend re-admitted after its trial"
             );
         }
-        let cooldown = retry_after
-            .unwrap_or(policy.default_throttle_cooldown)
-            .min(policy.max_cooldown);
+        let cooldown = policy.throttle_cooldown(retry_after);
         let now = clock.now();
         let until = now.saturating_add(u64::try_from(cooldown.as_nanos()).unwrap_or(u64::MAX));
         let cooled = self.cool_deployment(deployment.name(), now, until);
