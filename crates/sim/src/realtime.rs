@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{RawQuery, State};
+use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::{BoxStream, StreamExt};
 use http::header::CONTENT_TYPE;
@@ -227,7 +227,7 @@ pub(crate) fn key_in_query(state: &SimState, uri: &Uri) -> bool {
             .config()
             .api_key
             .as_deref()
-            .zip(query_param(uri.query(), "api-key"))
+            .zip(query_param(uri, "api-key"))
             .is_some_and(|(want, got)| got == want)
 }
 
@@ -235,13 +235,11 @@ pub(crate) fn key_in_query(state: &SimState, uri: &Uri) -> bool {
 pub(crate) async fn realtime(
     State(state): State<SimState>,
     uri: Uri,
-    RawQuery(query): RawQuery,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     let dialect = Dialect::of(uri.path());
-    let query = query.as_deref();
-    let Some(model) = query_param(query, "deployment")
-        .or_else(|| query_param(query, "model"))
+    let Some(model) = query_param(&uri, "deployment")
+        .or_else(|| query_param(&uri, "model"))
         .filter(|model| !model.is_empty())
     else {
         return json_error(
@@ -278,36 +276,13 @@ fn json_error(status: StatusCode, code: &str, message: &str) -> Response {
         .into_response()
 }
 
-/// The first value of query parameter `name`, percent-decoded.
-fn query_param(query: Option<&str>, name: &str) -> Option<String> {
-    query?.split('&').find_map(|pair| {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        (percent_decode(key) == name).then(|| percent_decode(value))
-    })
-}
-
-/// `application/x-www-form-urlencoded` decoding; malformed escapes are kept as they are.
-fn percent_decode(text: &str) -> String {
-    let mut out = Vec::with_capacity(text.len());
-    let mut rest = text.as_bytes();
-    while let Some((&byte, tail)) = rest.split_first() {
-        let escaped = (byte == b'%')
-            .then(|| tail.get(..2))
-            .flatten()
-            .and_then(|hex| std::str::from_utf8(hex).ok())
-            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
-        match (byte, escaped) {
-            (_, Some(decoded)) => {
-                out.push(decoded);
-                rest = &tail[2..];
-                continue;
-            }
-            (b'+', None) => out.push(b' '),
-            (byte, None) => out.push(byte),
-        }
-        rest = tail;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// The first value of query parameter `name`, form-decoded by axum's [`Query`] (`+` is a
+/// space; a malformed escape is kept as it is).
+fn query_param(uri: &Uri, name: &str) -> Option<String> {
+    let Query(pairs) = Query::<Vec<(String, String)>>::try_from_uri(uri).ok()?;
+    pairs
+        .into_iter()
+        .find_map(|(key, value)| (key == name).then_some(value))
 }
 
 // ---- the session ----
@@ -1276,15 +1251,18 @@ mod tests {
 
     #[test]
     fn query_params_are_decoded() {
-        let query = Some("api-version=2024-10-01-preview&deployment=gpt%2D4o+rt&api-key=a%3Db");
+        let uri: Uri = "/openai/realtime?api-version=2024-10-01-preview&deployment=gpt%2D4o+rt\
+                        &api-key=a%3Db&x=100%&y=%zz%41"
+            .parse()
+            .unwrap();
         assert_eq!(
-            query_param(query, "deployment").as_deref(),
+            query_param(&uri, "deployment").as_deref(),
             Some("gpt-4o rt")
         );
-        assert_eq!(query_param(query, "api-key").as_deref(), Some("a=b"));
-        assert_eq!(query_param(query, "model"), None);
-        assert_eq!(percent_decode("100%"), "100%");
-        assert_eq!(percent_decode("%zz%41"), "%zzA");
+        assert_eq!(query_param(&uri, "api-key").as_deref(), Some("a=b"));
+        assert_eq!(query_param(&uri, "model"), None);
+        assert_eq!(query_param(&uri, "x").as_deref(), Some("100%"));
+        assert_eq!(query_param(&uri, "y").as_deref(), Some("%zzA"));
     }
 
     #[test]
