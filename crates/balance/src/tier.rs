@@ -70,7 +70,7 @@ impl Tier {
         now: &LazyNow<'_>,
         skip: impl Fn(usize) -> bool,
     ) -> Option<(usize, bool)> {
-        let admit = |index: usize| admitted(index, backends[index].admit(|| now.get()));
+        let admit = |index: usize| admit(backends, now, index);
         let count = self.members.len();
         match &self.rotation {
             Rotation::RoundRobin(next) => {
@@ -124,7 +124,7 @@ impl Tier {
         (1..=count)
             .map(|step| self.members[(position + step) % count])
             .filter(|&i| !skip(i))
-            .find_map(|index| admitted(index, backends[index].admit(|| now.get())))
+            .find_map(|index| admit(backends, now, index))
     }
 
     pub(crate) fn members(&self) -> &[usize] {
@@ -132,8 +132,10 @@ impl Tier {
     }
 }
 
-fn admitted(index: usize, admission: Admission) -> Option<(usize, bool)> {
-    match admission {
+/// Whether backend `index` takes the request (see [`BackendHealth::admit`]): its index and
+/// whether the request is its trial.
+fn admit(backends: &[BackendHealth], now: &LazyNow<'_>, index: usize) -> Option<(usize, bool)> {
+    match backends[index].admit(|| now.get()) {
         Admission::Available => Some((index, false)),
         Admission::Trial => Some((index, true)),
         Admission::Refused => None,
