@@ -10,6 +10,8 @@ use http::Request;
 use serde::Deserialize;
 use tower::{Layer, Service};
 
+use crate::include_usage::replace_body;
+
 /// Sets the [`Deployment`] request extension `Balance` reads for per-deployment health and
 /// for the instances that offer a deployment: the `{name}` of `/deployments/{name}/...`, the
 /// body's `model` on `/v1/...` routes, or a Realtime handshake's `?deployment=` (`?model=` on
@@ -115,13 +117,7 @@ fn rename(request: &mut Request<ReplayBody>, own: &str) {
                 }),
             )
             .finish();
-        if let Ok(path_and_query) = format!("{path}?{renamed}").parse() {
-            let mut parts = uri.clone().into_parts();
-            parts.path_and_query = Some(path_and_query);
-            if let Ok(uri) = http::Uri::from_parts(parts) {
-                *request.uri_mut() = uri;
-            }
-        }
+        set_path_and_query(request, &format!("{path}?{renamed}"));
     } else if let Some(at) = path.find("/deployments/") {
         let start = at + "/deployments/".len();
         let end = path[start..].find('/').map_or(path.len(), |i| start + i);
@@ -130,24 +126,26 @@ fn rename(request: &mut Request<ReplayBody>, own: &str) {
             renamed.push('?');
             renamed.push_str(query);
         }
-        if let Ok(path_and_query) = renamed.parse() {
-            let mut parts = uri.clone().into_parts();
-            parts.path_and_query = Some(path_and_query);
-            if let Ok(uri) = http::Uri::from_parts(parts) {
-                *request.uri_mut() = uri;
-            }
-        }
+        set_path_and_query(request, &renamed);
     } else if let Ok(mut body) =
         serde_json::from_slice::<serde_json::Value>(request.body().as_bytes())
         && let Some(model) = body.get_mut("model")
     {
         *model = serde_json::Value::from(own);
         if let Ok(bytes) = serde_json::to_vec(&body) {
-            let length = bytes.len();
-            *request.body_mut() = ReplayBody::new(bytes.into());
-            request
-                .headers_mut()
-                .insert(http::header::CONTENT_LENGTH, length.into());
+            replace_body(request, bytes);
+        }
+    }
+}
+
+/// The request's URI with `path_and_query` in place of its own; left as it is when that is not
+/// a valid one.
+fn set_path_and_query(request: &mut Request<ReplayBody>, path_and_query: &str) {
+    if let Ok(path_and_query) = path_and_query.parse() {
+        let mut parts = request.uri().clone().into_parts();
+        parts.path_and_query = Some(path_and_query);
+        if let Ok(uri) = http::Uri::from_parts(parts) {
+            *request.uri_mut() = uri;
         }
     }
 }

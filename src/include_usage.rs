@@ -68,11 +68,7 @@ where
             && request.uri().path().ends_with("/chat/completions")
             && match aoai_usage::ask_for_usage(request.body().as_bytes()) {
                 Some(body) => {
-                    let length = body.len();
-                    *request.body_mut() = ReplayBody::new(body.into());
-                    request
-                        .headers_mut()
-                        .insert(header::CONTENT_LENGTH, length.into());
+                    replace_body(&mut request, body);
                     true
                 }
                 None => false,
@@ -82,6 +78,14 @@ where
             added,
         }
     }
+}
+
+/// Puts `body` in place of the request's body, with its `Content-Length`.
+pub(crate) fn replace_body(request: &mut Request<ReplayBody>, body: Vec<u8>) {
+    request
+        .headers_mut()
+        .insert(header::CONTENT_LENGTH, body.len().into());
+    *request.body_mut() = ReplayBody::new(body.into());
 }
 
 pin_project! {
