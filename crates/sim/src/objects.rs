@@ -200,7 +200,7 @@ pub(crate) struct OpenAiError {
     code: Option<&'static str>,
 }
 
-fn openai_error(
+pub(crate) fn openai_error(
     status: StatusCode,
     message: String,
     param: Option<&'static str>,

@@ -20,11 +20,11 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::{BoxStream, StreamExt};
-use http::header::CONTENT_TYPE;
 use http::{StatusCode, Uri};
 use serde_json::{Map, Value, json};
 use tokio::sync::watch;
 
+use crate::objects::openai_error;
 use crate::service::{Pace, paced, reply};
 use crate::{SimState, ids};
 
@@ -242,38 +242,27 @@ pub(crate) async fn realtime(
         .or_else(|| query_param(&uri, "model"))
         .filter(|model| !model.is_empty())
     else {
-        return json_error(
+        return openai_error(
             StatusCode::BAD_REQUEST,
-            "missing_required_parameter",
-            "Missing required query parameter: 'deployment' (or 'model').",
-        );
+            "Missing required query parameter: 'deployment' (or 'model').".to_owned(),
+            None,
+            Some("missing_required_parameter"),
+        )
+        .into_response();
     };
     match upgrade {
         // Browsers offer the `realtime` subprotocol; take it when offered.
         Ok(upgrade) => upgrade
             .protocols(["realtime"])
             .on_upgrade(move |socket| run(state, socket, model, dialect)),
-        Err(rejection) => json_error(
+        Err(rejection) => openai_error(
             rejection.status(),
-            "websocket_upgrade_required",
-            &rejection.body_text(),
-        ),
+            rejection.body_text(),
+            None,
+            Some("websocket_upgrade_required"),
+        )
+        .into_response(),
     }
-}
-
-fn json_error(status: StatusCode, code: &str, message: &str) -> Response {
-    let body = json!({"error": {
-        "code": code,
-        "message": message,
-        "param": null,
-        "type": "invalid_request_error",
-    }});
-    (
-        status,
-        [(CONTENT_TYPE, "application/json")],
-        body.to_string(),
-    )
-        .into_response()
 }
 
 /// The first value of query parameter `name`, form-decoded by axum's [`Query`] (`+` is a
@@ -648,11 +637,9 @@ impl Session {
     /// A preview `session.update`. The GA name `output_modalities` sets `modalities` too.
     fn update_preview(&mut self, update: &Map<String, Value>) -> Result<(), Problem> {
         for key in ["modalities", "output_modalities"] {
-            let valid = update.get(key).is_none_or(|modalities| {
-                modalities.as_array().is_some_and(|modalities| {
-                    modalities.iter().all(|m| m == "text" || m == "audio")
-                })
-            });
+            let valid = update
+                .get(key)
+                .is_none_or(|m| valid_modalities(Dialect::Preview, m));
             if !valid {
                 return Err(Problem::invalid(
                     &format!("session.{key}"),
