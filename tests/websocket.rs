@@ -206,6 +206,14 @@ async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// Waits (bounded) until `gateway` no longer counts the session.
+async fn session_ends(gateway: &Gateway) {
+    eventually("the session is no longer counted", || {
+        gateway.sessions().count() == 0
+    })
+    .await;
+}
+
 /// The close frame the instance received, once it has (bounded).
 async fn instance_close(seen: &Arc<Mutex<Seen>>) -> (u16, String) {
     eventually("the instance receives a close frame", || {
@@ -244,10 +252,7 @@ async fn frames_pass_both_ways_unchanged_and_the_close_code_reaches_the_instance
         instance_close(&seen).await,
         (4001, "caller done".to_owned())
     );
-    eventually("the session is no longer counted", || {
-        gateway.sessions().count() == 0
-    })
-    .await;
+    session_ends(&gateway).await;
     let seen = seen.lock().unwrap();
     let (_, handshake) = &seen.handshakes[0];
     assert_eq!(handshake["api-key"], "the-gateways-key");
@@ -256,6 +261,14 @@ async fn frames_pass_both_ways_unchanged_and_the_close_code_reaches_the_instance
         handshake["upgrade"].to_str().unwrap().to_lowercase(),
         "websocket"
     );
+}
+
+/// The `n`th frame of [`many_frames_pass_in_order_both_ways`]: text and binary in turn.
+fn frame(n: usize) -> Message {
+    match n % 2 {
+        0 => Message::text(format!(r#"{{"type":"input_audio_buffer.append","n":{n}}}"#)),
+        _ => Message::binary(Bytes::from(n.to_be_bytes().to_vec())),
+    }
 }
 
 #[tokio::test]
@@ -267,11 +280,7 @@ async fn many_frames_pass_in_order_both_ways() {
     // Sent all at once while the echoes come back: both directions busy together.
     let sender = tokio::spawn(async move {
         for n in 0..FRAMES {
-            let message = match n % 2 {
-                0 => Message::text(format!(r#"{{"type":"input_audio_buffer.append","n":{n}}}"#)),
-                _ => Message::binary(Bytes::from(n.to_be_bytes().to_vec())),
-            };
-            sink.feed(message).await.unwrap();
+            sink.feed(frame(n)).await.unwrap();
         }
         sink.flush().await.unwrap();
         sink
@@ -282,11 +291,7 @@ async fn many_frames_pass_in_order_both_ways() {
             .unwrap()
             .unwrap()
             .unwrap();
-        let expected = match n % 2 {
-            0 => Message::text(format!(r#"{{"type":"input_audio_buffer.append","n":{n}}}"#)),
-            _ => Message::binary(Bytes::from(n.to_be_bytes().to_vec())),
-        };
-        assert_eq!(message, expected, "frame {n}");
+        assert_eq!(message, frame(n), "frame {n}");
     }
     drop(sender.await.unwrap());
 }
@@ -312,10 +317,7 @@ async fn the_instances_close_code_and_reason_reach_the_caller() {
         instance_close(&seen).await,
         (4001, "instance done".to_owned())
     );
-    eventually("the session is no longer counted", || {
-        gateway.sessions().count() == 0
-    })
-    .await;
+    session_ends(&gateway).await;
 }
 
 #[tokio::test]
@@ -471,10 +473,7 @@ async fn an_idle_session_is_closed_on_both_sides_with_1001() {
     assert_eq!(close_received(&mut session).await, expected);
     assert!(quiet.elapsed() >= limit, "{:?}", quiet.elapsed());
     assert_eq!(Some(instance_close(&seen).await), expected);
-    eventually("the session is no longer counted", || {
-        gateway.sessions().count() == 0
-    })
-    .await;
+    session_ends(&gateway).await;
 }
 
 #[tokio::test]
@@ -504,10 +503,7 @@ async fn a_session_past_its_lifetime_is_closed_on_both_sides_with_1001() {
     // Reading on answers the close (tungstenite sends its answer as the caller reads).
     assert_eq!(close_received(&mut session).await, None);
     assert_eq!(instance_close(&seen).await, expected);
-    eventually("the session is no longer counted", || {
-        gateway.sessions().count() == 0
-    })
-    .await;
+    session_ends(&gateway).await;
 }
 
 #[tokio::test]
