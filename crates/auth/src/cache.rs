@@ -289,25 +289,13 @@ impl TokenCache {
     /// The cached token if it is valid, and whether its refresh is due.
     fn valid(&self) -> Option<(Bearer, bool)> {
         let now = Instant::now();
-        self.valid_with(now, |cached| {
+        self.shared.valid_with(now, |cached| {
             let bearer = Bearer {
                 header: cached.header.clone(),
                 generation: cached.generation,
             };
             (bearer, now >= cached.refresh_at)
         })
-    }
-
-    fn valid_with<T>(&self, now: Instant, f: impl FnOnce(&Cached) -> T) -> Option<T> {
-        let current = self
-            .shared
-            .current
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
-        current
-            .as_ref()
-            .filter(|cached| now < cached.expires_at)
-            .map(f)
     }
 
     async fn wait_for_token(&self) -> Result<Bearer, TokenUnavailable> {
@@ -318,20 +306,19 @@ impl TokenCache {
                 Demand::Ready(bearer) => return Ok(bearer),
                 Demand::Wait(seen) => seen,
             };
-            let woke =
-                tokio::time::timeout_at(deadline, finished.wait_for(|count| *count > seen)).await;
-            let woke = woke.map(|_| ());
+            // The watch borrow is dropped here, before the state lock is taken.
+            let timed_out =
+                tokio::time::timeout_at(deadline, finished.wait_for(|count| *count > seen))
+                    .await
+                    .is_err();
             if let Some(bearer) = self.current() {
                 return Ok(bearer);
             }
             let state = self.shared.lock();
-            match (woke, &state.last_error) {
-                // The wait ran out.
-                (Err(_), _) => return Err(self.unavailable(&state)),
-                // The attempt this request waited for failed.
-                (Ok(()), Some(_)) => return Err(self.unavailable(&state)),
-                // It succeeded, but a 401 dropped its token already: wait for the next one.
-                (Ok(()), None) => {}
+            // The wait ran out, or the attempt this request waited for failed. Otherwise it
+            // succeeded, but a 401 dropped its token already: wait for the next one.
+            if timed_out || state.last_error.is_some() {
+                return Err(self.unavailable(&state));
             }
         }
     }
@@ -402,6 +389,15 @@ impl Shared {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// `f` of the cached token, if it is valid at `now`.
+    fn valid_with<T>(&self, now: Instant, f: impl FnOnce(&Cached) -> T) -> Option<T> {
+        let current = self.current.read().unwrap_or_else(PoisonError::into_inner);
+        current
+            .as_ref()
+            .filter(|cached| now < cached.expires_at)
+            .map(f)
+    }
+
     /// One attempt: asks the credential for a token, within the fetch timeout.
     async fn attempt(&self, timeout: Duration) -> Result<Issued, TokenUnavailable> {
         let scopes = [self.scope.as_str()];
@@ -452,13 +448,7 @@ impl Shared {
         state.last_error = Some(error.clone());
         self.finished.send_modify(|count| *count += 1);
         drop(state);
-        let valid = self
-            .current
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            .is_some_and(|cached| now < cached.expires_at);
-        if valid {
+        if self.valid_with(now, |_| ()).is_some() {
             tracing::warn!(
                 scope = %self.scope,
                 reason = error.reason(),
@@ -574,7 +564,7 @@ fn refresh_after(lifetime: Duration) -> Duration {
 
 impl fmt::Debug for TokenCache {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let token = match self.valid_with(Instant::now(), |_| ()) {
+        let token = match self.shared.valid_with(Instant::now(), |_| ()) {
             Some(()) => "<redacted>",
             None => "<none>",
         };
