@@ -303,12 +303,13 @@ fn advance(state: &SimState, objects: &mut Objects, id: &str) {
             }
         }
         "validating" | "in_progress" => {
-            let input = objects
+            // None when the input file was deleted before the batch ran.
+            let output = objects
                 .files
                 .get(&input_file_id)
-                .map(|file| file.content.clone());
-            let output = input.map(|input| run(state, &input));
-            let output_file = output.as_ref().map(|(content, _)| {
+                .map(|input| run(state, &input.content));
+            // The output file: made by the service, not by a request, so not counted.
+            let output = output.map(|(content, counts)| {
                 let meta = FileObject {
                     id: ids::id("file-", 32),
                     object: "file",
@@ -318,31 +319,25 @@ fn advance(state: &SimState, objects: &mut Objects, id: &str) {
                     purpose: "batch_output".to_owned(),
                     status: "processed",
                 };
-                (meta.id.clone(), meta)
-            });
-            if let (Some((content, _)), Some((file_id, meta))) = (&output, &output_file) {
-                // Made by the service, not by a request: not counted.
+                let file_id = meta.id.clone();
                 let size = content.len();
-                let file = StoredFile {
-                    meta: meta.clone(),
-                    content: content.clone(),
-                };
+                let file = StoredFile { meta, content };
                 objects.files.insert(file_id.clone(), file, size);
-            }
+                (file_id, counts)
+            });
             let Some(batch) = objects.batches.get_mut(id) else {
                 return;
             };
             batch.in_progress_at = Some(batch.in_progress_at.unwrap_or(now));
-            match (output, output_file) {
-                (Some((_, counts)), Some((file_id, _))) => {
+            match output {
+                Some((file_id, counts)) => {
                     batch.status = "completed";
                     batch.finalizing_at = Some(now);
                     batch.completed_at = Some(now);
                     batch.output_file_id = Some(file_id);
                     batch.request_counts = counts;
                 }
-                // The input file was deleted before the batch ran.
-                _ => {
+                None => {
                     batch.status = "failed";
                     batch.failed_at = Some(now);
                 }
