@@ -19,15 +19,14 @@
 use std::alloc::System;
 use std::convert::Infallible;
 use std::future::Future;
-use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
-use std::task::{Context, Poll, Waker};
 
 use aoai_tower::balance::{
     AzureOpenAiClassifier, BackendSpec, BackendState, Balance, HealthPolicy,
 };
 use criterion::{BenchmarkId, Criterion};
+use futures_util::FutureExt;
 use http::{HeaderValue, Request, Response, StatusCode};
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 use tower::{Service, service_fn};
@@ -61,14 +60,9 @@ fn backend(
 
 /// Polls `future` once: the backends answer at once, so it is done.
 fn poll_once<F: Future>(future: F) -> F::Output {
-    let mut future = pin!(future);
-    match future
-        .as_mut()
-        .poll(&mut Context::from_waker(Waker::noop()))
-    {
-        Poll::Ready(output) => output,
-        Poll::Pending => panic!("the in-memory backend answers at once"),
-    }
+    future
+        .now_or_never()
+        .expect("the in-memory backend answers at once")
 }
 
 /// `n` backends in 3 tiers, weighted or not, with their statuses.
