@@ -163,13 +163,16 @@ struct Throughput {
     label: &'static str,
     frames: usize,
     frame_bytes: usize,
-    best: Duration,
     rounds: Vec<Duration>,
 }
 
 impl Throughput {
+    fn best(&self) -> Duration {
+        self.rounds.iter().copied().min().unwrap_or(Duration::MAX)
+    }
+
     fn frames_per_second(&self) -> f64 {
-        self.frames as f64 / self.best.as_secs_f64()
+        self.frames as f64 / self.best().as_secs_f64()
     }
 }
 
@@ -217,7 +220,6 @@ async fn measure_frames_per_second(instance: SocketAddr) -> Result<Vec<Throughpu
                 label,
                 frames,
                 frame_bytes,
-                best: Duration::MAX,
                 rounds: Vec::new(),
             })
             .collect();
@@ -228,9 +230,7 @@ async fn measure_frames_per_second(instance: SocketAddr) -> Result<Vec<Throughpu
         }
         for _ in 0..ROUNDS {
             for (result, (_, addr)) in load.iter_mut().zip(routes) {
-                let elapsed = round(addr, frames, frame_bytes).await?;
-                result.best = result.best.min(elapsed);
-                result.rounds.push(elapsed);
+                result.rounds.push(round(addr, frames, frame_bytes).await?);
             }
         }
         results.extend(load);
@@ -329,7 +329,7 @@ fn print_report(load_at_start: &str, throughput: &[Throughput], idle: &IdleRepor
             result.label,
             result.frames_per_second(),
             result.frames_per_second() * result.frame_bytes as f64 / (1 << 20) as f64,
-            result.best.as_secs_f64() * 1e3,
+            result.best().as_secs_f64() * 1e3,
             rounds.join(", ")
         );
     }
