@@ -2,8 +2,9 @@
 //! loopback server stands for one and receives the OTLP/HTTP protobuf posts.
 //!
 //! Compiled only with the feature (`required-features` in Cargo.toml). The example binary must
-//! have been built with it too, so run both at once:
-//! `cargo test --features otlp --example gateway --test otlp`.
+//! have been built with it too (`cargo test --example` would build it as a test instead), so
+//! `.ci/run` runs: `cargo build --features otlp --example gateway && cargo test --features otlp
+//! --test otlp`.
 
 mod support;
 
@@ -84,7 +85,7 @@ async fn gateway_after_one_chat(
     };
     let backend = format!("{}={}", sim.name(), sim.url());
     let child = Command::new(support::gateway_binary(
-        "cargo test --features otlp --example gateway --test otlp",
+        "cargo build --features otlp --example gateway",
     ))
     .args(["--listen", &addr, "--backend", &backend])
     .args(["--config", config.to_str().unwrap()])
