@@ -5,9 +5,12 @@
 //! cargo bench --bench pick
 //! ```
 //!
-//! - `weighted/N`: tier `i % 3 + 1`, weight `i % 4 + 1` (smooth weighted round-robin, behind a
-//!   mutex per tier); tier 1 serves.
-//! - `uniform/N`: the same tiers, every weight 1 (plain round-robin, one atomic counter).
+//! - `weighted/N`: tier `i % 3 + 1`, weight `i % 4 + 1` (smooth weighted round-robin); tier 1
+//!   serves. Every tier's rotations are behind a mutex.
+//! - `uniform/N`: the same tiers, every weight 1 (plain round-robin).
+//! - `deployment/N`: uniform, each request naming its deployment as the gateway's do (a
+//!   [`Deployment`] extension, inserted in the loop: one allocation), which has its own
+//!   rotation.
 //! - `spill/N`: weighted, with every backend of tier 1 cooling down: each pick looks at tier 1
 //!   (reading the clock once), then picks in tier 2.
 //! - `backend_alone`: the in-memory backend called directly, for reference: the pick's own cost
@@ -23,7 +26,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
 
 use aoai_tower::balance::{
-    AzureOpenAiClassifier, BackendSpec, BackendState, Balance, HealthPolicy,
+    AzureOpenAiClassifier, BackendSpec, BackendState, Balance, Deployment, HealthPolicy,
 };
 use criterion::{BenchmarkId, Criterion};
 use futures_util::FutureExt;
@@ -124,6 +127,21 @@ fn benches(c: &mut Criterion) {
                 b.iter(|| poll_once(balance.call(Request::new(()))).unwrap())
             });
         }
+
+        let (_statuses, mut per_deployment) = balance(n, false);
+        let deployment = Deployment::new("gpt-4o");
+        let request = || {
+            let mut request = Request::new(());
+            request.extensions_mut().insert(deployment.clone());
+            request
+        };
+        println!(
+            "  deployment/{n:<2} {:>5.2}",
+            allocations_per_call(|| per_deployment.call(request()), 10_000)
+        );
+        group.bench_with_input(BenchmarkId::new("deployment", n), &n, |b, _| {
+            b.iter(|| poll_once(per_deployment.call(request())).unwrap())
+        });
 
         // Tier 1 (backends 0, 3, 6, ...) cooling down for an hour: every pick spills to tier 2.
         let (statuses, mut balance) = balance(n, true);

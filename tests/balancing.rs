@@ -225,6 +225,33 @@ async fn a_429_for_one_deployment_leaves_the_instances_other_deployments_flowing
     assert_eq!(&*b.deployment_cooldowns[0].0, "gpt");
 }
 
+/// Each deployment has its own rotation: a caller that embeds its question and then asks the
+/// chat deployment, in turn, gets both from both instances (one rotation for all would send
+/// every embedding to a and every chat completion to b).
+#[tokio::test]
+async fn an_embedding_then_a_chat_in_turn_each_alternate_over_both_instances() {
+    let sims = sims(2).await;
+    let base = serve_gateway(builder_over(&sims).build().unwrap()).await;
+    let client = client();
+
+    let (mut embeddings, mut chats) = (Vec::new(), Vec::new());
+    for _ in 0..4 {
+        let embedding = client
+            .post(format!(
+                "{base}/openai/deployments/text-embedding-3-small/embeddings?api-version=2024-10-21"
+            ))
+            .json(&serde_json::json!({ "input": "Which instance?" }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(embedding.status(), 200);
+        embeddings.push(served_by(&embedding));
+        chats.push(served_by(&chat_for(&client, &base, "gpt-4o").await));
+    }
+    assert_eq!(embeddings, ["a", "b", "a", "b"]);
+    assert_eq!(chats, ["a", "b", "a", "b"]);
+}
+
 /// An instance serves only the deployments it lists, under its own names: the caller's
 /// `gpt-4o` reaches it as `gpt4o-ptu` (in the path, and in a v1 body's `model`), a deployment
 /// it does not list never reaches it, and one no instance lists is a 404 that contacts none.

@@ -413,10 +413,11 @@ async fn final_backend_errors_pass_through_unchanged() {
         .await
         .unwrap();
     assert_eq!(response.status(), 404);
-    assert_eq!(served_by(&response), "b");
+    // A request that names no deployment has its own rotation, which starts at a.
+    assert_eq!(served_by(&response), "a");
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "404");
-    assert_eq!(sims[1].requests()[0].path, "/openai/no/such/route");
+    assert_eq!(sims[0].requests()[1].path, "/openai/no/such/route");
 }
 
 #[tokio::test]

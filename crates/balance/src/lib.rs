@@ -7,10 +7,11 @@
 //! that takes it, never to a later tier while an earlier one can take it: when every backend
 //! of a tier is cooling down (or on trial with its trial in flight), requests and retries spill
 //! to the next tier, and come back as soon as one of them takes requests again (its trial
-//! first). Within a tier, backends of equal weight take turns in strict rotation (one atomic
-//! counter, no lock); unequal weights share by nginx's smooth weighted round-robin (weights 3
-//! and 1 give a a b a, a a b a, ...: deterministic, interleaved; a small mutex per tier), and a
-//! backend that takes no request is left out of that pick. It learns from every
+//! first). Within a tier, backends of equal weight take turns in strict rotation; unequal
+//! weights share by nginx's smooth weighted round-robin (weights 3 and 1 give a a b a, a a b a,
+//! ...: deterministic, interleaved), and a backend that takes no request is left out of that
+//! pick. Each deployment has its own rotation (in a small mutex per tier), so requests for two
+//! deployments sent in turn each reach every backend. It learns from every
 //! answer: a backend that throttles (429) cools down for as long as its `Retry-After` asks; one
 //! that cannot be reached, or times out, cools down at once; one that fails with 5xx several
 //! times in a row cools down too. A cooling backend gets no traffic until its cooldown ends;
@@ -144,7 +145,7 @@ use crate::tier::Tier;
 ///
 /// # Clone and readiness
 ///
-/// `Balance` is cheap to clone; clones share the rotation and the health of every backend.
+/// `Balance` is cheap to clone; clones share the rotations and the health of every backend.
 /// The backend is chosen in `call`, from the request (which may say which backends were already
 /// tried), so `poll_ready` is always ready and reserves nothing. `call` clones the chosen
 /// backend and drives the clone with [`Oneshot`](tower::util::Oneshot), which awaits the
@@ -383,17 +384,21 @@ impl<S, C> Balance<S, C> {
             None => shared
                 .tiers
                 .iter()
-                .find_map(|tier| tier.pick(backends, &now, refused)),
+                .find_map(|tier| tier.pick(backends, &now, deployment, refused)),
             Some(tried) => shared
                 .tiers
                 .iter()
-                .find_map(|tier| tier.pick(backends, &now, |i| tried.contains(i) || refused(i)))
+                .find_map(|tier| {
+                    tier.pick(backends, &now, deployment, |i| {
+                        tried.contains(i) || refused(i)
+                    })
+                })
                 .or_else(|| {
                     let last = tried.last()?;
                     shared
                         .tiers
                         .iter()
-                        .find_map(|tier| tier.pick_after(backends, &now, last, refused))
+                        .find_map(|tier| tier.pick_after(backends, &now, deployment, last, refused))
                 }),
         };
         if let Some(picked) = picked {

@@ -1277,6 +1277,53 @@ async fn a_connect_error_still_cools_b_for_every_deployment() {
     assert_eq!(fakes[1].calls(), ["gpt"]);
 }
 
+/// Quotas are per deployment, and so is the rotation: a caller that sends an embedding then a
+/// chat completion, in turn, gets each from both backends (one rotation for all would send
+/// every embedding to `a` and every chat completion to `b`).
+#[tokio::test]
+async fn deployments_requested_in_turn_each_rotate_over_every_backend() {
+    let (_fakes, balance) = deployed([None, None]);
+    let (mut embeddings, mut chats) = (Vec::new(), Vec::new());
+    for _ in 0..4 {
+        embeddings.push(serve(&balance, "embedding").await.unwrap());
+        chats.push(serve(&balance, "gpt").await.unwrap());
+    }
+    assert_eq!(embeddings, ["a", "b", "a", "b"]);
+    assert_eq!(chats, ["a", "b", "a", "b"]);
+}
+
+#[tokio::test]
+async fn weighted_deployments_requested_in_turn_each_split_by_the_weights() {
+    let (_fakes, balance) = tiered(&[(1, 3), (1, 1)], HealthPolicy::new());
+    let (mut embeddings, mut chats) = (Vec::new(), Vec::new());
+    for _ in 0..8 {
+        for (deployment, served) in [("embedding", &mut embeddings), ("gpt", &mut chats)] {
+            served.push(served_by_fake_with(&balance, for_deployment(deployment)).await);
+        }
+    }
+    let interleaved = ["b0", "b0", "b1", "b0", "b0", "b0", "b1", "b0"];
+    assert_eq!(embeddings, interleaved);
+    assert_eq!(chats, interleaved);
+}
+
+/// Deployment names come from callers, so the rotations kept are bounded: past 1,024
+/// deployments they start over rather than grow.
+#[tokio::test]
+async fn past_1024_deployments_the_rotations_start_over() {
+    let (_fakes, balance) = deployed([None, None]);
+    assert_eq!(serve(&balance, "gpt").await.unwrap(), "a");
+    for i in 1..1024 {
+        serve(&balance, &format!("d{i}")).await.unwrap();
+    }
+    assert_eq!(
+        serve(&balance, "gpt").await.unwrap(),
+        "b",
+        "1,024 kept: gpt's went on"
+    );
+    serve(&balance, "d1024").await.unwrap();
+    assert_eq!(serve(&balance, "gpt").await.unwrap(), "a", "started over");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_deployment_only_a_offers_never_goes_to_b() {
     let (fakes, balance) = deployed([Some(&["gpt", "tiny"]), Some(&["tiny"])]);
