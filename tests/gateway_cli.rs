@@ -20,7 +20,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use aoai_sim::SimHandle;
+use aoai_sim::{ObjectKind, SimHandle};
 use serde_json::Value;
 use support::{BOUND, CHAT, chat, chat_body, client, served_by, sims};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -812,6 +812,69 @@ async fn without_backends_it_serves_two_emulated_instances() {
         "{}",
         gateway.stdout()
     );
+}
+
+/// The official OpenAI Python SDK through the gateway, over `AzureOpenAI` and over
+/// `OpenAI(base_url=.../openai/v1/)`: chat, a stream with usage, embeddings, a five-turn
+/// Responses conversation (then streamed, retrieved, its input items listed), a file and a
+/// batch made from it (`tests/sdk/openai_python.py`; any error answer makes it fail).
+///
+/// Needs Python with the `openai` package: `.ci/run` installs a pinned one in a venv and runs
+/// this with `AOAI_TEST_PYTHON` set to its interpreter.
+#[tokio::test]
+#[ignore = "needs the openai Python package: .ci/run installs it and sets AOAI_TEST_PYTHON"]
+async fn the_official_python_sdk_works_through_the_gateway() {
+    let python = std::env::var("AOAI_TEST_PYTHON").unwrap_or_else(|_| "python3".to_owned());
+    let sims = sims(2).await;
+    let (mut gateway, _addr, base) = Gateway::over(&sims);
+    gateway.ready(&base, None).await;
+
+    let stdout = TempFile::with("sdk-stdout", "");
+    let stderr = TempFile::with("sdk-stderr", "");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/openai_python.py");
+    let mut sdk = Command::new(&python)
+        .arg(&script)
+        .arg(&base)
+        .stdin(Stdio::null())
+        .stdout(File::create(&stdout.0).unwrap())
+        .stderr(File::create(&stderr.0).unwrap())
+        .spawn()
+        .unwrap_or_else(|error| panic!("cannot run {python}: {error}"));
+    // The emulated instances answer on this task: wait without blocking it, bounded.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = sdk.try_wait().unwrap() {
+            break status;
+        }
+        if tokio::time::Instant::now() > deadline {
+            let _ = sdk.kill();
+            panic!("the SDK script did not finish in 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let output = std::fs::read_to_string(&stdout.0).unwrap();
+    assert!(
+        status.success(),
+        "{status}\nstdout: {output}\nstderr: {}\ngateway: {}",
+        std::fs::read_to_string(&stderr.0).unwrap(),
+        gateway.stderr()
+    );
+
+    // Each client's conversation and its file and batch are on the instance the SDK saw.
+    let summary: Value = serde_json::from_str(output.trim()).unwrap();
+    let on = |name: &Value| {
+        sims.iter()
+            .find(|sim| sim.name() == name.as_str().unwrap())
+            .unwrap_or_else(|| panic!("no instance {name}"))
+    };
+    let count = |kind| sims.iter().map(|sim| sim.object_count(kind)).sum::<usize>();
+    for client in ["azure", "v1"] {
+        let homes = &summary[client];
+        assert!(on(&homes["conversation"]).object_count(ObjectKind::Response) >= 6);
+        assert!(on(&homes["file_and_batch"]).object_count(ObjectKind::Batch) >= 1);
+    }
+    assert_eq!(count(ObjectKind::Response), 12, "two conversations of six turns");
+    assert_eq!(count(ObjectKind::Batch), 2);
 }
 
 #[tokio::test]

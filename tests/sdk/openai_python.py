@@ -1,0 +1,100 @@
+"""The official OpenAI Python SDK against the gateway example: what a user's code calls.
+
+Run by `the_official_python_sdk_works_through_the_gateway` in tests/gateway_cli.rs, with the
+gateway's base URL as its one argument. Any error answer makes the SDK raise, and the script
+exit non-zero; on success it prints one JSON line that the test reads.
+"""
+
+import io
+import json
+import sys
+
+from openai import AzureOpenAI, OpenAI
+
+BATCH_INPUT = (
+    b'{"custom_id":"1","method":"POST","url":"/chat/completions",'
+    b'"body":{"model":"gpt-4o","messages":[{"role":"user","content":"Hi"}]}}\n'
+)
+
+
+def conversation(client):
+    """Five Responses turns chained by previous_response_id, then a streamed one; each answered
+    by the instance of the first. Returns that instance's name."""
+    raw = client.responses.with_raw_response.create(model="gpt-4o", input="Turn 1")
+    home = raw.headers["x-served-by"]
+    previous = raw.parse().id
+    for turn in range(2, 6):
+        raw = client.responses.with_raw_response.create(
+            model="gpt-4o", input=f"Turn {turn}", previous_response_id=previous
+        )
+        assert raw.headers["x-served-by"] == home, (turn, raw.headers["x-served-by"], home)
+        previous = raw.parse().id
+    events = [
+        event.type
+        for event in client.responses.create(
+            model="gpt-4o", input="Turn 6", previous_response_id=previous, stream=True
+        )
+    ]
+    assert events[-1] == "response.completed", events
+    assert client.responses.retrieve(previous).id == previous
+    assert len(client.responses.input_items.list(previous).data) > 0
+    return home
+
+
+def file_and_batch(client):
+    """A batch input file uploaded, then a batch made from it, then read back. Returns the
+    instance that holds both."""
+    raw = client.files.with_raw_response.create(
+        file=("input.jsonl", io.BytesIO(BATCH_INPUT)), purpose="batch"
+    )
+    home = raw.headers["x-served-by"]
+    uploaded = raw.parse()
+    raw = client.batches.with_raw_response.create(
+        input_file_id=uploaded.id, endpoint="/chat/completions", completion_window="24h"
+    )
+    assert raw.headers["x-served-by"] == home, (raw.headers["x-served-by"], home)
+    batch = raw.parse()
+    assert client.batches.retrieve(batch.id).input_file_id == uploaded.id
+    assert client.files.retrieve(uploaded.id).id == uploaded.id
+    return home
+
+
+def chat_and_embeddings(client, embedding_model):
+    """A chat completion, a stream that asks for usage, and embeddings."""
+    answer = client.chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "Hello"}]
+    )
+    assert answer.choices[0].message.content
+    chunks = list(
+        client.chat.completions.create(
+            model="gpt-4o",
+            messages=[{"role": "user", "content": "Hello"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[-1].usage.total_tokens > 0, chunks[-1]
+    vectors = client.embeddings.create(model=embedding_model, input=["a", "b"])
+    assert len(vectors.data) == 2
+
+
+def main():
+    base = sys.argv[1]
+    clients = {
+        "azure": AzureOpenAI(
+            azure_endpoint=base, api_key="unused", api_version="2025-04-01-preview"
+        ),
+        "v1": OpenAI(base_url=f"{base}/openai/v1/", api_key="unused"),
+    }
+    summary = {}
+    for name, client in clients.items():
+        chat_and_embeddings(client, "text-embedding-3-small")
+        summary[name] = {
+            "conversation": conversation(client),
+            "file_and_batch": file_and_batch(client),
+        }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
