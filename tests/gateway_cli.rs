@@ -873,7 +873,11 @@ async fn the_official_python_sdk_works_through_the_gateway() {
         assert!(on(&homes["conversation"]).object_count(ObjectKind::Response) >= 6);
         assert!(on(&homes["file_and_batch"]).object_count(ObjectKind::Batch) >= 1);
     }
-    assert_eq!(count(ObjectKind::Response), 12, "two conversations of six turns");
+    assert_eq!(
+        count(ObjectKind::Response),
+        12,
+        "two conversations of six turns"
+    );
     assert_eq!(count(ObjectKind::Batch), 2);
 }
 
