@@ -817,7 +817,8 @@ async fn without_backends_it_serves_two_emulated_instances() {
 /// The official OpenAI Python SDK through the gateway, over `AzureOpenAI` and over
 /// `OpenAI(base_url=.../openai/v1/)`: chat, a stream with usage, embeddings, a five-turn
 /// Responses conversation (then streamed, retrieved, its input items listed), a file and a
-/// batch made from it (`tests/sdk/openai_python.py`; any error answer makes it fail).
+/// batch made from it, a Realtime session (`tests/sdk/openai_python.py`; any error answer
+/// makes it fail).
 ///
 /// Needs Python with the `openai` package: `.ci/run` installs a pinned one in a venv and runs
 /// this with `AOAI_TEST_PYTHON` set to its interpreter.
@@ -879,6 +880,18 @@ async fn the_official_python_sdk_works_through_the_gateway() {
         "two conversations of six turns"
     );
     assert_eq!(count(ObjectKind::Batch), 2);
+    // The SDK's close reaches the instances through the gateway, a moment after the script ends.
+    let deadline = tokio::time::Instant::now() + BOUND;
+    while sims.iter().map(SimHandle::realtime_sessions).sum::<usize>() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a Realtime session stayed open at an instance"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for client in ["azure", "v1"] {
+        assert!(summary[client]["realtime_events"].as_u64().unwrap() > 3);
+    }
 }
 
 #[tokio::test]

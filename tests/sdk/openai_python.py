@@ -1,7 +1,7 @@
 """The official OpenAI Python SDK against the gateway example: what a user's code calls.
 
 Run by `the_official_python_sdk_works_through_the_gateway` in tests/gateway_cli.rs, with the
-gateway's base URL as its one argument. Any error answer makes the SDK raise, and the script
+gateway's base URL as its one argument; needs `openai[realtime]` (the SDK and `websockets`). Any error answer makes the SDK raise, and the script
 exit non-zero; on success it prints one JSON line that the test reads.
 """
 
@@ -78,13 +78,43 @@ def chat_and_embeddings(client, embedding_model):
     assert len(vectors.data) == 2
 
 
+def realtime(client):
+    """A Realtime session over WebSocket: a text message, and the response to it, whole."""
+    with client.realtime.connect(model="gpt-4o-realtime-preview") as session:
+        assert session.recv().type == "session.created"
+        session.session.update(session={"type": "realtime", "output_modalities": ["text"]})
+        session.conversation.item.create(
+            item={
+                "type": "message",
+                "role": "user",
+                "content": [{"type": "input_text", "text": "Hello"}],
+            }
+        )
+        session.response.create()
+        events = []
+        for event in session:
+            events.append(event.type)
+            if event.type == "response.done":
+                break
+        assert "response.created" in events and any("delta" in e for e in events), events
+        return len(events)
+
+
 def main():
     base = sys.argv[1]
+    websocket = base.replace("http://", "ws://", 1)
     clients = {
         "azure": AzureOpenAI(
-            azure_endpoint=base, api_key="unused", api_version="2025-04-01-preview"
+            azure_endpoint=base,
+            api_key="unused",
+            api_version="2025-04-01-preview",
+            websocket_base_url=f"{websocket}/openai",
         ),
-        "v1": OpenAI(base_url=f"{base}/openai/v1/", api_key="unused"),
+        "v1": OpenAI(
+            base_url=f"{base}/openai/v1/",
+            api_key="unused",
+            websocket_base_url=f"{websocket}/openai/v1",
+        ),
     }
     summary = {}
     for name, client in clients.items():
@@ -92,6 +122,7 @@ def main():
         summary[name] = {
             "conversation": conversation(client),
             "file_and_batch": file_and_batch(client),
+            "realtime_events": realtime(client),
         }
     print(json.dumps(summary))
 
