@@ -1,5 +1,6 @@
 //! The `gateway` example built with the `otlp` feature pushes its metrics to a collector: a
-//! loopback server stands for one and receives the OTLP/HTTP protobuf posts.
+//! loopback server stands for one and receives the OTLP/HTTP protobuf posts, over http or over
+//! https with a certificate of a private CA.
 //!
 //! Compiled only with the feature (`required-features` in Cargo.toml). The example binary must
 //! have been built with it too (`cargo test --example` would build it as a test instead), so
@@ -7,10 +8,14 @@
 //! --test otlp`.
 
 mod support;
+#[path = "support/tls.rs"]
+mod tls;
 
+use std::fs::File;
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -18,6 +23,8 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
 use serde_json::json;
 use support::{BOUND, CHAT, client, sims};
 use tokio::sync::mpsc;
@@ -25,55 +32,150 @@ use tokio::sync::mpsc;
 /// The caller's key: it must never reach the collector; its name does.
 const KEY: &str = "otlp-test-key-4f1c9e";
 
-/// A collector on loopback: each body posted to `/v1/metrics`, with its content type, is sent
-/// on the channel. Returns the endpoint URL.
-async fn collector() -> (String, mpsc::UnboundedReceiver<(String, Bytes)>) {
+/// One export as the collector received it.
+struct Post {
+    content_type: String,
+    authorization: Option<String>,
+    body: Bytes,
+}
+
+/// A collector on loopback: each post to `/v1/metrics` is sent on the channel. Over https with
+/// a certificate for `localhost` that `pki` signed, when given. Returns the endpoint URL.
+async fn collector(pki: Option<&tls::Pki>) -> (String, mpsc::UnboundedReceiver<Post>) {
     let (posts, received) = mpsc::unbounded_channel();
     let app = Router::new()
         .route(
             "/v1/metrics",
             post(
-                |State(posts): State<mpsc::UnboundedSender<(String, Bytes)>>,
+                |State(posts): State<mpsc::UnboundedSender<Post>>,
                  headers: HeaderMap,
                  body: Bytes| async move {
-                    let content_type = headers
-                        .get("content-type")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or_default()
-                        .to_owned();
-                    let _ = posts.send((content_type, body));
+                    let header = |name: &str| {
+                        headers
+                            .get(name)
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_owned)
+                    };
+                    let _ = posts.send(Post {
+                        content_type: header("content-type").unwrap_or_default(),
+                        authorization: header("authorization"),
+                        body,
+                    });
                     // An empty `ExportMetricsServiceResponse`: everything accepted.
                     StatusCode::OK
                 },
             ),
         )
         .with_state(posts);
-    let base = support::serve(app).await;
-    (format!("{base}/v1/metrics"), received)
+    let Some(pki) = pki else {
+        let base = support::serve(app).await;
+        return (format!("{base}/v1/metrics"), received);
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(pki.server());
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), TowerToHyperService::new(app))
+                    .await;
+            });
+        }
+    });
+    (format!("https://localhost:{port}/v1/metrics"), received)
 }
 
-/// The gateway process, killed on drop.
-struct Gateway(Child);
+/// A unique path in the temporary directory, for this process's file `what`.
+fn temp_path(what: &str) -> PathBuf {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    std::env::temp_dir().join(format!(
+        "aoai-tower-otlp-{}-{}-{what}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+/// The gateway process with its files (its config, CA and output); killed, and the files
+/// removed, on drop.
+struct Gateway {
+    child: Child,
+    files: Vec<PathBuf>,
+    output: PathBuf,
+}
+
+impl Gateway {
+    /// Starts the gateway with `args` and `env` (without `RUST_LOG`), its stdout and stderr
+    /// both to one file.
+    fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let output = temp_path("output");
+        let stdout = File::create(&output).unwrap();
+        let stderr = stdout.try_clone().unwrap();
+        let child = Command::new(support::gateway_binary(
+            "cargo build --features otlp --example gateway",
+        ))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+        Self {
+            child,
+            files: Vec::new(),
+            output,
+        }
+    }
+
+    /// What the gateway printed so far.
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.output).unwrap_or_default()
+    }
+
+    /// Waits (bounded) for the process to exit.
+    async fn exit(&mut self) -> ExitStatus {
+        let deadline = tokio::time::Instant::now() + BOUND;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the gateway did not exit: {}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
 
 impl Drop for Gateway {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for file in self.files.iter().chain([&self.output]) {
+            let _ = std::fs::remove_file(file);
+        }
     }
 }
 
 /// Starts the gateway over one emulated instance, with a named client (`search-team`, whose
-/// key is [`KEY`]) in the config file `name` and `flags`; sends one streamed chat completion
+/// key is [`KEY`]) in its config file, `flags` and `env`; sends one streamed chat completion
 /// through it once it answers, and reads it to the end.
 async fn gateway_after_one_chat(
-    name: &str,
     flags: &[&str],
-) -> (Gateway, aoai_sim::SimHandle, PathBuf) {
+    env: &[(&str, &str)],
+) -> (Gateway, aoai_sim::SimHandle) {
     let sim = sims(1).await.remove(0);
-    let config = std::env::temp_dir().join(format!(
-        "aoai-tower-otlp-{}-{name}.toml",
-        std::process::id()
-    ));
+    let config = temp_path("config.toml");
     std::fs::write(
         &config,
         "[[clients]]\nname = \"search-team\"\nkey_env = \"AOAI_OTLP_TEST_KEY\"\n",
@@ -84,24 +186,21 @@ async fn gateway_after_one_chat(
         listener.local_addr().unwrap().to_string()
     };
     let backend = format!("{}={}", sim.name(), sim.url());
-    let child = Command::new(support::gateway_binary(
-        "cargo build --features otlp --example gateway",
-    ))
-    .args(["--listen", &addr, "--backend", &backend])
-    .args(["--config", config.to_str().unwrap()])
-    .args(flags)
-    .env("AOAI_OTLP_TEST_KEY", KEY)
-    .env_remove("RUST_LOG")
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .spawn()
-    .unwrap();
-    let mut gateway = Gateway(child);
+    let mut args = vec!["--listen", &addr, "--backend", &backend];
+    args.extend(["--config", config.to_str().unwrap()]);
+    args.extend(flags);
+    let mut env = env.to_vec();
+    env.push(("AOAI_OTLP_TEST_KEY", KEY));
+    let mut gateway = Gateway::spawn(&args, &env);
+    gateway.files.push(config);
     let client = client();
     let deadline = tokio::time::Instant::now() + BOUND;
     let response = loop {
-        if let Some(status) = gateway.0.try_wait().unwrap() {
-            panic!("the gateway exited with {status} (built without `--features otlp`?)");
+        if let Some(status) = gateway.child.try_wait().unwrap() {
+            panic!(
+                "the gateway exited with {status} (built without `--features otlp`?): {}",
+                gateway.output()
+            );
         }
         let sent = client
             .post(format!("http://{addr}{CHAT}"))
@@ -124,20 +223,23 @@ async fn gateway_after_one_chat(
     assert_eq!(response.status(), 200);
     let answer = response.text().await.unwrap();
     assert!(answer.trim_end().ends_with("data: [DONE]"), "{answer}");
-    (gateway, sim, config)
+    (gateway, sim)
 }
 
-/// Waits (bounded) for the next post that holds the token usage; returns its body.
-async fn next_with_usage(received: &mut mpsc::UnboundedReceiver<(String, Bytes)>) -> Bytes {
+/// Waits (bounded) for the next post from `gateway` that holds the token usage.
+async fn next_with_usage(received: &mut mpsc::UnboundedReceiver<Post>, gateway: &Gateway) -> Post {
     let deadline = tokio::time::Instant::now() + BOUND;
     loop {
-        let (content_type, body) = tokio::time::timeout_at(deadline, received.recv())
-            .await
-            .expect("no export with the token usage reached the collector")
-            .unwrap();
-        assert_eq!(content_type, "application/x-protobuf");
-        if find(&body, b"gen_ai.client.token.usage") {
-            return body;
+        let Ok(post) = tokio::time::timeout_at(deadline, received.recv()).await else {
+            panic!(
+                "no export with the token usage reached the collector; the gateway printed: {}",
+                gateway.output()
+            );
+        };
+        let post = post.unwrap();
+        assert_eq!(post.content_type, "application/x-protobuf");
+        if find(&post.body, b"gen_ai.client.token.usage") {
+            return post;
         }
     }
 }
@@ -181,44 +283,102 @@ fn assert_metrics(body: &[u8]) {
 
 #[tokio::test]
 async fn the_gateway_exports_its_metrics_each_interval() {
-    let (endpoint, mut received) = collector().await;
-    let (_gateway, _sim, config) = gateway_after_one_chat(
-        "interval",
-        &["--otlp-endpoint", &endpoint, "--otlp-interval", "1"],
-    )
-    .await;
-    let body = next_with_usage(&mut received).await;
-    assert_metrics(&body);
-    let _ = std::fs::remove_file(config);
+    let (endpoint, mut received) = collector(None).await;
+    let (gateway, _sim) =
+        gateway_after_one_chat(&["--otlp-endpoint", &endpoint, "--otlp-interval", "1"], &[]).await;
+    let post = next_with_usage(&mut received, &gateway).await;
+    assert_metrics(&post.body);
+    assert_eq!(post.authorization, None);
 }
 
 /// On SIGTERM the gateway exports what it recorded before it exits, long before an interval.
 #[tokio::test]
 async fn the_gateway_exports_its_metrics_on_shutdown() {
-    let (endpoint, mut received) = collector().await;
-    let (mut gateway, _sim, config) = gateway_after_one_chat(
-        "shutdown",
+    let (endpoint, mut received) = collector(None).await;
+    let (mut gateway, _sim) = gateway_after_one_chat(
         &["--otlp-endpoint", &endpoint, "--otlp-interval", "3600"],
+        &[],
     )
     .await;
     let terminated = Command::new("kill")
-        .args(["-TERM", &gateway.0.id().to_string()])
+        .args(["-TERM", &gateway.child.id().to_string()])
         .status()
         .unwrap();
     assert!(terminated.success());
-    let body = next_with_usage(&mut received).await;
-    assert_metrics(&body);
-    let deadline = tokio::time::Instant::now() + BOUND;
-    let status = loop {
-        if let Some(status) = gateway.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the gateway did not exit"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let post = next_with_usage(&mut received, &gateway).await;
+    assert_metrics(&post.body);
+    let status = gateway.exit().await;
     assert!(status.success(), "{status}");
-    let _ = std::fs::remove_file(config);
+}
+
+/// A collector over https, whose certificate a private CA signed, gets the exports once
+/// `--ca-file` names that CA (the roots the instances trust), with the headers
+/// `OTEL_EXPORTER_OTLP_HEADERS` gives; the header's secret is in no line the gateway prints,
+/// even at debug level.
+#[tokio::test]
+async fn an_https_collector_gets_the_exports_with_the_headers_given_and_no_line_has_them() {
+    const SECRET: &str = "otlp-collector-secret-8d2e";
+    let pki = tls::Pki::new();
+    let (endpoint, mut received) = collector(Some(&pki)).await;
+    let ca = temp_path("ca.pem");
+    std::fs::write(&ca, pki.ca_pem()).unwrap();
+    let headers = format!("authorization=Bearer {SECRET}");
+    let (mut gateway, _sim) = gateway_after_one_chat(
+        &[
+            "--otlp-endpoint",
+            &endpoint,
+            "--otlp-interval",
+            "1",
+            "--ca-file",
+            ca.to_str().unwrap(),
+        ],
+        &[
+            ("OTEL_EXPORTER_OTLP_HEADERS", &headers),
+            ("RUST_LOG", "debug"),
+        ],
+    )
+    .await;
+    gateway.files.push(ca);
+    let post = next_with_usage(&mut received, &gateway).await;
+    assert_metrics(&post.body);
+    assert_eq!(
+        post.authorization.as_deref(),
+        Some(&*format!("Bearer {SECRET}"))
+    );
+    let output = gateway.output();
+    assert!(output.contains("exporting metrics over OTLP"), "{output}");
+    assert!(
+        !output.contains(SECRET),
+        "the collector's secret was printed"
+    );
+}
+
+/// A bad OTLP setting stops the gateway at start, exit code 2, with a line naming the problem.
+#[tokio::test]
+async fn malformed_otlp_settings_are_refused_naming_the_problem() {
+    for (flags, problem) in [
+        (
+            &["--otlp-endpoint", "ftp://127.0.0.1/v1/metrics"][..],
+            "speaks http or https",
+        ),
+        (&["--otlp-endpoint", "not a url"], "invalid OTLP endpoint"),
+        (&["--otlp-interval", "5"], "needs an OTLP endpoint"),
+        (
+            &[
+                "--otlp-endpoint",
+                "http://127.0.0.1:4318/v1/metrics",
+                "--otlp-interval",
+                "0",
+            ],
+            "at least 1 second",
+        ),
+    ] {
+        let mut args = vec!["--listen", "127.0.0.1:0"];
+        args.extend(flags);
+        let mut gateway = Gateway::spawn(&args, &[]);
+        let status = gateway.exit().await;
+        let output = gateway.output();
+        assert_eq!(status.code(), Some(2), "{flags:?}: {output}");
+        assert!(output.contains(problem), "{flags:?}: {output}");
+    }
 }

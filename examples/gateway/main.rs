@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use aoai_tower::auth::AzureAuthLayer;
 use aoai_tower::balance::BackendState;
-use aoai_tower::upstream::UpstreamClient;
+use aoai_tower::upstream::{UpstreamClient, UpstreamClientBuilder};
 use aoai_tower::usage::TokenLimiter;
 use aoai_tower::{Gateway, GatewayMetrics, ObjectMap, RequireClientKeyLayer, Sessions};
 use axum::response::IntoResponse;
@@ -120,7 +120,8 @@ async fn run(mut settings: Settings) -> Result<(), String> {
     #[cfg(feature = "otlp")]
     let (metrics, meter_provider) = match &settings.otlp {
         Some(otlp) => {
-            let provider = otlp::meter_provider(otlp)?;
+            // A collector over https trusts the roots the instances do.
+            let provider = otlp::meter_provider(otlp, upstream_client(&settings)?.tls_config())?;
             let meter = opentelemetry::metrics::MeterProvider::meter(&provider, "aoai-tower");
             tracing::info!(endpoint = %otlp.endpoint, interval = ?otlp.interval, "exporting metrics over OTLP");
             (metrics.with_meter(&meter), Some(provider))
@@ -218,6 +219,19 @@ struct Kept {
     objects: ObjectMap,
 }
 
+/// The instances' client, trusting `--ca-file`'s roots besides the platform's.
+fn upstream_client(settings: &Settings) -> Result<UpstreamClientBuilder, String> {
+    let client = UpstreamClient::builder();
+    let Some(path) = &settings.ca_file else {
+        return Ok(client);
+    };
+    let pem =
+        std::fs::read(path).map_err(|e| format!("cannot read CA file {}: {e}", path.display()))?;
+    client
+        .add_root_certificates_pem(&pem)
+        .map_err(|e| format!("CA file {}: {e}", path.display()))
+}
+
 fn build_gateway(settings: &Settings, kept: &Kept) -> Result<Gateway, String> {
     let all_loopback = settings.backends.iter().all(|b| is_loopback_url(&b.url));
     let mode = settings.auth.clone().unwrap_or(if all_loopback {
@@ -241,16 +255,8 @@ fn build_gateway(settings: &Settings, kept: &Kept) -> Result<Gateway, String> {
         shared.push((mode.clone(), layer.clone()));
         Ok(layer)
     };
-    let mut client = UpstreamClient::builder();
-    if let Some(path) = &settings.ca_file {
-        let pem = std::fs::read(path)
-            .map_err(|e| format!("cannot read CA file {}: {e}", path.display()))?;
-        client = client
-            .add_root_certificates_pem(&pem)
-            .map_err(|e| format!("CA file {}: {e}", path.display()))?;
-    }
     let mut builder = Gateway::builder()
-        .client(client.build())
+        .client(upstream_client(settings)?.build())
         .served_by_header(settings.served_by_header)
         .include_usage(settings.include_usage)
         .metrics(kept.metrics.clone())

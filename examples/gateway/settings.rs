@@ -631,11 +631,9 @@ fn otlp_from(endpoint: Option<String>, interval: Option<u64>) -> Result<Option<O
     };
     let url = url::Url::parse(&endpoint)
         .map_err(|e| format!("invalid OTLP endpoint {endpoint:?}: {e}"))?;
-    if url.scheme() != "http" {
-        // The exporter's client is hyper's plain `HttpConnector`: a collector on this host or
-        // a sidecar, which forwards over TLS if need be.
+    if !matches!(url.scheme(), "http" | "https") {
         return Err(format!(
-            "invalid OTLP endpoint {endpoint:?}: the exporter speaks plain http (a local \
+            "invalid OTLP endpoint {endpoint:?}: the exporter speaks http or https (a local \
              collector's http://127.0.0.1:4318/v1/metrics)"
         ));
     }

@@ -118,7 +118,11 @@ impl UpstreamClientBuilder {
         }
     }
 
-    fn tls_config(&self) -> ClientConfig {
+    /// The TLS configuration the client's `https` connections use: the platform's roots (or
+    /// webpki's, when the platform has none) and those added. For other clients of the app
+    /// that must trust the same roots, such as an OTLP exporter. It reads the platform's trust
+    /// store.
+    pub fn tls_config(&self) -> ClientConfig {
         let mut roots = RootCertStore::empty();
         // A platform certificate rustls cannot parse, or a store that cannot be read, is skipped.
         roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
