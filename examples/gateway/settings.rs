@@ -115,8 +115,9 @@ pub(crate) struct Flags {
     /// private CA or a TLS-inspecting proxy.
     #[arg(long, value_name = "PATH")]
     ca_file: Option<PathBuf>,
-    /// Push the metrics over OTLP (HTTP/protobuf, plain http) to this URL as well, e.g. a
-    /// local collector's http://127.0.0.1:4318/v1/metrics.
+    /// Push the metrics over OTLP (HTTP/protobuf, http or https) to this URL as well, e.g. a
+    /// local collector's http://127.0.0.1:4318/v1/metrics. Headers (a backend's key) come
+    /// from `OTEL_EXPORTER_OTLP_HEADERS`.
     #[cfg(feature = "otlp")]
     #[arg(long, value_name = "URL")]
     otlp_endpoint: Option<String>,
@@ -318,7 +319,7 @@ pub(crate) struct Settings {
 #[cfg(feature = "otlp")]
 #[derive(Debug, Clone)]
 pub(crate) struct Otlp {
-    /// An http URL, used as it is (the collector's `/v1/metrics` included).
+    /// An http or https URL, used as it is (the collector's `/v1/metrics` included).
     pub(crate) endpoint: String,
     pub(crate) interval: Duration,
 }
