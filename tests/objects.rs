@@ -190,6 +190,38 @@ async fn a_file_uploaded_then_used_by_a_batch_before_and_after_a_restart() {
     assert_eq!(count(&sims, ObjectKind::File).iter().sum::<usize>(), 1);
 }
 
+/// A batch input file over the default 16 MiB body limit gets 413 and reaches no instance; with
+/// the limit raised, it arrives whole and a batch made from it is on the same instance.
+#[tokio::test]
+async fn a_file_over_the_body_limit_gets_413_and_goes_through_once_the_limit_is_raised() {
+    let sims = sims(2).await;
+    let content: String = std::iter::repeat_n(format!("{BATCH_LINE}\n"), 150_000).collect();
+    assert!(content.len() > 16 << 20, "{}", content.len());
+
+    let default = serve_gateway(builder_over(&sims).build().unwrap()).await;
+    let refused = upload(&default, &content).await;
+    assert_eq!(refused.status(), 413);
+    let error = refused.json::<Value>().await.unwrap();
+    assert_eq!(error["error"]["code"], "request_body_too_large", "{error}");
+    assert_eq!(sims.iter().map(SimHandle::request_count).sum::<usize>(), 0);
+
+    let raised = builder_over(&sims).body_limit(64 << 20).build().unwrap();
+    let base = serve_gateway(raised).await;
+    let uploaded = upload(&base, &content).await;
+    assert_eq!(uploaded.status(), 200);
+    let home = served_by(&uploaded);
+    let file = uploaded.json::<Value>().await.unwrap();
+    assert_eq!(file["bytes"], content.len(), "{file}");
+    let created = post(
+        &base,
+        "/openai/batches?api-version=2024-10-21",
+        &batch(file["id"].as_str().unwrap()),
+    )
+    .await;
+    assert_eq!(created.status(), 200);
+    assert_eq!(served_by(&created), home);
+}
+
 #[tokio::test]
 async fn an_unknown_id_gets_the_instances_own_answer_after_each_was_asked() {
     let sims = sims(2).await;
