@@ -22,11 +22,12 @@ use crate::upgrade;
 /// error shape. Keys are compared in constant time; they never appear in `Debug` output.
 ///
 /// An upgrade request (a WebSocket handshake: `Connection: upgrade` and an `Upgrade` field) may
-/// present its key as an `api-key` query parameter instead (`?api-key=KEY`, percent-encoded),
-/// because a browser cannot set headers on a WebSocket handshake; Azure takes it the same way.
-/// No other request may: a key in a URL is written wherever URLs are (proxies' and load
-/// balancers' access logs, browser history), so callers that can send a header should. The
-/// [`Gateway`](crate::Gateway) removes the parameter before any instance sees the handshake.
+/// present its key otherwise, because a browser cannot set headers on a WebSocket handshake: as
+/// an `api-key` query parameter (`?api-key=KEY`, percent-encoded), as Azure takes it, or as an
+/// offered subprotocol `openai-insecure-api-key.KEY`, as OpenAI's browser clients send it. No
+/// other request may: a key in a URL is written wherever URLs are (proxies' and load balancers'
+/// access logs, browser history), so callers that can send a header should. The
+/// [`Gateway`](crate::Gateway) removes both before any instance sees the handshake.
 ///
 /// A key may be unnamed ([`new`](Self::new)) or belong to a named client
 /// ([`with_clients`](Self::with_clients), [`client`](Self::client)): a request that presents a
@@ -174,7 +175,7 @@ impl RequireClientKeyLayer {
 
 /// The key a request presents: its `api-key` header, else its `Authorization: Bearer` token,
 /// else, for an upgrade request only, its `api-key` query parameter (the name in any letter
-/// case, as the gateway removes it).
+/// case, as the gateway removes it), else its `openai-insecure-api-key.KEY` subprotocol.
 fn presented_key<B>(request: &Request<B>) -> Option<Cow<'_, [u8]>> {
     let headers = request.headers();
     if let Some(key) = headers.get("api-key") {
@@ -189,13 +190,15 @@ fn presented_key<B>(request: &Request<B>) -> Option<Cow<'_, [u8]>> {
     if !upgrade::is_requested(headers) {
         return None;
     }
-    let query = request.uri().query()?;
-    form_urlencoded::parse(query.as_bytes())
-        .find(|(name, _)| name.eq_ignore_ascii_case("api-key"))
-        .map(|(_, key)| match key {
-            Cow::Borrowed(key) => Cow::Borrowed(key.as_bytes()),
-            Cow::Owned(key) => Cow::Owned(key.into_bytes()),
-        })
+    let in_query = request.uri().query().and_then(|query| {
+        form_urlencoded::parse(query.as_bytes())
+            .find(|(name, _)| name.eq_ignore_ascii_case("api-key"))
+            .map(|(_, key)| match key {
+                Cow::Borrowed(key) => Cow::Borrowed(key.as_bytes()),
+                Cow::Owned(key) => Cow::Owned(key.into_bytes()),
+            })
+    });
+    in_query.or_else(|| upgrade::subprotocol_key(headers).map(Cow::Borrowed))
 }
 
 impl fmt::Debug for RequireClientKeyLayer {
@@ -327,13 +330,6 @@ mod tests {
         layer: &RequireClientKeyLayer,
         header: Option<(&str, &str)>,
     ) -> (StatusCode, Option<Caller>) {
-        let inner = service_fn(|request: Request<()>| async move {
-            let mut response = Response::new(Body::empty());
-            if let Some(caller) = request.extensions().get::<Caller>() {
-                response.extensions_mut().insert(caller.clone());
-            }
-            Ok::<_, Infallible>(response)
-        });
         let mut request = Request::new(());
         if let Some((name, value)) = header {
             request.headers_mut().insert(
@@ -341,11 +337,40 @@ mod tests {
                 value.parse().unwrap(),
             );
         }
+        send_request(layer, request).await
+    }
+
+    /// [`send`] with a request of the test's own.
+    async fn send_request(
+        layer: &RequireClientKeyLayer,
+        request: Request<()>,
+    ) -> (StatusCode, Option<Caller>) {
+        let inner = service_fn(|request: Request<()>| async move {
+            let mut response = Response::new(Body::empty());
+            if let Some(caller) = request.extensions().get::<Caller>() {
+                response.extensions_mut().insert(caller.clone());
+            }
+            Ok::<_, Infallible>(response)
+        });
         let response = layer.layer(inner).oneshot(request).await.unwrap();
         (
             response.status(),
             response.extensions().get::<Caller>().cloned(),
         )
+    }
+
+    /// A request to `uri`, a WebSocket handshake if `upgrade`, offering `protocols` if given.
+    fn handshake(uri: &str, upgrade: bool, protocols: Option<&str>) -> Request<()> {
+        let mut request = Request::builder().uri(uri);
+        if upgrade {
+            request = request
+                .header(header::CONNECTION, "Upgrade")
+                .header(header::UPGRADE, "websocket");
+        }
+        if let Some(protocols) = protocols {
+            request = request.header(header::SEC_WEBSOCKET_PROTOCOL, protocols);
+        }
+        request.body(()).unwrap()
     }
 
     fn limited(name: &str, tokens: u64) -> Caller {
@@ -438,28 +463,11 @@ mod tests {
     async fn a_key_in_the_query_is_taken_from_an_upgrade_request_only() {
         let layer = RequireClientKeyLayer::new(["unnamed"]).client(Caller::new("web"), "web-key");
         let status = |uri: &str, upgrade: bool| {
-            let mut request = Request::builder().uri(uri);
-            if upgrade {
-                request = request
-                    .header(header::CONNECTION, "Upgrade")
-                    .header(header::UPGRADE, "websocket");
-            }
-            let request = request.body(()).unwrap();
-            let inner = service_fn(|request: Request<()>| async move {
-                let mut response = Response::new(Body::empty());
-                if let Some(caller) = request.extensions().get::<Caller>() {
-                    response.extensions_mut().insert(caller.clone());
-                }
-                Ok::<_, Infallible>(response)
-            });
-            let service = layer.layer(inner);
+            let request = handshake(uri, upgrade, None);
+            let layer = &layer;
             async move {
-                let response = service.oneshot(request).await.unwrap();
-                let caller = response
-                    .extensions()
-                    .get::<Caller>()
-                    .map(|c| c.name().to_owned());
-                (response.status(), caller)
+                let (status, caller) = send_request(layer, request).await;
+                (status, caller.map(|c| c.name().to_owned()))
             }
         };
         let realtime = "/openai/realtime?api-version=2025-04-01-preview&deployment=rt";
@@ -500,6 +508,36 @@ mod tests {
             status(&format!("{realtime}&api-key=web-key"), false).await,
             (StatusCode::UNAUTHORIZED, None)
         );
+    }
+
+    /// OpenAI's browser clients offer the key as a subprotocol: taken from a handshake only, and
+    /// only from a subprotocol named for it.
+    #[tokio::test]
+    async fn a_key_in_the_insecure_api_key_subprotocol_is_taken_from_an_upgrade_request_only() {
+        let layer = RequireClientKeyLayer::new(["unnamed"]).client(Caller::new("web"), "web-key");
+        let realtime = "/openai/v1/realtime?model=gpt-realtime";
+        let with = |upgrade: bool, protocols: &str| handshake(realtime, upgrade, Some(protocols));
+        let (status, caller) = send_request(
+            &layer,
+            with(true, "realtime, openai-insecure-api-key.web-key"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(caller.as_ref().map(Caller::name), Some("web"));
+        let (status, caller) =
+            send_request(&layer, with(true, "openai-insecure-api-key.unnamed")).await;
+        assert_eq!((status, caller), (StatusCode::OK, None));
+        for refused in [
+            with(true, "realtime, openai-insecure-api-key.web-ke"),
+            with(true, "realtime, web-key"),
+            with(true, "realtime"),
+            with(false, "realtime, openai-insecure-api-key.web-key"),
+        ] {
+            assert_eq!(
+                send_request(&layer, refused).await.0,
+                StatusCode::UNAUTHORIZED
+            );
+        }
     }
 
     #[test]

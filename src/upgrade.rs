@@ -70,6 +70,15 @@ pub(crate) fn is_requested(headers: &HeaderMap) -> bool {
 /// (`openai-insecure-api-key.KEY`), as a browser cannot set headers on a handshake.
 const KEY_SUBPROTOCOL: &str = "openai-insecure-api-key.";
 
+/// The caller's key in an `openai-insecure-api-key.KEY` subprotocol the handshake offers, if any.
+pub(crate) fn subprotocol_key(headers: &HeaderMap) -> Option<&[u8]> {
+    headers
+        .get_all(SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+        .find_map(|token| token.trim_ascii().strip_prefix(KEY_SUBPROTOCOL.as_bytes()))
+}
+
 /// Readies an upgrade request for the instance:
 ///
 /// - No `Sec-WebSocket-Extensions`. The relay reads and writes each message (it must, to close
@@ -82,15 +91,11 @@ const KEY_SUBPROTOCOL: &str = "openai-insecure-api-key.";
 ///   instance picks among them.
 pub(crate) fn prepare_request(headers: &mut HeaderMap) {
     headers.remove(SEC_WEBSOCKET_EXTENSIONS);
-    let offered = headers.get_all(SEC_WEBSOCKET_PROTOCOL);
-    let has_key = offered
-        .iter()
-        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
-        .any(|token| token.trim_ascii().starts_with(KEY_SUBPROTOCOL.as_bytes()));
-    if !has_key {
+    if subprotocol_key(headers).is_none() {
         return;
     }
-    let kept: Vec<&str> = offered
+    let kept: Vec<&str> = headers
+        .get_all(SEC_WEBSOCKET_PROTOCOL)
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))

@@ -457,6 +457,48 @@ async fn a_client_key_in_the_query_opens_a_session_but_does_not_do_for_a_post() 
     assert_eq!(seen.lock().unwrap().handshakes.len(), 1);
 }
 
+/// OpenAI's browser clients send the key as a subprotocol: it opens a session, and no instance
+/// sees it; the `realtime` subprotocol is agreed with the instance as offered.
+#[tokio::test]
+async fn a_client_key_in_the_insecure_api_key_subprotocol_opens_a_session() {
+    let (url, seen) = echo_instance().await;
+    let gateway = Gateway::builder().backend("rt", url).build().unwrap();
+    let app = Router::new()
+        .nest_service("/openai", gateway)
+        .layer(RequireClientKeyLayer::new(["a-client-key"]));
+    let ws_base = serve(app).await.replace("http://", "ws://");
+    let handshake = |protocols: &str| {
+        let mut request = format!("{ws_base}{REALTIME}")
+            .into_client_request()
+            .unwrap();
+        request
+            .headers_mut()
+            .insert("sec-websocket-protocol", protocols.parse().unwrap());
+        request
+    };
+
+    let (mut session, response) =
+        connect_with(handshake("realtime, openai-insecure-api-key.a-client-key")).await;
+    assert_eq!(response.status(), 101);
+    assert_eq!(response.headers()["sec-websocket-protocol"], "realtime");
+    session.send(Message::text("hello")).await.unwrap();
+    assert_eq!(next(&mut session).await, Message::text("hello"));
+    let (uri, headers) = seen.lock().unwrap().handshakes[0].clone();
+    assert_eq!(headers["sec-websocket-protocol"], "realtime");
+    let everything = format!("{uri} {headers:?}");
+    assert!(!everything.contains("a-client-key"), "{everything}");
+
+    match tokio_tungstenite::connect_async(handshake("realtime, openai-insecure-api-key.other"))
+        .await
+    {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 401)
+        }
+        other => panic!("expected 401, got {other:?}"),
+    }
+    assert_eq!(seen.lock().unwrap().handshakes.len(), 1);
+}
+
 #[tokio::test]
 async fn an_idle_session_is_closed_on_both_sides_with_1001() {
     let limit = Duration::from_millis(200);
