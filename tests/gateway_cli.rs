@@ -816,8 +816,9 @@ async fn without_backends_it_serves_two_emulated_instances() {
 
 /// The official OpenAI Python SDK through the gateway, over `AzureOpenAI` and over
 /// `OpenAI(base_url=.../openai/v1/)`: chat, a stream with usage, embeddings, a five-turn
-/// Responses conversation (then streamed, retrieved, its input items listed), a file and a
-/// batch made from it, a Realtime session (`tests/sdk/openai_python.py`; any error answer
+/// Responses conversation (then streamed, retrieved, its input items listed), a conversation
+/// (the Conversations API) with three responses, a file and a batch made from it, a Realtime
+/// session (`tests/sdk/openai_python.py`; any error answer
 /// makes it fail).
 ///
 /// Needs Python with the `openai` package: `.ci/run` installs a pinned one in a venv and runs
@@ -873,11 +874,12 @@ async fn the_official_python_sdk_works_through_the_gateway() {
         let homes = &summary[client];
         assert!(on(&homes["conversation"]).object_count(ObjectKind::Response) >= 6);
         assert!(on(&homes["file_and_batch"]).object_count(ObjectKind::Batch) >= 1);
+        assert!(on(&homes["conversation_object"]).object_count(ObjectKind::Conversation) >= 1);
     }
     assert_eq!(
         count(ObjectKind::Response),
-        12,
-        "two conversations of six turns"
+        18,
+        "two chains of six turns, two conversations of three"
     );
     assert_eq!(count(ObjectKind::Batch), 2);
     // The SDK's close reaches the instances through the gateway, a moment after the script ends.

@@ -109,6 +109,62 @@ async fn a_responses_conversation_stays_on_the_instance_of_its_first_turn() {
     assert_eq!(count(&sims, ObjectKind::Response).iter().sum::<usize>(), 5);
 }
 
+/// A conversation (the Conversations API) and the responses that name it stay on the
+/// instance that created it, through the gateway that learnt it and after a restart, which
+/// finds it by asking.
+#[tokio::test]
+async fn responses_naming_a_conversation_go_to_its_instance_before_and_after_a_restart() {
+    let sims = sims(2).await;
+    let base = serve_gateway(builder_over(&sims).build().unwrap()).await;
+    // Two conversations, one on each instance; the second, on b, is the one continued: a
+    // restarted gateway's first pick for the deployment is a, which does not hold it.
+    let mut created = Vec::new();
+    for _ in 0..2 {
+        let answer = post(&base, "/openai/v1/conversations", &json!({})).await;
+        assert_eq!(answer.status(), 200);
+        created.push((served_by(&answer), answer.json::<Value>().await.unwrap()));
+    }
+    let (home, conversation) = created.pop().unwrap();
+    assert_eq!(home, "b");
+    let id = conversation["id"].as_str().unwrap().to_owned();
+
+    let restarted = serve_gateway(builder_over(&sims).build().unwrap()).await;
+    let asked_before = sims[0].request_count();
+    for (turn, gateway) in [
+        (1, &base),
+        (2, &base),
+        (3, &base),
+        (4, &restarted),
+        (5, &restarted),
+    ] {
+        let body =
+            json!({ "model": "gpt-4o", "input": format!("turn {turn}"), "conversation": id });
+        let answer = post(gateway, RESPONSES, &body).await;
+        assert_eq!(answer.status(), 200, "turn {turn}");
+        assert_eq!(served_by(&answer), home, "turn {turn}");
+        let answer: Value = answer.json().await.unwrap();
+        assert!(
+            answer.to_string().contains(&format!("(turn {turn})")),
+            "{answer}"
+        );
+    }
+    let items = client()
+        .get(format!("{restarted}/openai/v1/conversations/{id}/items"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(items.status(), 200);
+    assert_eq!(served_by(&items), home);
+    let items: Value = items.json().await.unwrap();
+    assert_eq!(items["data"].as_array().unwrap().len(), 10, "{items}");
+    assert_eq!(
+        sims[0].request_count(),
+        asked_before + 1,
+        "a was asked once, then learnt"
+    );
+    assert_eq!(count(&sims, ObjectKind::Conversation), [1, 1]);
+}
+
 #[tokio::test]
 async fn after_a_restart_the_gateway_finds_the_instance_by_asking_without_harm_to_the_others() {
     let sims = sims(2).await;

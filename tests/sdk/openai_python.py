@@ -41,6 +41,21 @@ def conversation(client):
     return home
 
 
+def conversation_object(client):
+    """A conversation, three responses in it, then its items. Returns its instance."""
+    raw = client.conversations.with_raw_response.create()
+    home = raw.headers["x-served-by"]
+    conversation = raw.parse()
+    for turn in range(1, 4):
+        raw = client.responses.with_raw_response.create(
+            model="gpt-4o", input=f"Turn {turn}", conversation=conversation.id
+        )
+        assert raw.headers["x-served-by"] == home, (turn, raw.headers["x-served-by"], home)
+    items = client.conversations.items.list(conversation.id)
+    assert len(items.data) == 6, items
+    return home
+
+
 def file_and_batch(client):
     """A batch input file uploaded, then a batch made from it, then read back. Returns the
     instance that holds both."""
@@ -121,6 +136,7 @@ def main():
         chat_and_embeddings(client, "text-embedding-3-small")
         summary[name] = {
             "conversation": conversation(client),
+            "conversation_object": conversation_object(client),
             "file_and_batch": file_and_batch(client),
             "realtime_events": realtime(client),
         }

@@ -60,6 +60,10 @@
 //!   `previous_response_id` this instance holds continues that chain: the answer names it and
 //!   its reply says the turn, `"Hello from <name> (turn 3) ..."`; one it does not hold gets
 //!   Azure's 400 `previous_response_not_found`.
+//! - Conversations (`POST /conversations`, with `items` if any; `GET`, `DELETE`, `GET` and
+//!   `POST /conversations/{id}/items`). A response whose `conversation` names one this instance
+//!   holds adds its input and answer to it, and its reply says the turn; one it does not hold
+//!   gets a 404.
 //! - Files (`POST /files`, `multipart/form-data` with `purpose` and `file`; `GET`, `DELETE`,
 //!   `/content`, the list) and batches over them (`POST /batches` needs the input file on the
 //!   same instance; the first read after creation finds the batch `completed` with an output

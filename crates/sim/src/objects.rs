@@ -1,4 +1,5 @@
-//! The objects one instance holds: stored Responses, files, batches and Assistants threads.
+//! The objects one instance holds: stored Responses, conversations, files, batches and
+//! Assistants threads.
 //!
 //! Each [`SimState`] keeps its own; another instance does not know them, exactly like two Azure
 //! OpenAI resources. A follow-up that names an object on the wrong instance gets that
@@ -9,6 +10,7 @@
 //! each kind keeps at most [`KEEP`] objects and [`KEEP_BYTES`] bytes, dropping the oldest
 //! first.
 
+mod conversations;
 mod files;
 mod responses;
 mod threads;
@@ -26,6 +28,7 @@ use serde::Serialize;
 use crate::service::{APPLICATION_JSON, json, to_json};
 use crate::{SimState, shapes};
 
+pub(crate) use conversations::{conversation_of, extend_conversation};
 pub(crate) use responses::{Previous, previous_response, store_response};
 
 /// The kinds of objects an instance creates on request, for
@@ -45,10 +48,12 @@ pub enum ObjectKind {
     Message,
     /// A thread run.
     Run,
+    /// A conversation created with `POST /openai/v1/conversations`.
+    Conversation,
 }
 
 impl ObjectKind {
-    const ALL: usize = 6;
+    const ALL: usize = 7;
 
     fn index(self) -> usize {
         match self {
@@ -58,6 +63,7 @@ impl ObjectKind {
             Self::Thread => 3,
             Self::Message => 4,
             Self::Run => 5,
+            Self::Conversation => 6,
         }
     }
 }
@@ -74,6 +80,7 @@ pub(crate) const KEEP_BYTES: usize = 256 << 20;
 pub(crate) struct Objects {
     created: [usize; ObjectKind::ALL],
     responses: Store<responses::Stored>,
+    conversations: Store<conversations::Conversation>,
     files: Store<files::StoredFile>,
     batches: Store<files::Batch>,
     threads: Store<threads::Thread>,
@@ -161,6 +168,15 @@ pub(crate) fn routes() -> Router<SimState> {
                 get(responses::input_items_list),
             )
             .route(&at("/responses/{id}/cancel"), post(responses::cancel))
+            .route(&at("/conversations"), post(conversations::create))
+            .route(
+                &at("/conversations/{id}"),
+                get(conversations::get).delete(conversations::delete),
+            )
+            .route(
+                &at("/conversations/{id}/items"),
+                get(conversations::items).post(conversations::add_items),
+            )
             .route(&at("/files"), post(files::upload).get(files::list))
             .route(&at("/files/{id}"), get(files::get).delete(files::delete))
             .route(&at("/files/{id}/content"), get(files::content))

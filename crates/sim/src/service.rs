@@ -35,7 +35,7 @@ use crate::{Fault, RecordedRequest, SimState, ids, realtime};
 /// | `/openai/deployments/{deployment}/completions` | legacy text completion, streaming too |
 /// | `/openai/deployments/{deployment}/embeddings` | embedding list (`float` or `base64`) |
 /// | `/openai/v1/chat/completions`, `/openai/v1/completions`, `/openai/v1/embeddings` | the same, `model` in the body |
-/// | `/openai/responses`, `/openai/v1/responses` | Responses API object, or its SSE events with `"stream": true`; stored unless `"store": false`, continuing `previous_response_id` |
+/// | `/openai/responses`, `/openai/v1/responses` | Responses API object, or its SSE events with `"stream": true`; stored unless `"store": false`, continuing `previous_response_id` or a `conversation` |
 /// | `GET /openai/realtime?deployment=...`, `GET /openai/v1/realtime?model=...` | Realtime API WebSocket (see the [crate docs](crate#realtime)) |
 ///
 /// And the objects each instance holds, under `/openai` and `/openai/v1` alike:
@@ -43,6 +43,8 @@ use crate::{Fault, RecordedRequest, SimState, ids, realtime};
 /// | path | answer |
 /// | --- | --- |
 /// | `GET`, `DELETE /responses/{id}`; `GET /responses/{id}/input_items`; `/responses/{id}/cancel` | the stored response; `{"id":...,"object":"response","deleted":true}`; the list of its input items (earlier turns' included); the response |
+/// | `/conversations` (`items` optional); `GET`, `DELETE /conversations/{id}` | conversation `conv_...`; the conversation; `{"id":...,"object":"conversation.deleted","deleted":true}` |
+/// | `GET`, `POST /conversations/{id}/items` | the list of its items (each response's input and answer added); the items added |
 /// | `/files` (`multipart/form-data`: `purpose`, `file`); `GET /files` | file object `file-...`; the list |
 /// | `GET`, `DELETE /files/{id}`; `GET /files/{id}/content` | file object; `{"id":...,"object":"file","deleted":true}`; the bytes |
 /// | `/batches` (`input_file_id` on this instance, `endpoint`, `completion_window`); `GET /batches` | batch `batch_...`, `validating`; the list |
@@ -56,7 +58,8 @@ use crate::{Fault, RecordedRequest, SimState, ids, realtime};
 /// "param":null,"code":null}}` (`No thread found with id '...'.`, `No run found with id
 /// '...'.`), for files and batches Azure's `{"error":{"code":"notFound","message":"File with id
 /// '...' not found."}}`. An unknown `previous_response_id` gets a 400, `"code":
-/// "previous_response_not_found"`.
+/// "previous_response_not_found"`; an unknown `conversation` a 404, `Conversation with id
+/// '...' not found.`
 ///
 /// Anything else gets Azure's 404 `{"error":{"code":"404","message":"Resource not found"}}`.
 /// Request bodies have no size limit. Every answer carries `apim-request-id`, `x-request-id`,
@@ -760,17 +763,23 @@ async fn responses(
     body: Bytes,
 ) -> Result<Response, Refused> {
     let call = Call::parse(&body, &["max_output_tokens"], &["input", "instructions"])?;
-    // An unknown previous response is refused before the quota is charged.
-    let previous = match objects::previous_response(&state, &call.json) {
-        Ok(previous) => previous,
+    // An unknown previous response or conversation is refused before the quota is charged.
+    let (previous, conversation) = match objects::previous_response(&state, &call.json)
+        .and_then(|previous| Ok((previous, objects::conversation_of(&state, &call.json)?)))
+    {
+        Ok(found) => found,
         Err(refused) => return Ok(refused.into_response()),
     };
     call.charge(&state, "Responses_Create", query.as_deref())?;
     let mut reply = reply(&state, call.max_tokens);
-    if let Some(previous) = &previous {
+    let turn = previous
+        .as_ref()
+        .map(|previous| previous.turn)
+        .or(conversation.as_ref().map(|conversation| conversation.turn));
+    if let Some(turn) = turn {
         // Say the turn, so a test sees the chain was followed: "Hello from eastus (turn 3)".
         let at = reply.tokens.len().min(3) - 1;
-        reply.tokens[at].push_str(&format!(" (turn {})", previous.turn));
+        reply.tokens[at].push_str(&format!(" (turn {turn})"));
     }
     let text = reply.text();
     let ids = ResponseIds {
@@ -782,7 +791,16 @@ async fn responses(
     let previous_id = previous.as_ref().map(|p| p.id.clone());
     let mut done = response_object(&state, &ids, &call, &reply, &text);
     done.previous_response_id = previous_id.as_deref();
+    done.conversation = conversation
+        .as_ref()
+        .map(|conversation| shapes::ConversationRef {
+            id: &conversation.id,
+        });
     done.store = store;
+    if let Some(conversation) = &conversation {
+        let output = vec![(ids.message.clone(), to_json(&done.output[0]))];
+        objects::extend_conversation(&state, &conversation.id, &call.json, output);
+    }
     if store {
         keep_response(&state, &ids, &call, &done, previous);
     }
@@ -861,6 +879,7 @@ fn response_object<'a>(
         output: vec![output_message(ids, status, vec![output_text(text)])],
         parallel_tool_calls: true,
         previous_response_id: None,
+        conversation: None,
         reasoning: shapes::Reasoning {
             effort: (),
             summary: (),

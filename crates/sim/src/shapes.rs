@@ -307,6 +307,9 @@ pub(crate) struct Response<'a> {
     pub(crate) output: Vec<OutputMessage<'a>>,
     pub(crate) parallel_tool_calls: bool,
     pub(crate) previous_response_id: Option<&'a str>,
+    /// The conversation the response continued, when the request named one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) conversation: Option<ConversationRef<'a>>,
     pub(crate) reasoning: Reasoning,
     pub(crate) store: bool,
     pub(crate) temperature: f32,
@@ -318,6 +321,12 @@ pub(crate) struct Response<'a> {
     pub(crate) usage: Option<ResponseUsage>,
     pub(crate) user: (),
     pub(crate) metadata: Empty,
+}
+
+/// `{"id": "conv_..."}`.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct ConversationRef<'a> {
+    pub(crate) id: &'a str,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]

@@ -1,5 +1,5 @@
-//! The objects each instance holds: stored Responses and their chains, files, batches and
-//! threads, known to the instance that created them and to no other.
+//! The objects each instance holds: stored Responses and their chains, conversations, files,
+//! batches and threads, known to the instance that created them and to no other.
 
 use std::time::Duration;
 
@@ -145,6 +145,88 @@ async fn a_previous_response_on_another_instance_is_not_found() {
     let (status, body) = post(&url(&a, "/openai/v1/responses"), &follow_up).await;
     assert_eq!(status, 200, "{body}");
     assert!(reply_text(&body).contains("(turn 2)"), "{body}");
+}
+
+// ---- Conversations ----
+
+#[tokio::test]
+async fn a_conversation_holds_its_responses_turns_on_its_instance_only() {
+    let (sim, other) = instances().await;
+    let (status, conversation) = post(
+        &url(&sim, "/openai/v1/conversations"),
+        &json!({"items": [{"type": "message", "role": "user", "content": "Before"}]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{conversation}");
+    assert_eq!(conversation["object"], "conversation");
+    let id = conversation["id"].as_str().unwrap();
+    assert!(id.starts_with("conv_"), "{id}");
+    assert_eq!(sim.object_count(ObjectKind::Conversation), 1);
+
+    for turn in 1..=3 {
+        // Named by its id, or as `{"id": ...}`, as the SDKs allow.
+        let named = if turn == 2 {
+            json!({"id": id})
+        } else {
+            json!(id)
+        };
+        let request =
+            json!({"model": "gpt-4o", "input": format!("turn {turn}"), "conversation": named});
+        let (status, body) = post(&url(&sim, "/openai/v1/responses"), &request).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["conversation"]["id"], id);
+        assert!(
+            reply_text(&body).starts_with(&format!("Hello from eastus (turn {turn})")),
+            "{body}"
+        );
+    }
+    let (status, items) = get(&url(
+        &sim,
+        &format!("/openai/v1/conversations/{id}/items?order=asc"),
+    ))
+    .await;
+    assert_eq!(status, 200, "{items}");
+    let data = items["data"].as_array().unwrap();
+    assert_eq!(
+        data.len(),
+        7,
+        "the first item, then three inputs and three answers"
+    );
+    assert_eq!(data[0]["content"][0]["text"], "Before");
+    assert_eq!(data[5]["content"][0]["text"], "turn 3");
+    assert_eq!(data[6]["role"], "assistant");
+
+    // Another instance does not know it.
+    let request = json!({"model": "gpt-4o", "input": "Hi", "conversation": id});
+    let (status, body) = post(&url(&other, "/openai/v1/responses"), &request).await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(
+        body["error"]["message"],
+        format!("Conversation with id '{id}' not found.")
+    );
+    let (status, _) = get(&url(&other, &format!("/openai/v1/conversations/{id}"))).await;
+    assert_eq!(status, 404);
+    assert_eq!(other.object_count(ObjectKind::Response), 0);
+
+    // Not with a previous response as well.
+    let request = json!({"model": "gpt-4o", "input": "Hi", "conversation": id, "previous_response_id": "resp_1"});
+    let (status, body) = post(&url(&sim, "/openai/v1/responses"), &request).await;
+    assert_eq!(status, 400, "{body}");
+
+    let (status, added) = post(
+        &url(&sim, &format!("/openai/v1/conversations/{id}/items")),
+        &json!({"items": [{"type": "message", "role": "user", "content": "Added"}]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{added}");
+    assert_eq!(added["data"][0]["content"][0]["text"], "Added");
+    let (status, read) = get(&url(&sim, &format!("/openai/v1/conversations/{id}"))).await;
+    assert_eq!((status, &read["id"]), (200, &json!(id)));
+    let (status, deleted) = delete(&url(&sim, &format!("/openai/v1/conversations/{id}"))).await;
+    assert_eq!(status, 200);
+    assert_eq!(deleted["deleted"], true);
+    let (status, _) = get(&url(&sim, &format!("/openai/v1/conversations/{id}"))).await;
+    assert_eq!(status, 404);
 }
 
 #[tokio::test]

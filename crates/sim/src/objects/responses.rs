@@ -100,7 +100,7 @@ pub(crate) fn store_response(
 /// The request's `input` as items with ids: a string is one user message; an array's items
 /// get an id when they have none, and string `content` becomes one text part, as OpenAI
 /// lists them.
-fn input_items(input: Option<&Value>) -> Vec<(String, Bytes)> {
+pub(super) fn input_items(input: Option<&Value>) -> Vec<(String, Bytes)> {
     #[derive(Serialize)]
     struct Message<'a> {
         id: &'a str,
