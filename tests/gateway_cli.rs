@@ -91,18 +91,12 @@ impl Gateway {
 
     /// Waits (bounded) for the process to exit.
     async fn exit(&mut self) -> ExitStatus {
-        let deadline = tokio::time::Instant::now() + BOUND;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the gateway did not exit; stderr: {}",
-                self.stderr()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let stderr = &self.stderr;
+        support::exit_within(&mut self.child, BOUND, || {
+            let printed = std::fs::read_to_string(&stderr.0).unwrap_or_default();
+            format!("the gateway (stderr: {printed})")
+        })
+        .await
     }
 
     /// Starts the gateway on a free loopback port over `sims`, with no other flag; returns it,
@@ -842,18 +836,13 @@ async fn the_official_python_sdk_works_through_the_gateway() {
         .stderr(File::create(&stderr.0).unwrap())
         .spawn()
         .unwrap_or_else(|error| panic!("cannot run {python}: {error}"));
-    // The emulated instances answer on this task: wait without blocking it, bounded.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(status) = sdk.try_wait().unwrap() {
-            break status;
-        }
-        if tokio::time::Instant::now() > deadline {
-            let _ = sdk.kill();
-            panic!("the SDK script did not finish in 120 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = support::exit_within(&mut sdk, Duration::from_secs(120), || {
+        format!(
+            "the SDK script (stdout: {})",
+            std::fs::read_to_string(&stdout.0).unwrap_or_default()
+        )
+    })
+    .await;
     let output = std::fs::read_to_string(&stdout.0).unwrap();
     assert!(
         status.success(),

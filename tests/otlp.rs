@@ -142,18 +142,12 @@ impl Gateway {
 
     /// Waits (bounded) for the process to exit.
     async fn exit(&mut self) -> ExitStatus {
-        let deadline = tokio::time::Instant::now() + BOUND;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the gateway did not exit: {}",
-                self.output()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let output = &self.output;
+        support::exit_within(&mut self.child, BOUND, || {
+            let printed = std::fs::read_to_string(output).unwrap_or_default();
+            format!("the gateway (it printed: {printed})")
+        })
+        .await
     }
 }
 

@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::{Child, ExitStatus};
 use std::time::Duration;
 
 use aoai_sim::{SimConfig, SimHandle};
@@ -117,4 +118,25 @@ pub fn gateway_binary(build: &str) -> PathBuf {
         binary.display()
     );
     binary
+}
+
+/// Waits for `child` to exit, without blocking the runtime (the emulated instances and the
+/// gateway may answer on this very task), at most `bound`; then kills it and panics with
+/// `what()`, which says what it was and what it printed.
+pub async fn exit_within(
+    child: &mut Child,
+    bound: Duration,
+    what: impl Fn() -> String,
+) -> ExitStatus {
+    let deadline = tokio::time::Instant::now() + bound;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("{} did not exit within {bound:?}", what());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
