@@ -1,8 +1,9 @@
 //! [`GatewayMetrics`]: what the gateway counts, for Prometheus, in OpenTelemetry's GenAI
 //! semantic conventions.
 
+use std::collections::HashSet;
 use std::fmt;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use aoai_balance::BalanceHealth;
@@ -22,6 +23,13 @@ mod otel;
 
 /// `gen_ai.provider.name` for every instance: Azure OpenAI.
 const PROVIDER: &str = "azure.ai.openai";
+
+/// How many deployment names, and how many model names, label the metrics; the names after
+/// these are recorded as [`OTHER`].
+const MAX_NAMES: usize = 256;
+
+/// The label value of a deployment or model name past the first [`MAX_NAMES`].
+const OTHER: &str = "_other";
 
 /// Bucket boundaries OpenTelemetry's GenAI conventions advise for `gen_ai.client.token.usage`.
 const TOKEN_BUCKETS: [f64; 14] = [
@@ -62,6 +70,11 @@ const FIRST_TOKEN_BUCKETS: [f64; 16] = [
 /// `gen_ai_request_model` is the deployment the caller asked for; a caller is its name (or
 /// empty), never its key.
 ///
+/// Deployment names come from callers and model names from the instances' answers, so they
+/// are bounded: the first 256 distinct deployments (and the first 256 models) seen label the
+/// metrics, and any later one is recorded as `_other`, so a caller sending made-up deployment
+/// names cannot grow the metrics without end.
+///
 /// With the `otlp` feature, [`with_meter`](Self::with_meter) records the same requests into
 /// OpenTelemetry instruments as well, for an OTLP exporter.
 #[derive(Clone)]
@@ -79,6 +92,33 @@ struct Instruments {
     tokens: Family<TokenLabels, Counter>,
     streams_in_flight: Gauge,
     health: Arc<HealthCollector>,
+    deployments: Names,
+    models: Names,
+}
+
+/// The distinct names seen for one label, up to [`MAX_NAMES`].
+#[derive(Default)]
+struct Names {
+    seen: RwLock<HashSet<Arc<str>>>,
+}
+
+impl Names {
+    /// `name` as a label value: itself while it is one of the first [`MAX_NAMES`] seen, else
+    /// [`OTHER`].
+    fn label(&self, name: Option<Arc<str>>) -> Option<Arc<str>> {
+        let name = name?;
+        let seen = self.seen.read().unwrap_or_else(PoisonError::into_inner);
+        if seen.contains(&name) {
+            return Some(name);
+        }
+        drop(seen);
+        let mut seen = self.seen.write().unwrap_or_else(PoisonError::into_inner);
+        if seen.len() < MAX_NAMES {
+            seen.insert(name.clone());
+            return Some(name);
+        }
+        Some(Arc::from(OTHER))
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -143,6 +183,8 @@ impl GatewayMetrics {
             tokens: Family::default(),
             streams_in_flight: Gauge::default(),
             health: Arc::default(),
+            deployments: Names::default(),
+            models: Names::default(),
         };
         registry.register(
             "gen_ai_client_token_usage",
@@ -241,7 +283,17 @@ impl GatewayMetrics {
 
     /// Records one finished request.
     pub(crate) fn record(&self, finished: Finished) {
+        let finished = self.bounded(finished);
         self.sinks().for_each(|sink| record(sink, &finished));
+    }
+
+    /// `finished` with its deployment and model names as label values (see [`Names`]).
+    fn bounded(&self, finished: Finished) -> Finished {
+        Finished {
+            deployment: self.inner.deployments.label(finished.deployment),
+            response_model: self.inner.models.label(finished.response_model),
+            ..finished
+        }
     }
 
     /// Records the tokens one response of a Realtime session used (its `response.done`):
@@ -253,7 +305,7 @@ impl GatewayMetrics {
         deployment: Option<Arc<str>>,
         usage: &Usage,
     ) {
-        let finished = Finished {
+        let finished = self.bounded(Finished {
             operation: Some("chat"),
             caller,
             instance,
@@ -263,7 +315,7 @@ impl GatewayMetrics {
             usage: Some(*usage),
             duration: Duration::ZERO,
             time_to_first_token: None,
-        };
+        });
         for sink in self.sinks() {
             record_usage(sink, &finished);
         }

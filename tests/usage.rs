@@ -231,6 +231,64 @@ async fn the_token_counters_equal_the_usage_the_instances_reported() {
     assert_eq!(sum(&metrics, "aoai_gateway_attempts_total", &[]), 6.0);
 }
 
+/// Deployment names come from callers: past the first 256, made-up ones are counted as
+/// `_other`, so they cannot grow the metrics without end; every request is still counted.
+#[tokio::test]
+async fn made_up_deployment_names_past_256_are_counted_as_other() {
+    let sims = sims_with(1, |config| config).await;
+    let base = gateway_with_metrics(&sims, false).await;
+    let client = client();
+    for i in 0..300 {
+        let answer = client
+            .post(format!(
+                "{base}/openai/deployments/made-up-{i}/chat/completions?api-version=2024-10-21"
+            ))
+            .json(&json!({ "messages": [{ "role": "user", "content": "Hi" }] }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+    }
+    let metrics = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let requests: Vec<&str> = metrics
+        .lines()
+        .filter(|line| line.starts_with("aoai_gateway_requests_total{"))
+        .collect();
+    let named = requests
+        .iter()
+        .filter(|line| line.contains("deployment=\"made-up-"))
+        .count();
+    assert_eq!(named, 256, "distinct deployment labels");
+    assert!(
+        !metrics.contains("made-up-256\""),
+        "the 257th name is not a label"
+    );
+    assert_eq!(
+        sum(
+            &metrics,
+            "aoai_gateway_requests_total",
+            &["deployment=\"_other\""]
+        ),
+        44.0
+    );
+    assert_eq!(sum(&metrics, "aoai_gateway_requests_total", &[]), 300.0);
+    assert_eq!(
+        sum(
+            &metrics,
+            "gen_ai_client_operation_duration_seconds_count",
+            &["gen_ai_request_model=\"_other\""]
+        ),
+        44.0
+    );
+}
+
 /// A stream with its per-call parts (`id`, `created`) replaced, to compare two calls.
 fn normalized(stream: &str) -> String {
     let mut out = String::with_capacity(stream.len());
