@@ -812,25 +812,51 @@ async fn without_backends_it_serves_two_emulated_instances() {
 /// `OpenAI(base_url=.../openai/v1/)`: chat, a stream with usage, embeddings, a five-turn
 /// Responses conversation (then streamed, retrieved, its input items listed), a conversation
 /// (the Conversations API) with three responses, a file and a batch made from it, a Realtime
-/// session (`tests/sdk/openai_python.py`; any error answer
-/// makes it fail).
+/// session; and the gateway's own errors as the SDK raises them (`AuthenticationError` for a
+/// wrong key, `RateLimitError` with `retry-after` for a caller over its limit, 413
+/// `request_body_too_large`). Any unexpected answer makes the script fail
+/// (`tests/sdk/openai_python.py`).
 ///
 /// Needs Python with the `openai` package: `.ci/run` installs a pinned one in a venv and runs
 /// this with `AOAI_TEST_PYTHON` set to its interpreter.
 #[tokio::test]
 #[ignore = "needs the openai Python package: .ci/run installs it and sets AOAI_TEST_PYTHON"]
 async fn the_official_python_sdk_works_through_the_gateway() {
+    const KEY: &str = "sdk-client-key-5e1a";
+    const LIMITED_KEY: &str = "sdk-limited-key-9c2b";
     let python = std::env::var("AOAI_TEST_PYTHON").unwrap_or_else(|_| "python3".to_owned());
     let sims = sims(2).await;
-    let (mut gateway, _addr, base) = Gateway::over(&sims);
-    gateway.ready(&base, None).await;
+    let config = TempFile::with(
+        "sdk.toml",
+        &[
+            client_table("sdk", "AOAI_SDK_KEY", ""),
+            client_table(
+                "limited",
+                "AOAI_SDK_LIMITED_KEY",
+                "requests_per_minute = 1\n",
+            ),
+        ]
+        .concat(),
+    );
+    let addr = free_addr();
+    let base = format!("http://{addr}");
+    let mut args = vec!["--listen", &addr, "--config", config.path()];
+    let backends: Vec<String> = sims.iter().map(backend_flag).collect();
+    for backend in &backends {
+        args.extend(["--backend", backend]);
+    }
+    let mut gateway = Gateway::spawn(
+        &args,
+        &[("AOAI_SDK_KEY", KEY), ("AOAI_SDK_LIMITED_KEY", LIMITED_KEY)],
+    );
+    gateway.ready(&base, Some(KEY)).await;
 
     let stdout = TempFile::with("sdk-stdout", "");
     let stderr = TempFile::with("sdk-stderr", "");
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/openai_python.py");
     let mut sdk = Command::new(&python)
         .arg(&script)
-        .arg(&base)
+        .args([&base, KEY, LIMITED_KEY])
         .stdin(Stdio::null())
         .stdout(File::create(&stdout.0).unwrap())
         .stderr(File::create(&stderr.0).unwrap())
@@ -849,6 +875,16 @@ async fn the_official_python_sdk_works_through_the_gateway() {
         "{status}\nstdout: {output}\nstderr: {}\ngateway: {}",
         std::fs::read_to_string(&stderr.0).unwrap(),
         gateway.stderr()
+    );
+
+    let printed = format!("{}{}", gateway.stdout(), gateway.stderr());
+    assert!(
+        printed.contains("\"limited\""),
+        "the log names the caller: {printed}"
+    );
+    assert!(
+        !printed.contains(KEY) && !printed.contains(LIMITED_KEY),
+        "a client key was printed"
     );
 
     // Each client's conversation and its file and batch are on the instance the SDK saw.

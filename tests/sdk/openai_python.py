@@ -1,7 +1,8 @@
 """The official OpenAI Python SDK against the gateway example: what a user's code calls.
 
 Run by `the_official_python_sdk_works_through_the_gateway` in tests/gateway_cli.rs, with the
-gateway's base URL as its one argument; needs `openai[realtime]` (the SDK and `websockets`). Any error answer makes the SDK raise, and the script
+gateway's base URL, a client key, and the key of a client allowed one request per minute; needs
+`openai[realtime]` (the SDK and `websockets`). Any error answer makes the SDK raise, and the script
 exit non-zero; on success it prints one JSON line that the test reads.
 """
 
@@ -9,6 +10,7 @@ import io
 import json
 import sys
 
+import openai
 from openai import AzureOpenAI, OpenAI
 
 BATCH_INPUT = (
@@ -115,22 +117,55 @@ def realtime(client):
         return len(events)
 
 
+def errors(base, key, limited_key):
+    """The gateway's own errors, raised by the SDK as the exceptions its users catch: a wrong
+    key, a caller over its requests per minute (with the wait), a body over the limit."""
+
+    def client(key):
+        return AzureOpenAI(
+            azure_endpoint=base, api_key=key, api_version="2024-10-21", max_retries=0
+        )
+
+    messages = [{"role": "user", "content": "Hello"}]
+    try:
+        client("not-a-client-key").chat.completions.create(model="gpt-4o", messages=messages)
+        raise AssertionError("a wrong key was let through")
+    except openai.AuthenticationError as error:
+        assert error.status_code == 401, error
+    limited = client(limited_key)
+    limited.chat.completions.create(model="gpt-4o", messages=messages)
+    try:
+        limited.chat.completions.create(model="gpt-4o", messages=messages)
+        raise AssertionError("a caller over its limit was let through")
+    except openai.RateLimitError as error:
+        assert error.code == "429", error
+        assert int(error.response.headers["retry-after"]) > 0, error.response.headers
+    huge = [{"role": "user", "content": "x" * (17 << 20)}]
+    try:
+        client(key).chat.completions.create(model="gpt-4o", messages=huge)
+        raise AssertionError("a body over the limit was let through")
+    except openai.APIStatusError as error:
+        assert error.status_code == 413, error
+        assert error.code == "request_body_too_large", error
+
+
 def main():
-    base = sys.argv[1]
+    base, key, limited_key = sys.argv[1:4]
     websocket = base.replace("http://", "ws://", 1)
     clients = {
         "azure": AzureOpenAI(
             azure_endpoint=base,
-            api_key="unused",
+            api_key=key,
             api_version="2025-04-01-preview",
             websocket_base_url=f"{websocket}/openai",
         ),
         "v1": OpenAI(
             base_url=f"{base}/openai/v1/",
-            api_key="unused",
+            api_key=key,
             websocket_base_url=f"{websocket}/openai/v1",
         ),
     }
+    errors(base, key, limited_key)
     summary = {}
     for name, client in clients.items():
         chat_and_embeddings(client, "text-embedding-3-small")
