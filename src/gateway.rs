@@ -336,8 +336,15 @@ where
             Err(error) => {
                 let served_by = find::<BackendError>(&*error).map(|e| e.served_by().clone());
                 let message = message(&*error);
-                tracing::warn!(error = %message, "request failed");
                 let mut response = error_response_with(&*error, &message);
+                let status = response.status();
+                if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+                    tracing::warn!(error = %message, status = status.as_u16(), "request failed");
+                } else {
+                    // The caller's own mistake (a body over the limit, an unknown deployment):
+                    // the request's log line shows its status, and nothing needs an operator.
+                    tracing::debug!(error = %message, status = status.as_u16(), "request refused");
+                }
                 if let Some(served_by) = served_by {
                     response.extensions_mut().insert(served_by);
                 }

@@ -1203,6 +1203,10 @@ async fn a_body_over_the_limit_arriving_in_pieces_gets_413_and_reaches_no_backen
     assert_eq!(next.status, 200, "{next:?}");
     assert_eq!(sims[0].request_count() + sims[1].request_count(), 1);
     sims.iter().for_each(|sim| sim.clear());
+    // The caller's mistake is in its request's log line, and is no warning to the operator.
+    let printed = format!("{}{}", gateway.stdout(), gateway.stderr());
+    assert!(printed.contains("413"), "{printed}");
+    assert!(!printed.contains("WARN"), "{printed}");
 
     // The same over chunked framing, which says no length up front: refused once the body
     // read runs over the limit.
