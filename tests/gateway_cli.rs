@@ -811,8 +811,8 @@ async fn without_backends_it_serves_two_emulated_instances() {
 /// The official OpenAI Python SDK through the gateway, over `AzureOpenAI` and over
 /// `OpenAI(base_url=.../openai/v1/)`: chat, a stream with usage, embeddings, a five-turn
 /// Responses conversation (then streamed, retrieved, its input items listed), a conversation
-/// (the Conversations API) with three responses, a file and a batch made from it, a Realtime
-/// session; and the gateway's own errors as the SDK raises them (`AuthenticationError` for a
+/// (the Conversations API) with three responses, an Assistants thread and a run on it, a file
+/// and a batch made from it, a Realtime session; and the gateway's own errors as the SDK raises them (`AuthenticationError` for a
 /// wrong key, `RateLimitError` with `retry-after` for a caller over its limit, 413
 /// `request_body_too_large`). Any unexpected answer makes the script fail
 /// (`tests/sdk/openai_python.py`).
@@ -900,6 +900,7 @@ async fn the_official_python_sdk_works_through_the_gateway() {
         assert!(on(&homes["conversation"]).object_count(ObjectKind::Response) >= 6);
         assert!(on(&homes["file_and_batch"]).object_count(ObjectKind::Batch) >= 1);
         assert!(on(&homes["conversation_object"]).object_count(ObjectKind::Conversation) >= 1);
+        assert!(on(&homes["thread"]).object_count(ObjectKind::Run) >= 1);
     }
     assert_eq!(
         count(ObjectKind::Response),

@@ -58,6 +58,25 @@ def conversation_object(client):
     return home
 
 
+def thread(client):
+    """An Assistants thread with a message, a run on it, then its messages. Returns its
+    instance."""
+    raw = client.beta.threads.with_raw_response.create(
+        messages=[{"role": "user", "content": "Hello"}]
+    )
+    home = raw.headers["x-served-by"]
+    created = raw.parse()
+    raw = client.beta.threads.runs.with_raw_response.create(
+        thread_id=created.id, assistant_id="asst_sdk"
+    )
+    assert raw.headers["x-served-by"] == home, (raw.headers["x-served-by"], home)
+    run = client.beta.threads.runs.retrieve(run_id=raw.parse().id, thread_id=created.id)
+    assert run.status == "completed", run
+    messages = client.beta.threads.messages.list(thread_id=created.id)
+    assert [m.role for m in messages.data] == ["assistant", "user"], messages
+    return home
+
+
 def file_and_batch(client):
     """A batch input file uploaded, then a batch made from it, then read back. Returns the
     instance that holds both."""
@@ -172,6 +191,7 @@ def main():
         summary[name] = {
             "conversation": conversation(client),
             "conversation_object": conversation_object(client),
+            "thread": thread(client),
             "file_and_batch": file_and_batch(client),
             "realtime_events": realtime(client),
         }
