@@ -75,7 +75,7 @@ const FIRST_TOKEN_BUCKETS: [f64; 16] = [
 /// metrics, and any later one is recorded as `_other`, so a caller sending made-up deployment
 /// names cannot grow the metrics without end.
 ///
-/// With the `otlp` feature, [`with_meter`](Self::with_meter) records the same requests into
+/// With the `otlp` feature, `with_meter` records the same requests into
 /// OpenTelemetry instruments as well, for an OTLP exporter.
 #[derive(Clone)]
 pub struct GatewayMetrics {

@@ -228,8 +228,9 @@ fn collect_refs(value: &Value, refs: &mut Vec<Box<str>>) {
 /// retry policy asks the next backend, cooling ones too ([`SeekObject`]). The backend that
 /// answers learns the object.
 ///
-/// A request that creates an object ([`creates_object`]) that fails where the instance may
-/// have acted (a timeout, a connection broken after sending, a 5xx other than 503) is marked
+/// A request that creates an object (a `POST` to `files`, `batches`, `assistants`, `threads`,
+/// `messages`, `runs`, `vector_stores`, fine-tuning `jobs` or `uploads`) that fails where the
+/// instance may have acted (a timeout, a connection broken after sending, a 5xx other than 503) is marked
 /// [`MayHaveActed`]: never retried, so a retry never creates a duplicate.
 ///
 /// Sits between the retry layer (the body is read: [`ReplayBody`]) and `Balance`.
