@@ -19,7 +19,7 @@ BATCH_INPUT = (
 )
 
 
-def conversation(client):
+def response_chain(client):
     """Five Responses turns chained by previous_response_id, then a streamed one; each answered
     by the instance of the first. Returns that instance's name."""
     raw = client.responses.with_raw_response.create(model="gpt-4o", input="Turn 1")
@@ -43,17 +43,17 @@ def conversation(client):
     return home
 
 
-def conversation_object(client):
+def conversation(client):
     """A conversation, three responses in it, then its items. Returns its instance."""
     raw = client.conversations.with_raw_response.create()
     home = raw.headers["x-served-by"]
-    conversation = raw.parse()
+    created = raw.parse()
     for turn in range(1, 4):
         raw = client.responses.with_raw_response.create(
-            model="gpt-4o", input=f"Turn {turn}", conversation=conversation.id
+            model="gpt-4o", input=f"Turn {turn}", conversation=created.id
         )
         assert raw.headers["x-served-by"] == home, (turn, raw.headers["x-served-by"], home)
-    items = client.conversations.items.list(conversation.id)
+    items = client.conversations.items.list(created.id)
     assert len(items.data) == 6, items
     return home
 
@@ -189,8 +189,8 @@ def main():
     for name, client in clients.items():
         chat_and_embeddings(client, "text-embedding-3-small")
         summary[name] = {
+            "response_chain": response_chain(client),
             "conversation": conversation(client),
-            "conversation_object": conversation_object(client),
             "thread": thread(client),
             "file_and_batch": file_and_batch(client),
             "realtime_events": realtime(client),
