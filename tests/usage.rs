@@ -73,6 +73,29 @@ fn events(stream: &str) -> Vec<&str> {
         .collect()
 }
 
+/// `GET /metrics` at `base` once `requests` requests are counted (or [`BOUND`] has passed).
+/// The counters are written as each answer ends, before the caller has read all of it; a
+/// scrape right after the last answer may come first, so it polls briefly.
+async fn scrape_after(client: &reqwest::Client, base: &str, requests: u32) -> String {
+    let deadline = tokio::time::Instant::now() + BOUND;
+    loop {
+        let metrics = client
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if sum(&metrics, "aoai_gateway_requests_total", &[]) == f64::from(requests)
+            || tokio::time::Instant::now() > deadline
+        {
+            return metrics;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// The sum of the samples of `metric` whose labels contain every one of `labels`.
 fn sum(metrics: &str, metric: &str, labels: &[&str]) -> f64 {
     metrics
@@ -165,25 +188,7 @@ async fn the_token_counters_equal_the_usage_the_instances_reported() {
         .unwrap();
     add(tokens(&completed["response"]["usage"]));
 
-    // The counters are written as each answer ends, before the caller has read all of it; a
-    // scrape right after the last answer may come first, so poll briefly.
-    let deadline = tokio::time::Instant::now() + BOUND;
-    let metrics = loop {
-        let metrics = client
-            .get(format!("{base}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        if sum(&metrics, "aoai_gateway_requests_total", &[]) == 6.0
-            || tokio::time::Instant::now() > deadline
-        {
-            break metrics;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let metrics = scrape_after(&client, &base, 6).await;
     let input = r#"gen_ai_token_type="input""#;
     let output = r#"gen_ai_token_type="output""#;
     assert_eq!(
@@ -248,15 +253,9 @@ async fn made_up_deployment_names_past_256_are_counted_as_other() {
             .await
             .unwrap();
         assert_eq!(answer.status(), 200);
+        answer.text().await.unwrap();
     }
-    let metrics = client
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape_after(&client, &base, 300).await;
     let requests: Vec<&str> = metrics
         .lines()
         .filter(|line| line.starts_with("aoai_gateway_requests_total{"))
