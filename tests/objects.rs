@@ -23,6 +23,16 @@ async fn post(base: &str, path: &str, body: &Value) -> reqwest::Response {
         .unwrap()
 }
 
+async fn get(base: &str, path: &str) -> reqwest::Response {
+    client().get(format!("{base}{path}")).send().await.unwrap()
+}
+
+/// The `id` of the object an answer holds.
+async fn id_of(answer: reqwest::Response) -> String {
+    let object: Value = answer.json().await.unwrap();
+    object["id"].as_str().unwrap().to_owned()
+}
+
 /// Uploads `content` as a batch input file through `base`, the way the SDKs do (multipart).
 async fn upload(base: &str, content: &str) -> reqwest::Response {
     let boundary = "aoai-tower-test-boundary";
@@ -65,10 +75,7 @@ async fn stored_response(sims: &[SimHandle]) -> (String, String) {
     .await;
     assert_eq!(first.status(), 200);
     let home = served_by(&first);
-    let id = first.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = id_of(first).await;
     (home, id)
 }
 
@@ -85,10 +92,7 @@ async fn a_responses_conversation_stays_on_the_instance_of_its_first_turn() {
     .await;
     assert_eq!(first.status(), 200);
     let home = served_by(&first);
-    let mut previous = first.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let mut previous = id_of(first).await;
     for turn in 2..=5 {
         let body =
             json!({ "model": "gpt-4o", "input": "And then?", "previous_response_id": previous });
@@ -148,11 +152,7 @@ async fn responses_naming_a_conversation_go_to_its_instance_before_and_after_a_r
             "{answer}"
         );
     }
-    let items = client()
-        .get(format!("{restarted}/openai/v1/conversations/{id}/items"))
-        .send()
-        .await
-        .unwrap();
+    let items = get(&restarted, &format!("/openai/v1/conversations/{id}/items")).await;
     assert_eq!(items.status(), 200);
     assert_eq!(served_by(&items), home);
     let items: Value = items.json().await.unwrap();
@@ -181,11 +181,7 @@ async fn after_a_restart_the_gateway_finds_the_instance_by_asking_without_harm_t
         let answer = post(&after, RESPONSES, &body).await;
         assert_eq!(answer.status(), 200);
         assert_eq!(served_by(&answer), home);
-        let got = client()
-            .get(format!("{after}{RESPONSES}/{id}"))
-            .send()
-            .await
-            .unwrap();
+        let got = get(&after, &format!("{RESPONSES}/{id}")).await;
         assert_eq!(got.status(), 200);
         assert_eq!(served_by(&got), home);
     }
@@ -202,10 +198,7 @@ async fn a_file_uploaded_then_used_by_a_batch_before_and_after_a_restart() {
     let uploaded = upload(&base, BATCH_LINE).await;
     assert_eq!(uploaded.status(), 200);
     let home = served_by(&uploaded);
-    let file_id = uploaded.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let file_id = id_of(uploaded).await;
     for _ in 0..2 {
         let created = post(
             &base,
@@ -215,17 +208,12 @@ async fn a_file_uploaded_then_used_by_a_batch_before_and_after_a_restart() {
         .await;
         assert_eq!(created.status(), 200);
         assert_eq!(served_by(&created), home);
-        let batch_id = created.json::<Value>().await.unwrap()["id"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        let read = client()
-            .get(format!(
-                "{base}/openai/batches/{batch_id}?api-version=2024-10-21"
-            ))
-            .send()
-            .await
-            .unwrap();
+        let batch_id = id_of(created).await;
+        let read = get(
+            &base,
+            &format!("/openai/batches/{batch_id}?api-version=2024-10-21"),
+        )
+        .await;
         assert_eq!(read.status(), 200);
         assert_eq!(served_by(&read), home);
     }
@@ -283,11 +271,7 @@ async fn an_unknown_id_gets_the_instances_own_answer_after_each_was_asked() {
     let sims = sims(2).await;
     let base = serve_gateway(builder_over(&sims).build().unwrap()).await;
 
-    let missing = client()
-        .get(format!("{base}{RESPONSES}/resp_nowhere"))
-        .send()
-        .await
-        .unwrap();
+    let missing = get(&base, &format!("{RESPONSES}/resp_nowhere")).await;
     assert_eq!(missing.status(), 404);
     assert!(!served_by(&missing).is_empty());
     let body: Value = missing.json().await.unwrap();
