@@ -175,6 +175,20 @@ fn caller_request(base: &str) -> http::Request<()> {
     request
 }
 
+/// A handshake carrying the caller's own keys, in an `api-key` header and an `api-key` query
+/// parameter: neither may reach an instance.
+fn caller_request_with_query_key(base: &str) -> http::Request<()> {
+    let url = format!(
+        "{}{REALTIME}&api-key=the-callers-query-key",
+        base.replace("http://", "ws://")
+    );
+    let mut request = url.into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("api-key", "the-callers-header-key".parse().unwrap());
+    request
+}
+
 /// The next message of `session`, within [`BOUND`].
 async fn next(session: &mut Session) -> Message {
     tokio::time::timeout(BOUND, session.next())
@@ -371,14 +385,7 @@ async fn pings_and_pongs_pass_both_ways() {
 #[tokio::test]
 async fn the_instance_gets_the_gateways_key_never_the_callers_nor_extensions() {
     let (_gateway, base, seen) = gateway_over_echo(|builder| builder).await;
-    let url = format!(
-        "{}{REALTIME}&api-key=the-callers-query-key",
-        base.replace("http://", "ws://")
-    );
-    let mut request = url.into_client_request().unwrap();
-    request
-        .headers_mut()
-        .insert("api-key", "the-callers-header-key".parse().unwrap());
+    let mut request = caller_request_with_query_key(&base);
     // What a browser offers; tungstenite cannot read compressed frames.
     request.headers_mut().insert(
         "sec-websocket-extensions",
@@ -636,14 +643,7 @@ async fn a_text_conversation_with_the_emulator_through_the_gateway() {
         .build()
         .unwrap();
     let base = serve_gateway(gateway.clone()).await;
-    let url = format!(
-        "{}{REALTIME}&api-key=the-callers-query-key",
-        base.replace("http://", "ws://")
-    );
-    let mut request = url.into_client_request().unwrap();
-    request
-        .headers_mut()
-        .insert("api-key", "the-callers-header-key".parse().unwrap());
+    let request = caller_request_with_query_key(&base);
     let (mut session, response) = connect_with(request).await;
     assert_eq!(response.headers()["x-served-by"], "b");
 
