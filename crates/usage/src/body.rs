@@ -48,7 +48,7 @@ where
     /// service, for code that has the response in hand. `callback.on_response` is called
     /// first. JSON answers (and single stream events) are parsed up to `parse_limit` bytes.
     pub fn wrap(response: Response<B>, callback: F, parse_limit: usize) -> Response<Self> {
-        Counter::new(callback).wrap(response, parse_limit)
+        Counter::new(callback).wrap(response, Some(parse_limit))
     }
 
     /// The inner body.
@@ -123,8 +123,8 @@ pub(crate) struct Counter<F>
 where
     F: UsageCallback,
 {
-    pub(crate) callback: Option<F>,
-    pub(crate) scan: Scan,
+    callback: Option<F>,
+    scan: Scan,
     first_data_at: Option<Instant>,
 }
 
@@ -140,16 +140,19 @@ where
         }
     }
 
-    /// Shows `response` to the callback, chooses how to read its body, and wraps the body.
+    /// Shows `response` to the callback, chooses how to read its body (parsing up to
+    /// `parse_limit` bytes; with `None` its bytes are not looked at), and wraps the body.
     pub(crate) fn wrap<B: Body>(
         mut self,
         response: Response<B>,
-        parse_limit: usize,
+        parse_limit: Option<usize>,
     ) -> Response<UsageBody<B, F>> {
         if let Some(callback) = self.callback.as_mut() {
             callback.on_response(&response);
         }
-        self.scan = Scan::for_headers(response.headers(), parse_limit);
+        if let Some(limit) = parse_limit {
+            self.scan = Scan::for_headers(response.headers(), limit);
+        }
         response.map(|body| UsageBody::new(body, self))
     }
 

@@ -58,7 +58,7 @@ where
             .take()
             .expect("ResponseFuture polled after completion");
         Poll::Ready(match result {
-            Ok(response) => Ok(counter.wrap(response, *this.limit)),
+            Ok(response) => Ok(counter.wrap(response, Some(*this.limit))),
             Err(error) => {
                 counter.finish(false);
                 Err(error)

@@ -12,7 +12,6 @@ use tower::BoxError;
 use super::{Admission, LimitExceeded};
 use crate::UsageBody;
 use crate::body::Counter;
-use crate::scan::Scan;
 
 pin_project! {
     /// Response future of [`TokenLimit`](super::TokenLimit): the inner service's future, its
@@ -89,14 +88,8 @@ where
                 // On an error `admission` is dropped: the estimate stands.
                 let response = result.map_err(Into::into)?;
                 // The same reading as `CountUsage`'s, skipped when nothing is to be settled.
-                let scan = if admission.wants_usage() {
-                    Scan::for_headers(response.headers(), *parse_limit)
-                } else {
-                    Scan::Skip
-                };
-                let mut counter = Counter::new(admission);
-                counter.scan = scan;
-                Poll::Ready(Ok(response.map(|body| UsageBody::new(body, counter))))
+                let parse_limit = admission.wants_usage().then_some(*parse_limit);
+                Poll::Ready(Ok(Counter::new(admission).wrap(response, parse_limit)))
             }
         }
     }
