@@ -375,14 +375,25 @@ where
 {
     let strip =
         response.extensions().get::<UsageAdded>().is_some() && is_event_stream(response.headers());
-    match (record, strip) {
-        (None, false) => response.map(Body::new),
-        (None, true) => response.map(|body| Body::new(StripUsage::new(body))),
-        (Some(record), false) => {
-            UsageBody::wrap(response, record, aoai_usage::DEFAULT_PARSE_LIMIT).map(Body::new)
-        }
-        (Some(record), true) => UsageBody::wrap(response, record, aoai_usage::DEFAULT_PARSE_LIMIT)
-            .map(|body| Body::new(StripUsage::new(body))),
+    match record {
+        None => boxed(response, strip),
+        Some(record) => boxed(
+            UsageBody::wrap(response, record, aoai_usage::DEFAULT_PARSE_LIMIT),
+            strip,
+        ),
+    }
+}
+
+/// `response` with its body boxed, inside [`StripUsage`] when `strip`.
+fn boxed<B>(response: Response<B>, strip: bool) -> Response<Body>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError> + Send,
+{
+    if strip {
+        response.map(|body| Body::new(StripUsage::new(body)))
+    } else {
+        response.map(Body::new)
     }
 }
 
