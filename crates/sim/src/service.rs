@@ -15,7 +15,7 @@ use axum::routing::post;
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::{self, BoxStream, StreamExt};
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use http::{HeaderName, HeaderValue, StatusCode};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -180,10 +180,7 @@ async fn front(State(state): State<SimState>, request: Request, next: Next) -> R
 
 /// The answer without a fault: Azure's 401 for missing credentials, else the route's.
 async fn normal(state: &SimState, request: Request, next: Next) -> Response {
-    match unauthorized(state, request.headers()) {
-        // Browsers cannot set headers on a WebSocket handshake: Realtime takes the key in the
-        // query too.
-        Some(_) if realtime::key_in_query(state, request.uri()) => next.run(request).await,
+    match unauthorized(state, &request) {
         Some(denied) => denied,
         None => next.run(request).await,
     }
@@ -209,16 +206,20 @@ fn with_azure_headers(state: &SimState, mut response: Response) -> Response {
 }
 
 /// Azure's 401 when credentials are expected and the request has none that match.
-fn unauthorized(state: &SimState, headers: &HeaderMap) -> Option<Response> {
+fn unauthorized(state: &SimState, request: &Request) -> Option<Response> {
     let config = state.config();
     if config.api_key.is_none() && config.bearer.is_none() {
         return None;
     }
+    let headers = request.headers();
+    // Browsers cannot set headers on a WebSocket handshake: Realtime takes the key in the query
+    // too.
     let key_ok = config
         .api_key
         .as_deref()
         .zip(headers.get("api-key"))
-        .is_some_and(|(want, got)| got.as_bytes() == want.as_bytes());
+        .is_some_and(|(want, got)| got.as_bytes() == want.as_bytes())
+        || realtime::key_in_query(state, request.uri());
     let bearer = headers
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
