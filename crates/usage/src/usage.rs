@@ -80,56 +80,39 @@ pub(crate) fn read_document(json: &[u8]) -> Option<Document> {
     })
 }
 
+// A field left out, like one that is `null`, reads as `None` (serde's rule for `Option` fields).
 #[derive(Deserialize)]
 struct Envelope {
-    #[serde(default)]
     usage: Option<RawUsage>,
-    #[serde(default)]
     model: Option<Box<str>>,
-    #[serde(default)]
     id: Option<Box<str>>,
     /// The Responses API's stream events carry the response, usage inside, under `response`.
-    #[serde(default)]
     response: Option<ResponseObject>,
 }
 
 #[derive(Deserialize)]
 struct ResponseObject {
-    #[serde(default)]
     usage: Option<RawUsage>,
-    #[serde(default)]
     model: Option<Box<str>>,
-    #[serde(default)]
     id: Option<Box<str>>,
 }
 
 #[derive(Deserialize)]
 struct RawUsage {
-    #[serde(default)]
     prompt_tokens: Option<u64>,
-    #[serde(default)]
     completion_tokens: Option<u64>,
-    #[serde(default)]
     input_tokens: Option<u64>,
-    #[serde(default)]
     output_tokens: Option<u64>,
-    #[serde(default)]
     total_tokens: Option<u64>,
-    #[serde(default)]
     prompt_tokens_details: Option<Details>,
-    #[serde(default)]
     input_tokens_details: Option<Details>,
-    #[serde(default)]
     completion_tokens_details: Option<Details>,
-    #[serde(default)]
     output_tokens_details: Option<Details>,
 }
 
 #[derive(Deserialize)]
 struct Details {
-    #[serde(default)]
     cached_tokens: Option<u64>,
-    #[serde(default)]
     reasoning_tokens: Option<u64>,
 }
 
