@@ -107,12 +107,30 @@ impl Gateway {
 
     /// [`over`](Self::over), with `flags` after the backends.
     fn over_with(sims: &[SimHandle], flags: &[&str]) -> (Self, String, String) {
+        Self::over_with_env(sims, flags, &[])
+    }
+
+    /// [`over_with`](Self::over_with), with `env` as [`spawn`](Self::spawn) takes it.
+    fn over_with_env(
+        sims: &[SimHandle],
+        flags: &[&str],
+        env: &[(&str, &str)],
+    ) -> (Self, String, String) {
         let backends: Vec<String> = sims.iter().map(backend_flag).collect();
-        Self::over_urls(&backends, flags)
+        Self::over_urls_with_env(&backends, flags, env)
     }
 
     /// The gateway on a free loopback port over `backends` (`NAME=URL` each), then `flags`.
     fn over_urls(backends: &[String], flags: &[&str]) -> (Self, String, String) {
+        Self::over_urls_with_env(backends, flags, &[])
+    }
+
+    /// [`over_urls`](Self::over_urls), with `env` as [`spawn`](Self::spawn) takes it.
+    fn over_urls_with_env(
+        backends: &[String],
+        flags: &[&str],
+        env: &[(&str, &str)],
+    ) -> (Self, String, String) {
         let addr = free_addr();
         let mut args = vec!["--listen".to_owned(), addr.clone()];
         for backend in backends {
@@ -121,7 +139,7 @@ impl Gateway {
         args.extend(flags.iter().map(|&flag| flag.to_owned()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let base = format!("http://{addr}");
-        (Self::spawn(&args, &[]), addr, base)
+        (Self::spawn(&args, env), addr, base)
     }
 
     /// The names of the process's serving threads (`gateway-N`), sorted.
@@ -838,15 +856,9 @@ async fn the_official_python_sdk_works_through_the_gateway() {
         ]
         .concat(),
     );
-    let addr = free_addr();
-    let base = format!("http://{addr}");
-    let mut args = vec!["--listen", &addr, "--config", config.path()];
-    let backends: Vec<String> = sims.iter().map(backend_flag).collect();
-    for backend in &backends {
-        args.extend(["--backend", backend]);
-    }
-    let mut gateway = Gateway::spawn(
-        &args,
+    let (mut gateway, _addr, base) = Gateway::over_with_env(
+        &sims,
+        &["--config", config.path()],
         &[("AOAI_SDK_KEY", KEY), ("AOAI_SDK_LIMITED_KEY", LIMITED_KEY)],
     );
     gateway.ready(&base, Some(KEY)).await;
