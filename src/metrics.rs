@@ -97,9 +97,19 @@ struct Instruments {
 }
 
 /// The distinct names seen for one label, up to [`MAX_NAMES`].
-#[derive(Default)]
 struct Names {
     seen: RwLock<HashSet<Arc<str>>>,
+    /// [`OTHER`], made once: the label value of every name past the first [`MAX_NAMES`].
+    other: Arc<str>,
+}
+
+impl Default for Names {
+    fn default() -> Self {
+        Self {
+            seen: RwLock::default(),
+            other: Arc::from(OTHER),
+        }
+    }
 }
 
 impl Names {
@@ -117,7 +127,7 @@ impl Names {
             seen.insert(name.clone());
             return Some(name);
         }
-        Some(Arc::from(OTHER))
+        Some(self.other.clone())
     }
 }
 
