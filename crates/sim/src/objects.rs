@@ -22,10 +22,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::{Bytes, BytesMut};
 use http::StatusCode;
-use http::header::CONTENT_TYPE;
 use serde::Serialize;
 
-use crate::service::{APPLICATION_JSON, json, to_json};
+use crate::service::{json, json_bytes, to_json};
 use crate::{SimState, shapes};
 
 pub(crate) use conversations::{conversation_of, extend_conversation};
@@ -264,16 +263,6 @@ fn deleted(id: &str, object: &'static str) -> Response {
     )
 }
 
-/// `200` with a JSON document serialized already.
-fn raw_json(body: Bytes) -> Response {
-    let mut response = Response::new(body.into());
-    response.headers_mut().insert(
-        CONTENT_TYPE,
-        http::HeaderValue::from_static(APPLICATION_JSON),
-    );
-    response
-}
-
 /// What a list request asks for: `limit`, `order` and `after`.
 #[derive(Debug)]
 struct Page {
@@ -336,6 +325,6 @@ impl Page {
         body.extend_from_slice(b",\"has_more\":");
         body.extend_from_slice(&to_json(&(rest.len() > shown.len())));
         body.extend_from_slice(b"}");
-        raw_json(body.freeze())
+        json_bytes(StatusCode::OK, body.freeze())
     }
 }

@@ -1076,7 +1076,7 @@ fn sse_data(value: &impl Serialize) -> BytesMut {
 
 // ---- errors and helpers ----
 
-pub(crate) const APPLICATION_JSON: &str = "application/json";
+const APPLICATION_JSON: &str = "application/json";
 const EVENT_STREAM: &str = "text/event-stream; charset=utf-8";
 
 pub(crate) fn to_json(value: &impl Serialize) -> Bytes {
@@ -1088,7 +1088,12 @@ pub(crate) fn to_json(value: &impl Serialize) -> Bytes {
 }
 
 pub(crate) fn json(status: StatusCode, value: &impl Serialize) -> Response {
-    (status, [(CONTENT_TYPE, APPLICATION_JSON)], to_json(value)).into_response()
+    json_bytes(status, to_json(value))
+}
+
+/// `status` with a JSON document serialized already.
+pub(crate) fn json_bytes(status: StatusCode, body: Bytes) -> Response {
+    (status, [(CONTENT_TYPE, APPLICATION_JSON)], body).into_response()
 }
 
 pub(crate) fn azure_error(status: StatusCode, code: &str, message: &str) -> Response {

@@ -10,8 +10,8 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::responses::input_items;
-use super::{ObjectKind, OpenAiError, Page, deleted, openai_error, raw_json};
-use crate::service::to_json;
+use super::{ObjectKind, OpenAiError, Page, deleted, openai_error};
+use crate::service::{json_bytes, to_json};
 use crate::{SimState, ids};
 
 /// One conversation.
@@ -140,13 +140,13 @@ pub(super) async fn create(State(state): State<SimState>, body: Bytes) -> Respon
     let mut objects = state.objects();
     objects.conversations.insert(id, conversation, size);
     objects.count(ObjectKind::Conversation);
-    raw_json(object)
+    json_bytes(StatusCode::OK, object)
 }
 
 /// `GET /conversations/{id}`.
 pub(super) async fn get(State(state): State<SimState>, Path(id): Path<String>) -> Response {
     match state.objects().conversations.get(&id) {
-        Some(conversation) => raw_json(conversation.body.clone()),
+        Some(conversation) => json_bytes(StatusCode::OK, conversation.body.clone()),
         None => not_found(&id).into_response(),
     }
 }

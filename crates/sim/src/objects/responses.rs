@@ -8,8 +8,8 @@ use http::StatusCode;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use super::{ObjectKind, OpenAiError, Page, deleted, openai_error, raw_json};
-use crate::service::to_json;
+use super::{ObjectKind, OpenAiError, Page, deleted, openai_error};
+use crate::service::{json_bytes, to_json};
 use crate::{SimState, ids};
 
 /// One stored response.
@@ -177,7 +177,7 @@ fn not_found(id: &str) -> OpenAiError {
 pub(super) async fn get(State(state): State<SimState>, Path(id): Path<String>) -> Response {
     let objects = state.objects();
     match objects.responses.get(&id) {
-        Some(stored) => raw_json(stored.body.clone()),
+        Some(stored) => json_bytes(StatusCode::OK, stored.body.clone()),
         None => not_found(&id).into_response(),
     }
 }
