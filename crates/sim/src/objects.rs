@@ -28,7 +28,7 @@ use crate::service::{json, json_bytes, to_json};
 use crate::{SimState, shapes};
 
 pub(crate) use conversations::{conversation_of, extend_conversation};
-pub(crate) use responses::{Previous, previous_response, store_response};
+pub(crate) use responses::{previous_response, store_response};
 
 /// The kinds of objects an instance creates on request, for
 /// [`SimState::object_count`](crate::SimState::object_count).

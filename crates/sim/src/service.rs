@@ -19,7 +19,7 @@ use http::{HeaderName, HeaderValue, StatusCode};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::objects::{self, Previous};
+use crate::objects;
 use crate::shapes::{self, ChoiceFilter, Delta};
 use crate::state::Exceeded;
 use crate::{Fault, RecordedRequest, SimState, ids, realtime};
@@ -798,30 +798,22 @@ async fn responses(
             id: &conversation.id,
         });
     done.store = store;
+    // The answer's output item, for the conversation and the stored response alike.
+    let output = vec![(ids.message.clone(), to_json(&done.output[0]))];
     if let Some(conversation) = &conversation {
-        let output = vec![(ids.message.clone(), to_json(&done.output[0]))];
-        objects::extend_conversation(&state, &conversation.id, &call.json, output);
+        objects::extend_conversation(&state, &conversation.id, &call.json, output.clone());
     }
+    // The document as answered: stored, and the answer when not streamed.
+    let body = to_json(&done);
     if store {
-        keep_response(&state, &ids, &call, &done, previous);
+        // With its input items, after those of the chain it continues.
+        objects::store_response(&state, &ids.id, body.clone(), previous, &call.json, output);
     }
     if call.stream {
         return Ok(responses_stream(&state, &ids, &reply, done));
     }
     tokio::time::sleep(generation_time(&state, reply.len())).await;
-    Ok(json(StatusCode::OK, &done))
-}
-
-/// Store the response with its input items, after those of the chain it continues.
-fn keep_response(
-    state: &SimState,
-    ids: &ResponseIds,
-    call: &Call,
-    done: &shapes::Response<'_>,
-    previous: Option<Previous>,
-) {
-    let output = vec![(ids.message.clone(), to_json(&done.output[0]))];
-    objects::store_response(state, &ids.id, to_json(done), previous, &call.json, output);
+    Ok(json_bytes(StatusCode::OK, body))
 }
 
 struct ResponseIds {
