@@ -169,6 +169,15 @@ mod tests {
         request.body(()).unwrap()
     }
 
+    /// A header map holding `pairs`, in order (a name may repeat).
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(*name, value.parse().unwrap());
+        }
+        map
+    }
+
     #[test]
     fn http11_needs_exactly_one_valid_host() {
         assert!(has_valid_host(&request(Version::HTTP_11, &["gw"])));
@@ -201,10 +210,7 @@ mod tests {
     #[test]
     fn the_instance_is_offered_no_extension_and_no_key_subprotocol() {
         let prepared = |pairs: &[(&'static str, &'static str)]| {
-            let mut headers = HeaderMap::new();
-            for (name, value) in pairs {
-                headers.append(*name, value.parse().unwrap());
-            }
+            let mut headers = headers(pairs);
             prepare_request(&mut headers);
             headers
         };
@@ -245,13 +251,6 @@ mod tests {
 
     #[test]
     fn an_upgrade_needs_the_connection_token_and_the_upgrade_field() {
-        let headers = |pairs: &[(&'static str, &'static str)]| {
-            let mut map = HeaderMap::new();
-            for (name, value) in pairs {
-                map.append(*name, value.parse().unwrap());
-            }
-            map
-        };
         assert!(is_requested(&headers(&[
             ("connection", "Upgrade"),
             ("upgrade", "websocket")
