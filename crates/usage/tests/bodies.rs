@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use aoai_usage::{Usage, UsageBody, UsageLayer, UsageReport};
+use aoai_usage::{DEFAULT_PARSE_LIMIT, Usage, UsageBody, UsageLayer, UsageReport};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Frame;
@@ -26,17 +26,35 @@ fn channel_body() -> (mpsc::Sender<Chunk>, Channel) {
     (tx, StreamBody::new(futures_util::stream::poll_fn(poll)))
 }
 
-/// Sends `request` through the layer to a service that answers with `content_type` and the
-/// channel body; returns the body, the sender and where the reports land.
-async fn answer(
-    content_type: &str,
-) -> (
-    UsageBody<Channel, impl FnOnce(UsageReport) + use<>>,
-    mpsc::Sender<Chunk>,
+/// A request's callback: pushes its report to [`Reports`] (boxed only to name its type here).
+type Record = Box<dyn FnOnce(UsageReport) + Send>;
+
+/// A layer whose callbacks push their reports to the list it returns beside it.
+fn recording_layer() -> (
+    UsageLayer<impl FnMut(&Request<()>) -> Record + Clone>,
     Reports,
 ) {
     let reports: Reports = Arc::default();
     let sink = reports.clone();
+    let layer = UsageLayer::new(move |_request: &Request<()>| -> Record {
+        let sink = sink.clone();
+        Box::new(move |report: UsageReport| sink.lock().unwrap().push(report))
+    });
+    (layer, reports)
+}
+
+/// Sends a request through a recording layer to a service that answers with `content_type` and
+/// the channel body; returns the body, the sender and where the reports land.
+async fn answer(content_type: &str) -> (UsageBody<Channel, Record>, mpsc::Sender<Chunk>, Reports) {
+    answer_parsing_up_to(content_type, DEFAULT_PARSE_LIMIT).await
+}
+
+/// [`answer`], from a layer that parses answers up to `parse_limit` bytes.
+async fn answer_parsing_up_to(
+    content_type: &str,
+    parse_limit: usize,
+) -> (UsageBody<Channel, Record>, mpsc::Sender<Chunk>, Reports) {
+    let (layer, reports) = recording_layer();
     let (tx, body) = channel_body();
     let response = Response::builder()
         .header("content-type", content_type)
@@ -47,11 +65,7 @@ async fn answer(
         let response = slot.take().expect("one request");
         async move { Ok::<_, Infallible>(response) }
     });
-    let service = UsageLayer::new(move |_request: &Request<()>| {
-        let sink = sink.clone();
-        move |report: UsageReport| sink.lock().unwrap().push(report)
-    })
-    .layer(inner);
+    let service = layer.parse_up_to(parse_limit).layer(inner);
     let response = service.oneshot(Request::new(())).await.unwrap();
     (response.into_body(), tx, reports)
 }
@@ -299,32 +313,7 @@ async fn non_json_body_reports_none() {
 
 #[tokio::test]
 async fn oversized_json_reports_none_and_passes_whole() {
-    let reports: Reports = Arc::default();
-    let sink = reports.clone();
-    let (tx, body) = channel_body();
-    let mut slot = Some(
-        Response::builder()
-            .header("content-type", "application/json")
-            .body(body)
-            .unwrap(),
-    );
-    let mut service = UsageLayer::new(move |_request: &Request<()>| {
-        let sink = sink.clone();
-        move |report: UsageReport| sink.lock().unwrap().push(report)
-    })
-    .parse_up_to(64)
-    .layer(tower::service_fn(move |_request: Request<()>| {
-        let response = slot.take().unwrap();
-        async move { Ok::<_, Infallible>(response) }
-    }));
-    let response = service
-        .ready()
-        .await
-        .unwrap()
-        .call(Request::new(()))
-        .await
-        .unwrap();
-    let mut body = response.into_body();
+    let (mut body, tx, reports) = answer_parsing_up_to("application/json", 64).await;
     let padding = format!("{{\"pad\":\"{}\",", "x".repeat(100));
     pass(
         &mut body,
@@ -349,12 +338,7 @@ async fn oversized_json_reports_none_and_passes_whole() {
 
 #[tokio::test]
 async fn inner_error_and_dropped_future_report_once() {
-    let reports: Reports = Arc::default();
-    let sink = reports.clone();
-    let layer = UsageLayer::new(move |_request: &Request<()>| {
-        let sink = sink.clone();
-        move |report: UsageReport| sink.lock().unwrap().push(report)
-    });
+    let (layer, reports) = recording_layer();
     let failing = layer.layer(tower::service_fn(|_request: Request<()>| async {
         Err::<Response<http_body_util::Empty<Bytes>>, _>("instance unreachable")
     }));
@@ -379,13 +363,8 @@ async fn inner_error_and_dropped_future_report_once() {
 
 #[tokio::test]
 async fn empty_body_is_complete_at_once() {
-    let reports: Reports = Arc::default();
-    let sink = reports.clone();
-    let service = UsageLayer::new(move |_request: &Request<()>| {
-        let sink = sink.clone();
-        move |report: UsageReport| sink.lock().unwrap().push(report)
-    })
-    .layer(tower::service_fn(|_request: Request<()>| async {
+    let (layer, reports) = recording_layer();
+    let service = layer.layer(tower::service_fn(|_request: Request<()>| async {
         Ok::<_, Infallible>(
             Response::builder()
                 .status(204)
