@@ -18,6 +18,7 @@ mod threads;
 use std::collections::{HashMap, VecDeque};
 
 use axum::Router;
+use axum::extract::{Path, RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::{Bytes, BytesMut};
@@ -26,6 +27,11 @@ use serde::Serialize;
 
 use crate::service::{json, json_bytes, to_json};
 use crate::{SimState, shapes};
+
+use conversations::Conversation;
+use files::StoredFile;
+use responses::Stored;
+use threads::Thread;
 
 pub(crate) use conversations::{conversation_of, extend_conversation};
 pub(crate) use responses::{previous_response, store_response};
@@ -78,11 +84,11 @@ pub(crate) const KEEP_BYTES: usize = 256 << 20;
 #[derive(Debug, Default)]
 pub(crate) struct Objects {
     created: [usize; ObjectKind::ALL],
-    responses: Store<responses::Stored>,
-    conversations: Store<conversations::Conversation>,
-    files: Store<files::StoredFile>,
+    responses: Store<Stored>,
+    conversations: Store<Conversation>,
+    files: Store<StoredFile>,
     batches: Store<files::Batch>,
-    threads: Store<threads::Thread>,
+    threads: Store<Thread>,
 }
 
 impl Objects {
@@ -152,6 +158,57 @@ impl<T> Store<T> {
     }
 }
 
+/// A kind of object held by id, with the `GET` and `DELETE` its routes share.
+trait Kind: Sized + Send + 'static {
+    /// The `object` of the deletion answer, `{"id":...,"object":...,"deleted":true}`.
+    const DELETED: &'static str;
+
+    /// The store of this kind.
+    fn store(objects: &mut Objects) -> &mut Store<Self>;
+
+    /// The instance's 404 for `id`.
+    fn not_found(id: &str) -> Response;
+
+    /// The answer to a `GET` of the object.
+    fn answer(&self) -> Response;
+}
+
+/// The kinds that list items: a stored response its input items, a conversation its items.
+trait WithItems: Kind {
+    /// The items, oldest first, each its id and JSON.
+    fn items(&self) -> &[(String, Bytes)];
+}
+
+/// `GET /{kind}/{id}`.
+async fn read<T: Kind>(State(state): State<SimState>, Path(id): Path<String>) -> Response {
+    match T::store(&mut state.objects()).get(&id) {
+        Some(object) => object.answer(),
+        None => T::not_found(&id),
+    }
+}
+
+/// `DELETE /{kind}/{id}`: `{"id":...,"object":...,"deleted":true}`.
+async fn delete<T: Kind>(State(state): State<SimState>, Path(id): Path<String>) -> Response {
+    let removed = T::store(&mut state.objects()).remove(&id);
+    match removed {
+        Some(_) => deleted(&id, T::DELETED),
+        None => T::not_found(&id),
+    }
+}
+
+/// `GET /{kind}/{id}/items` (`/input_items`): newest first unless `order=asc`.
+async fn items<T: WithItems>(
+    State(state): State<SimState>,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let items = match T::store(&mut state.objects()).get(&id) {
+        Some(object) => object.items().to_vec(),
+        None => return T::not_found(&id),
+    };
+    Page::from_query(query.as_deref(), 20, true).list(items)
+}
+
 /// The routes of the objects, under `/openai` and `/openai/v1` alike.
 pub(crate) fn routes() -> Router<SimState> {
     let mut router = Router::new();
@@ -160,24 +217,25 @@ pub(crate) fn routes() -> Router<SimState> {
         router = router
             .route(
                 &at("/responses/{id}"),
-                get(responses::get).delete(responses::delete),
+                get(read::<Stored>).delete(delete::<Stored>),
             )
-            .route(
-                &at("/responses/{id}/input_items"),
-                get(responses::input_items_list),
-            )
-            .route(&at("/responses/{id}/cancel"), post(responses::cancel))
+            .route(&at("/responses/{id}/input_items"), get(items::<Stored>))
+            // Every emulated response is finished already: a cancel answers it unchanged.
+            .route(&at("/responses/{id}/cancel"), post(read::<Stored>))
             .route(&at("/conversations"), post(conversations::create))
             .route(
                 &at("/conversations/{id}"),
-                get(conversations::get).delete(conversations::delete),
+                get(read::<Conversation>).delete(delete::<Conversation>),
             )
             .route(
                 &at("/conversations/{id}/items"),
-                get(conversations::items).post(conversations::add_items),
+                get(items::<Conversation>).post(conversations::add_items),
             )
             .route(&at("/files"), post(files::upload).get(files::list))
-            .route(&at("/files/{id}"), get(files::get).delete(files::delete))
+            .route(
+                &at("/files/{id}"),
+                get(read::<StoredFile>).delete(delete::<StoredFile>),
+            )
             .route(&at("/files/{id}/content"), get(files::content))
             .route(
                 &at("/batches"),
@@ -188,7 +246,7 @@ pub(crate) fn routes() -> Router<SimState> {
             .route(&at("/threads"), post(threads::create))
             .route(
                 &at("/threads/{id}"),
-                get(threads::get).delete(threads::delete),
+                get(read::<Thread>).delete(delete::<Thread>),
             )
             .route(
                 &at("/threads/{id}/messages"),

@@ -2,7 +2,7 @@
 //! and the conversation a `POST /responses` names with `conversation`, whose items the response
 //! then extends.
 
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::StatusCode;
@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::responses::input_items;
-use super::{ObjectKind, OpenAiError, Page, deleted, openai_error};
+use super::{Kind, ObjectKind, Objects, OpenAiError, Page, Store, WithItems, openai_error};
 use crate::service::{json_bytes, to_json};
 use crate::{SimState, ids};
 
@@ -143,34 +143,27 @@ pub(super) async fn create(State(state): State<SimState>, body: Bytes) -> Respon
     json_bytes(StatusCode::OK, object)
 }
 
-/// `GET /conversations/{id}`.
-pub(super) async fn get(State(state): State<SimState>, Path(id): Path<String>) -> Response {
-    match state.objects().conversations.get(&id) {
-        Some(conversation) => json_bytes(StatusCode::OK, conversation.body.clone()),
-        None => not_found(&id).into_response(),
+impl Kind for Conversation {
+    const DELETED: &'static str = "conversation.deleted";
+
+    fn store(objects: &mut Objects) -> &mut Store<Self> {
+        &mut objects.conversations
+    }
+
+    fn not_found(id: &str) -> Response {
+        not_found(id).into_response()
+    }
+
+    /// The conversation object as it was answered.
+    fn answer(&self) -> Response {
+        json_bytes(StatusCode::OK, self.body.clone())
     }
 }
 
-/// `DELETE /conversations/{id}`: `{"id":...,"object":"conversation.deleted","deleted":true}`.
-pub(super) async fn delete(State(state): State<SimState>, Path(id): Path<String>) -> Response {
-    let removed = state.objects().conversations.remove(&id);
-    match removed {
-        Some(_) => deleted(&id, "conversation.deleted"),
-        None => not_found(&id).into_response(),
+impl WithItems for Conversation {
+    fn items(&self) -> &[(String, Bytes)] {
+        &self.items
     }
-}
-
-/// `GET /conversations/{id}/items`: newest first unless `order=asc`.
-pub(super) async fn items(
-    State(state): State<SimState>,
-    Path(id): Path<String>,
-    RawQuery(query): RawQuery,
-) -> Response {
-    let items = match state.objects().conversations.get(&id) {
-        Some(conversation) => conversation.items.clone(),
-        None => return not_found(&id).into_response(),
-    };
-    Page::from_query(query.as_deref(), 20, true).list(items)
 }
 
 /// `POST /conversations/{id}/items` with `{"items": [...]}`: the items added, as a list.

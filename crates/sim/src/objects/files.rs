@@ -13,7 +13,7 @@ use http::header::CONTENT_TYPE;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use super::{ObjectKind, Objects, Page, deleted};
+use super::{Kind, ObjectKind, Objects, Page, Store};
 use crate::service::{azure_error, chat_completion, json, reply, to_json};
 use crate::{SimState, ids};
 
@@ -103,11 +103,20 @@ pub(super) async fn upload(
     answer
 }
 
-/// `GET /files/{id}`.
-pub(super) async fn get(State(state): State<SimState>, Path(id): Path<String>) -> Response {
-    match state.objects().files.get(&id) {
-        Some(file) => json(StatusCode::OK, &file.meta),
-        None => file_not_found(&id),
+impl Kind for StoredFile {
+    const DELETED: &'static str = "file";
+
+    fn store(objects: &mut Objects) -> &mut Store<Self> {
+        &mut objects.files
+    }
+
+    fn not_found(id: &str) -> Response {
+        file_not_found(id)
+    }
+
+    /// The file object.
+    fn answer(&self) -> Response {
+        json(StatusCode::OK, &self.meta)
     }
 }
 
@@ -121,15 +130,6 @@ pub(super) async fn content(State(state): State<SimState>, Path(id): Path<String
             content,
         )
             .into_response(),
-        None => file_not_found(&id),
-    }
-}
-
-/// `DELETE /files/{id}`: `{"id":...,"object":"file","deleted":true}`.
-pub(super) async fn delete(State(state): State<SimState>, Path(id): Path<String>) -> Response {
-    let removed = state.objects().files.remove(&id);
-    match removed {
-        Some(_) => deleted(&id, "file"),
         None => file_not_found(&id),
     }
 }

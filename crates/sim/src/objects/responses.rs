@@ -1,14 +1,13 @@
 //! Stored Responses: `GET` and `DELETE /responses/{id}`, its input items and cancel, and the
 //! lookup of `previous_response_id` that `POST /responses` makes.
 
-use axum::extract::{Path, RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::StatusCode;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use super::{ObjectKind, OpenAiError, Page, deleted, openai_error};
+use super::{Kind, ObjectKind, Objects, OpenAiError, Store, WithItems, openai_error};
 use crate::service::{json_bytes, to_json};
 use crate::{SimState, ids};
 
@@ -173,39 +172,26 @@ fn not_found(id: &str) -> OpenAiError {
     )
 }
 
-/// `GET /responses/{id}`: the response as it was answered.
-pub(super) async fn get(State(state): State<SimState>, Path(id): Path<String>) -> Response {
-    let objects = state.objects();
-    match objects.responses.get(&id) {
-        Some(stored) => json_bytes(StatusCode::OK, stored.body.clone()),
-        None => not_found(&id).into_response(),
+impl Kind for Stored {
+    const DELETED: &'static str = "response";
+
+    fn store(objects: &mut Objects) -> &mut Store<Self> {
+        &mut objects.responses
+    }
+
+    fn not_found(id: &str) -> Response {
+        not_found(id).into_response()
+    }
+
+    /// The response as it was answered.
+    fn answer(&self) -> Response {
+        json_bytes(StatusCode::OK, self.body.clone())
     }
 }
 
-/// `DELETE /responses/{id}`: `{"id":...,"object":"response","deleted":true}`.
-pub(super) async fn delete(State(state): State<SimState>, Path(id): Path<String>) -> Response {
-    let removed = state.objects().responses.remove(&id);
-    match removed {
-        Some(_) => deleted(&id, "response"),
-        None => not_found(&id).into_response(),
+impl WithItems for Stored {
+    /// The chain's items: `GET /responses/{id}/input_items`.
+    fn items(&self) -> &[(String, Bytes)] {
+        &self.context
     }
-}
-
-/// `GET /responses/{id}/input_items`: the chain's items, newest first unless `order=asc`.
-pub(super) async fn input_items_list(
-    State(state): State<SimState>,
-    Path(id): Path<String>,
-    RawQuery(query): RawQuery,
-) -> Response {
-    let items = match state.objects().responses.get(&id) {
-        Some(stored) => stored.context.clone(),
-        None => return not_found(&id).into_response(),
-    };
-    Page::from_query(query.as_deref(), 20, true).list(items)
-}
-
-/// `POST /responses/{id}/cancel`: every emulated response is finished already, so this answers
-/// the response unchanged.
-pub(super) async fn cancel(state: State<SimState>, id: Path<String>) -> Response {
-    get(state, id).await
 }

@@ -4,13 +4,13 @@
 //! are not emulated: a run takes any `assistant_id`.
 
 use axum::extract::{Path, RawQuery, State};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::StatusCode;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use super::{ObjectKind, OpenAiError, Page, Store, deleted, openai_error};
+use super::{Kind, ObjectKind, Objects, OpenAiError, Page, Store, openai_error};
 use crate::service::{json, reply, to_json};
 use crate::{SimState, ids};
 
@@ -251,24 +251,21 @@ pub(super) async fn create(
     Ok(answer)
 }
 
-/// `GET /threads/{id}`.
-pub(super) async fn get(
-    State(state): State<SimState>,
-    Path(id): Path<String>,
-) -> Result<Response, OpenAiError> {
-    let objects = state.objects();
-    let thread = objects.threads.thread(&id)?;
-    Ok(json(StatusCode::OK, &thread.object))
-}
+impl Kind for Thread {
+    const DELETED: &'static str = "thread.deleted";
 
-/// `DELETE /threads/{id}`: `{"id":...,"object":"thread.deleted","deleted":true}`.
-pub(super) async fn delete(
-    State(state): State<SimState>,
-    Path(id): Path<String>,
-) -> Result<Response, OpenAiError> {
-    let removed = state.objects().threads.remove(&id);
-    removed.ok_or_else(|| thread_not_found(&id))?;
-    Ok(deleted(&id, "thread.deleted"))
+    fn store(objects: &mut Objects) -> &mut Store<Self> {
+        &mut objects.threads
+    }
+
+    fn not_found(id: &str) -> Response {
+        thread_not_found(id).into_response()
+    }
+
+    /// The thread object.
+    fn answer(&self) -> Response {
+        json(StatusCode::OK, &self.object)
+    }
 }
 
 /// `POST /threads/{id}/messages` with `role` and `content`.
