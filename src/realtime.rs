@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use aoai_usage::{Caller, TokenLimiter, Usage};
 use futures_util::{Sink, Stream};
+use http::Response;
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
@@ -21,6 +22,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::metrics::GatewayMetrics;
+use crate::record::instance_and_deployment;
 
 /// How long the closing handshakes may take once a side has closed (or the gateway closes
 /// both): past it, both connections are dropped.
@@ -202,8 +204,8 @@ pub(crate) struct SessionMeter {
     caller: Option<Caller>,
     limiter: Option<TokenLimiter>,
     metrics: Option<GatewayMetrics>,
-    pub(crate) instance: Option<Arc<str>>,
-    pub(crate) deployment: Option<Arc<str>>,
+    instance: Option<Arc<str>>,
+    deployment: Option<Arc<str>>,
     responses: u64,
     input_tokens: u64,
     output_tokens: u64,
@@ -211,7 +213,8 @@ pub(crate) struct SessionMeter {
 
 impl SessionMeter {
     /// Charges `caller`'s responses to `limiter` and records them in `metrics`; the instance and
-    /// the deployment are set once the instance has switched protocols.
+    /// the deployment are set once the instance has switched protocols
+    /// ([`switched`](Self::switched)).
     pub(crate) fn new(
         caller: Option<Caller>,
         limiter: Option<TokenLimiter>,
@@ -227,6 +230,11 @@ impl SessionMeter {
             input_tokens: 0,
             output_tokens: 0,
         }
+    }
+
+    /// Takes the instance and the deployment from the instance's `101 Switching Protocols`.
+    pub(crate) fn switched<B>(&mut self, response: &Response<B>) {
+        (self.instance, self.deployment) = instance_and_deployment(response.extensions());
     }
 
     /// Reads a text message from the instance: a `response.done` event's usage is counted.

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use aoai_balance::{Deployment, ServedBy};
 use aoai_usage::{Admission, UsageCallback, UsageReport};
-use http::{HeaderMap, Method, Response, header};
+use http::{Extensions, HeaderMap, Method, Response, header};
 
 use crate::metrics::{Finished, GatewayMetrics};
 use crate::pinning::ObjectMap;
@@ -73,14 +73,7 @@ impl RequestRecord {
 impl UsageCallback for RequestRecord {
     fn on_response<B>(&mut self, response: &Response<B>) {
         self.status = response.status().as_u16();
-        self.instance = response
-            .extensions()
-            .get::<ServedBy>()
-            .map(|served_by| served_by.shared_name().clone());
-        self.deployment = response
-            .extensions()
-            .get::<Deployment>()
-            .map(|deployment| deployment.name().clone());
+        (self.instance, self.deployment) = instance_and_deployment(response.extensions());
         self.stream = is_event_stream(response.headers());
         if self.stream
             && let Some(metrics) = &self.metrics
@@ -138,6 +131,21 @@ impl UsageCallback for RequestRecord {
             });
         }
     }
+}
+
+/// The instance that answered (its [`ServedBy`]) and the deployment it was asked for (its
+/// [`Deployment`]), from an answer's extensions.
+pub(crate) fn instance_and_deployment(
+    extensions: &Extensions,
+) -> (Option<Arc<str>>, Option<Arc<str>>) {
+    (
+        extensions
+            .get::<ServedBy>()
+            .map(|served_by| served_by.shared_name().clone()),
+        extensions
+            .get::<Deployment>()
+            .map(|deployment| deployment.name().clone()),
+    )
 }
 
 /// Whether an answer is a server-sent event stream (`Content-Type: text/event-stream`).

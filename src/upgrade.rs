@@ -9,8 +9,6 @@ use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
-use aoai_balance::{Deployment, ServedBy};
-
 use crate::realtime::{Realtime, SessionMeter};
 
 /// Whether `request` has the `Host` RFC 9112 requires of HTTP/1.1: exactly one, an authority
@@ -131,13 +129,7 @@ pub(crate) fn bridge_if_switched<B>(
     }
     let backend = hyper::upgrade::on(&mut *response);
     if is_websocket(response.headers()) {
-        let extensions = response.extensions();
-        meter.instance = extensions
-            .get::<ServedBy>()
-            .map(|served_by| served_by.shared_name().clone());
-        meter.deployment = extensions
-            .get::<Deployment>()
-            .map(|deployment| deployment.name().clone());
+        meter.switched(response);
         realtime.relay(caller, backend, meter);
         return;
     }
