@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::io::IoSlice;
+use std::mem;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Instant;
@@ -181,13 +182,9 @@ where
     /// Calls the callback, unless it was called already.
     pub(crate) fn finish(&mut self, complete: bool) {
         if let Some(callback) = self.callback.take() {
-            let read = if complete {
-                self.scan.finish()
-            } else {
-                self.scan.so_far()
-            };
-            self.scan = Scan::Skip;
-            let read = read.unwrap_or_default();
+            let read = mem::replace(&mut self.scan, Scan::Skip)
+                .finish(complete)
+                .unwrap_or_default();
             callback.on_report(UsageReport {
                 usage: read.usage,
                 model: read.model,

@@ -73,22 +73,15 @@ impl Scan {
         *self = Self::Skip;
     }
 
-    /// The usage once the body has ended, or (`complete == false`) as far as it was read.
-    pub(crate) fn finish(&mut self) -> Option<Document> {
+    /// The usage once the body has ended (`complete`), or else as far as it was read: a JSON
+    /// answer is parsed as far as it came, which succeeds only if it was whole; a stream counts
+    /// the events it completed.
+    pub(crate) fn finish(self, complete: bool) -> Option<Document> {
         match self {
             Self::Skip => None,
             Self::Json(json) => json.finish(),
-            Self::Sse(sse) => sse.finish(),
-        }
-    }
-
-    /// The usage seen so far of a body that did not reach its end. A JSON answer is parsed as far
-    /// as it came, which succeeds only if it was whole; a stream counts the events it completed.
-    pub(crate) fn so_far(&mut self) -> Option<Document> {
-        match self {
-            Self::Skip => None,
-            Self::Json(json) => json.finish(),
-            Self::Sse(sse) => sse.read.take(),
+            Self::Sse(sse) if complete => sse.finish(),
+            Self::Sse(sse) => sse.read,
         }
     }
 }
@@ -115,11 +108,11 @@ impl JsonScan {
         self.buf.extend_from_slice(bytes);
     }
 
-    fn finish(&mut self) -> Option<Document> {
+    fn finish(self) -> Option<Document> {
         if self.overflow {
             return None;
         }
-        read_document(&mem::take(&mut self.buf))
+        read_document(&self.buf)
     }
 }
 
@@ -246,14 +239,14 @@ impl SseScan {
         self.data.clear();
     }
 
-    fn finish(&mut self) -> Option<Document> {
+    fn finish(mut self) -> Option<Document> {
         // A stream that ends without the blank line after its last event still counts that event.
         if !self.line.is_empty() && !self.line_overflow {
             let line = mem::take(&mut self.line);
             self.on_line(&line);
         }
         self.dispatch();
-        self.read.take()
+        self.read
     }
 }
 
