@@ -48,6 +48,11 @@ impl Body for Script {
     }
 }
 
+/// A step that yields `bytes`.
+fn data(bytes: &'static [u8]) -> Step {
+    Step::Data(Bytes::from_static(bytes))
+}
+
 type Polled = Poll<Option<Result<Frame<Bytes>, &'static str>>>;
 
 fn strip(steps: impl IntoIterator<Item = Step>) -> StripUsage<Script> {
@@ -189,15 +194,13 @@ fn an_unchanged_frame_is_the_same_bytes() {
 #[test]
 fn a_partial_event_is_held_until_its_end() {
     let mut body = strip([
-        Step::Data(Bytes::from_static(
-            b"data: {\"choices\":[],\"x\":1,\"usage\":null}\n\ndata: {\"choi",
-        )),
+        data(b"data: {\"choices\":[],\"x\":1,\"usage\":null}\n\ndata: {\"choi"),
         Step::Pending,
-        Step::Data(Bytes::from_static(b"ces\":[{}],\"usage\":null}\n")),
+        data(b"ces\":[{}],\"usage\":null}\n"),
         Step::Pending,
-        Step::Data(Bytes::from_static(b"\ndata: [DO")),
+        data(b"\ndata: [DO"),
         Step::Pending,
-        Step::Data(Bytes::from_static(b"NE]\n\n")),
+        data(b"NE]\n\n"),
         Step::Pending,
     ]);
     // The whole event goes at once, the partial one waits.
@@ -218,11 +221,9 @@ fn a_partial_event_is_held_until_its_end() {
 #[test]
 fn the_usage_chunk_alone_gives_no_frame() {
     let mut body = strip([
-        Step::Data(Bytes::from_static(
-            b"data: {\"choices\":[],\"usage\":{\"total_tokens\":3}}\n\n",
-        )),
+        data(b"data: {\"choices\":[],\"usage\":{\"total_tokens\":3}}\n\n"),
         Step::Pending,
-        Step::Data(Bytes::from_static(b"data: [DONE]\n\n")),
+        data(b"data: [DONE]\n\n"),
     ]);
     assert!(poll(&mut body).is_pending());
     assert_eq!(ready_data(&mut body), &b"data: [DONE]\n\n"[..]);
@@ -302,9 +303,7 @@ fn an_oversized_event_passes_unchanged() {
         steps.push(Step::Data(Bytes::copy_from_slice(piece)));
         steps.push(Step::Pending);
     }
-    steps.push(Step::Data(Bytes::from_static(
-        b"data: {\"choices\":[],\"usage\":null}\n\n",
-    )));
+    steps.push(data(b"data: {\"choices\":[],\"usage\":null}\n\n"));
     let pieces = big.len().div_ceil(quarter);
     let mut body = strip(steps);
     let mut out = Vec::new();
@@ -328,9 +327,7 @@ fn an_oversized_event_passes_unchanged() {
 #[test]
 fn an_error_passes_after_what_is_held() {
     let mut body = strip([
-        Step::Data(Bytes::from_static(
-            b"data: {\"a\":1,\"usage\":null}\n\ndata: {\"a\":",
-        )),
+        data(b"data: {\"a\":1,\"usage\":null}\n\ndata: {\"a\":"),
         Step::Error,
     ]);
     assert_eq!(ready_data(&mut body), &b"data: {\"a\":1}\n\n"[..]);
@@ -344,7 +341,7 @@ fn an_error_passes_after_what_is_held() {
 #[test]
 fn trailers_pass_after_what_is_held() {
     let mut body = strip([
-        Step::Data(Bytes::from_static(b"data: {\"a\":1,\"usage\":null}")),
+        data(b"data: {\"a\":1,\"usage\":null}"),
         Step::Pending,
         Step::Trailers,
     ]);
@@ -365,9 +362,7 @@ fn trailers_pass_after_what_is_held() {
 #[test]
 fn the_last_frame_flushes_what_is_held() {
     // Ends without its blank line: forwarded as it is with the last frame.
-    let mut body = strip([Step::Data(Bytes::from_static(
-        b"data: {\"a\":1,\"usage\":null}\n\ndata: x",
-    ))]);
+    let mut body = strip([data(b"data: {\"a\":1,\"usage\":null}\n\ndata: x")]);
     assert_eq!(ready_data(&mut body), &b"data: {\"a\":1}\n\ndata: x"[..]);
     assert!(body.is_end_stream());
     assert!(matches!(poll(&mut body), Poll::Ready(None)));
