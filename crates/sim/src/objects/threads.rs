@@ -3,6 +3,8 @@
 //! A run completes at once and adds the assistant's reply to the thread. Assistants themselves
 //! are not emulated: a run takes any `assistant_id`.
 
+use std::collections::VecDeque;
+
 use axum::extract::{Path, RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -21,8 +23,8 @@ const KEEP_PER_THREAD: usize = 1_000;
 #[derive(Debug)]
 pub(super) struct Thread {
     object: ThreadObject,
-    messages: Vec<Message>,
-    runs: Vec<Run>,
+    messages: VecDeque<Message>,
+    runs: VecDeque<Run>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -205,11 +207,11 @@ fn requested_message(
     Ok(message(thread_id, role, content, metadata(request)))
 }
 
-fn push_bounded<T>(items: &mut Vec<T>, item: T) {
+fn push_bounded<T>(items: &mut VecDeque<T>, item: T) {
     if items.len() >= KEEP_PER_THREAD {
-        items.remove(0);
+        items.pop_front();
     }
-    items.push(item);
+    items.push_back(item);
 }
 
 /// `POST /threads`, optionally with `messages` and `metadata`.
@@ -243,8 +245,8 @@ pub(super) async fn create(
     }
     let thread = Thread {
         object,
-        messages,
-        runs: Vec::new(),
+        messages: messages.into(),
+        runs: VecDeque::new(),
     };
     objects.threads.insert(id, thread, body.len());
     objects.count(ObjectKind::Thread);
