@@ -91,9 +91,6 @@ struct RunUsage {
     total_tokens: u64,
 }
 
-/// The 404 for a thread this instance does not hold:
-/// `{"error":{"message":"No thread found with id 'thread_...'.",
-/// "type":"invalid_request_error","param":null,"code":null}}`.
 impl Store<Thread> {
     /// The thread `id`, or the 404 for it.
     fn thread(&self, id: &str) -> Result<&Thread, OpenAiError> {
@@ -106,6 +103,9 @@ impl Store<Thread> {
     }
 }
 
+/// The 404 for a thread this instance does not hold:
+/// `{"error":{"message":"No thread found with id 'thread_...'.",
+/// "type":"invalid_request_error","param":null,"code":null}}`.
 fn thread_not_found(id: &str) -> OpenAiError {
     openai_error(
         StatusCode::NOT_FOUND,
