@@ -104,12 +104,12 @@ pub const fn estimate_tokens(body_bytes: u64) -> u64 {
 /// [`TokenLimiter`] (see the [module docs](self)).
 ///
 /// A request is admitted against its estimated prompt: [`estimate_tokens`] of its
-/// `Content-Length`, or else of its body's size hint (exact, or else its lower bound). An admitted
-/// request goes to the inner service, and its answer's body is a [`UsageBody`] that reads the
-/// usage as it passes (as [`CountUsage`](crate::CountUsage) does) and settles the request's
-/// [`Admission`] when the body ends, fails or is dropped. A request over its limit is not sent:
-/// its future fails with [`LimitExceeded`]. A request without a `Caller` extension passes
-/// unlimited, its body unread.
+/// `Content-Length`, or else of its body's size hint (its lower bound: the exact size when the
+/// hint is exact). An admitted request goes to the inner service, and its answer's body is a
+/// [`UsageBody`] that reads the usage as it passes (as [`CountUsage`](crate::CountUsage) does)
+/// and settles the request's [`Admission`] when the body ends, fails or is dropped. A request
+/// over its limit is not sent: its future fails with [`LimitExceeded`]. A request without a
+/// `Caller` extension passes unlimited, its body unread.
 ///
 /// Readiness is the inner service's, as with tower's `Filter`: the limit is checked in `call`,
 /// and a refused request leaves the readiness the inner service reserved for it unused (a
@@ -196,14 +196,12 @@ where
     }
 }
 
-/// The request body's length: its `Content-Length`, else its size hint.
+/// The request body's length: its `Content-Length`, else its size hint's lower bound (its exact
+/// size, when the hint is exact).
 fn body_length<B: Body>(request: &Request<B>) -> u64 {
     request
         .headers()
         .get(CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok()?.parse().ok())
-        .unwrap_or_else(|| {
-            let hint = request.body().size_hint();
-            hint.exact().unwrap_or(hint.lower())
-        })
+        .unwrap_or_else(|| request.body().size_hint().lower())
 }
