@@ -52,6 +52,11 @@ fn reply_text(response: &Value) -> &str {
         .expect("output text")
 }
 
+/// The answer to a successful `DELETE`, exactly.
+fn deleted(id: &str, object: &str) -> (u16, Value) {
+    (200, json!({"id": id, "object": object, "deleted": true}))
+}
+
 /// Azure's 404 for a response, exactly.
 fn response_not_found(id: &str) -> Value {
     json!({"error": {
@@ -261,14 +266,7 @@ async fn a_stored_response_is_read_cancelled_and_deleted() {
     );
 
     let path = url(&sim, &format!("/openai/v1/responses/{id}"));
-    let (status, body) = delete(&path).await;
-    assert_eq!(
-        (status, body),
-        (
-            200,
-            json!({"id": id, "object": "response", "deleted": true})
-        )
-    );
+    assert_eq!(delete(&path).await, deleted(id, "response"));
     assert_eq!(get(&path).await, (404, response_not_found(id)));
     assert_eq!(delete(&path).await, (404, response_not_found(id)));
     let (status, body) = get(&format!("{path}/input_items")).await;
@@ -447,14 +445,7 @@ async fn a_file_uploaded_then_used_by_a_batch() {
     assert_eq!(sim.object_count(ObjectKind::Batch), 1);
 
     let path = url(&sim, &format!("/openai/files/{file_id}?{API}"));
-    let (status, body) = delete(&path).await;
-    assert_eq!(
-        (status, body),
-        (
-            200,
-            json!({"id": file_id, "object": "file", "deleted": true})
-        )
-    );
+    assert_eq!(delete(&path).await, deleted(file_id, "file"));
     assert_eq!(get(&path).await, (404, file_not_found(file_id)));
 }
 
@@ -611,13 +602,9 @@ async fn threads_hold_messages_and_runs() {
         )
     );
 
-    let (status, body) = delete(&url(&a, &thread_path)).await;
     assert_eq!(
-        (status, body),
-        (
-            200,
-            json!({"id": id, "object": "thread.deleted", "deleted": true})
-        )
+        delete(&url(&a, &thread_path)).await,
+        deleted(id, "thread.deleted")
     );
     assert_eq!(
         get(&url(&a, &thread_path)).await,
