@@ -106,6 +106,15 @@ where
     Ok(response.into_body().collect().await?.to_bytes())
 }
 
+/// [`send`], for a request that must be admitted: the whole answer.
+async fn send_admitted<S, B>(service: &mut S, request: Request<String>) -> Bytes
+where
+    S: Service<Request<String>, Response = Response<B>, Error = BoxError>,
+    B: Body<Data = Bytes, Error = Infallible>,
+{
+    send(service, request).await.expect("admitted")
+}
+
 fn refusal(result: Result<Bytes, BoxError>) -> LimitExceeded {
     *result
         .expect_err("over the limit")
@@ -132,9 +141,7 @@ async fn the_request_that_would_exceed_the_minute_waits_its_retry_after() {
     let search = caller("search-team", Some(1_000), None);
 
     // Estimated at 100 tokens, it used 900: 100 are left.
-    send(&mut service, request(Some(&search), 100, Some(900)))
-        .await
-        .unwrap();
+    send_admitted(&mut service, request(Some(&search), 100, Some(900))).await;
     let refused = refusal(send(&mut service, request(Some(&search), 150, Some(150))).await);
     assert_eq!(calls.load(Ordering::SeqCst), 1, "no instance contacted");
     assert_eq!(refused.kind(), LimitKind::Tokens);
@@ -145,9 +152,7 @@ async fn the_request_that_would_exceed_the_minute_waits_its_retry_after() {
 
     // Another caller is unaffected.
     let other = caller("other-team", Some(1_000), None);
-    send(&mut service, request(Some(&other), 150, Some(150)))
-        .await
-        .unwrap();
+    send_admitted(&mut service, request(Some(&other), 150, Some(150))).await;
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 
     tokio::time::advance(refused.retry_after() - Duration::from_millis(1)).await;
@@ -156,9 +161,7 @@ async fn the_request_that_would_exceed_the_minute_waits_its_retry_after() {
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 
     tokio::time::advance(Duration::from_millis(1)).await;
-    send(&mut service, request(Some(&search), 150, Some(150)))
-        .await
-        .unwrap();
+    send_admitted(&mut service, request(Some(&search), 150, Some(150))).await;
     assert_eq!(calls.load(Ordering::SeqCst), 3);
 }
 
@@ -183,9 +186,7 @@ async fn requests_per_minute() {
     let mut service = json_instance(&limiter, &calls);
     let batch = caller("batch", None, Some(2));
     for _ in 0..2 {
-        send(&mut service, request(Some(&batch), 10, Some(10)))
-            .await
-            .unwrap();
+        send_admitted(&mut service, request(Some(&batch), 10, Some(10))).await;
     }
     let refused = refusal(send(&mut service, request(Some(&batch), 10, Some(10))).await);
     assert_eq!(calls.load(Ordering::SeqCst), 2);
@@ -196,9 +197,7 @@ async fn requests_per_minute() {
         r#"caller "batch" is over its 2 requests per minute; retry after 30.0 s"#
     );
     tokio::time::advance(refused.retry_after()).await;
-    send(&mut service, request(Some(&batch), 10, Some(10)))
-        .await
-        .unwrap();
+    send_admitted(&mut service, request(Some(&batch), 10, Some(10))).await;
     assert_eq!(calls.load(Ordering::SeqCst), 3);
 }
 
@@ -226,9 +225,7 @@ async fn a_stream_is_charged_its_usage_when_it_ends() {
     let mut service = stream_instance(&limiter);
     let chat = caller("chat", Some(1_000), None);
 
-    let body = send(&mut service, request(Some(&chat), 100, Some(600)))
-        .await
-        .unwrap();
+    let body = send_admitted(&mut service, request(Some(&chat), 100, Some(600))).await;
     assert!(body.ends_with(b"data: [DONE]\n\n"));
     assert_left(&limiter, &chat, 400);
 }
@@ -258,9 +255,7 @@ async fn an_answer_without_usage_is_charged_its_estimate() {
     let limiter = TokenLimiter::new();
     let mut service = json_instance(&limiter, &Calls::default());
     let team = caller("team", Some(1_000), None);
-    send(&mut service, request(Some(&team), 100, None))
-        .await
-        .unwrap();
+    send_admitted(&mut service, request(Some(&team), 100, None)).await;
     assert_left(&limiter, &team, 900);
 }
 
@@ -269,9 +264,7 @@ async fn what_the_estimate_took_too_much_is_given_back() {
     let limiter = TokenLimiter::new();
     let mut service = json_instance(&limiter, &Calls::default());
     let team = caller("team", Some(1_000), None);
-    send(&mut service, request(Some(&team), 500, Some(50)))
-        .await
-        .unwrap();
+    send_admitted(&mut service, request(Some(&team), 500, Some(50))).await;
     assert_left(&limiter, &team, 950);
 }
 
@@ -283,18 +276,14 @@ async fn a_prompt_larger_than_the_minute_goes_when_the_bucket_is_full() {
     let team = caller("team", Some(1_000), None);
 
     // Estimated at 5,000 and using 3,000: admitted on a full bucket, which it leaves 2,000 short.
-    send(&mut service, request(Some(&team), 5_000, Some(3_000)))
-        .await
-        .unwrap();
+    send_admitted(&mut service, request(Some(&team), 5_000, Some(3_000))).await;
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     let refused = refusal(send(&mut service, request(Some(&team), 5_000, Some(10))).await);
     // The debt, then a full minute (the most an estimate holds out for).
     assert_eq!(refused.retry_after(), Duration::from_secs(180));
 
     tokio::time::advance(refused.retry_after()).await;
-    send(&mut service, request(Some(&team), 5_000, Some(10)))
-        .await
-        .unwrap();
+    send_admitted(&mut service, request(Some(&team), 5_000, Some(10))).await;
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
 
@@ -304,18 +293,14 @@ async fn a_request_without_a_caller_passes() {
     let calls = Calls::default();
     let mut service = json_instance(&limiter, &calls);
     for _ in 0..3 {
-        let body = send(&mut service, request(None, 100_000, Some(100_000)))
-            .await
-            .unwrap();
+        let body = send_admitted(&mut service, request(None, 100_000, Some(100_000))).await;
         assert!(body.starts_with(b"{\"choices\""));
     }
     assert_eq!(calls.load(Ordering::SeqCst), 3);
 
     // So does a caller without limits, and neither is remembered.
     let free = caller("free", None, None);
-    send(&mut service, request(Some(&free), 100_000, Some(100_000)))
-        .await
-        .unwrap();
+    send_admitted(&mut service, request(Some(&free), 100_000, Some(100_000))).await;
     assert_eq!(format!("{limiter:?}"), "TokenLimiter { callers: 0 }");
 }
 
@@ -325,9 +310,7 @@ async fn the_estimate_is_read_from_content_length() {
     let calls = Calls::default();
     let mut service = json_instance(&limiter, &calls);
     let team = caller("team", Some(1_000), None);
-    send(&mut service, request(Some(&team), 100, Some(900)))
-        .await
-        .unwrap();
+    send_admitted(&mut service, request(Some(&team), 100, Some(900))).await;
 
     // An empty body that says it is 800 bytes long: 200 tokens, over the 100 left.
     let mut long = request(Some(&team), 0, Some(0));
@@ -369,7 +352,7 @@ async fn the_error_names_the_caller_and_nothing_else_about_it() {
             .insert("api-key", "secret-key-7f3a".parse().unwrap());
         request
     };
-    send(&mut service, with_key(100, 1_000)).await.unwrap();
+    send_admitted(&mut service, with_key(100, 1_000)).await;
     // 103 tokens at one every 60 ms: 6.18 s.
     let refused = refusal(send(&mut service, with_key(103, 103)).await);
     assert_eq!(
