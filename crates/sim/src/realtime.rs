@@ -930,9 +930,10 @@ impl Session {
                 param: None,
             });
         }
+        let no_options = Map::new();
         let options = match event.get("response") {
-            None | Some(Value::Null) => Map::new(),
-            Some(Value::Object(options)) => options.clone(),
+            None | Some(Value::Null) => &no_options,
+            Some(Value::Object(options)) => options,
             Some(_) => {
                 return Err(Problem::invalid(
                     "response",
@@ -943,9 +944,9 @@ impl Session {
         let dialect = self.dialect;
         let (modalities, max_tokens) = match dialect {
             Dialect::Preview => (
-                self.setting(&options, &["modalities", "output_modalities"]),
+                self.setting(options, &["modalities", "output_modalities"]),
                 self.setting(
-                    &options,
+                    options,
                     &["max_output_tokens", "max_response_output_tokens"],
                 ),
             ),
@@ -956,10 +957,10 @@ impl Session {
                 {
                     return Err(Problem::unknown(&format!("response.{field}")));
                 }
-                check_ga_modalities(&options, "response")?;
+                check_ga_modalities(options, "response")?;
                 (
-                    self.setting(&options, &["output_modalities"]),
-                    self.setting(&options, &["max_output_tokens"]),
+                    self.setting(options, &["output_modalities"]),
+                    self.setting(options, &["max_output_tokens"]),
                 )
             }
         };
@@ -976,7 +977,7 @@ impl Session {
         let text = reply.text();
 
         // The prompt: the instructions and the conversation so far.
-        let instructions = self.setting(&options, &["instructions"]);
+        let instructions = self.setting(options, &["instructions"]);
         let text_chars = instructions.as_str().map_or(0, |s| s.chars().count())
             + self.items.iter().map(|item| item.text_chars).sum::<usize>();
         let audio_bytes: usize = self.items.iter().map(|item| item.audio_bytes).sum();
@@ -1013,15 +1014,15 @@ impl Session {
         let settings = match dialect {
             Dialect::Preview => json!({
                 "modalities": modalities,
-                "voice": self.setting(&options, &["voice"]),
-                "output_audio_format": self.setting(&options, &["output_audio_format"]),
-                "temperature": self.setting(&options, &["temperature"]),
+                "voice": self.setting(options, &["voice"]),
+                "output_audio_format": self.setting(options, &["output_audio_format"]),
+                "temperature": self.setting(options, &["temperature"]),
             }),
             Dialect::Ga => json!({
                 "output_modalities": modalities,
                 "audio": {"output": {
-                    "format": self.audio_output(&options, "format"),
-                    "voice": self.audio_output(&options, "voice"),
+                    "format": self.audio_output(options, "format"),
+                    "voice": self.audio_output(options, "voice"),
                 }},
             }),
         };
