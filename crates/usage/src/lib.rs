@@ -85,12 +85,6 @@
 //! [`ask_for_usage`] and gives the caller back the stream it asked for with [`StripUsage`]
 //! (the `aoai-tower` gateway does both).
 
-#![warn(
-    missing_docs,
-    missing_debug_implementations,
-    rust_2018_idioms,
-    unreachable_pub
-)]
 #![forbid(unsafe_code)]
 
 use std::fmt;
