@@ -57,22 +57,6 @@ pub enum ObjectKind {
     Conversation,
 }
 
-impl ObjectKind {
-    const ALL: usize = 7;
-
-    fn index(self) -> usize {
-        match self {
-            Self::Response => 0,
-            Self::File => 1,
-            Self::Batch => 2,
-            Self::Thread => 3,
-            Self::Message => 4,
-            Self::Run => 5,
-            Self::Conversation => 6,
-        }
-    }
-}
-
 /// At most this many objects of one kind are kept; the oldest go first.
 pub(crate) const KEEP: usize = 10_000;
 
@@ -83,7 +67,7 @@ pub(crate) const KEEP_BYTES: usize = 256 << 20;
 /// Everything one instance holds, and how many objects requests created.
 #[derive(Debug, Default)]
 pub(crate) struct Objects {
-    created: [usize; ObjectKind::ALL],
+    created: HashMap<ObjectKind, usize>,
     responses: Store<Stored>,
     conversations: Store<Conversation>,
     files: Store<StoredFile>,
@@ -94,11 +78,11 @@ pub(crate) struct Objects {
 impl Objects {
     /// How many objects of `kind` requests created, deleted and dropped ones included.
     pub(crate) fn created(&self, kind: ObjectKind) -> usize {
-        self.created[kind.index()]
+        self.created.get(&kind).copied().unwrap_or(0)
     }
 
     fn count(&mut self, kind: ObjectKind) {
-        self.created[kind.index()] += 1;
+        *self.created.entry(kind).or_default() += 1;
     }
 }
 
