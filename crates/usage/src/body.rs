@@ -158,7 +158,8 @@ where
     }
 
     fn feed<D: Buf>(&mut self, data: &D) {
-        if self.callback.is_none() || !self.scan.wants_bytes() {
+        // Once reported, the scan is `Skip`: nothing more is read.
+        if !self.scan.wants_bytes() {
             return;
         }
         let chunk = data.chunk();
