@@ -123,7 +123,8 @@ impl Names {
         }
         drop(seen);
         let mut seen = self.seen.write().unwrap_or_else(PoisonError::into_inner);
-        if seen.len() < MAX_NAMES {
+        // Another request may have added it since the read lock was let go.
+        if seen.contains(&name) || seen.len() < MAX_NAMES {
             seen.insert(name.clone());
             return Some(name);
         }
