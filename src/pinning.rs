@@ -467,7 +467,7 @@ fn mark<B>(response: &mut Response<B>, asking: &[Box<str>], creates: bool, objec
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
+    memchr::memmem::find(haystack, needle).is_some()
 }
 
 #[cfg(test)]
