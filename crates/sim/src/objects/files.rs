@@ -9,7 +9,6 @@ use axum::extract::{Multipart, Path, RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use http::StatusCode;
-use http::header::CONTENT_TYPE;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -124,12 +123,8 @@ impl Kind for StoredFile {
 pub(super) async fn content(State(state): State<SimState>, Path(id): Path<String>) -> Response {
     let content = state.objects().files.get(&id).map(|f| f.content.clone());
     match content {
-        Some(content) => (
-            StatusCode::OK,
-            [(CONTENT_TYPE, "application/octet-stream")],
-            content,
-        )
-            .into_response(),
+        // `application/octet-stream`, as axum answers bytes.
+        Some(content) => content.into_response(),
         None => file_not_found(&id),
     }
 }
