@@ -634,6 +634,18 @@ impl Session {
         )])
     }
 
+    /// Set the session's fields to those of `update`, but for `id`, `object` and `expires_at`,
+    /// which stay, and `skipped`.
+    fn merge(&mut self, update: &Map<String, Value>, skipped: &[&str]) {
+        for (key, value) in update {
+            if !matches!(key.as_str(), "id" | "object" | "expires_at")
+                && !skipped.contains(&key.as_str())
+            {
+                self.session.insert(key.clone(), value.clone());
+            }
+        }
+    }
+
     /// A preview `session.update`. The GA name `output_modalities` sets `modalities` too.
     fn update_preview(&mut self, update: &Map<String, Value>) -> Result<(), Problem> {
         for key in ["modalities", "output_modalities"] {
@@ -647,11 +659,7 @@ impl Session {
                 ));
             }
         }
-        for (key, value) in update {
-            if !matches!(key.as_str(), "id" | "object" | "expires_at") {
-                self.session.insert(key.clone(), value.clone());
-            }
-        }
+        self.merge(update, &[]);
         if let Some(modalities) = update.get("output_modalities")
             && !update.contains_key("modalities")
         {
@@ -708,14 +716,7 @@ impl Session {
                 ));
             }
         };
-        for (key, value) in update {
-            if !matches!(
-                key.as_str(),
-                "id" | "object" | "expires_at" | "type" | "audio"
-            ) {
-                self.session.insert(key.clone(), value.clone());
-            }
-        }
+        self.merge(update, &["type", "audio"]);
         // The session's `audio` is always an object: a GA update only ever merges into it.
         if let Some(audio) = audio
             && let Some(Value::Object(current)) = self.session.get_mut("audio")
