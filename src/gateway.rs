@@ -32,7 +32,7 @@ use crate::include_usage::{IncludeUsage, UsageAdded};
 use crate::metrics::GatewayMetrics;
 use crate::pinning::{ObjectMap, PinLayer, PinToObject, learns_id};
 use crate::realtime::{Realtime, SessionMeter, Sessions};
-use crate::record::{RequestRecord, is_event_stream};
+use crate::record::RequestRecord;
 use crate::upgrade;
 
 /// The client a [`Gateway`] reaches the instances with unless given its own: hyper's, with
@@ -189,12 +189,7 @@ where
             return GatewayFuture::refused(response, record);
         }
         if let (Some(limiter), Some(caller)) = (&self.limiter, caller) {
-            let body_length = request
-                .headers()
-                .get(http::header::CONTENT_LENGTH)
-                .and_then(|value| value.to_str().ok()?.parse().ok())
-                .unwrap_or_else(|| request.body().size_hint().lower());
-            match limiter.admit(caller, aoai_usage::estimate_tokens(body_length)) {
+            match limiter.admit(caller, aoai_usage::estimate_request_tokens(&request)) {
                 Ok(admission) => {
                     if let Some(record) = &mut record {
                         record.set_admission(admission);
@@ -373,8 +368,8 @@ where
     RB: http_body::Body<Data = Bytes> + Send + 'static,
     RB::Error: Into<BoxError> + Send,
 {
-    let strip =
-        response.extensions().get::<UsageAdded>().is_some() && is_event_stream(response.headers());
+    let strip = response.extensions().get::<UsageAdded>().is_some()
+        && aoai_usage::is_event_stream(response.headers());
     match record {
         None => boxed(response, strip),
         Some(record) => boxed(

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use aoai_balance::{Deployment, ServedBy};
 use aoai_usage::{Admission, UsageCallback, UsageReport};
-use http::{Extensions, HeaderMap, Method, Response, header};
+use http::{Extensions, Method, Response};
 
 use crate::metrics::{Finished, GatewayMetrics};
 use crate::pinning::ObjectMap;
@@ -74,7 +74,7 @@ impl UsageCallback for RequestRecord {
     fn on_response<B>(&mut self, response: &Response<B>) {
         self.status = response.status().as_u16();
         (self.instance, self.deployment) = instance_and_deployment(response.extensions());
-        self.stream = is_event_stream(response.headers());
+        self.stream = aoai_usage::is_event_stream(response.headers());
         if self.stream
             && let Some(metrics) = &self.metrics
         {
@@ -146,13 +146,6 @@ pub(crate) fn instance_and_deployment(
             .get::<Deployment>()
             .map(|deployment| deployment.name().clone()),
     )
-}
-
-/// Whether an answer is a server-sent event stream (`Content-Type: text/event-stream`).
-pub(crate) fn is_event_stream(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|value| value.as_bytes().starts_with(b"text/event-stream"))
 }
 
 /// `gen_ai.operation.name` of a request below the mount point, for the operations that

@@ -109,8 +109,10 @@ pub use caller::{Caller, CallerLimits};
 pub use include::{STRIP_HOLD_LIMIT, StripUsage, ask_for_usage};
 pub use layer::UsageLayer;
 pub use limit::{
-    Admission, LimitExceeded, LimitKind, TokenLimit, TokenLimitLayer, TokenLimiter, estimate_tokens,
+    Admission, LimitExceeded, LimitKind, TokenLimit, TokenLimitLayer, TokenLimiter,
+    estimate_request_tokens, estimate_tokens,
 };
+pub use scan::is_event_stream;
 pub use usage::Usage;
 
 use future::ResponseFuture;

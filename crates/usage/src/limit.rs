@@ -100,6 +100,19 @@ pub const fn estimate_tokens(body_bytes: u64) -> u64 {
     body_bytes.div_ceil(4)
 }
 
+/// The estimate a request is admitted with: [`estimate_tokens`] of its `Content-Length`, or
+/// else of its body's size hint (its lower bound: the exact size when the hint is exact). For
+/// an admission made without [`TokenLimit`] (calling [`TokenLimiter::admit`] directly), so that
+/// it estimates as the layer does.
+pub fn estimate_request_tokens<B: Body>(request: &Request<B>) -> u64 {
+    let body_length = request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok()?.parse().ok())
+        .unwrap_or_else(|| request.body().size_hint().lower());
+    estimate_tokens(body_length)
+}
+
 /// Holds each request's [`Caller`] to its tokens and requests per minute, counted in a
 /// [`TokenLimiter`] (see the [module docs](self)).
 ///
@@ -184,7 +197,7 @@ where
         let admission = match request.extensions().get::<Caller>() {
             None => Admission::unlimited(),
             Some(caller) => {
-                let estimate = estimate_tokens(body_length(&request));
+                let estimate = estimate_request_tokens(&request);
                 match self.limiter.admit(caller, estimate) {
                     Ok(admission) => admission,
                     // Not calling the inner service, as tower's `Filter` does not.
@@ -194,14 +207,4 @@ where
         };
         TokenLimitFuture::called(self.inner.call(request), admission, self.parse_limit)
     }
-}
-
-/// The request body's length: its `Content-Length`, else its size hint's lower bound (its exact
-/// size, when the hint is exact).
-fn body_length<B: Body>(request: &Request<B>) -> u64 {
-    request
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|value| value.to_str().ok()?.parse().ok())
-        .unwrap_or_else(|| request.body().size_hint().lower())
 }

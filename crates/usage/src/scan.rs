@@ -18,6 +18,22 @@ pub(crate) enum Scan {
     Sse(SseScan),
 }
 
+const EVENT_STREAM: &[u8] = b"text/event-stream";
+
+/// The media type of `headers`' `Content-Type`, its parameters left out (`text/event-stream`
+/// of `text/event-stream; charset=utf-8`).
+fn media_type(headers: &HeaderMap) -> Option<&[u8]> {
+    let value = headers.get(CONTENT_TYPE)?.as_bytes();
+    let end = value.iter().position(|&b| b == b';').unwrap_or(value.len());
+    Some(value[..end].trim_ascii())
+}
+
+/// Whether an answer with `headers` is a stream of server-sent events (`Content-Type:
+/// text/event-stream`, in any letter case, parameters aside): the answers read event by event.
+pub fn is_event_stream(headers: &HeaderMap) -> bool {
+    media_type(headers).is_some_and(|essence| essence.eq_ignore_ascii_case(EVENT_STREAM))
+}
+
 impl Scan {
     pub(crate) fn for_headers(headers: &HeaderMap, limit: usize) -> Self {
         if let Some(encoding) = headers.get(CONTENT_ENCODING)
@@ -25,15 +41,9 @@ impl Scan {
         {
             return Self::Skip;
         }
-        let Some(content_type) = headers.get(CONTENT_TYPE) else {
+        let Some(essence) = media_type(headers) else {
             return Self::Skip;
         };
-        let essence = content_type.as_bytes();
-        let essence = essence
-            .iter()
-            .position(|&b| b == b';')
-            .map_or(essence, |end| &essence[..end])
-            .trim_ascii();
         if essence.eq_ignore_ascii_case(b"application/json") {
             let too_long = headers
                 .get(CONTENT_LENGTH)
@@ -44,7 +54,7 @@ impl Scan {
                 limit,
                 overflow: too_long,
             })
-        } else if essence.eq_ignore_ascii_case(b"text/event-stream") {
+        } else if essence.eq_ignore_ascii_case(EVENT_STREAM) {
             Self::Sse(SseScan::new(limit))
         } else {
             Self::Skip
